@@ -1,0 +1,44 @@
+"""Which array library an input belongs to, without importing CuPy unless the input is CuPy's.
+
+The core accepts NumPy arrays (CPU backend) and CuPy arrays (GPU backend). Detection goes by the
+array type's module so that `import adaattn_core` never imports CuPy, torch or jax.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import numpy as np
+
+#: dtypes the core accepts, by name (bfloat16 on NumPy comes from ml_dtypes, on CuPy from CuPy >= 14).
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def library_name(x: Any) -> str:
+    """'numpy' or 'cupy' for supported arrays, else the type's qualified name (for error messages)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    module = type(x).__module__
+    if module.split(".")[0] == "cupy" and type(x).__name__ == "ndarray":
+        return "cupy"
+    return f"{module}.{type(x).__qualname__}"
+
+
+def namespace(library: str) -> types.ModuleType:
+    """The array module for a library name returned by `library_name`."""
+    if library == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def compute_dtype(dtype_name: str) -> np.dtype:
+    """Accumulation dtype: float64 stays float64, everything narrower is computed in float32."""
+    return np.dtype(np.float64) if dtype_name == "float64" else np.dtype(np.float32)
+
+
+def lse_dtype(dtype_name: str) -> np.dtype:
+    """lse is float32, except for float64 inputs where float32 would cap backward accuracy at 1e-7."""
+    return compute_dtype(dtype_name)

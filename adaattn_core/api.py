@@ -1,0 +1,137 @@
+"""The public entry points: `attention` and `attention_backward`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import backends
+from ._arrays import lse_dtype, namespace
+from .policy import Policy, resolve_policy
+from .problem import check_output, describe, describe_backward, to_bhsd
+from .report import Report
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bhsd",
+    policy: str | Policy = "exact",
+    return_lse: bool = False,
+    out: Any | None = None,
+    report: Report | None = None,
+) -> Any:
+    """Scaled dot-product attention.
+
+    Computes, for every batch b, query head h and query row i::
+
+        out[b, h, i] = Σ_j softmax_j(scale · q[b, h, i] · k[b, h // G, j]) · v[b, h // G, j]
+        lse[b, h, i] = log Σ_j exp(scale · q[b, h, i] · k[b, h // G, j])      (natural log)
+
+    where G = Hq / Hkv (grouped-query / multi-query attention when Hkv < Hq) and, with ``causal=True``,
+    key j is visible to query i only if j <= i + (Sk − Sq) (bottom-right alignment, as flash-attn >= 2.1).
+    Rows that see no key (causal with Sq > Sk, or Sk = 0) give out = 0 and lse = −inf.
+
+    Args:
+        q: [B, Hq, Sq, D] ("bhsd") or [B, Sq, Hq, D] ("bshd"); NumPy (CPU backend) or CuPy (GPU).
+        k, v: [B, Hkv, Sk, D] or [B, Sk, Hkv, D], same library, dtype and device as q; Hq % Hkv == 0.
+            Any strides are accepted; inputs are never copied as a whole.
+        causal: apply the bottom-right causal mask.
+        scale: multiplier of q·k, default 1/sqrt(D); must be finite.
+        layout: "bhsd" (torch SDPA order) or "bshd" (flash-attn order), for inputs and outputs alike.
+        policy: "exact" (dense, input precision) or a `Policy` instance. Adaptive presets join later.
+        return_lse: also return lse.
+        out: optional preallocated output (shape and dtype of the result, same library and device);
+            every element is written.
+        report: optional `Report` to fill with the backend, the per-head plan and host timings.
+
+    Returns:
+        out with q's dtype and the caller's layout; with ``return_lse`` the pair (out, lse), lse of shape
+        [B, Hq, Sq] in float32 (float64 for float64 inputs).
+
+    Dtypes: float16 and bfloat16 (computed with float32 accumulation), float32, float64.
+    Zero-size inputs: B, Hq or Sq = 0 give empty outputs; Sk = 0 gives out = 0 and lse = −inf; D = 0 is
+    an error.
+
+    Raises:
+        TypeError: inputs are not NumPy/CuPy arrays, mix libraries, have unsupported or differing dtypes,
+            or an option has the wrong type.
+        ValueError: wrong rank, mismatched batch/heads/sequence/head dims, Hq not a multiple of Hkv,
+            D = 0, unknown layout or policy, non-finite scale, inputs on different GPUs, or an `out`
+            of the wrong shape.
+    """
+    started = time.perf_counter()
+    problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
+    chosen = resolve_policy(policy)
+    xp = namespace(problem.library)
+    if out is None:
+        out = xp.empty(problem.output_shape(), dtype=q.dtype)
+    else:
+        check_output("out", out, problem, problem.output_shape(), problem.dtype)
+    lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype))
+
+    qb, kb, vb = (to_bhsd(x, layout) for x in (q, k, v))
+    planned = time.perf_counter()
+    plan = chosen.plan(problem, qb, kb, vb, report)
+    if not problem.is_empty:
+        backend = backends.forward(problem, plan, qb, kb, vb, to_bhsd(out, layout), lse)
+    else:
+        backend = backends.name_for(problem)
+    if report is not None:
+        report.backend = backend
+        report.device = backends.device_name(problem)
+        report.policy = chosen.name
+        report.plan = plan
+        report.timings_ms["validate"] = (planned - started) * 1e3
+        report.timings_ms["plan"] = (time.perf_counter() - planned) * 1e3
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: str = "bhsd",
+) -> tuple[Any, Any, Any]:
+    """Gradients of `attention` with respect to q, k and v.
+
+    With P = softmax(scale · Q Kᵀ) recomputed from ``lse`` (no S×S buffer is stored)::
+
+        δ = rowsum(dout ∘ out),  dV = Pᵀ dout,  dS = P ∘ (dout Vᵀ − δ),  dQ = scale · dS K,  dK = scale · dSᵀ Q
+
+    dK and dV are summed over the G = Hq / Hkv query heads that share each key/value head.
+
+    Args:
+        dout: gradient of the output, shape and dtype of ``out``.
+        q, k, v, causal, scale, layout: exactly as passed to the forward call.
+        out, lse: the forward's outputs (``return_lse=True``); lse float32 (float64 for float64 inputs).
+
+    Returns:
+        (dq, dk, dv) with the shapes, layout and dtype of (q, k, v). Fully masked query rows get dq = 0.
+
+    Raises:
+        TypeError / ValueError: as `attention`, plus dout/out/lse of the wrong library, shape or dtype.
+    """
+    problem = describe_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, layout=layout)
+    xp = namespace(problem.library)
+    dq = xp.empty(q.shape, dtype=q.dtype)
+    dk = xp.empty(k.shape, dtype=k.dtype)
+    dv = xp.empty(v.shape, dtype=v.dtype)
+    if problem.is_empty:
+        dk[...] = 0
+        dv[...] = 0
+        return dq, dk, dv
+    views = (to_bhsd(x, layout) for x in (dout, q, k, v, out))
+    grads = (to_bhsd(x, layout) for x in (dq, dk, dv))
+    backends.backward(problem, *views, lse, *grads)
+    return dq, dk, dv

@@ -1,0 +1,186 @@
+"""The `adaattn` command: `adaattn info` and `adaattn run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .api import attention
+from .device import capabilities
+from .policy import POLICIES
+from .reference import attention_reference
+from .report import Report
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    caps = capabilities()
+    if args.json:
+        print(json.dumps({"adaattn": __version__, **caps.as_dict()}, indent=2))
+        return 0
+    cc = "n/a" if caps.compute_capability is None else "sm_{}{}".format(*caps.compute_capability)
+    print(f"adaattn {__version__}")
+    print(f"platform   {caps.platform}, Python {caps.python}, NumPy {caps.numpy}, CuPy {caps.cupy or 'not installed'}")
+    print(f"gpu        {caps.gpu or 'none'} (compute capability {cc})")
+    print("backends")
+    for name, status in caps.backends.items():
+        print(f"  {name:<13} {status}")
+    print("precisions")
+    for name, status in caps.precisions.items():
+        print(f"  {name:<13} {status}")
+    print(f"policies   {', '.join(sorted(POLICIES))}")
+    return 0
+
+
+def _pick_device(requested: str) -> str:
+    if requested != "auto":
+        if requested == "gpu" and capabilities().gpu is None:
+            raise SystemExit(f"adaattn run: --device gpu asked for, but {capabilities().backends['cupy-blocked']}")
+        return requested
+    return "gpu" if capabilities().gpu is not None else "cpu"
+
+
+def _random_inputs(xp: Any, shapes: Sequence[tuple[int, ...]], dtype: str, seed: int) -> list[Any]:
+    """Standard-normal arrays of `dtype` (bfloat16 on NumPy through ml_dtypes)."""
+    rng = np.random.default_rng(seed)
+    if dtype == "bfloat16" and xp is np:
+        import ml_dtypes
+
+        target: Any = ml_dtypes.bfloat16
+    else:
+        target = getattr(xp, dtype)
+    return [xp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(target) for shape in shapes]
+
+
+def _time_ms(fn: Callable[[], Any], device: str, repeat: int) -> list[float]:
+    """Wall times of `fn` after one warm-up call: CUDA events on the GPU, perf_counter on the CPU."""
+    fn()
+    times = []
+    if device == "gpu":
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        for _ in range(repeat):
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, stop))
+    else:
+        for _ in range(repeat):
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return times
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    device = _pick_device(args.device)
+    if device == "gpu":
+        import cupy as xp
+    else:
+        xp = np
+    dtype = args.dtype or ("bfloat16" if device == "gpu" else "float32")
+    heads_kv = args.kv_heads or args.heads
+    seq_k = args.seq_k or args.seq
+    q, k, v = _random_inputs(
+        xp,
+        [(args.batch, args.heads, args.seq, args.dim), (args.batch, heads_kv, seq_k, args.dim),
+         (args.batch, heads_kv, seq_k, args.dim)],
+        dtype,
+        args.seed,
+    )
+    report = Report()
+
+    def call() -> Any:
+        return attention(q, k, v, causal=args.causal, policy=args.policy)
+
+    times = _time_ms(call, device, args.repeat)
+    out = attention(q, k, v, causal=args.causal, policy=args.policy, report=report)
+    ref, _ = attention_reference(q, k, v, causal=args.causal)
+    diff = out.astype(xp.float64) - ref
+    max_abs = float(xp.abs(diff).max()) if diff.size else 0.0
+    ref_norm = float(xp.linalg.norm(ref))
+    rel_l2 = float(xp.linalg.norm(diff)) / ref_norm if ref_norm else 0.0
+    median = statistics.median(times)
+    from .problem import describe
+
+    flops = describe(q, k, v, causal=args.causal, scale=None, layout="bhsd").flops
+    result = {
+        "problem": {"batch": args.batch, "heads_q": args.heads, "heads_kv": heads_kv, "seq_q": args.seq,
+                    "seq_k": seq_k, "dim": args.dim, "causal": args.causal, "dtype": dtype},
+        "backend": report.backend,
+        "device": report.device,
+        "policy": report.policy,
+        "decisions": report.decisions(),
+        "time_ms_median": median,
+        "time_ms_all": times,
+        "tflops": flops / (median * 1e-3) / 1e12 if median > 0 else float("nan"),
+        "max_abs_error_vs_float64": max_abs,
+        "rel_l2_error_vs_float64": rel_l2,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    p = result["problem"]
+    print(f"problem    B={p['batch']} Hq={p['heads_q']} Hkv={p['heads_kv']} Sq={p['seq_q']} Sk={p['seq_k']} "
+          f"D={p['dim']} causal={p['causal']} {dtype}")
+    print(f"backend    {report.backend} on {report.device}, policy {report.policy}")
+    print(f"time       {median:.3f} ms median of {len(times)} ({result['tflops']:.3f} TFLOP/s)")
+    print(f"error      max |out - ref| = {max_abs:.3e}, relative L2 = {rel_l2:.3e} (reference: float64)")
+    for label, heads in result["decisions"].items():
+        print(f"decision   {label}: heads {heads[0]}..{heads[-1]} ({len(heads)})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaattn", description="AdaAttn adaptive attention kernels")
+    parser.add_argument("--version", action="version", version=f"adaattn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="platform, GPU, available backends and precisions")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(handler=_cmd_info)
+
+    run = sub.add_parser("run", help="time one attention call and check it against float64")
+    run.add_argument("--batch", type=int, default=1)
+    run.add_argument("--heads", type=int, default=8, help="query heads")
+    run.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = --heads")
+    run.add_argument("--seq", type=int, default=1024, help="query sequence length")
+    run.add_argument("--seq-k", type=int, default=None, help="key sequence length; default = --seq")
+    run.add_argument("--dim", type=int, default=64, help="head dimension")
+    run.add_argument("--causal", action="store_true")
+    run.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "float64"], default=None,
+                     help="default: bfloat16 on a GPU, float32 on the CPU")
+    run.add_argument("--policy", choices=sorted(POLICIES), default="exact")
+    run.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    run.add_argument("--repeat", type=int, default=5, help="timed calls after one warm-up")
+    run.add_argument("--seed", type=int, default=None, help="input seed; default: fresh inputs each run")
+    run.add_argument("--json", action="store_true", help="print JSON instead of text")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("batch", "heads", "seq", "dim", "repeat"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            print(f"adaattn: --{name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        return args.handler(args)
+    except (TypeError, ValueError) as error:
+        print(f"adaattn: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

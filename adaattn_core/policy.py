@@ -1,0 +1,87 @@
+"""Policies: how each head of an attention call is computed.
+
+A policy turns an `AttentionProblem` (and, for adaptive policies, the inputs themselves) into a `Plan`:
+per query head a `HeadPlan` naming the path ("dense" or "lowrank" with a rank) and the precision.
+Backends launch one kernel per group of heads that share a `HeadPlan` (see `Plan.groups`).
+
+Only the "exact" policy exists so far: every head dense at the input precision, no estimation, so it
+adds no work. Adaptive presets ("quality", "balanced", "speed") register themselves in `POLICIES`
+when they land; user-defined policies subclass `Policy`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .problem import AttentionProblem
+
+if TYPE_CHECKING:
+    from .report import Report
+
+PATHS = ("dense", "lowrank")
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """How one query head is computed: `path` in PATHS, `precision` a dtype name, `rank` for lowrank."""
+
+    path: str = "dense"
+    precision: str = "float32"
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-query-head decisions, `heads[h]` for h in range(Hq)."""
+
+    heads: tuple[HeadPlan, ...]
+
+    def groups(self) -> dict[HeadPlan, list[int]]:
+        """Head indices per distinct decision, in head order: one kernel launch per entry."""
+        grouped: dict[HeadPlan, list[int]] = {}
+        for index, head in enumerate(self.heads):
+            grouped.setdefault(head, []).append(index)
+        return grouped
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.heads)) <= 1
+
+
+class Policy(ABC):
+    """Decides a `Plan` for one call. Subclasses set `name` and implement `plan`."""
+
+    name: str = ""
+
+    @abstractmethod
+    def plan(self, problem: AttentionProblem, q: Any, k: Any, v: Any, report: Report | None) -> Plan:
+        """Return the per-head plan; `q`, `k`, `v` are [B, H, S, D] views, `report` may be filled."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ExactPolicy(Policy):
+    """Every head dense at the input precision; estimators never run."""
+
+    name = "exact"
+
+    def plan(self, problem: AttentionProblem, q: Any, k: Any, v: Any, report: Report | None) -> Plan:
+        return Plan(heads=(HeadPlan(path="dense", precision=problem.dtype),) * problem.heads_q)
+
+
+#: Presets by name. Later policies add themselves here.
+POLICIES: dict[str, Policy] = {"exact": ExactPolicy()}
+
+
+def resolve_policy(policy: str | Policy) -> Policy:
+    """The `Policy` for a preset name or a `Policy` instance; raises for anything else."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        if policy in POLICIES:
+            return POLICIES[policy]
+        raise ValueError(f"policy must be one of {sorted(POLICIES)} or a Policy instance, got {policy!r}")
+    raise TypeError(f"policy must be a str or a Policy instance, got {type(policy).__name__}")

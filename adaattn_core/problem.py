@@ -1,0 +1,201 @@
+"""Validation of attention inputs, in one place, and the immutable problem description it produces.
+
+Every public entry point calls `describe` (forward) or `describe_backward` once; backends and policies
+receive an `AttentionProblem` and views of the inputs in [B, H, S, D] order and never re-check them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._arrays import SUPPORTED_DTYPES, library_name, lse_dtype
+
+LAYOUTS = ("bhsd", "bshd")
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """Shapes, dtype and options of one attention call, validated.
+
+    `causal_offset = seqlen_k - seqlen_q`: with `causal`, query row i sees keys j <= i + causal_offset
+    (bottom-right alignment, the flash-attn >= 2.1 convention).
+    """
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    dtype: str
+    library: str
+    layout: str
+    causal: bool
+    scale: float
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1: multi-head, Hq: multi-query)."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def causal_offset(self) -> int:
+        return self.seqlen_k - self.seqlen_q
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the output has no elements (B, Hq or Sq is zero)."""
+        return self.batch == 0 or self.heads_q == 0 or self.seqlen_q == 0
+
+    @property
+    def flops(self) -> float:
+        """Forward FLOPs, 4·B·Hq·Sq·Sk·D, counting only the unmasked part when causal."""
+        pairs = self.seqlen_q * self.seqlen_k
+        if self.causal:
+            keys_seen = np.clip(np.arange(self.seqlen_q) + self.causal_offset + 1, 0, self.seqlen_k)
+            pairs = int(keys_seen.sum())
+        return 4.0 * self.batch * self.heads_q * pairs * self.head_dim
+
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """Shape of `out` in the caller's layout."""
+        if self.layout == "bhsd":
+            return (self.batch, self.heads_q, self.seqlen_q, self.head_dim)
+        return (self.batch, self.seqlen_q, self.heads_q, self.head_dim)
+
+    def lse_shape(self) -> tuple[int, int, int]:
+        return (self.batch, self.heads_q, self.seqlen_q)
+
+
+def to_bhsd(x: Any, layout: str) -> Any:
+    """A [B, H, S, D] view of `x` (no copy)."""
+    return x if layout == "bhsd" else x.transpose(0, 2, 1, 3)
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype)
+
+
+def _check_array(name: str, x: Any, library: str | None) -> str:
+    lib = library_name(x)
+    if lib not in ("numpy", "cupy"):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray or cupy.ndarray (use adaattn_adapters for torch/jax), got {lib}"
+        )
+    if library is not None and lib != library:
+        raise TypeError(f"{name} is a {lib} array but q is a {library} array; all inputs must use one library")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be 4-D, got {x.ndim}-D with shape {tuple(x.shape)}")
+    return lib
+
+
+def _check_same_device(arrays: dict[str, Any]) -> None:
+    devices = {name: a.device.id for name, a in arrays.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on GPU {dev} but {first_name} is on GPU {first}; use one device")
+
+
+def describe(
+    q: Any, k: Any, v: Any, *, causal: bool, scale: float | None, layout: str
+) -> AttentionProblem:
+    """Validate forward inputs and return the problem description.
+
+    Raises TypeError for wrong array types, dtypes or option types and ValueError for wrong shapes or
+    option values; each message names the argument, what was expected and what was given.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    library = _check_array("q", q, None)
+    _check_array("k", k, library)
+    _check_array("v", v, library)
+    if library == "cupy":
+        _check_same_device({"q": q, "k": k, "v": v})
+
+    dtype = _dtype_name(q)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q.dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if _dtype_name(x) != dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({dtype}), got {_dtype_name(x)}")
+
+    layout_axes = "[B, H, S, D]" if layout == "bhsd" else "[B, S, H, D]"
+    qb, kb, vb = (to_bhsd(x, layout) for x in (q, k, v))
+    batch, heads_q, seqlen_q, head_dim = qb.shape
+    _, heads_kv, seqlen_k, _ = kb.shape
+    if kb.shape[0] != batch or vb.shape[0] != batch:
+        raise ValueError(
+            f"batch sizes differ: q has {batch}, k has {kb.shape[0]}, v has {vb.shape[0]} (layout {layout_axes})"
+        )
+    if head_dim == 0:
+        raise ValueError(f"head dimension D must be >= 1, got q.shape {tuple(q.shape)} (layout {layout_axes})")
+    if kb.shape[3] != head_dim:
+        raise ValueError(f"k head dimension must equal q's ({head_dim}), got {kb.shape[3]} (layout {layout_axes})")
+    if vb.shape[3] != head_dim:
+        raise ValueError(f"v head dimension must equal q's ({head_dim}), got {vb.shape[3]} (layout {layout_axes})")
+    if vb.shape[1] != heads_kv or vb.shape[2] != seqlen_k:
+        raise ValueError(
+            f"v must have k's heads and sequence length (H={heads_kv}, S={seqlen_k}), "
+            f"got H={vb.shape[1]}, S={vb.shape[2]} (layout {layout_axes})"
+        )
+    if heads_kv == 0 and heads_q != 0:
+        raise ValueError(f"k must have at least one head when q has {heads_q}, got 0")
+    if heads_kv and heads_q % heads_kv:
+        raise ValueError(
+            f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv}) for grouped-query attention"
+        )
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    return AttentionProblem(
+        batch=batch,
+        heads_q=heads_q,
+        heads_kv=max(heads_kv, 1),
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        head_dim=head_dim,
+        dtype=dtype,
+        library=library,
+        layout=layout,
+        causal=causal,
+        scale=float(scale),
+    )
+
+
+def check_output(name: str, x: Any, problem: AttentionProblem, shape: tuple[int, ...], dtype: str) -> None:
+    """Check a caller-provided output buffer (`out=`) or a tensor that must match a forward output."""
+    lib = library_name(x)
+    if lib != problem.library:
+        raise TypeError(f"{name} must be a {problem.library} array like q, got {lib}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if _dtype_name(x) != dtype:
+        raise TypeError(f"{name}.dtype must be {dtype}, got {_dtype_name(x)}")
+    if lib == "cupy":
+        import cupy
+
+        if x.device.id != cupy.cuda.Device().id:
+            raise ValueError(f"{name} is on GPU {x.device.id} but the inputs are on GPU {cupy.cuda.Device().id}")
+
+
+def describe_backward(
+    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, causal: bool, scale: float | None, layout: str
+) -> AttentionProblem:
+    """Validate backward inputs: the forward's checks plus dout/out/lse against the problem."""
+    problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
+    check_output("dout", dout, problem, problem.output_shape(), problem.dtype)
+    check_output("out", out, problem, problem.output_shape(), problem.dtype)
+    check_output("lse", lse, problem, problem.lse_shape(), str(lse_dtype(problem.dtype)))
+    return problem

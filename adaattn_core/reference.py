@@ -1,0 +1,74 @@
+"""Naive float64 attention: the reference every backend is measured against.
+
+Materialises the full [Sq, Sk] score matrix one (batch, head) at a time, in float64, with the same
+semantics as `adaattn_core.attention` (layouts, GQA, bottom-right causal, fully masked rows → 0, lse
+= -inf). Meant for tests and error reports on small and medium problems; memory is O(Sq·Sk).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._arrays import library_name, namespace
+from .problem import to_bhsd
+
+
+def _scores(xp: Any, qh: Any, kh: Any, scale: float, causal: bool) -> Any:
+    scores = (qh @ kh.T) * scale
+    if causal:
+        sq, sk = scores.shape
+        visible = xp.arange(sk)[None, :] <= xp.arange(sq)[:, None] + (sk - sq)
+        scores = xp.where(visible, scores, -xp.inf)
+    return scores
+
+
+def _softmax(xp: Any, scores: Any) -> tuple[Any, Any]:
+    """Row softmax and log-sum-exp, with fully masked rows giving P = 0 and lse = -inf."""
+    row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full((scores.shape[0], 1), -xp.inf)
+    shift = xp.where(xp.isneginf(row_max), 0.0, row_max)
+    weights = xp.exp(scores - shift)
+    total = weights.sum(axis=-1, keepdims=True)
+    safe = xp.where(total > 0, total, 1.0)
+    lse = xp.where(total > 0, shift + xp.log(safe), -xp.inf)[:, 0]
+    return weights / safe, lse
+
+
+def attention_reference(
+    q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
+) -> tuple[Any, Any]:
+    """float64 (out, lse) for NumPy or CuPy inputs; `out` in the caller's layout, `lse` [B, Hq, Sq]."""
+    xp = namespace(library_name(q))
+    qb, kb, vb = (to_bhsd(x, layout).astype(xp.float64) for x in (q, k, v))
+    batch, heads_q, seqlen_q, head_dim = qb.shape
+    group = heads_q // kb.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = xp.zeros(qb.shape, dtype=xp.float64)
+    lse = xp.zeros((batch, heads_q, seqlen_q), dtype=xp.float64)
+    for b in range(batch):
+        for h in range(heads_q):
+            probs, lse[b, h] = _softmax(xp, _scores(xp, qb[b, h], kb[b, h // group], scale, causal))
+            out[b, h] = probs @ vb[b, h // group]
+    return to_bhsd(out, layout), lse
+
+
+def attention_backward_reference(
+    dout: Any, q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
+) -> tuple[Any, Any, Any]:
+    """float64 (dq, dk, dv) by the textbook formulas on the materialised softmax, in the caller's layout."""
+    xp = namespace(library_name(q))
+    qb, kb, vb, dob = (to_bhsd(x, layout).astype(xp.float64) for x in (q, k, v, dout))
+    heads_q, head_dim = qb.shape[1], qb.shape[3]
+    group = heads_q // kb.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    dq, dk, dv = xp.zeros_like(qb), xp.zeros_like(kb), xp.zeros_like(vb)
+    for b in range(qb.shape[0]):
+        for h in range(heads_q):
+            kv = h // group
+            probs, _ = _softmax(xp, _scores(xp, qb[b, h], kb[b, kv], scale, causal))
+            dv[b, kv] += probs.T @ dob[b, h]
+            dprobs = dob[b, h] @ vb[b, kv].T
+            dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale
+            dq[b, h] = dscores @ kb[b, kv]
+            dk[b, kv] += dscores.T @ qb[b, h]
+    return to_bhsd(dq, layout), to_bhsd(dk, layout), to_bhsd(dv, layout)

@@ -1,0 +1,42 @@
+"""The optional record of what one attention call decided and did.
+
+Pass `report=Report()` to `attention`; the call fills it in. Fields only grow as features land, so code
+that reads a report keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .policy import Plan
+
+
+@dataclass
+class Report:
+    """What an attention call did.
+
+    backend:     "cpu" (blocked NumPy), "cupy-blocked" (the same algorithm on CuPy) or "cuda" (fused kernels)
+    device:      "cpu" or the GPU's name
+    policy:      the policy's name
+    plan:        per-head decisions (path, precision, rank)
+    estimates:   per-head statistics the policy computed (empty for "exact")
+    timings_ms:  host-side wall times of the call's phases (no device synchronisation is added for them)
+    """
+
+    backend: str = ""
+    device: str = ""
+    policy: str = ""
+    plan: Plan | None = None
+    estimates: dict[str, Any] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def decisions(self) -> dict[str, list[int]]:
+        """Head indices per decision, as readable strings like 'dense/bfloat16'."""
+        if self.plan is None:
+            return {}
+        summary: dict[str, list[int]] = {}
+        for head, indices in self.plan.groups().items():
+            label = f"{head.path}/{head.precision}" + (f"/r={head.rank}" if head.rank is not None else "")
+            summary[label] = indices
+        return summary

@@ -1,0 +1,112 @@
+"""Shared test helpers: fresh random inputs per run, layouts/strides, and the same-dtype naive baseline."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+SEED = int(os.environ.get("ADAATTN_TEST_SEED", np.random.SeedSequence().entropy % (1 << 32)))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"adaattn random seed: {SEED} (reproduce with ADAATTN_TEST_SEED={SEED})"
+
+
+def gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded from the run's seed and the test's id: new inputs every run, reproducible."""
+    return np.random.default_rng([SEED, abs(hash(request.node.nodeid)) % (1 << 32)])
+
+
+def np_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def make_qkv(
+    rng: np.random.Generator,
+    *,
+    batch: int = 2,
+    heads_q: int = 4,
+    heads_kv: int | None = None,
+    seq_q: int = 33,
+    seq_k: int | None = None,
+    dim: int = 32,
+    dtype: str = "float32",
+    layout: str = "bhsd",
+    contiguous: bool = True,
+    offset: int = 3,
+    xp: Any = np,
+) -> tuple[Any, Any, Any]:
+    """Random q, k, v in `layout`; with `contiguous=False`, strided views of larger buffers."""
+    heads_kv = heads_q if heads_kv is None else heads_kv
+    seq_k = seq_q if seq_k is None else seq_k
+
+    def one(heads: int, seq: int) -> Any:
+        shape = (batch, heads, seq, dim) if layout == "bhsd" else (batch, seq, heads, dim)
+        if contiguous:
+            return xp.asarray(rng.standard_normal(shape)).astype(dtype_of(dtype))
+        # Every other batch entry of a buffer with a padded last axis: no axis keeps its contiguous
+        # stride. `offset` shifts the start inside the padding (8 keeps 16-byte alignment for 2-byte types).
+        padded = xp.asarray(rng.standard_normal((2 * batch, *shape[1:3], dim + 16))).astype(dtype_of(dtype))
+        return padded[::2, ..., offset : offset + dim]
+
+    dtype_of = np_dtype if xp is np else (lambda name: name)
+    return one(heads_q, seq_q), one(heads_kv, seq_k), one(heads_kv, seq_k)
+
+
+def naive_same_dtype(q: Any, k: Any, v: Any, *, causal: bool, layout: str) -> Any:
+    """Naive attention with every intermediate rounded to the input dtype (the FlashAttention test baseline)."""
+    from adaattn_core.problem import to_bhsd
+
+    dtype = q.dtype
+    qb, kb, vb = (np.asarray(to_bhsd(x, layout)).astype(np.float32) for x in (q, k, v))
+    group = qb.shape[1] // kb.shape[1]
+    kb, vb = np.repeat(kb, group, axis=1), np.repeat(vb, group, axis=1)
+    scores = (qb @ kb.swapaxes(-1, -2) / np.sqrt(qb.shape[-1])).astype(dtype).astype(np.float32)
+    if causal:
+        sq, sk = scores.shape[-2:]
+        visible = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq)
+        scores = np.where(visible, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isneginf(row_max), 0, row_max)
+    weights = np.exp(scores - row_max)
+    total = weights.sum(axis=-1, keepdims=True)
+    probs = (weights / np.where(total > 0, total, 1)).astype(dtype).astype(np.float32)
+    out = (probs @ vb).astype(dtype)
+    return to_bhsd(out, layout)
+
+
+def max_abs(a: Any, b: Any) -> float:
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a64 - b64).max()) if a64.size else 0.0
+
+
+def rel_l2(a: Any, b: Any) -> float:
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norm = np.linalg.norm(b64)
+    return float(np.linalg.norm(a64 - b64) / norm) if norm else float(np.linalg.norm(a64))

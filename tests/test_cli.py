@@ -1,0 +1,67 @@
+"""The `adaattn` command end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+
+def _adaattn(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaattn_core.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_console_script_is_installed():
+    (script,) = entry_points(group="console_scripts", name="adaattn")
+    assert script.value == "adaattn_core.cli:main"
+
+
+def test_info_text():
+    result = _adaattn("info")
+    assert result.returncode == 0, result.stderr
+    for word in ("backends", "precisions", "cpu", "policies", "gpu"):
+        assert word in result.stdout
+
+
+def test_info_json():
+    result = _adaattn("info", "--json")
+    info = json.loads(result.stdout)
+    assert info["backends"]["cpu"].startswith("available")
+    assert set(info["precisions"]) == {"float16", "bfloat16", "float32", "float64"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_run_json_small(dtype):
+    result = _adaattn("run", "--device", "cpu", "--seq", "200", "--seq-k", "150", "--heads", "4",
+                      "--kv-heads", "2", "--dim", "32", "--causal", "--dtype", dtype, "--repeat", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["backend"] == "cpu" and report["policy"] == "exact"
+    assert report["decisions"] == {f"dense/{dtype}": [0, 1, 2, 3]}
+    assert report["time_ms_median"] > 0 and report["tflops"] > 0
+    limit = {"float32": 1e-5, "bfloat16": 1e-2, "float64": 1e-12}[dtype]
+    assert report["rel_l2_error_vs_float64"] <= limit
+
+
+def test_run_default_problem_text():
+    """The default job: must print time, TFLOP/s, error and decisions (and finish well within 30 s)."""
+    result = _adaattn("run", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    for word in ("TFLOP/s", "relative L2", "decision", "dense/float32"):
+        assert word in result.stdout
+
+
+def test_run_rejects_bad_sizes():
+    result = _adaattn("run", "--seq", "0")
+    assert result.returncode == 2 and "--seq must be >= 1, got 0" in result.stderr
+
+
+def test_run_reports_validation_errors_cleanly():
+    result = _adaattn("run", "--device", "cpu", "--heads", "6", "--kv-heads", "4", "--seq", "8")
+    assert result.returncode == 2
+    assert "q heads (6) must be a multiple of k/v heads (4)" in result.stderr
+    assert "Traceback" not in result.stderr

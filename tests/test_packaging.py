@@ -1,0 +1,51 @@
+"""Packaging promises: imports stay framework-free, kernels ship in the wheel, the tree is ruff-clean."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_pulls_in_no_framework():
+    code = (
+        "import sys, adaattn_core; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax', 'cupy', 'numba')); "
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_kernel_sources_found_from_checkout():
+    from adaattn_core.loader import kernel_source_dir
+
+    assert kernel_source_dir().is_dir()
+    assert any(kernel_source_dir().glob("*.cu"))
+
+
+def test_wheel_contains_kernels_and_adapters(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("adaattn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    sources = {Path(n).name for n in names if n.startswith("adaattn_core/cuda_src/")}
+    assert sources >= {p.name for p in (ROOT / "cuda_src").glob("*.cu*")}
+    assert "adaattn_adapters/__init__.py" in names
+    assert not any(n.startswith("adapters/") for n in names), "a top-level `adapters` would collide on PyPI"
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is installed by the `test` extra")
+def test_ruff_clean():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,147 @@
+"""Every bad input gets a TypeError/ValueError naming the argument, the expected and the actual value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_qkv
+
+import adaattn_core as aa
+
+
+@pytest.fixture
+def qkv(rng):
+    return make_qkv(rng, heads_q=4, heads_kv=2, seq_q=8, seq_k=6, dim=16)
+
+
+def test_not_an_array(qkv):
+    q, k, v = qkv
+    with pytest.raises(TypeError, match=r"k must be a numpy.ndarray or cupy.ndarray.*got builtins.list"):
+        aa.attention(q, k.tolist(), v)
+
+
+def test_wrong_rank(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match=r"q must be 4-D, got 3-D with shape \(4, 8, 16\)"):
+        aa.attention(q[0], k, v)
+
+
+def test_unsupported_dtype(qkv):
+    q, k, v = (x.astype(np.int32) for x in qkv)
+    with pytest.raises(TypeError, match=r"q.dtype must be one of .*got int32"):
+        aa.attention(q, k, v)
+
+
+def test_dtype_mismatch(qkv):
+    q, k, v = qkv
+    with pytest.raises(TypeError, match=r"v.dtype must equal q.dtype \(float32\), got float64"):
+        aa.attention(q, k, v.astype(np.float64))
+
+
+def test_head_dim_mismatch(rng):
+    q, _, v = make_qkv(rng, dim=16)
+    _, k, _ = make_qkv(rng, dim=8)
+    with pytest.raises(ValueError, match=r"k head dimension must equal q's \(16\), got 8"):
+        aa.attention(q, k, v)
+
+
+def test_value_shape_mismatch(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match=r"v must have k's heads and sequence length \(H=2, S=6\), got H=2, S=5"):
+        aa.attention(q, k, v[:, :, :5])
+
+
+def test_batch_mismatch(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match=r"batch sizes differ: q has 2, k has 1, v has 2"):
+        aa.attention(q, k[:1], v)
+
+
+def test_gqa_divisibility(rng):
+    q, k, v = make_qkv(rng, heads_q=6, heads_kv=4)
+    with pytest.raises(ValueError, match=r"q heads \(6\) must be a multiple of k/v heads \(4\)"):
+        aa.attention(q, k, v)
+
+
+def test_zero_head_dim(rng):
+    q, k, v = make_qkv(rng, dim=0)
+    with pytest.raises(ValueError, match=r"head dimension D must be >= 1"):
+        aa.attention(q, k, v)
+
+
+@pytest.mark.parametrize("layout", ["BHSD", "bsdh", ""])
+def test_bad_layout(qkv, layout):
+    with pytest.raises(ValueError, match=r"layout must be one of \('bhsd', 'bshd'\), got"):
+        aa.attention(*qkv, layout=layout)
+
+
+def test_bad_policy_name(qkv):
+    with pytest.raises(ValueError, match=r"policy must be one of \['exact'\] or a Policy instance, got 'fastest'"):
+        aa.attention(*qkv, policy="fastest")
+
+
+def test_bad_policy_type(qkv):
+    with pytest.raises(TypeError, match=r"policy must be a str or a Policy instance, got int"):
+        aa.attention(*qkv, policy=3)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scale(qkv, scale):
+    with pytest.raises(ValueError, match=r"scale must be finite, got"):
+        aa.attention(*qkv, scale=scale)
+
+
+def test_scale_type(qkv):
+    with pytest.raises(TypeError, match=r"scale must be a float or None, got str"):
+        aa.attention(*qkv, scale="0.1")
+
+
+def test_causal_type(qkv):
+    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
+        aa.attention(*qkv, causal=1)
+
+
+def test_out_shape(qkv):
+    q, k, v = qkv
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 8, 16\), got \(2, 4, 8, 15\)"):
+        aa.attention(q, k, v, out=np.empty((2, 4, 8, 15), np.float32))
+
+
+def test_out_dtype(qkv):
+    q, k, v = qkv
+    with pytest.raises(TypeError, match=r"out.dtype must be float32, got float64"):
+        aa.attention(q, k, v, out=np.empty(q.shape, np.float64))
+
+
+def test_out_not_written_on_error(qkv):
+    """Validation happens before any write: a failing call leaves a caller's buffer untouched."""
+    q, k, v = qkv
+    out = np.full(q.shape, 7.0, np.float32)
+    with pytest.raises(ValueError):
+        aa.attention(q, k, v, out=out, scale=float("nan"))
+    assert np.all(out == 7.0)
+
+
+def test_backward_lse_dtype(qkv):
+    q, k, v = qkv
+    out, lse = aa.attention(q, k, v, return_lse=True)
+    with pytest.raises(TypeError, match=r"lse.dtype must be float32, got float64"):
+        aa.attention_backward(out, q, k, v, out, lse.astype(np.float64))
+
+
+def test_backward_dout_shape(qkv):
+    q, k, v = qkv
+    out, lse = aa.attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"dout must have shape \(2, 4, 8, 16\), got \(2, 4, 7, 16\)"):
+        aa.attention_backward(out[:, :, :7], q, k, v, out, lse)
+
+
+def test_mixed_libraries(qkv):
+    class FakeCupy:
+        __module__ = "cupy._core.core"
+        ndim = 4
+
+    FakeCupy.__name__ = "ndarray"
+    q, k, v = qkv
+    with pytest.raises(TypeError, match=r"v is a cupy array but q is a numpy array"):
+        aa.attention(q, k, FakeCupy())
