@@ -2,7 +2,9 @@
 
 - "cpu": the blocked flash-style algorithm (`blocked.py`) on NumPy arrays.
 - "cupy-blocked": the same algorithm on CuPy arrays, for what no fused kernel covers yet.
-- "cuda": fused kernels from cuda_src/ (added as they land).
+- "cuda": fused kernels from cuda_src/: the forward for float16/bfloat16 and the head dims of
+  `launch_config.FORWARD_TILES`. float32 on the GPU runs cupy-blocked (cuBLAS in float32, no TF32), so
+  float32 keeps float32 accuracy; other head dims also run cupy-blocked.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from .problem import AttentionProblem
 
 
 def name_for(problem: AttentionProblem) -> str:
-    """The backend that computes `problem`."""
-    return "cpu" if problem.library == "numpy" else "cupy-blocked"
+    """The backend that computes the forward of `problem`."""
+    if problem.library == "numpy":
+        return "cpu"
+    from . import cuda_forward
+
+    return "cuda" if cuda_forward.unsupported_reason(problem) is None else "cupy-blocked"
 
 
 def device_name(problem: AttentionProblem) -> str:
@@ -31,8 +37,14 @@ def forward(
     problem: AttentionProblem, plan: Plan, q: Any, k: Any, v: Any, out: Any, lse: Any
 ) -> str:
     """Compute the forward pass into `out`/`lse` ([B,H,S,D] views) and return the backend's name."""
-    blocked.forward(problem, q, k, v, out, lse)
-    return name_for(problem)
+    backend = name_for(problem)
+    if backend == "cuda":
+        from . import cuda_forward
+
+        cuda_forward.forward(problem, q, k, v, out, lse)
+    else:
+        blocked.forward(problem, q, k, v, out, lse)
+    return backend
 
 
 def backward(
@@ -40,6 +52,6 @@ def backward(
     dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any,
     dq: Any, dk: Any, dv: Any,
 ) -> str:
-    """Compute dq, dk, dv into [B,H,S,D] views and return the backend's name."""
+    """Compute dq, dk, dv into [B,H,S,D] views and return the backend's name (no fused backward yet)."""
     blocked.backward(problem, dout, q, k, v, out, lse, dq, dk, dv)
-    return name_for(problem)
+    return "cpu" if problem.library == "numpy" else "cupy-blocked"

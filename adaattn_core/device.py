@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from .launch_config import MIN_COMPUTE_CAPABILITY
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -55,12 +57,20 @@ def capabilities() -> Capabilities:
         cc = (int(props["major"]), int(props["minor"]))
 
     backends = {"cpu": "available (blocked NumPy)"}
-    backends["cupy-blocked"] = "available" if cupy is not None else f"unavailable: {reason}"
+    backends["cupy-blocked"] = "available (cuBLAS)" if cupy is not None else f"unavailable: {reason}"
+    if cupy is None:
+        backends["cuda"] = f"unavailable: {reason}"
+    elif cc < MIN_COMPUTE_CAPABILITY:
+        backends["cuda"] = f"unavailable: sm_{cc[0]}{cc[1]} is older than sm_80 (mma.sync bf16, cp.async)"
+    else:
+        backends["cuda"] = "available (fused float16/bfloat16 forward, NVRTC " + _nvrtc_version(cupy) + ")"
+    fused = backends["cuda"].startswith("available")
     precisions = {
         "float64": "available (CPU; GPU through cupy-blocked)",
-        "float32": "available",
-        "float16": "available (CPU computes in float32)",
-        "bfloat16": "available (CPU computes in float32; NumPy needs ml_dtypes)",
+        "float32": "available (CPU; GPU through cupy-blocked, cuBLAS float32 without TF32)",
+        "float16": "available" + (" (GPU: fused kernel)" if fused else " (CPU computes in float32)"),
+        "bfloat16": "available" + (" (GPU: fused kernel, sm_80+)" if fused else
+                                   " (CPU computes in float32; NumPy needs ml_dtypes)"),
     }
     return Capabilities(
         platform=platform.platform(),
@@ -72,6 +82,13 @@ def capabilities() -> Capabilities:
         backends=backends,
         precisions=precisions,
     )
+
+
+def _nvrtc_version(cupy: Any) -> str:
+    try:
+        return ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    except Exception as error:  # NVRTC library missing from the CUDA install
+        return f"unavailable: {error}"
 
 
 def gpu_name() -> str:

@@ -79,34 +79,47 @@ def make_qkv(
     return one(heads_q, seq_q), one(heads_kv, seq_k), one(heads_kv, seq_k)
 
 
+def to_host64(x: Any) -> np.ndarray:
+    """float64 NumPy copy of a NumPy or CuPy array (CuPy: converted on the device first)."""
+    if hasattr(x, "get"):
+        return x.astype("float64").get()
+    return np.asarray(x, dtype=np.float64)
+
+
 def naive_same_dtype(q: Any, k: Any, v: Any, *, causal: bool, layout: str) -> Any:
-    """Naive attention with every intermediate rounded to the input dtype (the FlashAttention test baseline)."""
+    """Naive attention with every intermediate rounded to the input dtype (the FlashAttention test baseline).
+
+    Works on NumPy and CuPy arrays; scores and probabilities are rounded to q.dtype, as a naive
+    implementation in that dtype stores them, and the output is returned in q.dtype.
+    """
+    from adaattn_core._arrays import library_name, namespace
     from adaattn_core.problem import to_bhsd
 
+    xp = namespace(library_name(q))
     dtype = q.dtype
-    qb, kb, vb = (np.asarray(to_bhsd(x, layout)).astype(np.float32) for x in (q, k, v))
+    qb, kb, vb = (to_bhsd(x, layout).astype(xp.float32) for x in (q, k, v))
     group = qb.shape[1] // kb.shape[1]
-    kb, vb = np.repeat(kb, group, axis=1), np.repeat(vb, group, axis=1)
-    scores = (qb @ kb.swapaxes(-1, -2) / np.sqrt(qb.shape[-1])).astype(dtype).astype(np.float32)
+    kb, vb = xp.repeat(kb, group, axis=1), xp.repeat(vb, group, axis=1)
+    scores = (qb @ kb.swapaxes(-1, -2) / np.float32(np.sqrt(qb.shape[-1]))).astype(dtype).astype(xp.float32)
     if causal:
         sq, sk = scores.shape[-2:]
-        visible = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq)
-        scores = np.where(visible, scores, -np.inf)
+        visible = xp.arange(sk)[None, :] <= xp.arange(sq)[:, None] + (sk - sq)
+        scores = xp.where(visible, scores, -xp.inf)
     row_max = scores.max(axis=-1, keepdims=True)
-    row_max = np.where(np.isneginf(row_max), 0, row_max)
-    weights = np.exp(scores - row_max)
+    row_max = xp.where(xp.isneginf(row_max), 0, row_max)
+    weights = xp.exp(scores - row_max)
     total = weights.sum(axis=-1, keepdims=True)
-    probs = (weights / np.where(total > 0, total, 1)).astype(dtype).astype(np.float32)
+    probs = (weights / xp.where(total > 0, total, 1)).astype(dtype).astype(xp.float32)
     out = (probs @ vb).astype(dtype)
     return to_bhsd(out, layout)
 
 
 def max_abs(a: Any, b: Any) -> float:
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a64, b64 = to_host64(a), to_host64(b)
     return float(np.abs(a64 - b64).max()) if a64.size else 0.0
 
 
 def rel_l2(a: Any, b: Any) -> float:
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a64, b64 = to_host64(a), to_host64(b)
     norm = np.linalg.norm(b64)
     return float(np.linalg.norm(a64 - b64) / norm) if norm else float(np.linalg.norm(a64))

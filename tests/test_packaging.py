@@ -49,3 +49,38 @@ def test_wheel_contains_kernels_and_adapters(tmp_path):
 def test_ruff_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_loader_cache_key_follows_included_headers(tmp_path, monkeypatch):
+    """Editing a header must change the code string CuPy keys its disk cache on."""
+    from adaattn_core import loader
+
+    (tmp_path / "op.cu").write_text('#include "helper.cuh"\n__global__ void op() {}\n')
+    (tmp_path / "helper.cuh").write_text('#include "deeper.cuh"\n')
+    (tmp_path / "deeper.cuh").write_text("#define FACTOR 1\n")
+    monkeypatch.setattr(loader, "kernel_source_dir", lambda: tmp_path)
+    loader._tagged_source.cache_clear()
+    before = loader._tagged_source("op.cu")
+    assert [p.name for p in loader.source_closure("op.cu")] == ["op.cu", "helper.cuh", "deeper.cuh"]
+    (tmp_path / "deeper.cuh").write_text("#define FACTOR 2\n")
+    loader._tagged_source.cache_clear()
+    after = loader._tagged_source("op.cu")
+    loader._tagged_source.cache_clear()
+    assert before != after and before.splitlines()[1:] == after.splitlines()[1:]
+
+
+def test_loader_options_per_architecture():
+    from adaattn_core.loader import arch_option
+
+    assert arch_option((9, 0)) == "-arch=sm_90a"
+    assert arch_option((8, 0)) == "-arch=sm_80"
+    assert arch_option((8, 9)) == "-arch=sm_89"
+
+
+def test_missing_header_is_a_clear_error(tmp_path, monkeypatch):
+    from adaattn_core import loader
+
+    (tmp_path / "op.cu").write_text('#include "nowhere.cuh"\n')
+    monkeypatch.setattr(loader, "kernel_source_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere.cuh"):
+        loader.source_closure("op.cu")

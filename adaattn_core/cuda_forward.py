@@ -1,0 +1,84 @@
+"""Launcher of cuda_src/attention_fwd.cu (fused FlashAttention-2-style forward) for CuPy arrays.
+
+Shapes and dtypes were validated once by `problem.describe`; this module only checks what the kernel
+itself needs (head dim in the tile table, unit innermost stride, 16-byte alignment) and launches on
+CuPy's current stream without synchronising.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .device import capabilities
+from .launch_config import CUDA_TYPES, FORWARD_TILES, MIN_COMPUTE_CAPABILITY, forward_name_expression
+from .loader import get_kernel
+from .problem import AttentionProblem
+
+KERNEL_FILE = "attention_fwd.cu"
+_LOG2E = 1.4426950408889634
+_configured_smem: set[tuple[str, int]] = set()
+
+
+def unsupported_reason(problem: AttentionProblem) -> str | None:
+    """Why the fused forward cannot take `problem` (None when it can)."""
+    cc = capabilities().compute_capability
+    if cc is None or cc < MIN_COMPUTE_CAPABILITY:
+        return f"compute capability {cc} (fused kernels need sm_80 or newer: mma.sync bf16, cp.async)"
+    if problem.dtype not in CUDA_TYPES:
+        return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
+    if problem.head_dim not in FORWARD_TILES:
+        return f"head dim {problem.head_dim} (fused kernels take {sorted(FORWARD_TILES)})"
+    return None
+
+
+def _kernel_ready(x: Any) -> bool:
+    """Innermost stride 1, other strides multiples of 8 elements, 16-byte aligned base (16-byte cp.async)."""
+    item = x.itemsize
+    strides = [s // item for s in x.strides]
+    return strides[-1] == 1 and all(s % 8 == 0 for s in strides[:-1]) and x.data.ptr % 16 == 0
+
+
+def _element_strides(x: Any) -> list[np.int64]:
+    return [np.int64(s // x.itemsize) for s in x.strides[:3]]
+
+
+def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any) -> None:
+    """softmax(scale·QKᵀ)V into `out` ([B,Hq,Sq,D] view, input dtype) and lse ([B,Hq,Sq] float32).
+
+    Inputs whose strides the kernel cannot take (innermost stride ≠ 1, misaligned) are copied once to
+    contiguous buffers; an `out` view it cannot write is filled through a contiguous temporary.
+    """
+    import cupy
+
+    q, k, v = (x if _kernel_ready(x) else cupy.ascontiguousarray(x) for x in (q, k, v))
+    target = out if _kernel_ready(out) else cupy.empty(out.shape, dtype=out.dtype)
+
+    name = forward_name_expression(problem.dtype, problem.head_dim, problem.causal)
+    kernel = get_kernel(KERNEL_FILE, name)
+    tile = FORWARD_TILES[problem.head_dim]
+    smem = tile.smem_bytes(problem.head_dim)
+    key = (name, cupy.cuda.Device().id)
+    if key not in _configured_smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+        _configured_smem.add(key)
+
+    num_m_blocks = -(-problem.seqlen_q // tile.block_m)
+    grid = num_m_blocks * problem.heads_q * problem.batch
+    if grid >= 2**31:
+        raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
+    kernel(
+        (grid,),
+        (tile.threads,),
+        (
+            q, k, v, target, lse,
+            *_element_strides(q), *_element_strides(k), *_element_strides(v), *_element_strides(target),
+            np.int32(problem.heads_q), np.int32(problem.group_size),
+            np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
+            np.float32(problem.scale * _LOG2E),
+        ),
+        shared_mem=smem,
+    )
+    if target is not out:
+        out[...] = target

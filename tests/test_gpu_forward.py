@@ -1,0 +1,134 @@
+"""GPU forward (fused kernel for float16/bfloat16, cupy-blocked otherwise) against float64.
+
+Rule (flash-attention's): max |out − ref| ≤ 2 × max |naive same-dtype − ref| + 1e-5, ref in float64 on the
+GPU. Outputs are poisoned with NaN through `out=` so an unwritten element fails the test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_qkv, max_abs, naive_same_dtype, rel_l2, to_host64
+
+import adaattn_core as aa
+
+pytestmark = pytest.mark.gpu
+
+SEQ_PAIRS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (4097, 4097),
+             (17, 1000), (1000, 17), (128, 4097), (4097, 129), (1, 4097)]
+HEAD_DIMS = [32, 64, 96, 128, 192, 256]
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return pytest.importorskip("cupy")
+
+
+def _check(cp, q, k, v, *, causal, layout, expect_backend="cuda"):
+    out = cp.full(q.shape[:-1] + (v.shape[-1],), cp.nan, dtype=q.dtype)
+    report = aa.Report()
+    _, lse = aa.attention(q, k, v, causal=causal, layout=layout, out=out, return_lse=True, report=report)
+    assert report.backend == expect_backend
+    ref, ref_lse = aa.attention_reference(q, k, v, causal=causal, layout=layout)
+    naive = naive_same_dtype(q, k, v, causal=causal, layout=layout)
+    out64 = to_host64(out)
+    assert np.isfinite(out64).all(), "unwritten (NaN-poisoned) or non-finite output"
+    err, naive_err = max_abs(out, ref), max_abs(naive, ref)
+    assert err <= 2 * naive_err + 1e-5, f"max error {err:.3e} vs naive {naive_err:.3e}"
+    lse64, ref_lse64 = to_host64(lse), to_host64(ref_lse)
+    finite = np.isfinite(ref_lse64)
+    np.testing.assert_array_equal(np.isfinite(lse64), finite)
+    if finite.any():
+        assert np.abs(lse64[finite] - ref_lse64[finite]).max() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq_q,seq_k", SEQ_PAIRS)
+def test_shapes(cp, rng, seq_q, seq_k, dim, causal, dtype):
+    q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=dim,
+                       dtype=dtype, xp=cp)
+    _check(cp, q, k, v, causal=causal, layout="bhsd")
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("strides", ["contiguous", "aligned-slice", "misaligned-slice"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_layouts_strides(cp, rng, group, layout, strides, dim, causal):
+    q, k, v = make_qkv(rng, batch=2, heads_q=8, heads_kv=8 // group, seq_q=300, seq_k=257, dim=dim,
+                       dtype="bfloat16", layout=layout, contiguous=strides == "contiguous",
+                       offset=8 if strides == "aligned-slice" else 3, xp=cp)
+    _check(cp, q, k, v, causal=causal, layout=layout)
+
+
+def test_many_heads_and_batches(cp, rng):
+    q, k, v = make_qkv(rng, batch=16, heads_q=32, heads_kv=8, seq_q=77, seq_k=140, dim=64,
+                       dtype="float16", xp=cp)
+    _check(cp, q, k, v, causal=True, layout="bshd")
+
+
+def test_fully_masked_rows(cp, rng):
+    q, k, v = make_qkv(rng, seq_q=300, seq_k=40, dim=128, dtype="bfloat16", xp=cp)
+    out, lse = aa.attention(q, k, v, causal=True, return_lse=True)
+    assert bool((out[:, :, :260] == 0).all()) and bool(cp.isneginf(lse[:, :, :260]).all())
+    assert bool(cp.isfinite(out.astype(cp.float32)).all())
+
+
+@pytest.mark.parametrize("dtype,dim", [("float32", 64), ("float64", 32), ("bfloat16", 80)])
+def test_blocked_fallback(cp, rng, dtype, dim):
+    """float32/float64 and head dims outside the tile table run the blocked algorithm with cuBLAS."""
+    q, k, v = make_qkv(rng, heads_q=4, heads_kv=2, seq_q=130, seq_k=257, dim=dim, dtype=dtype, xp=cp)
+    if dtype == "bfloat16":
+        _check(cp, q, k, v, causal=True, layout="bhsd", expect_backend="cupy-blocked")
+        return
+    ref, _ = aa.attention_reference(q, k, v, causal=True)
+    report = aa.Report()
+    out = aa.attention(q, k, v, causal=True, report=report)
+    assert report.backend == "cupy-blocked"
+    assert rel_l2(out, ref) <= (1e-5 if dtype == "float32" else 1e-12)
+
+
+def test_backward_on_gpu(cp, rng):
+    """Until the fused backward lands, CuPy gradients come from the blocked algorithm."""
+    q, k, v = make_qkv(rng, heads_q=4, heads_kv=2, seq_q=100, seq_k=120, dim=64, dtype="float32", xp=cp)
+    out, lse = aa.attention(q, k, v, causal=True, return_lse=True)
+    dout = cp.asarray(rng.standard_normal(out.shape), dtype=cp.float32)
+    grads = aa.attention_backward(dout, q, k, v, out, lse, causal=True)
+    ref = aa.attention_backward_reference(dout, q, k, v, causal=True)
+    for g, r in zip(grads, ref):
+        assert rel_l2(g, r) <= 1e-5
+
+
+def test_no_hidden_allocations(cp, rng):
+    """Contiguous inputs: the call allocates exactly out and lse, nothing else."""
+    from cupy.cuda import memory_hook
+
+    class Count(memory_hook.MemoryHook):
+        name = "count"
+
+        def __init__(self):
+            self.sizes = []
+
+        def malloc_preprocess(self, **kwargs):
+            self.sizes.append(kwargs["size"])
+
+    q, k, v = make_qkv(rng, batch=2, heads_q=8, heads_kv=2, seq_q=1024, dim=128, dtype="bfloat16", xp=cp)
+    aa.attention(q, k, v, causal=True)  # compile and warm the pool outside the count
+    cp.get_default_memory_pool().free_all_blocks()
+    hook = Count()
+    with hook:
+        out, lse = aa.attention(q, k, v, causal=True, return_lse=True)
+    assert sorted(hook.sizes) == sorted([out.nbytes, lse.nbytes]), hook.sizes
+
+
+def test_runs_on_current_stream_without_sync(cp, rng):
+    q, k, v = make_qkv(rng, seq_q=2048, dim=64, dtype="bfloat16", xp=cp)
+    expected = aa.attention(q, k, v)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        out = aa.attention(q, k, v)
+    stream.synchronize()
+    assert max_abs(out, expected) == 0.0
