@@ -30,6 +30,9 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
         return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
     if problem.head_dim not in FORWARD_TILES:
         return f"head dim {problem.head_dim} (fused kernels take {sorted(FORWARD_TILES)})"
+    if problem.scale <= 0:
+        # The kernel takes row maxima of raw scores and folds the scale in afterwards: needs scale > 0.
+        return f"scale {problem.scale} (fused kernels need scale > 0)"
     return None
 
 

@@ -25,7 +25,7 @@ for step in "${steps[@]}"; do
       { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
         python3 -m adaattn_core.cli info; } 2>&1 | tee "$OUT/info.txt" ;;
     tests)
-      eval python3 -m pytest -m gpu -q -p no:cacheprovider tests "${PYTEST_ARGS:-}" 2>&1 \
+      eval python3 -m pytest -m gpu -q -p no:cacheprovider --maxfail=30 tests "${PYTEST_ARGS:-}" 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     bench)

@@ -132,3 +132,13 @@ def test_runs_on_current_stream_without_sync(cp, rng):
         out = aa.attention(q, k, v)
     stream.synchronize()
     assert max_abs(out, expected) == 0.0
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.2])
+def test_non_positive_scale_falls_back(cp, rng, scale):
+    q, k, v = make_qkv(rng, seq_q=40, seq_k=50, dim=64, dtype="bfloat16", xp=cp)
+    _check_scaled = aa.Report()
+    out = aa.attention(q, k, v, causal=True, scale=scale, report=_check_scaled)
+    ref, _ = aa.attention_reference(q, k, v, causal=True, scale=scale)
+    assert _check_scaled.backend == "cupy-blocked"
+    assert rel_l2(out, ref) <= 1e-2
