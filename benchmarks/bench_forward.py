@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adaattn_core as aa
+from adaattn_core.launch_config import FORWARD_TILES, ForwardTile
 
 PEERS = {
     "torch-flash": SDPBackend.FLASH_ATTENTION,
@@ -47,7 +48,7 @@ def _median_ms(fn: Callable[[int], object], warmup: int, repeat: int) -> float:
 
 def _ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     out = torch.empty_like(q)
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+    with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):
         aa.attention(cupy.from_dlpack(q), cupy.from_dlpack(k), cupy.from_dlpack(v), causal=causal,
                      out=cupy.from_dlpack(out))
     return out
@@ -119,9 +120,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
+                        help="tuning only: override the forward tile of head dim D (repeatable)")
     args = parser.parse_args()
+    for override in args.tile:
+        dim, tile = override.split(":")
+        FORWARD_TILES[int(dim)] = ForwardTile(*(int(x) for x in tile.split(",")))
 
-    results = {"env": environment(), "setup": "B*S=16384, H*D=2048, bf16, [B,H,S,D]", "rows": []}
+    results = {"env": environment(), "setup": "B*S=16384, H*D=2048, bf16, [B,H,S,D]", "rows": [],
+               "tiles": {d: vars(FORWARD_TILES[d]) for d in args.dims if d in FORWARD_TILES}}
     print(f"# {results['env']['gpu']}, driver {results['env']['driver']}, torch {results['env']['torch']}")
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} {'effic':>6} | "
           f"{'/flash':>6} {'/cudnn':>6} | rel_l2")
