@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from .device import capabilities
-from .launch_config import CUDA_TYPES, FORWARD_TILES, MIN_COMPUTE_CAPABILITY, forward_name_expression
+from .launch_config import (
+    CUDA_TYPES,
+    FORWARD_HEAD_DIMS,
+    FORWARD_TILES,
+    MIN_COMPUTE_CAPABILITY,
+    forward_name_expression,
+)
 from .loader import get_kernel
 from .problem import AttentionProblem
 
@@ -28,8 +34,8 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
         return f"compute capability {cc} (fused kernels need sm_80 or newer: mma.sync bf16, cp.async)"
     if problem.dtype not in CUDA_TYPES:
         return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
-    if problem.head_dim not in FORWARD_TILES:
-        return f"head dim {problem.head_dim} (fused kernels take {sorted(FORWARD_TILES)})"
+    if problem.head_dim not in FORWARD_HEAD_DIMS:
+        return f"head dim {problem.head_dim} (fused kernels take {list(FORWARD_HEAD_DIMS)})"
     if problem.scale <= 0:
         # The kernel takes row maxima of raw scores and folds the scale in afterwards: needs scale > 0.
         return f"scale {problem.scale} (fused kernels need scale > 0)"
@@ -60,7 +66,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
 
     name = forward_name_expression(problem.dtype, problem.head_dim, problem.causal)
     kernel = get_kernel(KERNEL_FILE, name)
-    tile = FORWARD_TILES[problem.head_dim]
+    tile = FORWARD_TILES[(problem.head_dim, problem.causal)]
     smem = tile.smem_bytes(problem.head_dim)
     key = (name, cupy.cuda.Device().id)
     if key not in _configured_smem:

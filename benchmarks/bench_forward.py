@@ -121,14 +121,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
-                        help="tuning only: override the forward tile of head dim D (repeatable)")
+                        help="tuning only: override the forward tiles of head dim D (repeatable)")
     args = parser.parse_args()
     for override in args.tile:
         dim, tile = override.split(":")
-        FORWARD_TILES[int(dim)] = ForwardTile(*(int(x) for x in tile.split(",")))
+        for causal in (False, True):
+            FORWARD_TILES[(int(dim), causal)] = ForwardTile(*(int(x) for x in tile.split(",")))
 
     results = {"env": environment(), "setup": "B*S=16384, H*D=2048, bf16, [B,H,S,D]", "rows": [],
-               "tiles": {d: vars(FORWARD_TILES[d]) for d in args.dims if d in FORWARD_TILES}}
+               "tiles": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES.items() if d in args.dims}}
     print(f"# {results['env']['gpu']}, driver {results['env']['driver']}, torch {results['env']['torch']}")
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} {'effic':>6} | "
           f"{'/flash':>6} {'/cudnn':>6} | rel_l2")
