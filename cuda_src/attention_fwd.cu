@@ -85,7 +85,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long lon
 }  // namespace adaattn
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool CAUSAL>
-__global__ void __launch_bounds__(NUM_WARPS * 32) attention_fwd(
+__global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     T* __restrict__ out, float* __restrict__ lse,
     long long q_stride_b, long long q_stride_h, long long q_stride_s,
@@ -276,6 +276,9 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) attention_fwd(
                 // A row with no admissible key yet keeps max = -inf; use 0 so -inf - -inf never occurs.
                 const float mx_scaled = mx == neg_inf() ? 0.f : mx * scale_log2;
                 const float corr = fast_exp2(row_max[mt][r] * scale_log2 - mx_scaled);
+                // Once the running maxima settle most tiles leave them unchanged (corr == 1): skip the
+                // rescale of O when no row of this warp's row set moved (a warp-uniform branch).
+                const bool rescale = __any_sync(0xffffffffu, mx != row_max[mt][r]);
                 row_max[mt][r] = mx;
                 float sum = 0.f;
 #pragma unroll
@@ -287,10 +290,12 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) attention_fwd(
                         sum += p;
                     }
                 row_sum[mt][r] = row_sum[mt][r] * corr + sum;
+                if (rescale) {
 #pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    acc_o[mt][dt][2 * r] *= corr;
-                    acc_o[mt][dt][2 * r + 1] *= corr;
+                    for (int dt = 0; dt < DT; ++dt) {
+                        acc_o[mt][dt][2 * r] *= corr;
+                        acc_o[mt][dt][2 * r + 1] *= corr;
+                    }
                 }
             }
 

@@ -24,3 +24,14 @@ def per_call_us(fn, calls=2000):
 
 print(f"adaattn core call (CuPy arrays): {per_call_us(lambda: aa.attention(cq, ck, cv)):.1f} us")
 print(f"torch SDPA call:                 {per_call_us(lambda: F.scaled_dot_product_attention(q, k, v)):.1f} us")
+
+if __name__ == "__main__":
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(2000):
+        aa.attention(cq, ck, cv)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
