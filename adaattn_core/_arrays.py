@@ -15,14 +15,19 @@ import numpy as np
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+_LIBRARY_BY_TYPE: dict[type, str] = {np.ndarray: "numpy"}
+
+
 def library_name(x: Any) -> str:
     """'numpy' or 'cupy' for supported arrays, else the type's qualified name (for error messages)."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    module = type(x).__module__
-    if module.split(".")[0] == "cupy" and type(x).__name__ == "ndarray":
-        return "cupy"
-    return f"{module}.{type(x).__qualname__}"
+    kind = type(x)
+    library = _LIBRARY_BY_TYPE.get(kind)
+    if library is None:
+        if kind.__module__.split(".")[0] == "cupy" and kind.__name__ == "ndarray":
+            library = _LIBRARY_BY_TYPE[kind] = "cupy"
+        else:
+            return f"{kind.__module__}.{kind.__qualname__}"
+    return library
 
 
 def namespace(library: str) -> types.ModuleType:

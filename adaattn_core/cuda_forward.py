@@ -7,6 +7,7 @@ CuPy's current stream without synchronising.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,6 @@ from .problem import AttentionProblem
 
 KERNEL_FILE = "attention_fwd.cu"
 _LOG2E = 1.4426950408889634
-_configured_smem: set[tuple[str, int]] = set()
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
@@ -42,15 +42,27 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
     return None
 
 
-def _kernel_ready(x: Any) -> bool:
+def _element_strides(x: Any) -> tuple[int, ...]:
+    return tuple(s // x.itemsize for s in x.strides)
+
+
+def _kernel_ready(x: Any, strides: tuple[int, ...]) -> bool:
     """Innermost stride 1, other strides multiples of 8 elements, 16-byte aligned base (16-byte cp.async)."""
-    item = x.itemsize
-    strides = [s // item for s in x.strides]
     return strides[-1] == 1 and all(s % 8 == 0 for s in strides[:-1]) and x.data.ptr % 16 == 0
 
 
-def _element_strides(x: Any) -> list[np.int64]:
-    return [np.int64(s // x.itemsize) for s in x.strides[:3]]
+@lru_cache(maxsize=512)
+def _launch(problem: AttentionProblem, device_id: int) -> tuple[Any, int, int, int]:
+    """(kernel, grid, threads, dynamic smem bytes) for a problem on a device, built once."""
+    name = forward_name_expression(problem.dtype, problem.head_dim, problem.causal)
+    kernel = get_kernel(KERNEL_FILE, name)
+    tile = FORWARD_TILES[(problem.head_dim, problem.causal)]
+    smem = tile.smem_bytes(problem.head_dim)
+    kernel.max_dynamic_shared_size_bytes = smem
+    grid = -(-problem.seqlen_q // tile.block_m) * problem.heads_q * problem.batch
+    if grid >= 2**31:
+        raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
+    return kernel, grid, tile.threads, smem
 
 
 def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any) -> None:
@@ -61,28 +73,26 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     """
     import cupy
 
-    q, k, v = (x if _kernel_ready(x) else cupy.ascontiguousarray(x) for x in (q, k, v))
-    target = out if _kernel_ready(out) else cupy.empty(out.shape, dtype=out.dtype)
-
-    name = forward_name_expression(problem.dtype, problem.head_dim, problem.causal)
-    kernel = get_kernel(KERNEL_FILE, name)
-    tile = FORWARD_TILES[(problem.head_dim, problem.causal)]
-    smem = tile.smem_bytes(problem.head_dim)
-    key = (name, cupy.cuda.Device().id)
-    if key not in _configured_smem:
-        kernel.max_dynamic_shared_size_bytes = smem
-        _configured_smem.add(key)
-
-    num_m_blocks = -(-problem.seqlen_q // tile.block_m)
-    grid = num_m_blocks * problem.heads_q * problem.batch
-    if grid >= 2**31:
-        raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
+    kernel, grid, threads, smem = _launch(problem, cupy.cuda.runtime.getDevice())
+    args = []
+    for x in (q, k, v):
+        strides = _element_strides(x)
+        if not _kernel_ready(x, strides):
+            x = cupy.ascontiguousarray(x)
+            strides = _element_strides(x)
+        args.append((x, strides))
+    out_strides = _element_strides(out)
+    target = out if _kernel_ready(out, out_strides) else cupy.empty(out.shape, dtype=out.dtype)
+    if target is not out:
+        out_strides = _element_strides(target)
+    (q, q_strides), (k, k_strides), (v, v_strides) = args
     kernel(
         (grid,),
-        (tile.threads,),
+        (threads,),
         (
             q, k, v, target, lse,
-            *_element_strides(q), *_element_strides(k), *_element_strides(v), *_element_strides(target),
+            *map(np.int64, q_strides[:3]), *map(np.int64, k_strides[:3]), *map(np.int64, v_strides[:3]),
+            *map(np.int64, out_strides[:3]),
             np.int32(problem.heads_q), np.int32(problem.group_size),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
             np.float32(problem.scale * _LOG2E),

@@ -77,7 +77,7 @@ def to_bhsd(x: Any, layout: str) -> Any:
 
 
 def _dtype_name(x: Any) -> str:
-    return str(x.dtype)
+    return x.dtype.name
 
 
 def _check_array(name: str, x: Any, library: str | None) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adaattn_core as aa
+from adaattn_core import cuda_forward
 from adaattn_core.launch_config import FORWARD_TILES, ForwardTile
 
 PEERS = {
@@ -122,7 +123,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
                         help="tuning only: override the forward tiles of head dim D (repeatable)")
+    parser.add_argument("--kernel-file", default=None, help="tuning only: a variant of attention_fwd.cu in cuda_src/")
     args = parser.parse_args()
+    if args.kernel_file:
+        cuda_forward.KERNEL_FILE = args.kernel_file
     for override in args.tile:
         dim, tile = override.split(":")
         for causal in (False, True):

@@ -276,9 +276,6 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
                 // A row with no admissible key yet keeps max = -inf; use 0 so -inf - -inf never occurs.
                 const float mx_scaled = mx == neg_inf() ? 0.f : mx * scale_log2;
                 const float corr = fast_exp2(row_max[mt][r] * scale_log2 - mx_scaled);
-                // Once the running maxima settle most tiles leave them unchanged (corr == 1): skip the
-                // rescale of O when no row of this warp's row set moved (a warp-uniform branch).
-                const bool rescale = __any_sync(0xffffffffu, mx != row_max[mt][r]);
                 row_max[mt][r] = mx;
                 float sum = 0.f;
 #pragma unroll
@@ -290,12 +287,10 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
                         sum += p;
                     }
                 row_sum[mt][r] = row_sum[mt][r] * corr + sum;
-                if (rescale) {
 #pragma unroll
-                    for (int dt = 0; dt < DT; ++dt) {
-                        acc_o[mt][dt][2 * r] *= corr;
-                        acc_o[mt][dt][2 * r + 1] *= corr;
-                    }
+                for (int dt = 0; dt < DT; ++dt) {
+                    acc_o[mt][dt][2 * r] *= corr;
+                    acc_o[mt][dt][2 * r + 1] *= corr;
                 }
             }
 

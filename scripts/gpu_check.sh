@@ -2,7 +2,7 @@
 # The one command to run on the GPU machine. Installs the project without network, then runs the
 # requested steps and writes logs and JSON under $OUT (default: ./gpu-out).
 #
-#   scripts/gpu_check.sh [steps...]      steps: info tests bench sanitize (default: info tests bench)
+#   scripts/gpu_check.sh [steps...]      steps: info tests bench sanitize overhead (default: info tests bench)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
 set -uo pipefail
@@ -34,9 +34,13 @@ for step in "${steps[@]}"; do
         | tee "$OUT/bench-fwd.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     sanitize)
-      compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/sanitize_forward.py 2>&1 \
-        | tee "$OUT/sanitize-memcheck.log" | tail -15
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 9 python3 scripts/sanitize_forward.py 2>&1 \
+          | tee "$OUT/sanitize-$tool.log" | tail -6
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done ;;
+    overhead)
+      python3 scripts/host_overhead.py 2>&1 | head -40 | tee "$OUT/host-overhead.txt" ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
