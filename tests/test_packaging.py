@@ -84,3 +84,18 @@ def test_missing_header_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "kernel_source_dir", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere.cuh"):
         loader.source_closure("op.cu")
+
+
+def test_readme_table_matches_committed_results(monkeypatch):
+    """README's performance table is generated from benchmarks/results, never edited by hand."""
+    import re
+
+    monkeypatch.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from readme_table import END, START, table
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(START)[1].split(END)[0].strip()
+    source = re.search(r"Source: \[`([^`]+)`\]", block).group(1)
+    assert (ROOT / source).is_file()
+    assert block == table(Path(source)).strip()

@@ -1,0 +1,160 @@
+// Device helpers for sm_90a warpgroup tensor-core kernels: PTX wrappers for wgmma.mma_async and its
+// fences, the shared-memory matrix descriptor of the 128-byte swizzle, and the async-proxy fence.
+// Header-only and free of standard-library includes so that NVRTC can compile it.
+//
+// Conventions (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). A warpgroup is
+// 4 consecutive warps (128 threads). For m64nNk16 with fp32 accumulators, thread t = 32 w + lane of
+// the warpgroup holds d[4 j + e] = D[16 w + lane / 4 + 8 (e / 2)][8 j + 2 (lane % 4) + e % 2] for
+// j < N / 8, e < 4: per n8 column block, the same layout as the C fragment of mma.sync m16n8k16,
+// warp w owning rows 16 w .. 16 w + 15. A register A fragment (4 x 32-bit, two 16-bit values each)
+// is the m16n8k16 A fragment of the warp's 16 rows, so the accumulators of n8 blocks 2k and 2k + 1,
+// rounded pairwise to 16 bits, are the A fragment of k16 step k.
+#pragma once
+
+#include "mma_sm80.cuh"
+
+namespace adaattn {
+
+// Orders this thread's earlier register (and shared-memory) accesses before the next wgmma.mma_async.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// Closes the group of wgmma.mma_async issued by this warpgroup since the previous commit.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// Waits until at most N committed wgmma groups of this warpgroup are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Makes this thread's completed generic-proxy writes to shared memory (cp.async included) visible to
+// the async proxy, through which wgmma reads its shared-memory operands.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Compiler-only fence on registers used by in-flight wgmma: the empty asm redefines each value, so
+// no read or write of them moves across the surrounding volatile issue / wait statements.
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor of an operand stored with the 128-byte swizzle (16-byte chunk c of
+// each 128-byte line l is stored at chunk c ^ (l % 8); atoms of 8 lines = 1024 bytes, 1024-aligned):
+// start address >> 4 in bits 0-13, leading-dimension byte offset >> 4 in bits 16-29, stride-dimension
+// byte offset >> 4 in bits 32-45, base offset 0, layout type 1 (128-byte swizzle) in bits 62-63.
+// K-major: lines are rows of 64 K-elements, `sbo` = bytes between 8-row groups, `lbo` unused.
+// MN-major: lines are 64 MN-elements of one K index, `lbo` = bytes between 64-wide MN blocks,
+// `sbo` = bytes between groups of 8 K indices. Adding (bytes >> 4) advances the start address.
+__device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned smem_addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((smem_addr & 0x3ffffu) >> 4) | (unsigned long long)((lbo >> 4) & 0x3fffu) << 16 |
+           (unsigned long long)((sbo >> 4) & 0x3fffu) << 32 | 1ull << 62;
+}
+
+template <typename T>
+struct IsBf16 {
+    static constexpr bool value = false;
+};
+template <>
+struct IsBf16<__nv_bfloat16> {
+    static constexpr bool value = true;
+};
+
+// wgmma.mma_async m64nNk16, fp32 accumulators d[N / 2] in the layout above, T = __half / __nv_bfloat16:
+//   ss: d = (scale_d ? d : 0) + A B^T with A [64][16] and B [N][16] both K-major in shared memory;
+//   rs: d = (scale_d ? d : 0) + A B with A from registers and B [16][N] N-major in shared memory.
+template <int N>
+struct Wgmma;
+
+// "+f" operand lists for accumulators d[i .. i + 8) and d[i .. i + 32).
+#define ADAATTN_ACC8(i)                                                                                          \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+        "+f"(d[i + 7])
+#define ADAATTN_ACC32(i) ADAATTN_ACC8(i), ADAATTN_ACC8(i + 8), ADAATTN_ACC8(i + 16), ADAATTN_ACC8(i + 24)
+
+// PTX operand lists "%0, ..., %(N/2 - 1)" of the accumulators.
+#define ADAATTN_WGMMA_DREGS_64 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+
+#define ADAATTN_WGMMA_DREGS_128 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+#define ADAATTN_WGMMA_DREGS_176 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87"
+
+#define ADAATTN_WGMMA_DREGS_256 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+
+// One Wgmma<N> specialisation. The operand numbers of the inputs follow the N / 2 accumulators:
+// SS_A, SS_B, SS_P = A descriptor, B descriptor, scale_d; RS_A, RS_B, RS_P = A registers, B, scale_d.
+#define ADAATTN_WGMMA_SHAPE(N, DREGS, SS_A, SS_B, SS_P, RS_A, RS_B, RS_P, ...)                                  \
+    template <>                                                                                                \
+    struct Wgmma<N> {                                                                                          \
+        template <typename T>                                                                                  \
+        static __device__ __forceinline__ void ss(float (&d)[N / 2], unsigned long long a_desc,                \
+                                                  unsigned long long b_desc, int scale_d) {                    \
+            if constexpr (IsBf16<T>::value)                                                                    \
+                asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                 \
+                             "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" DREGS "}, " SS_A    \
+                             ", " SS_B ", p, 1, 1, 0, 0;\n}\n"                                                 \
+                             : __VA_ARGS__                                                                     \
+                             : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                        \
+            else                                                                                               \
+                asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                 \
+                             "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" DREGS "}, " SS_A      \
+                             ", " SS_B ", p, 1, 1, 0, 0;\n}\n"                                                 \
+                             : __VA_ARGS__                                                                     \
+                             : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                        \
+        }                                                                                                      \
+        template <typename T>                                                                                  \
+        static __device__ __forceinline__ void rs(float (&d)[N / 2], const unsigned (&a)[4],                   \
+                                                  unsigned long long b_desc, int scale_d) {                    \
+            if constexpr (IsBf16<T>::value)                                                                    \
+                asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                                 \
+                             "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" DREGS "}, " RS_A    \
+                             ", " RS_B ", p, 1, 1, 1;\n}\n"                                                    \
+                             : __VA_ARGS__                                                                     \
+                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));         \
+            else                                                                                               \
+                asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                                 \
+                             "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" DREGS "}, " RS_A      \
+                             ", " RS_B ", p, 1, 1, 1;\n}\n"                                                    \
+                             : __VA_ARGS__                                                                     \
+                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));         \
+        }                                                                                                      \
+    };
+
+ADAATTN_WGMMA_SHAPE(64, ADAATTN_WGMMA_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37",
+                    ADAATTN_ACC32(0))
+ADAATTN_WGMMA_SHAPE(128, ADAATTN_WGMMA_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
+                    ADAATTN_ACC32(0), ADAATTN_ACC32(32))
+ADAATTN_WGMMA_SHAPE(176, ADAATTN_WGMMA_DREGS_176, "%88", "%89", "%90", "{%88, %89, %90, %91}", "%92", "%93",
+                    ADAATTN_ACC32(0), ADAATTN_ACC32(32), ADAATTN_ACC8(64), ADAATTN_ACC8(72), ADAATTN_ACC8(80))
+ADAATTN_WGMMA_SHAPE(256, ADAATTN_WGMMA_DREGS_256, "%128", "%129", "%130", "{%128, %129, %130, %131}", "%132", "%133",
+                    ADAATTN_ACC32(0), ADAATTN_ACC32(32), ADAATTN_ACC32(64), ADAATTN_ACC32(96))
+
+#undef ADAATTN_WGMMA_SHAPE
+#undef ADAATTN_WGMMA_DREGS_64
+#undef ADAATTN_WGMMA_DREGS_128
+#undef ADAATTN_WGMMA_DREGS_176
+#undef ADAATTN_WGMMA_DREGS_256
+#undef ADAATTN_ACC32
+#undef ADAATTN_ACC8
+
+}  // namespace adaattn
