@@ -7,23 +7,20 @@ CuPy's current stream without synchronising.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from .device import capabilities
-from .launch_config import (
-    CUDA_TYPES,
-    FORWARD_HEAD_DIMS,
-    FORWARD_TILES,
-    MIN_COMPUTE_CAPABILITY,
-    forward_name_expression,
-)
+from .launch_config import CUDA_TYPES, FORWARD_HEAD_DIMS, MIN_COMPUTE_CAPABILITY, forward_launch
 from .loader import get_kernel
 from .problem import AttentionProblem
 
-KERNEL_FILE = "attention_fwd.cu"
+#: "auto" uses the wgmma kernel on Hopper (sm_90) where it has tiles; "sm80" forces the mma.sync kernel
+#: everywhere (for comparisons). Read from $ADAATTN_FORWARD_KERNEL when a launch plan is first built.
+KERNEL_CHOICES = ("auto", "sm80")
 _LOG2E = 1.4426950408889634
 
 
@@ -36,6 +33,8 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
         return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
     if problem.head_dim not in FORWARD_HEAD_DIMS:
         return f"head dim {problem.head_dim} (fused kernels take {list(FORWARD_HEAD_DIMS)})"
+    if problem.seqlen_k == 0:
+        return "Sk = 0 (no keys: the blocked path writes out = 0 and lse = -inf)"
     if problem.scale <= 0:
         # The kernel takes row maxima of raw scores and folds the scale in afterwards: needs scale > 0.
         return f"scale {problem.scale} (fused kernels need scale > 0)"
@@ -51,18 +50,25 @@ def _kernel_ready(x: Any, strides: tuple[int, ...]) -> bool:
     return strides[-1] == 1 and all(s % 8 == 0 for s in strides[:-1]) and x.data.ptr % 16 == 0
 
 
+def _use_sm90(device_id: int) -> bool:
+    import cupy
+
+    choice = os.environ.get("ADAATTN_FORWARD_KERNEL", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"ADAATTN_FORWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
+    return choice == "auto" and cupy.cuda.Device(device_id).compute_capability == "90"
+
+
 @lru_cache(maxsize=512)
 def _launch(problem: AttentionProblem, device_id: int) -> tuple[Any, int, int, int]:
     """(kernel, grid, threads, dynamic smem bytes) for a problem on a device, built once."""
-    name = forward_name_expression(problem.dtype, problem.head_dim, problem.causal)
-    kernel = get_kernel(KERNEL_FILE, name)
-    tile = FORWARD_TILES[(problem.head_dim, problem.causal)]
-    smem = tile.smem_bytes(problem.head_dim)
-    kernel.max_dynamic_shared_size_bytes = smem
-    grid = -(-problem.seqlen_q // tile.block_m) * problem.heads_q * problem.batch
+    launch = forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(device_id))
+    kernel = get_kernel(launch.source, launch.name)
+    kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
+    grid = -(-problem.seqlen_q // launch.block_m) * problem.heads_q * problem.batch
     if grid >= 2**31:
         raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
-    return kernel, grid, tile.threads, smem
+    return kernel, grid, launch.threads, launch.smem_bytes
 
 
 def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any) -> None:

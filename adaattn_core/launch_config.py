@@ -1,6 +1,6 @@
 """Launch configuration of the CUDA kernels, in one place.
 
-The tile table is read by the launcher (`cuda_forward.py`) and by the CI compile check
+The tile tables are read by the launchers (`cuda_forward.py`) and by the CI compile check
 (`scripts/compile_kernels.py`), so the instantiations CI compiles are the ones users run.
 """
 
@@ -53,19 +53,188 @@ FORWARD_TILES: dict[tuple[int, bool], ForwardTile] = {
 FORWARD_HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in FORWARD_TILES}))
 
 
-def forward_name_expression(dtype: str, head_dim: int, causal: bool) -> str:
-    """The C++ name of the forward instantiation for a problem."""
+@dataclass(frozen=True)
+class Sm90Tile:
+    """Tile shape of attention_fwd_sm90.cu: one 128-thread warpgroup per 64 query rows."""
+
+    block_m: int
+    block_n: int
+
+    @property
+    def threads(self) -> int:
+        return 2 * self.block_m
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Q tile + double-buffered K and V tiles + 1024 bytes to align the base to the 128-byte swizzle
+        pattern (the formula in attention_fwd_sm90.cu's header)."""
+        return (self.block_m + 4 * self.block_n) * head_dim * 2 + 1024
+
+
+#: Hopper (sm_90a, wgmma) forward tiles per (head dim, causal); other head dims use the mma.sync kernel.
+FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
+    (64, False): Sm90Tile(128, 128),
+    (64, True): Sm90Tile(128, 128),
+    (128, False): Sm90Tile(128, 128),
+    (128, True): Sm90Tile(128, 128),
+}
+
+SM80_ARCHS = ("80", "90a")
+SM90_ARCHS = ("90a",)
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks)."""
+
+    source: str
+    name: str
+    threads: int
+    smem_bytes: int
+    block_m: int
+    archs: tuple[str, ...]
+
+
+def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool) -> KernelLaunch:
+    """The forward kernel for a problem: the wgmma kernel when `use_sm90` (Hopper) and tiled for this
+    head dim, else the mma.sync kernel."""
+    flag = "true" if causal else "false"
+    cuda_type = CUDA_TYPES[dtype]
+    sm90 = FORWARD_TILES_SM90.get((head_dim, causal))
+    if use_sm90 and sm90 is not None:
+        return KernelLaunch(
+            source="attention_fwd_sm90.cu",
+            name=f"attention_fwd_sm90<{cuda_type}, {head_dim}, {sm90.block_m}, {sm90.block_n}, {flag}>",
+            threads=sm90.threads,
+            smem_bytes=sm90.smem_bytes(head_dim),
+            block_m=sm90.block_m,
+            archs=SM90_ARCHS,
+        )
     tile = FORWARD_TILES[(head_dim, causal)]
-    return (
-        f"attention_fwd<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {tile.block_n}, {tile.num_warps}, "
-        f"{'true' if causal else 'false'}>"
+    return KernelLaunch(
+        source="attention_fwd.cu",
+        name=f"attention_fwd<{cuda_type}, {head_dim}, {tile.block_m}, {tile.block_n}, {tile.num_warps}, {flag}>",
+        threads=tile.threads,
+        smem_bytes=tile.smem_bytes(head_dim),
+        block_m=tile.block_m,
+        archs=SM80_ARCHS,
     )
 
 
-def all_forward_instantiations() -> list[tuple[str, int, bool, str]]:
-    """(dtype, head_dim, causal, name expression) for every forward kernel the launcher can ask for."""
-    return [
-        (dtype, head_dim, causal, forward_name_expression(dtype, head_dim, causal))
-        for dtype in CUDA_TYPES
-        for head_dim, causal in FORWARD_TILES
-    ]
+def all_forward_kernels() -> list[KernelLaunch]:
+    """Every forward instantiation a launcher can ask for, on any architecture."""
+    kernels = []
+    for dtype in CUDA_TYPES:
+        for head_dim, causal in FORWARD_TILES:
+            kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=False))
+        for head_dim, causal in FORWARD_TILES_SM90:
+            kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True))
+    return kernels
+
+
+@dataclass(frozen=True)
+class BackwardTile:
+    """Tile shape of attention_bwd_dkdv.cu (block_m queries per step, block_n resident keys per block)
+    for one head dim; `d_split` warps share each key slice (one head-dim slice each), `dq_warps_m` is the
+    number of warps along queries in the atomic dQ product."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    d_split: int
+    dq_warps_m: int
+
+    @property
+    def threads(self) -> int:
+        return self.num_warps * 32
+
+    def smem_bytes(self, head_dim: int, atomic_dq: bool) -> int:
+        """K, V, double-buffered Q and dO (2-byte elements), dS^T when atomic, double-buffered lse/delta
+        (the formula in attention_bwd_dkdv.cu's header)."""
+        ds = self.block_n * self.block_m * 2 if atomic_dq else 0
+        return (2 * self.block_n + 4 * self.block_m) * head_dim * 2 + ds + 4 * self.block_m * 4
+
+
+#: dK/dV kernel tiles per head dim: 16 keys per warp (MT = 1) keep dK, dV, S^T and dP^T in registers
+#: without spills; D >= 192 splits the head dim over two warps per key slice. Every entry fits the
+#: 163 KiB of shared memory an A100 block may use.
+BACKWARD_TILES: dict[int, BackwardTile] = {
+    32: BackwardTile(64, 128, 8, 1, 4),
+    64: BackwardTile(64, 128, 8, 1, 4),
+    96: BackwardTile(64, 128, 8, 1, 4),
+    128: BackwardTile(64, 128, 8, 1, 2),
+    192: BackwardTile(64, 64, 8, 2, 2),
+    256: BackwardTile(32, 64, 8, 2, 2),
+}
+
+@dataclass(frozen=True)
+class BackwardDqTile:
+    """Tile shape of attention_bwd_dq.cu (deterministic dQ): block_m resident queries, block_n keys per step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    @property
+    def threads(self) -> int:
+        return self.num_warps * 32
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Q and dO tiles + double-buffered K and V tiles (the formula in attention_bwd_dq.cu's header)."""
+        return (2 * self.block_m + 4 * self.block_n) * head_dim * 2
+
+
+#: Deterministic dQ kernel tiles per head dim: 16 query rows per warp, like the dK/dV kernel's keys.
+BACKWARD_DQ_TILES: dict[int, BackwardDqTile] = {
+    32: BackwardDqTile(64, 64, 4),
+    64: BackwardDqTile(64, 64, 4),
+    96: BackwardDqTile(64, 64, 4),
+    128: BackwardDqTile(64, 64, 4),
+    192: BackwardDqTile(64, 32, 4),
+    256: BackwardDqTile(64, 32, 4),
+}
+
+#: Statistics (lse_log2, delta) and the atomic dQ workspace pad each (b, h)'s rows to a multiple of
+#: this, a multiple of every block_m above, so the kernels load and accumulate whole tiles unchecked.
+BACKWARD_ROW_PAD = 128
+
+#: Threads per block of the elementwise backward kernels (preprocess, dq convert).
+BACKWARD_ELEMENTWISE_THREADS = 256
+
+
+def backward_name_expressions(dtype: str, head_dim: int, causal: bool) -> dict[str, str]:
+    """C++ names of the backward instantiations for a problem, by role: "preprocess", "dkdv_atomic"
+    (dK/dV with atomic dQ), "dkdv" (dK/dV only), "dq" (deterministic dQ) and "dq_convert"."""
+    t, c = CUDA_TYPES[dtype], "true" if causal else "false"
+    kv = BACKWARD_TILES[head_dim]
+    dq = BACKWARD_DQ_TILES[head_dim]
+    dkdv = f"attention_bwd_dkdv<{t}, {head_dim}, {kv.block_m}, {kv.block_n}, {kv.num_warps}, {kv.d_split}, " \
+           f"{kv.dq_warps_m}, {c}, "
+    return {
+        "preprocess": f"attention_bwd_preprocess<{t}, {head_dim}>",
+        "dkdv_atomic": dkdv + "true>",
+        "dkdv": dkdv + "false>",
+        "dq": f"attention_bwd_dq<{t}, {head_dim}, {dq.block_m}, {dq.block_n}, {dq.num_warps}, {c}>",
+        "dq_convert": f"attention_bwd_dq_convert<{t}, {head_dim}>",
+    }
+
+
+#: The .cu file of each backward role.
+BACKWARD_FILES = {
+    "preprocess": "attention_bwd_preprocess.cu",
+    "dkdv_atomic": "attention_bwd_dkdv.cu",
+    "dkdv": "attention_bwd_dkdv.cu",
+    "dq": "attention_bwd_dq.cu",
+    "dq_convert": "attention_bwd_dq_convert.cu",
+}
+
+
+def all_backward_instantiations() -> list[tuple[str, int, bool, str, str]]:
+    """(dtype, head_dim, causal, file, name expression) for every distinct backward kernel the launcher
+    can ask for (preprocess and dq_convert do not depend on causal: listed once, with causal False)."""
+    rows: dict[str, tuple[str, int, bool, str, str]] = {}
+    for dtype in CUDA_TYPES:
+        for head_dim in BACKWARD_TILES:
+            for causal in (False, True):
+                for role, name in backward_name_expressions(dtype, head_dim, causal).items():
+                    rows.setdefault(name, (dtype, head_dim, causal, BACKWARD_FILES[role], name))
+    return list(rows.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adaattn_core as aa
 from adaattn_core import cuda_forward
-from adaattn_core.launch_config import FORWARD_TILES, ForwardTile
+from adaattn_core.launch_config import FORWARD_TILES, FORWARD_TILES_SM90, ForwardTile, Sm90Tile
 
 PEERS = {
     "torch-flash": SDPBackend.FLASH_ATTENTION,
@@ -123,10 +124,17 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
                         help="tuning only: override the forward tiles of head dim D (repeatable)")
-    parser.add_argument("--kernel-file", default=None, help="tuning only: a variant of attention_fwd.cu in cuda_src/")
+    parser.add_argument("--tile90", action="append", default=[], metavar="D:BM,BN",
+                        help="tuning only: override the sm_90a forward tiles of head dim D (repeatable)")
+    parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
+                        help="force the mma.sync kernel on Hopper (sets ADAATTN_FORWARD_KERNEL)")
     args = parser.parse_args()
-    if args.kernel_file:
-        cuda_forward.KERNEL_FILE = args.kernel_file
+    if args.kernel:
+        os.environ["ADAATTN_FORWARD_KERNEL"] = args.kernel
+    for override in args.tile90:
+        dim, tile = override.split(":")
+        for causal in (False, True):
+            FORWARD_TILES_SM90[(int(dim), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))
     for override in args.tile:
         dim, tile = override.split(":")
         for causal in (False, True):

@@ -39,6 +39,12 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+template <int N>
+__device__ __forceinline__ void reg_fence(unsigned (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
 // Shared-memory matrix descriptor of an operand stored with the 128-byte swizzle (16-byte chunk c of
 // each 128-byte line l is stored at chunk c ^ (l % 8); atoms of 8 lines = 1024 bytes, 1024-aligned):
 // start address >> 4 in bits 0-13, leading-dimension byte offset >> 4 in bits 16-29, stride-dimension

@@ -1,9 +1,10 @@
-"""Compile every fused-kernel instantiation the launcher can request with the local nvcc, for sm_80 and
-sm_90a, and report ptxas resources (registers, stack frame, spill bytes) per instantiation.
+"""Compile every fused-kernel instantiation the launchers can request with the local nvcc, for each
+architecture it runs on (sm_80 and sm_90a for the mma.sync kernels, sm_90a for the wgmma ones), and report
+ptxas resources (registers, stack frame, spill bytes) per instantiation.
 
 Exits non-zero on a compile error or warning, a missing instantiation, or any local memory (stack or
 spills) in a float16/bfloat16 instantiation of head dim 64 or 128. The instantiation list comes from
-`adaattn_core.launch_config`, the same table the launcher uses.
+`adaattn_core.launch_config`, the same tables the launchers use.
 
     python scripts/compile_kernels.py [--json FILE]
 """
@@ -20,44 +21,73 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from adaattn_core.launch_config import all_forward_instantiations
+from adaattn_core.launch_config import KernelLaunch, all_forward_kernels
 from adaattn_core.loader import kernel_source_dir
 
-ARCHS = ("80", "90a")
 NO_LOCAL_MEMORY_DIMS = (64, 128)
 FORWARD_PARAMS = (
     "const {t}* __restrict__, const {t}* __restrict__, const {t}* __restrict__, {t}* __restrict__, "
     "float* __restrict__, " + "long long, " * 12 + "int, int, int, int, float"
 )
-_TEMPLATE_ARGS = re.compile(r"attention_fwdI(?:6__half|13__nv_bfloat16)Li(\d+)E")
+#: Parameter list per kernel function, for explicit instantiation ({t} is the element type).
+PARAMS = {"attention_fwd": FORWARD_PARAMS, "attention_fwd_sm90": FORWARD_PARAMS}
 
 
-def instantiation_unit() -> str:
-    """A translation unit that includes the kernel and explicitly instantiates every configuration."""
-    lines = ['#include "attention_fwd.cu"']
-    for _, _, _, name in all_forward_instantiations():
-        cuda_type = name.split("<")[1].split(",")[0]
-        lines.append(f"template __global__ void {name}({FORWARD_PARAMS.format(t=cuda_type)});")
+def all_kernels() -> list[KernelLaunch]:
+    return all_forward_kernels()
+
+
+def instantiation_unit(source: str, kernels: list[KernelLaunch]) -> str:
+    """A translation unit that includes `source` and explicitly instantiates the given kernels."""
+    lines = [f'#include "{source}"']
+    for kernel in kernels:
+        function, args = kernel.name.split("<", 1)
+        cuda_type = args.split(",")[0]
+        lines.append(f"template __global__ void {kernel.name}({PARAMS[function].format(t=cuda_type)});")
     return "\n".join(lines) + "\n"
 
 
-def compile_arch(nvcc: str, arch: str, unit: Path) -> tuple[str, int, str]:
+def compile_unit(nvcc: str, arch: str, unit: Path, cubin: Path | None) -> tuple[int, str]:
+    """nvcc with -Xptxas -v; with `cubin`, keep the binary for disassembly."""
+    output = ["-cubin", "-o", str(cubin)] if cubin else ["-c", "-o", os.devnull]
     result = subprocess.run(
-        [nvcc, "-std=c++17", "-c", "-Xptxas", "-v", f"-I{kernel_source_dir()}",
-         "-gencode", f"arch=compute_{arch},code=sm_{arch}", str(unit), "-o", os.devnull],
+        [nvcc, "-std=c++17", *output, "-Xptxas", "-v", f"-I{kernel_source_dir()}",
+         "-gencode", f"arch=compute_{arch},code=sm_{arch}", str(unit)],
         capture_output=True, text=True,
     )
-    return arch, result.returncode, result.stdout + result.stderr
+    return result.returncode, result.stdout + result.stderr
+
+
+def count_sass(cubin: Path, opcode: str) -> dict[str, int]:
+    """Occurrences of a SASS opcode per kernel (mangled name), from cuobjdump."""
+    listing = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    counts: dict[str, int] = {}
+    current = None
+    for line in listing.splitlines():
+        header = re.search(r"Function : (\S+)", line)
+        if header:
+            current = header.group(1)
+            counts[current] = 0
+        elif current is not None and re.search(rf"\b{opcode}\b", line):
+            counts[current] += 1
+    return counts
+
+
+def _demangled_function(mangled: str) -> str:
+    length = re.match(r"_Z(\d+)", mangled)
+    start = length.end()
+    return mangled[start : start + int(length.group(1))]
 
 
 def parse_ptxas(log: str, arch: str) -> list[dict]:
-    """One row per compiled kernel: template arguments and ptxas resource usage."""
+    """One row per compiled kernel: function, template arguments and ptxas resource usage."""
     rows, current = [], None
     for line in log.splitlines():
         if "Compiling entry function" in line:
             mangled = line.split("'")[1]
-            current = {"arch": f"sm_{arch}", "dtype": "float16" if "6__half" in mangled else "bfloat16",
-                       "head_dim": int(_TEMPLATE_ARGS.search(mangled).group(1)),
+            current = {"arch": f"sm_{arch}", "function": _demangled_function(mangled),
+                       "dtype": "float16" if "I6__half" in mangled else "bfloat16",
+                       "head_dim": int(re.search(r"I(?:6__half|13__nv_bfloat16)Li(\d+)E", mangled).group(1)),
                        "causal": "Lb1E" in mangled, "kernel": mangled}
         elif current is not None and "bytes stack frame" in line:
             stack, spill_st, spill_ld = (int(n) for n in re.findall(r"(\d+) bytes", line))
@@ -73,31 +103,54 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
     parser.add_argument("--json", help="write the resource table here")
+    parser.add_argument("--sass", action="store_true",
+                        help="also disassemble the sm_90a builds (needs cuobjdump) and count HGMMA per kernel")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        unit = Path(tmp) / "instantiate.cu"
-        unit.write_text(instantiation_unit())
-        with ThreadPoolExecutor(len(ARCHS)) as pool:
-            results = list(pool.map(lambda a: compile_arch(args.nvcc, a, unit), ARCHS))
+    kernels = all_kernels()
+    jobs: dict[tuple[str, str], list[KernelLaunch]] = {}
+    for kernel in kernels:
+        for arch in kernel.archs:
+            jobs.setdefault((kernel.source, arch), []).append(kernel)
 
     failures, rows = [], []
-    for arch, code, log in results:
+    with tempfile.TemporaryDirectory() as tmp:
+        units = {}
+        for (source, arch), members in jobs.items():
+            units[(source, arch)] = Path(tmp) / f"{Path(source).stem}_sm{arch}.cu"
+            units[(source, arch)].write_text(instantiation_unit(source, members))
+        cubins = {job: units[job].with_suffix(".cubin") if args.sass and job[1] == "90a" else None for job in jobs}
+        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            results = dict(zip(jobs, pool.map(lambda job: compile_unit(args.nvcc, job[1], units[job], cubins[job]),
+                                              jobs)))
+        hgmma: dict[str, int] = {}
+        for job, cubin in cubins.items():
+            if cubin is not None and results[job][0] == 0:
+                hgmma.update(count_sass(cubin, "HGMMA"))
+
+    for (source, arch), (code, log) in results.items():
         if code != 0:
-            failures.append(f"sm_{arch}: nvcc failed\n{log}")
+            failures.append(f"{source} sm_{arch}: nvcc failed\n{log}")
             continue
         warnings = [line for line in log.splitlines() if "warning" in line.lower()]
         if warnings:
-            failures.append(f"sm_{arch}: compiler warnings\n" + "\n".join(warnings))
+            failures.append(f"{source} sm_{arch}: compiler warnings\n" + "\n".join(warnings))
         rows.extend(parse_ptxas(log, arch))
+    for row in rows:
+        if row["arch"] == "sm_90a" and row["kernel"] in hgmma:
+            row["hgmma"] = hgmma[row["kernel"]]
+            if row["function"].endswith("_sm90") and not row["hgmma"]:
+                failures.append(f"{row['kernel']}: no HGMMA in its SASS")
 
-    expected = len(all_forward_instantiations()) * len(ARCHS)
+    expected = sum(len(members) for members in jobs.values())
     if not failures and len(rows) != expected:
         failures.append(f"expected {expected} kernels, ptxas reported {len(rows)}")
-    print(f"{'arch':<7}{'dtype':<10}{'D':>4} {'causal':<7}{'regs':>5}{'stack':>6}{'spill_st':>9}{'spill_ld':>9}")
-    for row in sorted(rows, key=lambda r: (r["arch"], r["head_dim"], r["dtype"], r["causal"])):
-        print(f"{row['arch']:<7}{row['dtype']:<10}{row['head_dim']:>4} {row['causal']!s:<7}{row['registers']:>5}"
-              f"{row['stack']:>6}{row['spill_stores']:>9}{row['spill_loads']:>9}")
+    print(f"{'function':<20}{'arch':<7}{'dtype':<10}{'D':>4} {'causal':<7}{'regs':>5}{'stack':>6}"
+          f"{'spill_st':>9}{'spill_ld':>9}{'HGMMA':>7}")
+    for row in sorted(rows, key=lambda r: (r["function"], r["arch"], r["head_dim"], r["dtype"], r["causal"])):
+        print(f"{row['function']:<20}{row['arch']:<7}{row['dtype']:<10}{row['head_dim']:>4} {row['causal']!s:<7}"
+              f"{row['registers']:>5}"
+              f"{row['stack']:>6}{row['spill_stores']:>9}{row['spill_loads']:>9}{row.get('hgmma', ''):>7}")
         local = row["stack"] + row["spill_stores"] + row["spill_loads"]
         if row["head_dim"] in NO_LOCAL_MEMORY_DIMS and local:
             failures.append(f"{row['kernel']} ({row['arch']}) uses local memory: {local} bytes")

@@ -1,24 +1,32 @@
-"""Small-shape matrix of the fused forward, for compute-sanitizer (memcheck / racecheck).
+"""Small-shape matrix of the fused forward kernels, for compute-sanitizer (memcheck / racecheck).
 
-Every instantiation (dtype × head dim × causal) on ragged sizes, GQA and Sq ≠ Sk both ways.
+Every instantiation — the mma.sync kernel (forced with ADAATTN_FORWARD_KERNEL=sm80) and, on Hopper, the
+wgmma kernel — on ragged sizes, GQA and Sq ≠ Sk both ways.
 """
+
+import os
 
 import cupy as cp
 
 import adaattn_core as aa
-from adaattn_core.launch_config import all_forward_instantiations
+from adaattn_core import cuda_forward
+from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES
 
 SHAPES = [(1, 1), (17, 33), (129, 65), (65, 129), (200, 200)]
 
 launches = 0
-for dtype, dim, causal, _ in all_forward_instantiations():
-    for seq_q, seq_k in SHAPES:
-        q = cp.random.standard_normal((1, 4, seq_q, dim), dtype=cp.float32).astype(dtype)
-        k = cp.random.standard_normal((1, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
-        v = cp.random.standard_normal((1, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
-        report = aa.Report()
-        out = aa.attention(q, k, v, causal=causal, report=report)
-        assert report.backend == "cuda"
-        launches += 1
+for choice in cuda_forward.KERNEL_CHOICES:
+    os.environ["ADAATTN_FORWARD_KERNEL"] = choice
+    cuda_forward._launch.cache_clear()
+    for dtype in CUDA_TYPES:
+        for dim, causal in FORWARD_TILES:
+            for seq_q, seq_k in SHAPES:
+                q = cp.random.standard_normal((1, 4, seq_q, dim), dtype=cp.float32).astype(dtype)
+                k = cp.random.standard_normal((1, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
+                v = cp.random.standard_normal((1, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
+                report = aa.Report()
+                aa.attention(q, k, v, causal=causal, report=report)
+                assert report.backend == "cuda"
+                launches += 1
 cp.cuda.Device().synchronize()
 print(f"sanitize_forward: {launches} launches done")

@@ -6,6 +6,8 @@ GPU. Outputs are poisoned with NaN through `out=` so an unwritten element fails 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import make_qkv, max_abs, naive_same_dtype, rel_l2, to_host64
@@ -19,9 +21,21 @@ SEQ_PAIRS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (4097, 4097
 HEAD_DIMS = [32, 64, 96, 128, 192, 256]
 
 
-@pytest.fixture(scope="module")
-def cp():
-    return pytest.importorskip("cupy")
+@pytest.fixture(scope="module", params=["auto", "sm80"])
+def cp(request):
+    """CuPy, with the forward kernel choice: "auto" (wgmma on Hopper) and "sm80" (mma.sync everywhere)."""
+    cupy = pytest.importorskip("cupy")
+    from adaattn_core import cuda_forward
+
+    previous = os.environ.get("ADAATTN_FORWARD_KERNEL")
+    os.environ["ADAATTN_FORWARD_KERNEL"] = request.param
+    cuda_forward._launch.cache_clear()
+    yield cupy
+    if previous is None:
+        os.environ.pop("ADAATTN_FORWARD_KERNEL")
+    else:
+        os.environ["ADAATTN_FORWARD_KERNEL"] = previous
+    cuda_forward._launch.cache_clear()
 
 
 def _check(cp, q, k, v, *, causal, layout, expect_backend="cuda"):
@@ -68,6 +82,12 @@ def test_many_heads_and_batches(cp, rng):
     q, k, v = make_qkv(rng, batch=16, heads_q=32, heads_kv=8, seq_q=77, seq_k=140, dim=64,
                        dtype="float16", layout="bshd", xp=cp)
     _check(cp, q, k, v, causal=True, layout="bshd")
+
+
+def test_no_keys(cp, rng):
+    q, k, v = make_qkv(rng, seq_q=5, seq_k=0, dim=64, dtype="bfloat16", xp=cp)
+    out, lse = aa.attention(q, k, v, return_lse=True)
+    assert bool((out == 0).all()) and bool(cp.isneginf(lse).all())
 
 
 def test_fully_masked_rows(cp, rng):
