@@ -10,7 +10,8 @@
   AdaAttn and for every available peer (torch SDPA flash / cuDNN / efficient when torch imports,
   SageAttention when installed), with TFLOP/s = 4·B·H·Sq·Sk·D / t (half of that when causal) and the
   relative L2 error of each output against float64.
-- `format_table`, `write_json`, `plot_results`: what a person reads.
+- `format_table`, `write_json`, `plot_results`: what a person reads. ``python -m adaattn_core.bench FILE.json``
+  prints a results file's table and writes its PNG next to it.
 
 Result files (JSON) keep the layout of `benchmarks/results/*-fwd.json`: ``{"env", "setup", "rows": [{"seq",
 "dim", "causal", "batch", "heads", "tflops": {impl: ...}, "ms": {impl: ...}, "ratio": {peer: ...}, ...}]}``;
@@ -120,7 +121,7 @@ class SweepConfig:
             return cls(device="gpu", seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128, 256),
                        dtypes=("bfloat16",), tokens=16384, hidden=2048, warmup=5, repeat=30)
         if quick:
-            return cls(device="cpu", seqs=(64, 128), dims=(32, 64), tokens=256, hidden=128, warmup=1, repeat=3)
+            return cls(device="cpu", seqs=(32, 64), dims=(32, 64), tokens=128, hidden=128, warmup=1, repeat=3)
         return cls(device="cpu", seqs=(128, 256, 512, 1024), dims=(64,), tokens=2048, hidden=256, warmup=1,
                    repeat=5)
 
@@ -550,10 +551,8 @@ def float64_error(out: Any, q: Any, k: Any, v: Any, causal: bool, rows: int) -> 
 def _device_rel_l2(a: Any, b: Any) -> float:
     """||a − b|| / ||b|| in float32 on the arrays' device (CuPy, NumPy or torch outputs)."""
     if hasattr(a, "detach") or hasattr(b, "detach"):
-        import torch
-
-        a32 = (a if hasattr(a, "detach") else torch.from_dlpack(a)).float()
-        b32 = (b if hasattr(b, "detach") else torch.from_dlpack(b)).float()
+        a32 = (a if hasattr(a, "detach") else to_torch(a)).float()
+        b32 = (b if hasattr(b, "detach") else to_torch(b)).float()
         return float((a32 - b32).norm() / b32.norm())
     xp = sys.modules["cupy"] if hasattr(a, "get") else np
     a32, b32 = a.astype(xp.float32), b.astype(xp.float32)
@@ -700,31 +699,42 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A text table: TFLOP/s of every implementation, AdaAttn / peer ratios, AdaAttn's error vs float64."""
+    """A text table: TFLOP/s of every implementation, AdaAttn / peer ratios, AdaAttn's error vs float64
+    (and vs torch flash where measured)."""
     names = implementations(results)
     ours = [n for n in names if n.startswith("adaattn")]
     peers = [n for n in names if n not in ours]
     reference = ours[0] if ours else None
+    vs_flash = any("rel_l2_vs_torch_flash" in row for row in results["rows"])
     header = ["D", "S", "causal", "dtype", *names, *(f"/{p}" for p in peers if reference)]
     if reference:
         header.append("rel_l2")
+    if vs_flash:
+        header.append("vs_flash")
     lines = [header]
     for row in results["rows"]:
         t = row["tflops"]
-        cells = [str(row["dim"]), str(row["seq"]), "yes" if row["causal"] else "no",
-                 SHORT_DTYPE.get(row.get("dtype", ""), row.get("dtype", ""))]
+        dtype = _row_dtype(results, row)
+        cells = [str(row["dim"]), str(row["seq"]), "yes" if row["causal"] else "no", SHORT_DTYPE.get(dtype, dtype)]
         cells += [_fmt(t.get(n), ".3g" if (t.get(n) or 0) < 10 else ".1f") for n in names]
         if reference:
             cells += [_fmt(row.get("ratio", {}).get(p), ".2f") for p in peers]
             cells.append(_fmt(row.get("rel_l2_vs_float64", {}).get(reference), ".1e"))
+        if vs_flash:
+            cells.append(_fmt(row.get("rel_l2_vs_torch_flash"), ".1e"))
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     env = results.get("env", {})
     device = env.get("gpu") or env.get("cpu") or "?"
     title = f"Forward TFLOP/s, {results.get('setup', '')}, on {device}"
-    note = "columns /peer: AdaAttn's TFLOP/s over the peer's; rel_l2: AdaAttn vs float64" if reference else ""
-    return "\n".join([title, *text, note]).rstrip() + "\n"
+    notes = []
+    if reference:
+        notes.append(f"/peer: {reference}'s TFLOP/s over the peer's; rel_l2: {reference} vs float64 "
+                     f"(last {results.get('config', {}).get('error_rows', 256)} rows of batch 0, head 0)")
+    if vs_flash:
+        notes.append("vs_flash: relative L2 distance between adaattn's and torch flash's outputs")
+    return "\n".join([title, *text, *notes]) + "\n"
 
 
 def write_json(results: dict[str, Any], path: str | Path) -> Path:
@@ -765,7 +775,7 @@ def plot_results(results: dict[str, Any] | str | Path, out_png: str | Path, *, t
     series = [(name, dtype) for name in names for dtype in dtypes]
     palette = plt.get_cmap("tab10").colors
     markers = ["o", "s", "^", "D", "v"]
-    colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    colors = {key: palette[i % len(palette)] for i, key in enumerate(series)}  # one color per line pair
 
     fig, axes = plt.subplots(1, len(dims), figsize=(4.6 * len(dims) + 0.6, 4.6), sharey=True, squeeze=False)
     top = 0.0
@@ -781,8 +791,9 @@ def plot_results(results: dict[str, Any] | str | Path, out_png: str | Path, *, t
                 xs, ys = zip(*points)
                 top = max(top, *ys)
                 ours = name.startswith("adaattn")
-                ax.plot(xs, ys, color=colors[name], linestyle="--" if causal else "-", linewidth=2.4 if ours else 1.6,
-                        marker=markers[dtypes.index(dtype) % len(markers)], markersize=4, zorder=3 if ours else 2)
+                ax.plot(xs, ys, color=colors[name, dtype], linestyle="--" if causal else "-",
+                        linewidth=2.4 if ours else 1.6, marker=markers[dtypes.index(dtype) % len(markers)],
+                        markersize=4, zorder=3 if ours else 2)
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs)
         ax.set_xticklabels([_seq_label(s) for s in seqs])
@@ -797,12 +808,14 @@ def plot_results(results: dict[str, Any] | str | Path, out_png: str | Path, *, t
     for name, dtype in series:
         label = LABELS.get(name, name.replace("adaattn[", "AdaAttn [")) + (
             f" {SHORT_DTYPE.get(dtype, dtype)}" if len(dtypes) > 1 else "")
-        handles.append(Line2D([], [], color=colors[name], linewidth=2.4 if name.startswith("adaattn") else 1.6,
+        handles.append(Line2D([], [], color=colors[name, dtype], linewidth=2.4 if name.startswith("adaattn") else 1.6,
                               label=label,
                               marker=markers[dtypes.index(dtype) % len(markers)], markersize=4))
     handles += [Line2D([], [], color="0.3", linestyle="-", label="non-causal"),
                 Line2D([], [], color="0.3", linestyle="--", label="causal")]
-    columns = min(len(handles), 6)
+    width = fig.get_size_inches()[0]
+    longest = max(len(h.get_label()) for h in handles)
+    columns = max(1, min(len(handles), int(width / (0.75 + 0.085 * longest))))
     fig.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, bbox_to_anchor=(0.5, 0.0))
     env = results.get("env", {})
     if title is None:
@@ -828,6 +841,21 @@ def output_stem(results: dict[str, Any], kind: str = "fwd") -> str:
     return f"{str(env.get('date', ''))[:10] or datetime.date.today().isoformat()}-{slug}-{kind}"
 
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m adaattn_core.bench RESULTS.json [--png OUT.png]``: table and plot of a results file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m adaattn_core.bench",
+                                     description="Print the table of a forward results JSON and plot it as PNG.")
+    parser.add_argument("results", type=Path, help="e.g. benchmarks/results/2026-11-22-H200-fwd.json")
+    parser.add_argument("--png", type=Path, default=None, help="default: the JSON's path with .png")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    print(format_table(results), end="")
+    print(f"wrote {plot_results(results, args.png or args.results.with_suffix('.png'))}")
+    return 0
+
 __all__ = [
     "LABELS",
     "PEERS",
@@ -842,6 +870,7 @@ __all__ = [
     "forward_flops",
     "implementations",
     "input_set_count",
+    "main",
     "make_input_sets",
     "median_ms",
     "output_stem",
@@ -856,3 +885,7 @@ __all__ = [
     "torch_stream",
     "write_json",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

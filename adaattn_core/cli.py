@@ -1,4 +1,4 @@
-"""The `adaattn` command: `adaattn info` and `adaattn run`."""
+"""The `adaattn` command: `adaattn info`, `adaattn run` and `adaattn bench`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,6 +141,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """tqdm's bar on stderr when tqdm is installed (the `bench` extra), else one counter line per case."""
+
+    def __init__(self, total: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc="adaattn bench", unit="case", file=sys.stderr, leave=False)
+
+    def __call__(self, done: int, total: int, case: Any) -> None:
+        label = f"D={case.dim} S={case.seq} causal={'yes' if case.causal else 'no'} {case.dtype}"
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(label if done < total else "done")
+            if done == total:
+                self.bar.close()
+        elif done < total:
+            print(f"[{done + 1}/{total}] {label}", file=sys.stderr, flush=True)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    device = _pick_device(args.device)
+    config = bench.SweepConfig.defaults(device, quick=args.quick)
+    for name in ("seqs", "dims"):
+        values = getattr(args, name)
+        if values is not None:
+            if min(values) < 1:
+                raise ValueError(f"--{name} must all be >= 1, got {values}")
+            setattr(config, name, tuple(values))
+    for name in ("warmup", "repeat", "tokens", "hidden", "seed"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.dtype:
+        config.dtypes = tuple(args.dtype)
+    config.policies = tuple(args.policy or ("exact",))
+    config.causal = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
+    config.peers = args.peers
+    if config.warmup < 0 or config.repeat < 1 or config.tokens < 1 or config.hidden < 1:
+        raise ValueError("--warmup must be >= 0 and --repeat, --tokens, --hidden >= 1")
+
+    results = bench.sweep(config, progress=_Progress(len(config.cases())))
+    print(bench.format_table(results), end="")
+    for name, reason in results["peers_skipped"].items():
+        print(f"peer {name} skipped: {reason}")
+    out_dir = Path(args.out_dir)
+    stem = bench.output_stem(results)
+    written = [bench.write_json(results, out_dir / f"{stem}.json")]
+    try:
+        written.append(bench.plot_results(results, out_dir / f"{stem}.png"))
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install 'adaattn[bench]')", file=sys.stderr)
+    print("wrote " + " and ".join(str(path) for path in written))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaattn", description="AdaAttn adaptive attention kernels")
     parser.add_argument("--version", action="version", version=f"adaattn {__version__}")
@@ -165,6 +225,29 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="input seed; default: fresh inputs each run")
     run.add_argument("--json", action="store_true", help="print JSON instead of text")
     run.set_defaults(handler=_cmd_run)
+
+    bench = sub.add_parser("bench", help="forward sweep over S, D, causal: table, JSON and PNG (peers beside us)",
+                           description="Times AdaAttn's forward (and torch SDPA / SageAttention when installed) "
+                                       "over sequence lengths and head dims: B = tokens // S, H = hidden // D. "
+                                       "GPU: CUDA events; CPU: perf_counter. Prints a table and writes "
+                                       "<out-dir>/<date>-<device>-fwd.json and .png.")
+    bench.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default: per device)")
+    bench.add_argument("--dims", type=int, nargs="+", default=None, help="head dims (default: per device)")
+    bench.add_argument("--causal", choices=["yes", "no", "both"], default="both")
+    bench.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32", "float64"], default=None,
+                       help="default: bfloat16 on a GPU, float32 on the CPU")
+    bench.add_argument("--policy", nargs="+", choices=sorted(POLICIES), default=None, help="default: exact")
+    bench.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    bench.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time torch SDPA backends / SageAttention where installed (default: yes)")
+    bench.add_argument("--out-dir", default="adaattn-bench", help="where the JSON and PNG go (default: %(default)s)")
+    bench.add_argument("--quick", action="store_true", help="a small sweep (GPU: S 1k/4k, D 64/128; CPU: tiny)")
+    bench.add_argument("--tokens", type=int, default=None, help="B*S (default: 16384 on a GPU)")
+    bench.add_argument("--hidden", type=int, default=None, help="H*D (default: 2048 on a GPU)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    bench.add_argument("--repeat", type=int, default=None, help="timed calls; the median is reported")
+    bench.add_argument("--seed", type=int, default=None, help="input seed; default: fresh inputs each run")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

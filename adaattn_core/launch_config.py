@@ -76,6 +76,8 @@ FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, True): Sm90Tile(128, 128),
     (128, False): Sm90Tile(128, 128),
     (128, True): Sm90Tile(128, 128),
+    (256, False): Sm90Tile(128, 64),
+    (256, True): Sm90Tile(128, 64),
 }
 
 SM80_ARCHS = ("80", "90a")
@@ -154,14 +156,15 @@ class BackwardTile:
         return (2 * self.block_n + 4 * self.block_m) * head_dim * 2 + ds + 4 * self.block_m * 4
 
 
-#: dK/dV kernel tiles per head dim: 16 keys per warp (MT = 1) keep dK, dV, S^T and dP^T in registers
-#: without spills; D >= 192 splits the head dim over two warps per key slice. Every entry fits the
-#: 163 KiB of shared memory an A100 block may use.
+#: dK/dV kernel tiles per head dim: 16 keys per warp (MT = 1) keep dK, dV, S^T and dP^T in registers;
+#: D = 128 takes 32 queries per step (64 spills a few bytes: dK/dV alone hold 128 registers), D >= 192
+#: splits the head dim over two warps per key slice. Every entry fits the 163 KiB of shared memory an
+#: A100 block may use.
 BACKWARD_TILES: dict[int, BackwardTile] = {
     32: BackwardTile(64, 128, 8, 1, 4),
     64: BackwardTile(64, 128, 8, 1, 4),
     96: BackwardTile(64, 128, 8, 1, 4),
-    128: BackwardTile(64, 128, 8, 1, 2),
+    128: BackwardTile(32, 128, 8, 1, 2),
     192: BackwardTile(64, 64, 8, 2, 2),
     256: BackwardTile(32, 64, 8, 2, 2),
 }
@@ -201,40 +204,37 @@ BACKWARD_ROW_PAD = 128
 BACKWARD_ELEMENTWISE_THREADS = 256
 
 
-def backward_name_expressions(dtype: str, head_dim: int, causal: bool) -> dict[str, str]:
-    """C++ names of the backward instantiations for a problem, by role: "preprocess", "dkdv_atomic"
-    (dK/dV with atomic dQ), "dkdv" (dK/dV only), "dq" (deterministic dQ) and "dq_convert"."""
-    t, c = CUDA_TYPES[dtype], "true" if causal else "false"
-    kv = BACKWARD_TILES[head_dim]
-    dq = BACKWARD_DQ_TILES[head_dim]
-    dkdv = f"attention_bwd_dkdv<{t}, {head_dim}, {kv.block_m}, {kv.block_n}, {kv.num_warps}, {kv.d_split}, " \
-           f"{kv.dq_warps_m}, {c}, "
+def backward_launches(dtype: str, head_dim: int, causal: bool) -> dict[str, KernelLaunch]:
+    """The backward kernels for a problem, by role: "preprocess" (delta, lse·log2e, zeroed dq workspace),
+    "dkdv_atomic" (dK/dV with dQ by fp32 atomics), "dkdv" (dK/dV only), "dq" (deterministic dQ pass) and
+    "dq_convert" (dq workspace → dq). `block_m` is the query tile (1 for the elementwise kernels)."""
+    t, flag = CUDA_TYPES[dtype], "true" if causal else "false"
+    kv, dq = BACKWARD_TILES[head_dim], BACKWARD_DQ_TILES[head_dim]
+    dkdv = (f"attention_bwd_dkdv<{t}, {head_dim}, {kv.block_m}, {kv.block_n}, {kv.num_warps}, {kv.d_split}, "
+            f"{kv.dq_warps_m}, {flag}, ")
+    elementwise = {"threads": BACKWARD_ELEMENTWISE_THREADS, "smem_bytes": 0, "block_m": 1, "archs": SM80_ARCHS}
     return {
-        "preprocess": f"attention_bwd_preprocess<{t}, {head_dim}>",
-        "dkdv_atomic": dkdv + "true>",
-        "dkdv": dkdv + "false>",
-        "dq": f"attention_bwd_dq<{t}, {head_dim}, {dq.block_m}, {dq.block_n}, {dq.num_warps}, {c}>",
-        "dq_convert": f"attention_bwd_dq_convert<{t}, {head_dim}>",
+        "preprocess": KernelLaunch("attention_bwd_preprocess.cu", f"attention_bwd_preprocess<{t}, {head_dim}>",
+                                   **elementwise),
+        "dkdv_atomic": KernelLaunch("attention_bwd_dkdv.cu", dkdv + "true>", kv.threads,
+                                    kv.smem_bytes(head_dim, atomic_dq=True), kv.block_m, SM80_ARCHS),
+        "dkdv": KernelLaunch("attention_bwd_dkdv.cu", dkdv + "false>", kv.threads,
+                             kv.smem_bytes(head_dim, atomic_dq=False), kv.block_m, SM80_ARCHS),
+        "dq": KernelLaunch("attention_bwd_dq.cu",
+                           f"attention_bwd_dq<{t}, {head_dim}, {dq.block_m}, {dq.block_n}, {dq.num_warps}, {flag}>",
+                           dq.threads, dq.smem_bytes(head_dim), dq.block_m, SM80_ARCHS),
+        "dq_convert": KernelLaunch("attention_bwd_dq_convert.cu", f"attention_bwd_dq_convert<{t}, {head_dim}>",
+                                   **elementwise),
     }
 
 
-#: The .cu file of each backward role.
-BACKWARD_FILES = {
-    "preprocess": "attention_bwd_preprocess.cu",
-    "dkdv_atomic": "attention_bwd_dkdv.cu",
-    "dkdv": "attention_bwd_dkdv.cu",
-    "dq": "attention_bwd_dq.cu",
-    "dq_convert": "attention_bwd_dq_convert.cu",
-}
-
-
-def all_backward_instantiations() -> list[tuple[str, int, bool, str, str]]:
-    """(dtype, head_dim, causal, file, name expression) for every distinct backward kernel the launcher
-    can ask for (preprocess and dq_convert do not depend on causal: listed once, with causal False)."""
-    rows: dict[str, tuple[str, int, bool, str, str]] = {}
+def all_backward_kernels() -> list[KernelLaunch]:
+    """Every distinct backward instantiation a launcher can ask for (the elementwise kernels do not depend
+    on causal and appear once)."""
+    kernels: dict[str, KernelLaunch] = {}
     for dtype in CUDA_TYPES:
         for head_dim in BACKWARD_TILES:
             for causal in (False, True):
-                for role, name in backward_name_expressions(dtype, head_dim, causal).items():
-                    rows.setdefault(name, (dtype, head_dim, causal, BACKWARD_FILES[role], name))
-    return list(rows.values())
+                for kernel in backward_launches(dtype, head_dim, causal).values():
+                    kernels.setdefault(kernel.name, kernel)
+    return list(kernels.values())

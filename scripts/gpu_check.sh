@@ -2,9 +2,10 @@
 # The one command to run on the GPU machine. Installs the project without network, then runs the
 # requested steps and writes logs and JSON under $OUT (default: ./gpu-out).
 #
-#   scripts/gpu_check.sh [steps...]      steps: info tests bench sanitize overhead (default: info tests bench)
+#   scripts/gpu_check.sh [steps...]      steps: info tests bench sanitize overhead asv (default: info tests bench)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
+#   scripts/gpu_check.sh asv    # needs .whl/ (asv wheels) and .git carried along; ASV_MACHINE, ASV_ARGS optional
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -41,6 +42,46 @@ for step in "${steps[@]}"; do
       done ;;
     overhead)
       python3 scripts/host_overhead.py 2>&1 | head -40 | tee "$OUT/host-overhead.txt" ;;
+    asv)
+      # airspeed velocity from the wheels in .whl/ (no network here), results for HEAD under
+      # asv_benchmarks/results/<machine>/, packed into $OUT/asv-results.tar.gz (untar at the repo root).
+      (
+        set -o pipefail
+        shopt -s nullglob
+        wheels=(.whl/*.whl)
+        [ ${#wheels[@]} -gt 0 ] || { echo "asv: no wheels in .whl/ (download them, then carry .whl)"; exit 1; }
+        site=/tmp/asv-site
+        python3 -m pip install -q --no-index --no-deps --target "$site" "${wheels[@]}" || exit 1
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+        export ASV_PYTHONPATH="$PYTHONPATH"  # asv drops PYTHONPATH from benchmark processes, keeps this one
+        # asv also needs tabulate and packaging; the image's copies are used, .whl/fallback/ fills a gap.
+        for module in tabulate packaging; do
+          python3 -c "import $module" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
+            --target "$site" .whl/fallback/"$module"-*.whl || exit 1
+        done
+        python3 -m asv --version || { echo "asv: does not start (above)"; exit 1; }
+        # asv reads commits through git; the copy may belong to another user than the one running here.
+        export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
+        head=$(git rev-parse HEAD 2>/dev/null) \
+          || { echo "asv: no git history here: carry .git along (asv records results per commit)"; exit 1; }
+        if [ -n "$(git status --porcelain -- adaattn_core cuda_src asv_benchmarks ':!asv_benchmarks/results' 2>/dev/null)" ]; then
+          echo "asv: WARNING: the tree differs from HEAD $head; results are recorded for HEAD"
+        fi
+        machine=${ASV_MACHINE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | python3 -c \
+          "import re,sys; w=sys.stdin.read().replace('NVIDIA','').split(); i=next((n for n,x in enumerate(w) if re.search(r'\d',x)),len(w)-1); print('-'.join(w[:i+1]).lower())")}
+        echo "asv: machine $machine, commit $head"
+        started=$SECONDS
+        { python3 -m asv machine --yes --machine "$machine" || exit 1
+          python3 -m asv run --python=same --launch-method spawn --machine "$machine" \
+            --set-commit-hash "$head" --show-stderr ${ASV_ARGS:---quick}
+          ran=$?  # non-zero when a benchmark failed: publish what there is all the same
+          python3 -m asv publish && exit $ran; } 2>&1 | tee "$OUT/asv.log" | tail -60
+        rc=${PIPESTATUS[0]}
+        echo "asv: $((SECONDS - started)) s, exit $rc"
+        tar -czf "$OUT/asv-results.tar.gz" asv_benchmarks/results
+        [ -d asv_benchmarks/html ] && tar -czf "$OUT/asv-html.tar.gz" asv_benchmarks/html
+        exit $rc
+      ) || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

@@ -1,0 +1,255 @@
+"""Benchmark mechanics (`adaattn_core.bench`), `adaattn bench` end to end on the CPU, and the asv suite."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import itertools
+import json
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adaattn_core import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+H200_RESULTS = ROOT / "benchmarks/results/2026-11-22-H200-fwd.json"
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAVE_ASV = importlib.util.find_spec("asv") is not None
+
+
+def test_import_pulls_in_no_framework_or_plotting():
+    code = ("import sys, adaattn_core.bench; "
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'cupy', 'jax', 'matplotlib', 'tqdm'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_flops_match_committed_results():
+    assert bench.forward_flops(2, 3, 5, 7, 11, causal=False) == 4 * 2 * 3 * 5 * 7 * 11
+    assert bench.forward_flops(2, 3, 5, 7, 11, causal=True) == 2 * 2 * 3 * 5 * 7 * 11
+    for row in json.loads(H200_RESULTS.read_text())["rows"]:
+        case = bench.Case(row["seq"], row["dim"], row["causal"], row["batch"], row["heads"], "bfloat16")
+        for name, ms in row["ms"].items():
+            assert bench.tflops(case.flops, ms) == pytest.approx(row["tflops"][name], rel=1e-12)
+
+
+def test_input_sets_together_exceed_the_cache():
+    assert bench.input_set_count(set_bytes=200 << 20, cache=50 << 20) == 2
+    count = bench.input_set_count(set_bytes=3 << 20, cache=50 << 20)
+    assert (count - 1) * (3 << 20) >= 50 << 20
+    assert bench.input_set_count(set_bytes=1, cache=1 << 30) == bench.MAX_INPUT_SETS
+
+
+def test_time_calls_warms_up_then_times_each_call():
+    seen: list[int] = []
+    times = bench.time_calls(seen.append, warmup=2, repeat=3, device="cpu")
+    assert seen == [0, 1, 2, 3, 4] and len(times) == 3 and all(t >= 0 for t in times)
+    with pytest.raises(ValueError, match="repeat"):
+        bench.time_calls(seen.append, warmup=0, repeat=0, device="cpu")
+
+
+def test_sweep_config_shapes_follow_tokens_and_hidden():
+    config = bench.SweepConfig.defaults("gpu")
+    assert config.setup_text() == "B*S=16384, H*D=2048, bf16, [B,H,S,D]"
+    case = config.case(4096, 128, True, "bfloat16")
+    assert (case.batch, case.heads) == (4, 16)
+    assert [(c.dim, c.causal, c.seq) for c in config.cases()][:7] == (
+        [(64, False, s) for s in (512, 1024, 2048, 4096, 8192, 16384)] + [(64, True, 512)])
+
+
+def test_run_case_cpu_records_times_errors_and_failing_peers():
+    broken = bench.Peer("broken", "Broken", lambda device, dtype: None,
+                        lambda sets, causal: (lambda i: (_ for _ in ()).throw(RuntimeError("no such shape"))))
+    absent = bench.Peer("absent", "Absent", lambda device, dtype: "not installed", lambda sets, causal: None)
+    case = bench.Case(seq=48, dim=16, causal=True, batch=2, heads=2, dtype="float32")
+    row = bench.run_case(case, device="cpu", peers=[broken, absent], warmup=1, repeat=2, seed=1)
+    assert row["ms"]["adaattn"] > 0 and row["tflops"]["adaattn"] > 0
+    assert row["backend"] == {"adaattn": "cpu"}
+    assert row["rel_l2_vs_float64"]["adaattn"] < 1e-5
+    assert row["tflops"]["broken"] is None and "no such shape" in row["unsupported"]["broken"]
+    assert row["unsupported"]["absent"] == "not installed" and "absent" not in row["tflops"]
+    assert row["ratio"] == {"broken": None}
+
+
+def test_float64_error_uses_the_last_rows_with_bottom_right_causal_alignment(rng):
+    q, k, v = (rng.standard_normal((1, 1, 40, 8)) for _ in range(3))
+    from adaattn_core import attention_reference
+
+    out, _ = attention_reference(q, k, v, causal=True)
+    assert bench.float64_error(out, q, k, v, causal=True, rows=7) < 1e-15
+    assert bench.float64_error(out[..., ::-1, :], q, k, v, causal=True, rows=7) > 0.1
+
+
+def test_resolve_peers():
+    assert bench.resolve_peers(False, "cpu", ["float32"]) == ([], {})
+    chosen, skipped = bench.resolve_peers(["torch-flash"], "cpu", ["float32"])
+    assert chosen == [] and skipped == {"torch-flash": "GPU only"}
+    with pytest.raises(ValueError, match="unknown peer"):
+        bench.resolve_peers(["nope"], "cpu", ["float32"])
+
+
+def test_environment_cpu():
+    env = bench.environment("cpu")
+    assert env["device"] == "cpu" and env["gpu"] is None
+    assert {"date", "python", "numpy", "adaattn", "cpu", "platform"} <= env.keys()
+    json.dumps(env)
+
+
+def test_table_of_committed_results():
+    text = bench.format_table(json.loads(H200_RESULTS.read_text()))
+    lines = text.splitlines()
+    assert "NVIDIA H200" in lines[0]
+    assert lines[1].split()[:8] == ["D", "S", "causal", "dtype", "adaattn", "torch-flash", "torch-cudnn",
+                                    "torch-efficient"]
+    assert len([line for line in lines if re.match(r"\s*\d+\s+\d+\s+(yes|no)\s", line)]) == 36
+    assert lines[2].split()[:5] == ["64", "512", "no", "bf16", "298.7"]
+    assert lines[2].split()[-1] == "1.4e-03"  # rel_l2_vs_torch_flash of the committed file
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib comes with the `bench` and `test` extras")
+def test_plot_from_committed_results(tmp_path):
+    png = bench.plot_results(H200_RESULTS, tmp_path / "fwd.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert (ROOT / "benchmarks/results/2026-11-22-H200-fwd.png").is_file()
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib comes with the `bench` and `test` extras")
+def test_module_entry_point_plots_a_results_file(tmp_path, capsys):
+    assert bench.main([str(H200_RESULTS), "--png", str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+    assert "NVIDIA H200" in capsys.readouterr().out
+
+
+def test_bench_forward_keeps_the_names_other_scripts_import():
+    """bench_backward.py imports these from bench_forward.py (which needs torch and CuPy to import)."""
+    tree = ast.parse((ROOT / "benchmarks/bench_forward.py").read_text())
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    defined |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in ast.walk(node)
+                if isinstance(target, ast.Name)}
+    assert {"run_config", "environment", "_median_ms", "TOKENS", "HIDDEN", "PEERS"} <= defined
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `adaattn bench` end to end
+
+
+def _adaattn(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaattn_core.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_cli_bench_cpu_quick(tmp_path):
+    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "Forward TFLOP/s" in result.stdout and "rel_l2" in result.stdout and "adaattn" in result.stdout
+    (json_path,) = tmp_path.glob("*-cpu-fwd.json")
+    results = json.loads(json_path.read_text())
+    assert results["env"]["device"] == "cpu" and results["config"]["device"] == "cpu"
+    assert len(results["rows"]) == 2 * 2 * 2  # S × D × causal
+    assert all(row["tflops"]["adaattn"] > 0 and row["rel_l2_vs_float64"]["adaattn"] < 1e-5
+               for row in results["rows"])
+    # one table line per row between the title/header and the closing note
+    assert len([line for line in result.stdout.splitlines() if re.match(r"\s*\d+\s+\d+\s+(yes|no)\s", line)]) == 8
+    if HAVE_MATPLOTLIB:
+        assert json_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+        assert f"wrote {json_path}" in result.stdout
+    else:
+        assert "matplotlib is not installed" in result.stderr
+
+
+def test_cli_bench_flags(tmp_path):
+    result = _adaattn("bench", "--device", "cpu", "--seqs", "24", "--dims", "8", "--causal", "no", "--dtype",
+                      "float64", "--repeat", "2", "--warmup", "0", "--no-peers", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (json_path,) = tmp_path.glob("*.json")
+    (row,) = json.loads(json_path.read_text())["rows"]
+    assert (row["seq"], row["dim"], row["causal"], row["dtype"]) == (24, 8, False, "float64")
+    assert row["rel_l2_vs_float64"]["adaattn"] < 1e-12
+
+
+def test_cli_bench_rejects_bad_sizes(tmp_path):
+    result = _adaattn("bench", "--device", "cpu", "--seqs", "0", "--out-dir", str(tmp_path))
+    assert result.returncode == 2 and "--seqs must all be >= 1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The asv suite never rots: discovery, parameters, units, and the CPU benchmarks run for real
+
+
+def _suite_classes() -> list[type]:
+    sys.path.insert(0, str(ROOT))
+    package = importlib.import_module("asv_benchmarks")
+    classes = []
+    for info in pkgutil.iter_modules(package.__path__, "asv_benchmarks."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and not name.startswith("_") and _benchmarks_of(value):
+                classes.append(value)
+    return classes
+
+
+def _benchmarks_of(cls: type) -> list[str]:
+    return [name for name, _ in inspect.getmembers(cls, inspect.isfunction)
+            if re.match(r"(time|track|mem|peakmem)_", name)]
+
+
+def test_asv_suite_discovers_and_runs_without_a_gpu():
+    from conftest import gpu_available
+
+    classes = {cls.__name__: cls for cls in _suite_classes()}
+    assert {"Forward", "ForwardError", "TorchFlashForward", "TorchCudnnForward", "CpuForward",
+            "CpuBackward"} <= classes.keys()
+    for cls in classes.values():
+        params, names = cls.params, cls.param_names
+        assert len(params) == len(names)
+        for name in _benchmarks_of(cls):
+            if name.startswith("track_"):
+                assert getattr(getattr(cls, name), "unit", None), f"{cls.__name__}.{name} has no unit"
+        first = next(itertools.product(*params))
+        instance = cls()
+        if cls.__module__.endswith("_gpu"):
+            if not gpu_available():
+                with pytest.raises(NotImplementedError):
+                    instance.setup(*first)
+            continue
+        instance.setup(*first)
+        for name in _benchmarks_of(cls):
+            value = getattr(instance, name)(*first)
+            if name.startswith("track_rel_l2"):
+                assert 0 <= value < 1e-5, (cls.__name__, name, value)
+
+
+def test_asv_conf_keeps_tflops_out_of_regression_detection():
+    text = (ROOT / "asv.conf.json").read_text()
+    conf = json.loads("\n".join(line for line in text.splitlines() if not line.strip().startswith("//")))
+    assert conf["benchmark_dir"] == "asv_benchmarks" and conf["results_dir"] == "asv_benchmarks/results"
+    (pattern,) = [p for p, commit in conf["regressions_first_commits"].items() if commit is None]
+    assert re.match(pattern, "forward_gpu.Forward.track_tflops")
+    assert not re.match(pattern, "forward_gpu.Forward.track_ms")
+    assert "/asv_benchmarks/html/" in (ROOT / ".gitignore").read_text().split()
+
+
+@pytest.mark.skipif(not HAVE_ASV, reason="asv comes with the `bench` and `test` extras")
+def test_asv_check():
+    result = subprocess.run([sys.executable, "-m", "asv", "check", "--python=same"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No problems found" in result.stdout
+
+
+def test_numpy_bfloat16_rows_work_on_the_cpu():
+    pytest.importorskip("ml_dtypes")
+    case = bench.Case(seq=16, dim=8, causal=False, batch=1, heads=2, dtype="bfloat16")
+    row = bench.run_case(case, device="cpu", warmup=0, repeat=1, seed=0)
+    assert row["rel_l2_vs_float64"]["adaattn"] < 1e-2
+    assert np.isfinite(row["ms"]["adaattn"])
