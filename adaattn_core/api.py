@@ -102,6 +102,7 @@ def attention_backward(
     causal: bool = False,
     scale: float | None = None,
     layout: str = "bhsd",
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Gradients of `attention` with respect to q, k and v.
 
@@ -115,6 +116,12 @@ def attention_backward(
         dout: gradient of the output, shape and dtype of ``out``.
         q, k, v, causal, scale, layout: exactly as passed to the forward call.
         out, lse: the forward's outputs (``return_lse=True``); lse float32 (float64 for float64 inputs).
+        deterministic: bitwise-reproducible gradients on the GPU (the fused backward then computes dq in
+            a separate pass instead of with fp32 atomics; ~1.4× the tensor work). CPU results are always
+            reproducible.
+
+    Memory: no S×S buffer. The fused GPU backward allocates one float32 workspace of
+    2·B·Hq·Sq' (+ B·Hq·Sq'·D unless deterministic) elements, Sq' = Sq rounded up to 128.
 
     Returns:
         (dq, dk, dv) with the shapes, layout and dtype of (q, k, v). Fully masked query rows get dq = 0.
@@ -133,5 +140,7 @@ def attention_backward(
         return dq, dk, dv
     views = (to_bhsd(x, layout) for x in (dout, q, k, v, out))
     grads = (to_bhsd(x, layout) for x in (dq, dk, dv))
-    backends.backward(problem, *views, lse, *grads)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    backends.backward(problem, *views, lse, *grads, deterministic=deterministic)
     return dq, dk, dv

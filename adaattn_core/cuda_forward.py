@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .cuda_arrays import LOG2E, readable, writable
 from .device import capabilities
 from .launch_config import CUDA_TYPES, FORWARD_HEAD_DIMS, MIN_COMPUTE_CAPABILITY, forward_launch
 from .loader import get_kernel
@@ -21,7 +22,6 @@ from .problem import AttentionProblem
 #: "auto" uses the wgmma kernel on Hopper (sm_90) where it has tiles; "sm80" forces the mma.sync kernel
 #: everywhere (for comparisons). Read from $ADAATTN_FORWARD_KERNEL when a launch plan is first built.
 KERNEL_CHOICES = ("auto", "sm80")
-_LOG2E = 1.4426950408889634
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
@@ -39,15 +39,6 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
         # The kernel takes row maxima of raw scores and folds the scale in afterwards: needs scale > 0.
         return f"scale {problem.scale} (fused kernels need scale > 0)"
     return None
-
-
-def _element_strides(x: Any) -> tuple[int, ...]:
-    return tuple(s // x.itemsize for s in x.strides)
-
-
-def _kernel_ready(x: Any, strides: tuple[int, ...]) -> bool:
-    """Innermost stride 1, other strides multiples of 8 elements, 16-byte aligned base (16-byte cp.async)."""
-    return strides[-1] == 1 and all(s % 8 == 0 for s in strides[:-1]) and x.data.ptr % 16 == 0
 
 
 def _use_sm90(device_id: int) -> bool:
@@ -80,18 +71,8 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     import cupy
 
     kernel, grid, threads, smem = _launch(problem, cupy.cuda.runtime.getDevice())
-    args = []
-    for x in (q, k, v):
-        strides = _element_strides(x)
-        if not _kernel_ready(x, strides):
-            x = cupy.ascontiguousarray(x)
-            strides = _element_strides(x)
-        args.append((x, strides))
-    out_strides = _element_strides(out)
-    target = out if _kernel_ready(out, out_strides) else cupy.empty(out.shape, dtype=out.dtype)
-    if target is not out:
-        out_strides = _element_strides(target)
-    (q, q_strides), (k, k_strides), (v, v_strides) = args
+    (q, q_strides), (k, k_strides), (v, v_strides) = (readable(x) for x in (q, k, v))
+    target, out_strides = writable(out)
     kernel(
         (grid,),
         (threads,),
@@ -101,7 +82,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
             *map(np.int64, out_strides[:3]),
             np.int32(problem.heads_q), np.int32(problem.group_size),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
-            np.float32(problem.scale * _LOG2E),
+            np.float32(problem.scale * LOG2E),
         ),
         shared_mem=smem,
     )

@@ -136,3 +136,71 @@ struct Swizzle {
 };
 
 }  // namespace adaattn
+
+// Helpers of the backward kernels (attention_bwd_*.cu).
+namespace adaattn {
+
+// Copy a [ROWS][D] tile of 16-bit elements whose first global row is row0 into swizzled shared memory
+// with cp.async; rows at or past row_end are zero-filled (src-size 0, source clamped to the base).
+// Lane tid copies 16-byte chunks tid, tid + NTHREADS, ... in row-major order, so consecutive lanes read
+// consecutive global chunks. When NTHREADS is a multiple of the chunks per row, each lane keeps one
+// column and steps by a fixed number of rows: one 64-bit pointer advanced by one stride increment, and
+// compile-time shared offsets (few registers in kernels that prefetch inside their main loop). The same
+// scheme as attention_fwd.cu's load_tile_async.
+template <int ROWS, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void copy_tile_async(T* smem, const T* gmem, long long row_stride, int row0,
+                                                int row_end, int tid) {
+    constexpr int CHUNKS = D / 8;
+    constexpr int ITERS = ROWS * CHUNKS / NTHREADS;
+    static_assert(ROWS * CHUNKS % NTHREADS == 0, "tile must split evenly over the threads");
+    if constexpr (NTHREADS % CHUNKS == 0) {
+        constexpr int ROW_STEP = NTHREADS / CHUNKS;
+        const int r0 = tid / CHUNKS;
+        const int c = tid % CHUNKS;
+        const int rows_left = row_end - row0 - r0;  // rows of this lane's column still in range
+        const T* src = gmem + (long long)(row0 + r0) * row_stride + c * 8;
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+            const bool in_range = i * ROW_STEP < rows_left;
+            cp_async_16(smem_u32(smem + Swizzle<D>::offset(r0 + i * ROW_STEP, c)), in_range ? src : gmem,
+                        in_range ? 16 : 0);
+            src += ROW_STEP * row_stride;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+            const int idx = tid + i * NTHREADS;
+            const int r = idx / CHUNKS;
+            const int c = idx % CHUNKS;
+            const bool in_range = row0 + r < row_end;
+            const T* src = gmem + (in_range ? (long long)(row0 + r) * row_stride + c * 8 : 0);
+            cp_async_16(smem_u32(smem + Swizzle<D>::offset(r, c)), src, in_range ? 16 : 0);
+        }
+    }
+}
+
+// Inverse of pack2: the packed 16-bit pair as fp32 (x = low half, the lower column index).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(unsigned packed);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(unsigned packed) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned packed) {
+    return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+}
+
+// p[0] += a, p[1] += b in global memory without returning the old values (one vector red on sm_90+).
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+}  // namespace adaattn

@@ -3,8 +3,8 @@ architecture it runs on (sm_80 and sm_90a for the mma.sync kernels, sm_90a for t
 ptxas resources (registers, stack frame, spill bytes) per instantiation.
 
 Exits non-zero on a compile error or warning, a missing instantiation, or any local memory (stack or
-spills) in a float16/bfloat16 instantiation of head dim 64 or 128. The instantiation list comes from
-`adaattn_core.launch_config`, the same tables the launchers use.
+spills) in a float16/bfloat16 instantiation of head dim 64 or 128, forward and backward alike. The
+instantiation list comes from `adaattn_core.launch_config`, the same tables the launchers use.
 
     python scripts/compile_kernels.py [--json FILE]
 """
@@ -21,7 +21,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from adaattn_core.launch_config import KernelLaunch, all_forward_kernels
+from adaattn_core.launch_config import KernelLaunch, all_backward_kernels, all_forward_kernels
 from adaattn_core.loader import kernel_source_dir
 
 NO_LOCAL_MEMORY_DIMS = (64, 128)
@@ -30,11 +30,24 @@ FORWARD_PARAMS = (
     "float* __restrict__, " + "long long, " * 12 + "int, int, int, int, float"
 )
 #: Parameter list per kernel function, for explicit instantiation ({t} is the element type).
-PARAMS = {"attention_fwd": FORWARD_PARAMS, "attention_fwd_sm90": FORWARD_PARAMS}
+_IN4 = "const {t}* __restrict__, " * 4
+_STATS = "const float* __restrict__, const float* __restrict__, "
+PARAMS = {
+    "attention_fwd": FORWARD_PARAMS,
+    "attention_fwd_sm90": FORWARD_PARAMS,
+    "attention_bwd_preprocess": "const {t}* __restrict__, const {t}* __restrict__, const float* __restrict__, "
+    + "float* __restrict__, " * 3 + "long long, " * 9 + "int, int, int, int",
+    "attention_bwd_dkdv": _IN4 + _STATS + "{t}* __restrict__, {t}* __restrict__, float* __restrict__, "
+    + "long long, " * 18 + "int, int, int, int, int, float, float",
+    "attention_bwd_dq": _IN4 + _STATS + "{t}* __restrict__, " + "long long, " * 15
+    + "int, int, int, int, int, float, float",
+    "attention_bwd_dq_convert": "const float* __restrict__, {t}* __restrict__, " + "long long, " * 3
+    + "int, int, int, int, float",
+}
 
 
 def all_kernels() -> list[KernelLaunch]:
-    return all_forward_kernels()
+    return all_forward_kernels() + all_backward_kernels()
 
 
 def instantiation_unit(source: str, kernels: list[KernelLaunch]) -> str:
@@ -88,7 +101,7 @@ def parse_ptxas(log: str, arch: str) -> list[dict]:
             current = {"arch": f"sm_{arch}", "function": _demangled_function(mangled),
                        "dtype": "float16" if "I6__half" in mangled else "bfloat16",
                        "head_dim": int(re.search(r"I(?:6__half|13__nv_bfloat16)Li(\d+)E", mangled).group(1)),
-                       "causal": "Lb1E" in mangled, "kernel": mangled}
+                       "causal": re.findall(r"Lb([01])E", mangled)[:1] == ["1"], "kernel": mangled}
         elif current is not None and "bytes stack frame" in line:
             stack, spill_st, spill_ld = (int(n) for n in re.findall(r"(\d+) bytes", line))
             current.update(stack=stack, spill_stores=spill_st, spill_loads=spill_ld)
@@ -145,10 +158,10 @@ def main() -> int:
     expected = sum(len(members) for members in jobs.values())
     if not failures and len(rows) != expected:
         failures.append(f"expected {expected} kernels, ptxas reported {len(rows)}")
-    print(f"{'function':<20}{'arch':<7}{'dtype':<10}{'D':>4} {'causal':<7}{'regs':>5}{'stack':>6}"
+    print(f"{'function':<26}{'arch':<7}{'dtype':<10}{'D':>4} {'causal':<7}{'regs':>5}{'stack':>6}"
           f"{'spill_st':>9}{'spill_ld':>9}{'HGMMA':>7}")
     for row in sorted(rows, key=lambda r: (r["function"], r["arch"], r["head_dim"], r["dtype"], r["causal"])):
-        print(f"{row['function']:<20}{row['arch']:<7}{row['dtype']:<10}{row['head_dim']:>4} {row['causal']!s:<7}"
+        print(f"{row['function']:<26}{row['arch']:<7}{row['dtype']:<10}{row['head_dim']:>4} {row['causal']!s:<7}"
               f"{row['registers']:>5}"
               f"{row['stack']:>6}{row['spill_stores']:>9}{row['spill_loads']:>9}{row.get('hgmma', ''):>7}")
         local = row["stack"] + row["spill_stores"] + row["spill_loads"]

@@ -2,7 +2,8 @@
 # The one command to run on the GPU machine. Installs the project without network, then runs the
 # requested steps and writes logs and JSON under $OUT (default: ./gpu-out).
 #
-#   scripts/gpu_check.sh [steps...]      steps: info tests bench sanitize overhead asv (default: info tests bench)
+#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd sanitize overhead asv
+#                                        (default: info tests bench bench-bwd)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
 #   scripts/gpu_check.sh asv    # needs .whl/ (asv wheels) and .git carried along; ASV_MACHINE, ASV_ARGS optional
@@ -12,7 +13,7 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(info tests bench)
+[ ${#steps[@]} -eq 0 ] && steps=(info tests bench bench-bwd)
 
 # No network there: build isolation would try to download setuptools.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
@@ -36,12 +37,20 @@ for step in "${steps[@]}"; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
-        compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 9 python3 scripts/sanitize_forward.py 2>&1 \
-          | tee "$OUT/sanitize-$tool.log" | tail -6
-        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        for pass in forward backward; do
+          compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 9 python3 "scripts/sanitize_$pass.py" \
+            2>&1 | grep -E "SUMMARY|launches|Error|error|Hazard" | tee -a "$OUT/sanitize.log" | tail -4
+          [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        done
       done ;;
+    bench-bwd)
+      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+      eval python3 benchmarks/bench_backward.py --out "$OUT/$(date -u +%F)-$gpu-fwdbwd.json" "${BENCH_BWD_ARGS:-}" \
+        2>&1 | tee "$OUT/bench-fwdbwd.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     overhead)
-      python3 scripts/host_overhead.py 2>&1 | head -40 | tee "$OUT/host-overhead.txt" ;;
+      { python3 scripts/host_overhead.py 2>&1 | head -12; python3 scripts/adapter_overhead.py 2>&1; } \
+        | tee "$OUT/overhead.txt" ;;
     asv)
       # airspeed velocity from the wheels in .whl/ (no network here), results for HEAD under
       # asv_benchmarks/results/<machine>/, packed into $OUT/asv-results.tar.gz (untar at the repo root).

@@ -1,0 +1,92 @@
+"""Host overhead of each adapter: µs per call at B=1, H=1, S=64, D=64 (bf16, GPU), back-to-back calls.
+
+Prints each path's µs per call and its extra over the core call on CuPy arrays and over torch SDPA
+(target: adapter − core ≤ 15 µs). Run on the GPU machine: `python3 scripts/adapter_overhead.py [--calls N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import cupy as cp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from adaattn_adapters import numpy as ada_np
+from adaattn_adapters import torch as ada_torch
+
+import adaattn_core as aa
+
+
+def per_call_us(fn: Callable[[], object], sync: Callable[[], None], calls: int) -> float:
+    for _ in range(20):
+        fn()
+    sync()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - began) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    calls = parser.parse_args().calls
+
+    shape = (1, 1, 64, 64)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cq, ck, cv = (cp.from_dlpack(x) for x in (q, k, v))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    rows: list[tuple[str, float]] = []
+    sync = torch.cuda.synchronize
+
+    rows.append(("torch SDPA", per_call_us(lambda: F.scaled_dot_product_attention(q, k, v), sync, calls)))
+    rows.append(("core on CuPy arrays", per_call_us(lambda: aa.attention(cq, ck, cv), sync, calls)))
+    rows.append(("torch adapter attention", per_call_us(lambda: ada_torch.attention(q, k, v), sync, calls)))
+    rows.append(("torch adapter, requires_grad", per_call_us(lambda: ada_torch.attention(qg, kg, vg), sync, calls)))
+    rows.append(("torch adapter SDPA drop-in",
+                 per_call_us(lambda: ada_torch.scaled_dot_product_attention(q, k, v), sync, calls)))
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # leave GPU memory to CuPy and torch
+    try:
+        import jax
+        import jax.numpy as jnp
+        from adaattn_adapters import jax as ada_jax
+
+        jq, jk, jv = (jnp.asarray(np.asarray(x.float().cpu()).transpose(0, 2, 1, 3), jnp.bfloat16) for x in (q, k, v))
+        ours = jax.jit(lambda q, k, v: ada_jax.attention(q, k, v))
+        theirs = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
+        box: list = [None]
+
+        def jax_sync() -> None:
+            if box[0] is not None:
+                box[0].block_until_ready()
+
+        def call(fn: Callable) -> Callable[[], None]:
+            def run() -> None:
+                box[0] = fn(jq, jk, jv)
+            return run
+
+        rows.append(("jax.nn.dot_product_attention (jit)", per_call_us(call(theirs), jax_sync, calls)))
+        rows.append(("jax adapter (jit)", per_call_us(call(ours), jax_sync, calls)))
+    except ImportError as error:
+        print(f"jax skipped: {error}")
+
+    hq, hk, hv = (np.asarray(x.float().cpu()) for x in (q, k, v))
+    rows.append(("numpy adapter, float32 host arrays (2 copies)",
+                 per_call_us(lambda: ada_np.attention(hq, hk, hv), lambda: None, max(calls // 10, 50))))
+
+    base = dict(rows)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CuPy {cp.__version__}; "
+          f"B,H,S,D = {shape}, bf16 (numpy row: float32); {calls} calls")
+    print(f"{'path':48s} {'us/call':>9s} {'- core':>9s} {'- SDPA':>9s}")
+    for name, us in rows:
+        print(f"{name:48s} {us:9.1f} {us - base['core on CuPy arrays']:9.1f} {us - base['torch SDPA']:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
