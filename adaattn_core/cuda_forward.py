@@ -15,11 +15,18 @@ import numpy as np
 
 from .cuda_arrays import LOG2E, readable, writable
 from .device import capabilities
-from .launch_config import CUDA_TYPES, FORWARD_HEAD_DIMS, MIN_COMPUTE_CAPABILITY, forward_launch
+from .launch_config import (
+    CUDA_TYPES,
+    FORWARD_HEAD_DIMS,
+    MIN_COMPUTE_CAPABILITY,
+    SM90_MIN_SEQLEN_K,
+    forward_launch,
+)
 from .loader import get_kernel
 from .problem import AttentionProblem
 
-#: "auto" uses the wgmma kernel on Hopper (sm_90) where it has tiles; "sm80" forces the mma.sync kernel
+#: "auto" uses the wgmma kernel on Hopper (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K; "sm80"
+#: forces the mma.sync kernel
 #: everywhere (for comparisons). Read from $ADAATTN_FORWARD_KERNEL when a launch plan is first built.
 KERNEL_CHOICES = ("auto", "sm80")
 
@@ -41,19 +48,20 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
     return None
 
 
-def _use_sm90(device_id: int) -> bool:
+def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
     import cupy
 
     choice = os.environ.get("ADAATTN_FORWARD_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"ADAATTN_FORWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
-    return choice == "auto" and cupy.cuda.Device(device_id).compute_capability == "90"
+    hopper = cupy.cuda.Device(device_id).compute_capability == "90"
+    return choice == "auto" and hopper and problem.seqlen_k >= SM90_MIN_SEQLEN_K
 
 
 @lru_cache(maxsize=512)
 def _launch(problem: AttentionProblem, device_id: int) -> tuple[Any, int, int, int]:
     """(kernel, grid, threads, dynamic smem bytes) for a problem on a device, built once."""
-    launch = forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(device_id))
+    launch = forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id))
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     grid = -(-problem.seqlen_q // launch.block_m) * problem.heads_q * problem.batch

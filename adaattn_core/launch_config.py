@@ -80,6 +80,11 @@ FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (256, True): Sm90Tile(128, 64),
 }
 
+#: The wgmma kernel runs one 165 KB CTA per SM; with few key tiles per CTA its prologue and epilogue
+#: dominate, and at Sk = 512 the mma.sync kernel is faster (H200, D=64/128: 299 vs 254/215 TFLOP/s
+#: non-causal, notes/bench-sm90-v1.log). Hopper uses the wgmma kernel only above this key length.
+SM90_MIN_SEQLEN_K = 513
+
 SM80_ARCHS = ("80", "90a")
 SM90_ARCHS = ("90a",)
 
