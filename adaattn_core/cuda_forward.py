@@ -25,10 +25,10 @@ from .launch_config import (
 from .loader import get_kernel
 from .problem import AttentionProblem
 
-#: "auto" uses the wgmma kernel on Hopper (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K; "sm80"
-#: forces the mma.sync kernel
-#: everywhere (for comparisons). Read from $ADAATTN_FORWARD_KERNEL when a launch plan is first built.
-KERNEL_CHOICES = ("auto", "sm80")
+#: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the wgmma kernel on Hopper
+#: (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K; "sm80" forces the mma.sync kernel and "sm90"
+#: the wgmma kernel wherever it has tiles on Hopper (for tests and comparisons).
+KERNEL_CHOICES = ("auto", "sm80", "sm90")
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
@@ -54,8 +54,9 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
     choice = os.environ.get("ADAATTN_FORWARD_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"ADAATTN_FORWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
-    hopper = cupy.cuda.Device(device_id).compute_capability == "90"
-    return choice == "auto" and hopper and problem.seqlen_k >= SM90_MIN_SEQLEN_K
+    if choice == "sm80" or cupy.cuda.Device(device_id).compute_capability != "90":
+        return False
+    return choice == "sm90" or problem.seqlen_k >= SM90_MIN_SEQLEN_K
 
 
 @lru_cache(maxsize=512)

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--tile90", action="append", default=[], metavar="D:BM,BN",
                         help="tuning only: override the sm_90a forward tiles of head dim D (repeatable)")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
-                        help="force the mma.sync kernel on Hopper (sets ADAATTN_FORWARD_KERNEL)")
+                        help="force one forward kernel (sets ADAATTN_FORWARD_KERNEL)")
     args = parser.parse_args()
     if args.kernel:
         os.environ["ADAATTN_FORWARD_KERNEL"] = args.kernel

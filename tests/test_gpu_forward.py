@@ -21,9 +21,9 @@ SEQ_PAIRS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (4097, 4097
 HEAD_DIMS = [32, 64, 96, 128, 192, 256]
 
 
-@pytest.fixture(scope="module", params=["auto", "sm80"])
+@pytest.fixture(scope="module", params=["sm80", "sm90"])
 def cp(request):
-    """CuPy, with the forward kernel choice: "auto" (wgmma on Hopper) and "sm80" (mma.sync everywhere)."""
+    """CuPy, with each forward kernel forced in turn: mma.sync, and wgmma where it has tiles (Hopper only)."""
     cupy = pytest.importorskip("cupy")
     from adaattn_core import cuda_forward
 
@@ -162,3 +162,17 @@ def test_non_positive_scale_falls_back(cp, rng, scale):
     ref, _ = aa.attention_reference(q, k, v, causal=True, scale=scale)
     assert _check_scaled.backend == "cupy-blocked"
     assert rel_l2(out, ref) <= 1e-2
+
+
+def test_auto_kernel_choice(rng):
+    """On Hopper "auto" takes the wgmma kernel from SM90_MIN_SEQLEN_K keys on, the mma.sync kernel below."""
+    cupy = pytest.importorskip("cupy")
+    from adaattn_core import cuda_forward
+    from adaattn_core.launch_config import SM90_MIN_SEQLEN_K
+
+    hopper = cupy.cuda.Device().compute_capability == "90"
+    os.environ.pop("ADAATTN_FORWARD_KERNEL", None)
+    for seq_k, expect_sm90 in ((SM90_MIN_SEQLEN_K - 1, False), (SM90_MIN_SEQLEN_K, hopper)):
+        problem = aa.AttentionProblem(batch=1, heads_q=2, heads_kv=2, seqlen_q=64, seqlen_k=seq_k, head_dim=128,
+                                      dtype="bfloat16", library="cupy", layout="bhsd", causal=False, scale=0.1)
+        assert cuda_forward._use_sm90(problem, cupy.cuda.Device().id) is expect_sm90
