@@ -6,7 +6,7 @@
 #                                        (default: info tests bench bench-bwd)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
-#   scripts/gpu_check.sh asv    # needs .whl/ (asv wheels) and .git carried along; ASV_MACHINE, ASV_ARGS optional
+#   scripts/gpu_check.sh asv    # needs .whl/ (asv wheels) and .gitbundle carried along; ASV_MACHINE, ASV_ARGS optional
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -71,8 +71,13 @@ for step in "${steps[@]}"; do
         python3 -m asv --version || { echo "asv: does not start (above)"; exit 1; }
         # asv reads commits through git; the copy may belong to another user than the one running here.
         export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
+        # The device copy has no .git: rebuild HEAD from a bundle made beforehand with
+        # `git bundle create .gitbundle HEAD` (git-ignored, carried along).
+        if [ ! -d .git ] && [ -f .gitbundle ]; then
+          git init -q && git fetch -q .gitbundle HEAD && git reset -q --soft FETCH_HEAD || exit 1
+        fi
         head=$(git rev-parse HEAD 2>/dev/null) \
-          || { echo "asv: no git history here: carry .git along (asv records results per commit)"; exit 1; }
+          || { echo "asv: no git history here: carry .gitbundle along (asv records results per commit)"; exit 1; }
         if [ -n "$(git status --porcelain -- adaattn_core cuda_src asv_benchmarks ':!asv_benchmarks/results' 2>/dev/null)" ]; then
           echo "asv: WARNING: the tree differs from HEAD $head; results are recorded for HEAD"
         fi
