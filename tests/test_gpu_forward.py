@@ -32,7 +32,7 @@ def cp(request):
     cuda_forward._launch.cache_clear()
     yield cupy
     if previous is None:
-        os.environ.pop("ADAATTN_FORWARD_KERNEL")
+        os.environ.pop("ADAATTN_FORWARD_KERNEL", None)
     else:
         os.environ["ADAATTN_FORWARD_KERNEL"] = previous
     cuda_forward._launch.cache_clear()
@@ -164,14 +164,14 @@ def test_non_positive_scale_falls_back(cp, rng, scale):
     assert rel_l2(out, ref) <= 1e-2
 
 
-def test_auto_kernel_choice(rng):
+def test_auto_kernel_choice(monkeypatch):
     """On Hopper "auto" takes the wgmma kernel from SM90_MIN_SEQLEN_K keys on, the mma.sync kernel below."""
     cupy = pytest.importorskip("cupy")
     from adaattn_core import cuda_forward
     from adaattn_core.launch_config import SM90_MIN_SEQLEN_K
 
     hopper = cupy.cuda.Device().compute_capability == "90"
-    os.environ.pop("ADAATTN_FORWARD_KERNEL", None)
+    monkeypatch.delenv("ADAATTN_FORWARD_KERNEL", raising=False)
     for seq_k, expect_sm90 in ((SM90_MIN_SEQLEN_K - 1, False), (SM90_MIN_SEQLEN_K, hopper)):
         problem = aa.AttentionProblem(batch=1, heads_q=2, heads_kv=2, seqlen_q=64, seqlen_k=seq_k, head_dim=128,
                                       dtype="bfloat16", library="cupy", layout="bhsd", causal=False, scale=0.1)
