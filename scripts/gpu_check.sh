@@ -73,8 +73,8 @@ for step in "${steps[@]}"; do
         export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
         # The device copy has no .git: rebuild HEAD from a bundle made beforehand with
         # `git bundle create .gitbundle HEAD` (git-ignored, carried along).
-        if ! git rev-parse -q --verify HEAD >/dev/null 2>&1 && [ -f .gitbundle ]; then
-          rm -rf .git && git init -q && git fetch -q .gitbundle HEAD && git reset -q --soft FETCH_HEAD || exit 1
+        if [ -f .gitbundle ]; then
+          rm -rf .git && git init -q -b main && git fetch -q .gitbundle HEAD && git reset -q FETCH_HEAD || exit 1
         fi
         head=$(git rev-parse HEAD 2>/dev/null) \
           || { echo "asv: no git history here: carry .gitbundle along (asv records results per commit)"; exit 1; }
