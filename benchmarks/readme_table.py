@@ -1,8 +1,11 @@
-"""Write README's forward-performance table from a committed results file (benchmarks/results/*.json).
+"""Write README's performance tables from committed results files (benchmarks/results/*.json).
 
     python benchmarks/readme_table.py benchmarks/results/2026-11-22-H200-fwd.json --update README.md
+    python benchmarks/readme_table.py benchmarks/results/2026-11-22-H200-fwdbwd.json --marker fwdbwd-table \
+        --update README.md
 
-The table goes between the markers `<!-- fwd-table:start -->` and `<!-- fwd-table:end -->`.
+A table goes between `<!-- MARKER:start -->` and `<!-- MARKER:end -->` (default marker: fwd-table). Columns
+follow the file: TFLOP/s of every implementation it timed, then AdaAttn's ratio to each peer.
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ import json
 import re
 from pathlib import Path
 
-START, END = "<!-- fwd-table:start -->", "<!-- fwd-table:end -->"
+NAMES = {"adaattn": "AdaAttn", "torch-flash": "torch flash (FA2)", "torch-cudnn": "torch cuDNN",
+         "torch-efficient": "torch efficient"}
+SHORT = {"torch-flash": "FA2", "torch-cudnn": "cuDNN", "torch-efficient": "efficient"}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -20,44 +29,47 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def table(results_path: Path) -> str:
+    """The markdown table (with a caption naming the source file) for one results file."""
     results = json.loads(results_path.read_text())
-    env = results["env"]
+    env, rows = results["env"], results["rows"]
+    impls = list(rows[0]["tflops"])
+    peers = list(rows[0]["ratio"])
     lines = [
-        f"Forward, {results['setup']}; TFLOP/s (causal: half the FLOPs), median of CUDA-event timings, all in one "
-        f"process on one {env['gpu']} (driver {env['driver']}, torch {env['torch']}, CuPy {env['cupy']}, "
+        f"{results['setup']}; TFLOP/s (causal: half the FLOPs), median of CUDA-event timings, all in one process "
+        f"on one {env['gpu']} (driver {env['driver']}, torch {env['torch']}, CuPy {env['cupy']}, "
         f"{env['date'][:10]}). Source: [`{results_path.as_posix()}`]({results_path.as_posix()}).",
         "",
-        "| D | S | causal | AdaAttn | torch flash (FA2) | torch cuDNN | torch efficient "
-        "| AdaAttn / FA2 | AdaAttn / cuDNN |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| D | S | causal | " + " | ".join(NAMES.get(i, i) for i in impls) + " | "
+        + " | ".join(f"AdaAttn / {SHORT.get(p, p)}" for p in peers) + " |",
+        "|---" * (3 + len(impls) + len(peers)) + "|",
     ]
-    for row in results["rows"]:
-        t, r = row["tflops"], row["ratio"]
+    for row in rows:
         lines.append(
-            f"| {row['dim']} | {row['seq']} | {'yes' if row['causal'] else 'no'} | {_num(t['adaattn'], '.0f')} | "
-            f"{_num(t['torch-flash'], '.0f')} | {_num(t['torch-cudnn'], '.0f')} | "
-            f"{_num(t['torch-efficient'], '.0f')} | "
-            f"{_num(r['torch-flash'], '.2f')} | {_num(r['torch-cudnn'], '.2f')} |"
+            f"| {row['dim']} | {row['seq']} | {'yes' if row['causal'] else 'no'} | "
+            + " | ".join(_num(row["tflops"][i], ".0f") for i in impls) + " | "
+            + " | ".join(_num(row["ratio"][p], ".2f") for p in peers) + " |"
         )
     return "\n".join(lines)
 
 
-def update(readme: Path, text: str) -> None:
+def update(readme: Path, marker: str, text: str) -> None:
+    start, end = markers(marker)
     content = readme.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(content):
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", content))
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
+    parser.add_argument("--marker", default="fwd-table")
     parser.add_argument("--update", type=Path, help="README to rewrite between the markers")
     args = parser.parse_args()
     text = table(args.results)
     if args.update:
-        update(args.update, text)
+        update(args.update, args.marker, text)
     else:
         print(text)
 
