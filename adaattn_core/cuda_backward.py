@@ -32,14 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_arrays import LOG2E, element_strides, readable, writable
-from .device import capabilities
+from .cuda_common import LOG2E, common_unsupported_reason, element_strides, readable, writable
 from .launch_config import (
     BACKWARD_ELEMENTWISE_THREADS,
     BACKWARD_ROW_PAD,
     BACKWARD_TILES,
-    CUDA_TYPES,
-    MIN_COMPUTE_CAPABILITY,
     KernelLaunch,
     backward_launches,
 )
@@ -57,15 +54,11 @@ def _max_smem(problem: AttentionProblem) -> int:
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
     """Why the fused backward cannot take `problem` (None when it can)."""
-    cc = capabilities().compute_capability
-    if cc is None or cc < MIN_COMPUTE_CAPABILITY:
-        return f"compute capability {cc} (fused kernels need sm_80 or newer: mma.sync bf16, cp.async)"
-    if problem.dtype not in CUDA_TYPES:
-        return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
+    reason = common_unsupported_reason(problem)
+    if reason is not None:
+        return reason
     if problem.head_dim not in BACKWARD_TILES:
         return f"head dim {problem.head_dim} (fused backward takes {sorted(BACKWARD_TILES)})"
-    if problem.seqlen_k == 0:
-        return "Sk = 0 (no keys: the blocked path writes dq = 0)"
     import cupy
 
     available = cupy.cuda.runtime.deviceGetAttribute(_ATTR_MAX_SMEM_OPTIN, cupy.cuda.runtime.getDevice())

@@ -13,15 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_arrays import LOG2E, readable, writable
-from .device import capabilities
-from .launch_config import (
-    CUDA_TYPES,
-    FORWARD_HEAD_DIMS,
-    MIN_COMPUTE_CAPABILITY,
-    SM90_MIN_SEQLEN_K,
-    forward_launch,
-)
+from .cuda_common import LOG2E, common_unsupported_reason, readable, writable
+from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, forward_launch
 from .loader import get_kernel
 from .problem import AttentionProblem
 
@@ -33,15 +26,11 @@ KERNEL_CHOICES = ("auto", "sm80", "sm90")
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
     """Why the fused forward cannot take `problem` (None when it can)."""
-    cc = capabilities().compute_capability
-    if cc is None or cc < MIN_COMPUTE_CAPABILITY:
-        return f"compute capability {cc} (fused kernels need sm_80 or newer: mma.sync bf16, cp.async)"
-    if problem.dtype not in CUDA_TYPES:
-        return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
+    reason = common_unsupported_reason(problem)
+    if reason is not None:
+        return reason
     if problem.head_dim not in FORWARD_HEAD_DIMS:
         return f"head dim {problem.head_dim} (fused kernels take {list(FORWARD_HEAD_DIMS)})"
-    if problem.seqlen_k == 0:
-        return "Sk = 0 (no keys: the blocked path writes out = 0 and lse = -inf)"
     if problem.scale <= 0:
         # The kernel takes row maxima of raw scores and folds the scale in afterwards: needs scale > 0.
         return f"scale {problem.scale} (fused kernels need scale > 0)"

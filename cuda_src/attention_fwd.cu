@@ -41,49 +41,6 @@
 
 #include "mma_sm80.cuh"
 
-namespace adaattn {
-
-// Issue cp.async copies of a [ROWS][D] tile whose first global row is row0 into swizzled shared
-// memory; rows at or past row_end are zero-filled (src-size 0, source clamped to the base pointer).
-// Lane tid copies 16-byte chunks tid, tid + NTHREADS, ... in row-major order, so consecutive lanes
-// read consecutive global chunks. When NTHREADS is a multiple of the chunks per row, each lane keeps
-// one column and steps by a fixed number of rows, so its global pointer advances by a single
-// stride increment (few 64-bit registers) and the swizzled shared offsets are compile-time steps.
-template <int ROWS, int D, int NTHREADS, typename T>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, long long row_stride, int row0,
-                                                int row_end, int tid) {
-    constexpr int CHUNKS = D / 8;
-    constexpr int ITERS = ROWS * CHUNKS / NTHREADS;
-    static_assert(ROWS * CHUNKS % NTHREADS == 0, "tile must split evenly over the threads");
-    if constexpr (NTHREADS % CHUNKS == 0) {
-        constexpr int ROW_STEP = NTHREADS / CHUNKS;
-        const int r0 = tid / CHUNKS;
-        const int c = tid % CHUNKS;
-        const int rows_left = row_end - row0 - r0;  // rows of this lane's column still in range
-        const T* src = gmem + (long long)(row0 + r0) * row_stride + c * 8;
-        const long long step = ROW_STEP * row_stride;
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-            const bool in_range = i * ROW_STEP < rows_left;
-            cp_async_16(smem_u32(smem + Swizzle<D>::offset(r0 + i * ROW_STEP, c)), in_range ? src : gmem,
-                        in_range ? 16 : 0);
-            src += step;
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < ITERS; ++i) {
-            const int idx = tid + i * NTHREADS;
-            const int r = idx / CHUNKS;
-            const int c = idx % CHUNKS;
-            const bool in_range = row0 + r < row_end;
-            const T* src = gmem + (in_range ? (long long)(row0 + r) * row_stride + c * 8 : 0);
-            cp_async_16(smem_u32(smem + Swizzle<D>::offset(r, c)), src, in_range ? 16 : 0);
-        }
-    }
-}
-
-}  // namespace adaattn
-
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool CAUSAL>
 __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -150,10 +107,10 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
     }
 
     // Prologue: Q, then the last K/V tile, as two cp.async groups.
-    load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(sQ, q_ptr, q_stride_s, m_start, seqlen_q, tid);
+    copy_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(sQ, q_ptr, q_stride_s, m_start, seqlen_q, tid);
     cp_async_commit();
-    load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sK, k_ptr, k_stride_s, (n_blocks - 1) * BLOCK_N, seqlen_k, tid);
-    load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sV, v_ptr, v_stride_s, (n_blocks - 1) * BLOCK_N, seqlen_k, tid);
+    copy_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sK, k_ptr, k_stride_s, (n_blocks - 1) * BLOCK_N, seqlen_k, tid);
+    copy_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sV, v_ptr, v_stride_s, (n_blocks - 1) * BLOCK_N, seqlen_k, tid);
     cp_async_commit();
 
     // ldmatrix lane roles. A operand (Q) and V^T: lanes 0-15 address rows 0-15 of chunk c, lanes
@@ -203,9 +160,9 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
         __syncthreads();
         if (n_block > 0) {
             const int next = (buf ^ 1) * BLOCK_N * HEAD_DIM;
-            load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sK + next, k_ptr, k_stride_s, (n_block - 1) * BLOCK_N,
+            copy_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sK + next, k_ptr, k_stride_s, (n_block - 1) * BLOCK_N,
                                                          seqlen_k, tid);
-            load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sV + next, v_ptr, v_stride_s, (n_block - 1) * BLOCK_N,
+            copy_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(sV + next, v_ptr, v_stride_s, (n_block - 1) * BLOCK_N,
                                                          seqlen_k, tid);
             cp_async_commit();
         }

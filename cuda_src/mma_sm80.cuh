@@ -135,18 +135,12 @@ struct Swizzle {
     }
 };
 
-}  // namespace adaattn
-
-// Helpers of the backward kernels (attention_bwd_*.cu).
-namespace adaattn {
-
 // Copy a [ROWS][D] tile of 16-bit elements whose first global row is row0 into swizzled shared memory
 // with cp.async; rows at or past row_end are zero-filled (src-size 0, source clamped to the base).
 // Lane tid copies 16-byte chunks tid, tid + NTHREADS, ... in row-major order, so consecutive lanes read
 // consecutive global chunks. When NTHREADS is a multiple of the chunks per row, each lane keeps one
 // column and steps by a fixed number of rows: one 64-bit pointer advanced by one stride increment, and
-// compile-time shared offsets (few registers in kernels that prefetch inside their main loop). The same
-// scheme as attention_fwd.cu's load_tile_async.
+// compile-time shared offsets (few registers in kernels that prefetch inside their main loop).
 template <int ROWS, int D, int NTHREADS, typename T>
 __device__ __forceinline__ void copy_tile_async(T* smem, const T* gmem, long long row_stride, int row0,
                                                 int row_end, int tid) {

@@ -105,14 +105,17 @@ def test_environment_cpu():
 
 
 def test_table_of_committed_results():
-    text = bench.format_table(json.loads(H200_RESULTS.read_text()))
+    results = json.loads(H200_RESULTS.read_text())
+    text = bench.format_table(results)
     lines = text.splitlines()
+    first = results["rows"][0]
     assert "NVIDIA H200" in lines[0]
     assert lines[1].split()[:8] == ["D", "S", "causal", "dtype", "adaattn", "torch-flash", "torch-cudnn",
                                     "torch-efficient"]
     assert len([line for line in lines if re.match(r"\s*\d+\s+\d+\s+(yes|no)\s", line)]) == 36
-    assert lines[2].split()[:5] == ["64", "512", "no", "bf16", "298.7"]
-    assert lines[2].split()[-1] == "1.4e-03"  # rel_l2_vs_torch_flash of the committed file
+    assert lines[2].split()[:5] == [str(first["dim"]), str(first["seq"]), "yes" if first["causal"] else "no", "bf16",
+                                    f"{first['tflops']['adaattn']:.1f}"]
+    assert lines[2].split()[-1] == f"{first['rel_l2_vs_torch_flash']:.1e}"
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib comes with the `bench` and `test` extras")

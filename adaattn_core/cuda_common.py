@@ -1,10 +1,26 @@
-"""What the fused kernels need of a CuPy array, checked in one place for every launcher."""
+"""What every fused kernel needs of a problem and of its CuPy arrays, checked in one place for all launchers."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .device import capabilities
+from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY
+from .problem import AttentionProblem
+
 LOG2E = 1.4426950408889634
+
+
+def common_unsupported_reason(problem: AttentionProblem) -> str | None:
+    """Why no fused kernel can take `problem` (device, dtype, empty key set), or None."""
+    cc = capabilities().compute_capability
+    if cc is None or cc < MIN_COMPUTE_CAPABILITY:
+        return f"compute capability {cc} (fused kernels need sm_80 or newer: mma.sync bf16, cp.async)"
+    if problem.dtype not in CUDA_TYPES:
+        return f"dtype {problem.dtype} (fused kernels take {sorted(CUDA_TYPES)})"
+    if problem.seqlen_k == 0:
+        return "Sk = 0 (no keys: the blocked path writes zeros and lse = -inf)"
+    return None
 
 
 def element_strides(x: Any) -> tuple[int, ...]:
