@@ -80,7 +80,7 @@ def attention(
     if not problem.is_empty:
         backend = backends.forward(problem, plan, qb, kb, vb, to_bhsd(out, layout), lse)
     else:
-        backend = backends.name_for(problem)
+        backend = backends.forward_backend(problem)
     if report is not None:
         report.backend = backend
         report.device = backends.device_name(problem)

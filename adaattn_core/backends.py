@@ -17,13 +17,33 @@ from .policy import Plan
 from .problem import AttentionProblem
 
 
-def name_for(problem: AttentionProblem) -> str:
-    """The backend that computes the forward of `problem`."""
+def _fused_or_blocked(problem: AttentionProblem, launcher: Any) -> str:
+    """"cpu" for NumPy; on CuPy "cuda" when `launcher` (a cuda_* module) takes the problem, else "cupy-blocked"."""
     if problem.library == "numpy":
         return "cpu"
+    return "cuda" if launcher().unsupported_reason(problem) is None else "cupy-blocked"
+
+
+def _cuda_forward() -> Any:
     from . import cuda_forward
 
-    return "cuda" if cuda_forward.unsupported_reason(problem) is None else "cupy-blocked"
+    return cuda_forward
+
+
+def _cuda_backward() -> Any:
+    from . import cuda_backward
+
+    return cuda_backward
+
+
+def forward_backend(problem: AttentionProblem) -> str:
+    """The backend that computes the forward of `problem`."""
+    return _fused_or_blocked(problem, _cuda_forward)
+
+
+def backward_backend(problem: AttentionProblem) -> str:
+    """The backend that computes the backward of `problem`."""
+    return _fused_or_blocked(problem, _cuda_backward)
 
 
 def device_name(problem: AttentionProblem) -> str:
@@ -37,24 +57,17 @@ def device_name(problem: AttentionProblem) -> str:
 def forward(
     problem: AttentionProblem, plan: Plan, q: Any, k: Any, v: Any, out: Any, lse: Any
 ) -> str:
-    """Compute the forward pass into `out`/`lse` ([B,H,S,D] views) and return the backend's name."""
-    backend = name_for(problem)
-    if backend == "cuda":
-        from . import cuda_forward
+    """Compute the forward pass into `out`/`lse` ([B,H,S,D] views) and return the backend's name.
 
-        cuda_forward.forward(problem, q, k, v, out, lse)
+    `plan` carries the policy's per-head decisions; with the "exact" policy (the only one so far) every head
+    is dense at the input precision, so one launch covers all heads.
+    """
+    backend = forward_backend(problem)
+    if backend == "cuda":
+        _cuda_forward().forward(problem, q, k, v, out, lse)
     else:
         blocked.forward(problem, q, k, v, out, lse)
     return backend
-
-
-def backward_name_for(problem: AttentionProblem) -> str:
-    """The backend that computes the backward of `problem`."""
-    if problem.library == "numpy":
-        return "cpu"
-    from . import cuda_backward
-
-    return "cuda" if cuda_backward.unsupported_reason(problem) is None else "cupy-blocked"
 
 
 def backward(
@@ -65,11 +78,9 @@ def backward(
     deterministic: bool = False,
 ) -> str:
     """Compute dq, dk, dv into [B,H,S,D] views and return the backend's name."""
-    backend = backward_name_for(problem)
+    backend = backward_backend(problem)
     if backend == "cuda":
-        from . import cuda_backward
-
-        cuda_backward.backward(problem, dout, q, k, v, out, lse, dq, dk, dv, deterministic=deterministic)
+        _cuda_backward().backward(problem, dout, q, k, v, out, lse, dq, dk, dv, deterministic=deterministic)
     else:
         blocked.backward(problem, dout, q, k, v, out, lse, dq, dk, dv)
     return backend

@@ -17,6 +17,7 @@ from . import __version__
 from .api import attention
 from .device import capabilities
 from .policy import POLICIES
+from .problem import describe
 from .reference import attention_reference
 from .report import Report
 
@@ -111,8 +112,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     ref_norm = float(xp.linalg.norm(ref))
     rel_l2 = float(xp.linalg.norm(diff)) / ref_norm if ref_norm else 0.0
     median = statistics.median(times)
-    from .problem import describe
-
     flops = describe(q, k, v, causal=args.causal, scale=None, layout="bhsd").flops
     result = {
         "problem": {"batch": args.batch, "heads_q": args.heads, "heads_kv": heads_kv, "seq_q": args.seq,

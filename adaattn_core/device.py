@@ -63,7 +63,7 @@ def capabilities() -> Capabilities:
     elif cc < MIN_COMPUTE_CAPABILITY:
         backends["cuda"] = f"unavailable: sm_{cc[0]}{cc[1]} is older than sm_80 (mma.sync bf16, cp.async)"
     else:
-        backends["cuda"] = "available (fused float16/bfloat16 forward, NVRTC " + _nvrtc_version(cupy) + ")"
+        backends["cuda"] = "available (fused float16/bfloat16 forward and backward, NVRTC " + _nvrtc_version(cupy) + ")"
     fused = backends["cuda"].startswith("available")
     precisions = {
         "float64": "available (CPU; GPU through cupy-blocked)",

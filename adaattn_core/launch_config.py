@@ -16,8 +16,8 @@ CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
 @dataclass(frozen=True)
-class ForwardTile:
-    """Tile shape of attention_fwd.cu for one head dim."""
+class _WarpTile:
+    """A thread block of `num_warps` warps over `block_m` × `block_n` tiles."""
 
     block_m: int
     block_n: int
@@ -26,6 +26,11 @@ class ForwardTile:
     @property
     def threads(self) -> int:
         return self.num_warps * 32
+
+
+@dataclass(frozen=True)
+class ForwardTile(_WarpTile):
+    """Tile shape of attention_fwd.cu for one (head dim, causal)."""
 
     def smem_bytes(self, head_dim: int) -> int:
         """Dynamic shared memory: Q tile + double-buffered K and V tiles, 2-byte elements
@@ -139,20 +144,13 @@ def all_forward_kernels() -> list[KernelLaunch]:
 
 
 @dataclass(frozen=True)
-class BackwardTile:
+class BackwardTile(_WarpTile):
     """Tile shape of attention_bwd_dkdv.cu (block_m queries per step, block_n resident keys per block)
     for one head dim; `d_split` warps share each key slice (one head-dim slice each), `dq_warps_m` is the
     number of warps along queries in the atomic dQ product."""
 
-    block_m: int
-    block_n: int
-    num_warps: int
     d_split: int
     dq_warps_m: int
-
-    @property
-    def threads(self) -> int:
-        return self.num_warps * 32
 
     def smem_bytes(self, head_dim: int, atomic_dq: bool) -> int:
         """K, V, double-buffered Q and dO (2-byte elements), dS^T when atomic, double-buffered lse/delta
@@ -175,16 +173,8 @@ BACKWARD_TILES: dict[int, BackwardTile] = {
 }
 
 @dataclass(frozen=True)
-class BackwardDqTile:
+class BackwardDqTile(_WarpTile):
     """Tile shape of attention_bwd_dq.cu (deterministic dQ): block_m resident queries, block_n keys per step."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-
-    @property
-    def threads(self) -> int:
-        return self.num_warps * 32
 
     def smem_bytes(self, head_dim: int) -> int:
         """Q and dO tiles + double-buffered K and V tiles (the formula in attention_bwd_dq.cu's header)."""

@@ -37,10 +37,10 @@ class ForwardBackward(_GpuForwardBackward):
         import cupy
 
         from adaattn_core import attention, attention_backward
-        from adaattn_core.backends import backward_name_for
+        from adaattn_core.backends import backward_backend
         from adaattn_core.problem import describe
 
-        backend = backward_name_for(describe(*sets[0], causal=causal, scale=None, layout="bhsd"))
+        backend = backward_backend(describe(*sets[0], causal=causal, scale=None, layout="bhsd"))
         if backend != "cuda":  # keep the history to one kernel: another backend is a different benchmark
             raise NotImplementedError(f"backward backend {backend!r} instead of the fused kernels")
         douts = [cupy.random.standard_normal(q.shape, dtype=cupy.float32).astype(q.dtype) for q, _, _ in sets]
