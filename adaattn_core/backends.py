@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from . import blocked
-from .policy import Plan
+from ._arrays import namespace
+from .policy import FP8, Plan
 from .problem import AttentionProblem
 
 
@@ -57,17 +59,57 @@ def device_name(problem: AttentionProblem) -> str:
 def forward(
     problem: AttentionProblem, plan: Plan, q: Any, k: Any, v: Any, out: Any, lse: Any
 ) -> str:
-    """Compute the forward pass into `out`/`lse` ([B,H,S,D] views) and return the backend's name.
+    """Compute the forward pass into `out`/`lse` ([B,H,S,D] views) and return the dense backend's name.
 
-    `plan` carries the policy's per-head decisions; with the "exact" policy (the only one so far) every head
-    is dense at the input precision, so one launch covers all heads.
+    One launch per kind of head in `plan`: dense heads at the input precision through the fused kernel
+    (or the blocked algorithm), fp8 heads through `cuda_fp8` (CPU: the emulation in `precision`),
+    low-rank heads through `lowrank` with their ranks. A uniform dense plan launches over all heads.
     """
     backend = forward_backend(problem)
-    if backend == "cuda":
-        _cuda_forward().forward(problem, q, k, v, out, lse)
-    else:
-        blocked.forward(problem, q, k, v, out, lse)
+    dense, fp8, lowrank = [], [], []
+    for index, head in enumerate(plan.heads):
+        if head.path == "lowrank":
+            lowrank.append(index)
+        elif head.precision == FP8:
+            fp8.append(index)
+        elif head.precision == problem.dtype:
+            dense.append(index)
+        else:
+            raise NotImplementedError(f"head {index}: precision {head.precision!r} for {problem.dtype} inputs")
+    if dense:
+        heads = None if len(dense) == problem.heads_q else dense
+        if backend == "cuda":
+            _cuda_forward().forward(problem, q, k, v, out, lse, heads)
+        elif heads is None:
+            blocked.forward(problem, q, k, v, out, lse)
+        else:
+            _blocked_heads(problem, heads, q, k, v, out, lse)
+    if fp8:
+        if problem.library == "numpy":
+            from .precision import emulate_forward as fp8_forward
+        else:
+            from .cuda_fp8 import forward as fp8_forward
+        fp8_forward(problem, q, k, v, out, lse, fp8, plan.artifacts)
+    if lowrank:
+        from . import lowrank as lowrank_path
+
+        ranks = [plan.heads[index].rank for index in lowrank]
+        lowrank_path.forward(problem, q, k, v, out, lse, lowrank, ranks, plan.artifacts)
     return backend
+
+
+def _blocked_heads(
+    problem: AttentionProblem, heads: list[int], q: Any, k: Any, v: Any, out: Any, lse: Any
+) -> None:
+    """The blocked forward for the query heads `heads` only: each with its own K/V head, then scattered."""
+    kv_heads = [head // problem.group_size for head in heads]
+    part = replace(problem, heads_q=len(heads), heads_kv=len(heads))
+    xp = namespace(problem.library)
+    part_out = xp.empty((problem.batch, len(heads), problem.seqlen_q, problem.head_dim), dtype=out.dtype)
+    part_lse = xp.empty((problem.batch, len(heads), problem.seqlen_q), dtype=lse.dtype)
+    blocked.forward(part, q[:, heads], k[:, kv_heads], v[:, kv_heads], part_out, part_lse)
+    out[:, heads] = part_out
+    lse[:, heads] = part_lse
 
 
 def backward(

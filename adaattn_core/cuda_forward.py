@@ -8,6 +8,7 @@ CuPy's current stream without synchronising.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -49,26 +50,32 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
 
 
 @lru_cache(maxsize=512)
-def _launch(problem: AttentionProblem, device_id: int) -> tuple[Any, int, int, int]:
-    """(kernel, grid, threads, dynamic smem bytes) for a problem on a device, built once."""
+def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[Any, int, int, int]:
+    """(kernel, grid, threads, dynamic smem bytes) for `num_heads` query heads of a problem, built once."""
     launch = forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id))
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
-    grid = -(-problem.seqlen_q // launch.block_m) * problem.heads_q * problem.batch
+    grid = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
     if grid >= 2**31:
         raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
     return kernel, grid, launch.threads, launch.smem_bytes
 
 
-def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any) -> None:
+def forward(
+    problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any, heads: Sequence[int] | None = None
+) -> None:
     """softmax(scale·QKᵀ)V into `out` ([B,Hq,Sq,D] view, input dtype) and lse ([B,Hq,Sq] float32).
 
-    Inputs whose strides the kernel cannot take (innermost stride ≠ 1, misaligned) are copied once to
-    contiguous buffers; an `out` view it cannot write is filled through a contiguous temporary.
+    `heads` (query-head indices) restricts the launch to those heads, leaving the others untouched;
+    None computes all heads. Inputs whose strides the kernel cannot take (innermost stride ≠ 1,
+    misaligned) are copied once to contiguous buffers; an `out` view it cannot write is filled through
+    a contiguous temporary.
     """
     import cupy
 
-    kernel, grid, threads, smem = _launch(problem, cupy.cuda.runtime.getDevice())
+    head_index = None if heads is None else cupy.asarray(heads, dtype=cupy.int32)
+    num_heads = problem.heads_q if heads is None else len(heads)
+    kernel, grid, threads, smem = _launch(problem, cupy.cuda.runtime.getDevice(), num_heads)
     (q, q_strides), (k, k_strides), (v, v_strides) = (readable(x) for x in (q, k, v))
     target, out_strides = writable(out)
     kernel(
@@ -78,6 +85,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
             q, k, v, target, lse,
             *map(np.int64, q_strides[:3]), *map(np.int64, k_strides[:3]), *map(np.int64, v_strides[:3]),
             *map(np.int64, out_strides[:3]),
+            head_index, np.int32(num_heads),
             np.int32(problem.heads_q), np.int32(problem.group_size),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
             np.float32(problem.scale * LOG2E),
@@ -85,4 +93,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
         shared_mem=smem,
     )
     if target is not out:
-        out[...] = target
+        if heads is None:
+            out[...] = target
+        else:
+            out[:, list(heads)] = target[:, list(heads)]

@@ -12,7 +12,7 @@ when they land; user-defined policies subclass `Policy`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .problem import AttentionProblem
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .report import Report
 
 PATHS = ("dense", "lowrank")
+#: The precision name of the fp8 path (e4m3 operands, fp32 accumulation); dense heads otherwise run at
+#: the input dtype.
+FP8 = "float8_e4m3"
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,14 @@ class HeadPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Per-query-head decisions, `heads[h]` for h in range(Hq)."""
+    """Per-query-head decisions, `heads[h]` for h in range(Hq).
+
+    `artifacts` holds what the policy computed and the backend reuses (quantised tensors, probe rows,
+    landmarks), keyed by the module that consumes it; it takes no part in equality or hashing.
+    """
 
     heads: tuple[HeadPlan, ...]
+    artifacts: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def groups(self) -> dict[HeadPlan, list[int]]:
         """Head indices per distinct decision, in head order: one kernel launch per entry."""

@@ -20,7 +20,11 @@ class Report:
     device:      "cpu" or the GPU's name
     policy:      the policy's name
     plan:        per-head decisions (path, precision, rank)
-    estimates:   per-head statistics the policy computed (empty for "exact")
+    estimates:   per-head statistics the policy computed (empty for "exact"), keyed by policy kind
+                 ("precision", "rank")
+    measure_error: set True before the call to have adaptive policies also measure each head's error
+                 against a float64 recompute (costly: for tests and studies)
+    measured:    the measured per-head errors, keyed like `estimates` (empty unless measure_error)
     timings_ms:  host-side wall times of the call's phases (no device synchronisation is added for them)
     """
 
@@ -29,6 +33,8 @@ class Report:
     policy: str = ""
     plan: Plan | None = None
     estimates: dict[str, Any] = field(default_factory=dict)
+    measure_error: bool = False
+    measured: dict[str, Any] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def decisions(self) -> dict[str, list[int]]:

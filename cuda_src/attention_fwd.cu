@@ -13,10 +13,12 @@
 // all writes zeros / -inf and exits. Only tiles crossing the diagonal or the key end are masked.
 //
 // Launch.
-//   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_q * batch; the m-block index varies fastest so the
+//   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_launch * batch; the m-block index varies fastest so the
 //             blocks sharing one K/V head run together (L2 reuse). CAUSAL visits m-blocks in reverse
 //             so the longest rows start first.
 //   block.x = NUM_WARPS * 32.
+//   head_index = int32[num_heads_launch] query heads to compute (one launch per policy group), or
+//             nullptr for all num_heads_q heads in order (num_heads_launch = num_heads_q).
 //   dynamic shared memory bytes = (BLOCK_M + 4 * BLOCK_N) * HEAD_DIM * 2
 //             (Q tile + double-buffered K and V tiles, 16-bit elements; no static shared memory).
 //   Strides are in elements, the head-dim stride is 1, pointers are 16-byte aligned and every stride
@@ -49,6 +51,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
     long long k_stride_b, long long k_stride_h, long long k_stride_s,
     long long v_stride_b, long long v_stride_h, long long v_stride_s,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
+    const int* __restrict__ head_index, int num_heads_launch,
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
     using Swz = Swizzle<HEAD_DIM>;
@@ -74,8 +77,9 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
 
     const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     const int bh = blockIdx.x / num_m_blocks;
-    const int h = bh % num_heads_q;
-    const int b = bh / num_heads_q;
+    const int b = bh / num_heads_launch;
+    // A launch covers the heads of one policy group: head_index lists them (nullptr: all heads in order).
+    const int h = head_index ? head_index[bh % num_heads_launch] : bh % num_heads_launch;
     int m_block = blockIdx.x % num_m_blocks;
     if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
     const int m_start = m_block * BLOCK_M;

@@ -14,9 +14,11 @@
 // tiles crossing the diagonal or the key end are masked.
 //
 // Launch.
-//   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_q * batch, m-block fastest (blocks sharing one K/V
+//   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_launch * batch, m-block fastest (blocks sharing one K/V
 //             head run together); CAUSAL visits m-blocks in reverse so the longest rows start first.
 //   block.x = 2 * BLOCK_M: one 128-thread warpgroup per 64 query rows.
+//   head_index = int32[num_heads_launch] query heads to compute (one launch per policy group), or
+//             nullptr for all num_heads_q heads in order (num_heads_launch = num_heads_q).
 //   dynamic shared memory bytes = (BLOCK_M + 4 * BLOCK_N) * HEAD_DIM * 2 + 1024
 //             (Q tile + double-buffered K and V tiles, 16-bit elements, + 1024 to round the base up
 //             to the 1024-byte alignment of the swizzle pattern; no static shared memory).
@@ -90,6 +92,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_sm90(
     long long k_stride_b, long long k_stride_h, long long k_stride_s,
     long long v_stride_b, long long v_stride_h, long long v_stride_s,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
+    const int* __restrict__ head_index, int num_heads_launch,
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
     constexpr int NTHREADS = BLOCK_M * 2;
@@ -120,8 +123,9 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_sm90(
 
     const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     const int bh = blockIdx.x / num_m_blocks;
-    const int h = bh % num_heads_q;
-    const int b = bh / num_heads_q;
+    const int b = bh / num_heads_launch;
+    // A launch covers the heads of one policy group: head_index lists them (nullptr: all heads in order).
+    const int h = head_index ? head_index[bh % num_heads_launch] : bh % num_heads_launch;
     int m_block = blockIdx.x % num_m_blocks;
     if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
     const int m_start = m_block * BLOCK_M;

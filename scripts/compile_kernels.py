@@ -27,7 +27,7 @@ from adaattn_core.loader import kernel_source_dir
 NO_LOCAL_MEMORY_DIMS = (64, 128)
 FORWARD_PARAMS = (
     "const {t}* __restrict__, const {t}* __restrict__, const {t}* __restrict__, {t}* __restrict__, "
-    "float* __restrict__, " + "long long, " * 12 + "int, int, int, int, float"
+    "float* __restrict__, " + "long long, " * 12 + "const int* __restrict__, int, int, int, int, int, float"
 )
 #: Parameter list per kernel function, for explicit instantiation ({t} is the element type).
 _IN4 = "const {t}* __restrict__, " * 4

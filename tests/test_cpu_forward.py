@@ -112,3 +112,25 @@ def test_report_records_exact_plan(rng):
     assert report.backend == "cpu" and report.policy == "exact" and report.device == "cpu"
     assert report.decisions() == {"dense/float32": list(range(6))}
     assert report.estimates == {}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mixed_plan_dispatches_dense_heads_by_subset(rng, causal):
+    """A plan that sends only some heads to the dense path computes those heads alone, as the full call would."""
+    from adaattn_core import backends
+    from adaattn_core.policy import HeadPlan, Plan
+    from adaattn_core.problem import describe
+
+    q, k, v = make_qkv(rng, batch=2, heads_q=6, heads_kv=3, seq_q=33, seq_k=47, dim=16, dtype="float32")
+    full, full_lse = aa.attention(q, k, v, causal=causal, return_lse=True)
+    heads = sorted(int(h) for h in rng.choice(6, size=4, replace=False))
+    out = np.full(full.shape, np.nan, dtype=full.dtype)
+    lse = np.full(full_lse.shape, np.nan, dtype=full_lse.dtype)
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    backends._blocked_heads(problem, heads, q, k, v, out, lse)
+    others = [h for h in range(6) if h not in heads]
+    assert np.isnan(out[:, others]).all() and np.isnan(lse[:, others]).all()
+    np.testing.assert_allclose(out[:, heads], full[:, heads], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(lse[:, heads], full_lse[:, heads], rtol=0, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="precision 'float16'"):
+        backends.forward(problem, Plan(heads=(HeadPlan(precision="float16"),) * 6), q, k, v, out, lse)

@@ -176,3 +176,25 @@ def test_auto_kernel_choice(monkeypatch):
         problem = aa.AttentionProblem(batch=1, heads_q=2, heads_kv=2, seqlen_q=64, seqlen_k=seq_k, head_dim=128,
                                       dtype="bfloat16", library="cupy", layout="bhsd", causal=False, scale=0.1)
         assert cuda_forward._use_sm90(problem, cupy.cuda.Device().id) is expect_sm90
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_head_subset_launch(cp, rng, causal, layout):
+    """A launch over a head-index list (one policy group) writes exactly those heads, as a full launch would."""
+    from adaattn_core import cuda_forward
+    from adaattn_core.problem import describe, to_bhsd
+
+    q, k, v = make_qkv(rng, batch=2, heads_q=8, heads_kv=2, seq_q=700, seq_k=900, dim=128,
+                       dtype="bfloat16", layout=layout, xp=cp)
+    full, full_lse = aa.attention(q, k, v, causal=causal, layout=layout, return_lse=True)
+    problem = describe(q, k, v, causal=causal, scale=None, layout=layout)
+    heads = [int(h) for h in rng.choice(8, size=3, replace=False)]
+    out = cp.full(full.shape, cp.nan, dtype=full.dtype)
+    lse = cp.full(full_lse.shape, cp.nan, dtype=full_lse.dtype)
+    cuda_forward.forward(problem, *(to_bhsd(x, layout) for x in (q, k, v)), to_bhsd(out, layout), lse, heads)
+    out, full = to_bhsd(out, layout), to_bhsd(full, layout)
+    others = [h for h in range(8) if h not in heads]
+    assert bool(cp.isnan(out[:, others].astype(cp.float32)).all()) and bool(cp.isnan(lse[:, others]).all())
+    assert max_abs(out[:, heads], full[:, heads]) == 0.0
+    assert max_abs(lse[:, heads], full_lse[:, heads]) == 0.0
