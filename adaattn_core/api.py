@@ -23,6 +23,7 @@ def attention(
     policy: str | Policy = "exact",
     return_lse: bool = False,
     out: Any | None = None,
+    lse_out: Any | None = None,
     report: Report | None = None,
 ) -> Any:
     """Scaled dot-product attention.
@@ -47,6 +48,8 @@ def attention(
         return_lse: also return lse.
         out: optional preallocated output (shape and dtype of the result, same library and device);
             every element is written.
+        lse_out: optional preallocated lse, C-contiguous [B, Hq, Sq] of the lse dtype (same library and
+            device); every element is written. Adapters pass buffers their framework allocated.
         report: optional `Report` to fill with the backend, the per-head plan and host timings.
 
     Returns:
@@ -61,8 +64,8 @@ def attention(
         TypeError: inputs are not NumPy/CuPy arrays, mix libraries, have unsupported or differing dtypes,
             or an option has the wrong type.
         ValueError: wrong rank, mismatched batch/heads/sequence/head dims, Hq not a multiple of Hkv,
-            D = 0, unknown layout or policy, non-finite scale, inputs on different GPUs, or an `out`
-            of the wrong shape.
+            D = 0, unknown layout or policy, non-finite scale, inputs on different GPUs, or an `out` /
+            `lse_out` of the wrong shape (or a non-contiguous `lse_out`).
     """
     started = time.perf_counter()
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
@@ -72,7 +75,11 @@ def attention(
         out = xp.empty(problem.output_shape(), dtype=q.dtype)
     else:
         check_output("out", out, problem, problem.output_shape(), problem.dtype)
-    lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype))
+    if lse_out is None:
+        lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype))
+    else:
+        check_output("lse_out", lse_out, problem, problem.lse_shape(), lse_dtype(problem.dtype).name, contiguous=True)
+        lse = lse_out
 
     qb, kb, vb = (to_bhsd(x, layout) for x in (q, k, v))
     planned = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .problem import AttentionProblem
@@ -77,7 +78,13 @@ class ExactPolicy(Policy):
     name = "exact"
 
     def plan(self, problem: AttentionProblem, q: Any, k: Any, v: Any, report: Report | None) -> Plan:
-        return Plan(heads=(HeadPlan(path="dense", precision=problem.dtype),) * problem.heads_q)
+        return _all_dense(problem.dtype, problem.heads_q)
+
+
+@lru_cache(maxsize=256)
+def _all_dense(dtype: str, heads: int) -> Plan:
+    """The exact plan, built once per (dtype, head count): it carries no artifacts, so calls can share it."""
+    return Plan(heads=(HeadPlan(path="dense", precision=dtype),) * heads)
 
 
 #: Presets by name. Later policies add themselves here.

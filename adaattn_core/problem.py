@@ -101,14 +101,48 @@ def _check_same_device(arrays: dict[str, Any]) -> None:
             raise ValueError(f"{name} is on GPU {dev} but {first_name} is on GPU {first}; use one device")
 
 
+#: Problems already validated, by call signature (see `_signature`): a repeated call skips validation.
+_DESCRIBED: dict[tuple[Any, ...], AttentionProblem] = {}
+_DESCRIBED_LIMIT = 1024
+
+
+def _signature(q: Any, k: Any, v: Any, causal: Any, scale: Any, layout: Any) -> tuple[Any, ...]:
+    """Everything `describe` reads: array types, shapes, dtypes and GPUs, and the options with their types
+    (so that scale=True never hits the entry of scale=1). Raises AttributeError/TypeError for inputs
+    that are not arrays, which then take the validating path and its clear error."""
+    devices = tuple(x.device.id if library_name(x) == "cupy" else None for x in (q, k, v))
+    key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, devices,
+           causal, type(causal), scale, type(scale), layout)
+    hash(key)
+    return key
+
+
 def describe(
     q: Any, k: Any, v: Any, *, causal: bool, scale: float | None, layout: str
 ) -> AttentionProblem:
     """Validate forward inputs and return the problem description.
 
     Raises TypeError for wrong array types, dtypes or option types and ValueError for wrong shapes or
-    option values; each message names the argument, what was expected and what was given.
+    option values; each message names the argument, what was expected and what was given. Valid
+    signatures are remembered (bounded), so repeated calls cost a dictionary lookup.
     """
+    try:
+        key = _signature(q, k, v, causal, scale, layout)
+    except (AttributeError, TypeError):
+        return _validate(q, k, v, causal=causal, scale=scale, layout=layout)
+    problem = _DESCRIBED.get(key)
+    if problem is None:
+        problem = _validate(q, k, v, causal=causal, scale=scale, layout=layout)
+        if len(_DESCRIBED) >= _DESCRIBED_LIMIT:
+            _DESCRIBED.clear()
+        _DESCRIBED[key] = problem
+    return problem
+
+
+def _validate(
+    q: Any, k: Any, v: Any, *, causal: bool, scale: float | None, layout: str
+) -> AttentionProblem:
+    """The checks behind `describe`, run once per signature."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(causal, bool):
@@ -174,8 +208,10 @@ def describe(
     )
 
 
-def check_output(name: str, x: Any, problem: AttentionProblem, shape: tuple[int, ...], dtype: str) -> None:
-    """Check a caller-provided output buffer (`out=`) or a tensor that must match a forward output."""
+def check_output(
+    name: str, x: Any, problem: AttentionProblem, shape: tuple[int, ...], dtype: str, *, contiguous: bool = False
+) -> None:
+    """Check a caller-provided output buffer (`out=`, `lse_out=`) or a tensor that must match a forward output."""
     lib = library_name(x)
     if lib != problem.library:
         raise TypeError(f"{name} must be a {problem.library} array like q, got {lib}")
@@ -183,6 +219,8 @@ def check_output(name: str, x: Any, problem: AttentionProblem, shape: tuple[int,
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     if _dtype_name(x) != dtype:
         raise TypeError(f"{name}.dtype must be {dtype}, got {_dtype_name(x)}")
+    if contiguous and not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {tuple(x.strides)} (bytes)")
     if lib == "cupy":
         import cupy
 

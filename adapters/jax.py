@@ -10,8 +10,8 @@ dtypes, so bad input raises its TypeError/ValueError from the call, not from ins
 
 Execution, picked per platform at lowering (`jax.lax.platform_dependent`):
 - GPU: `jax.experimental.buffer_callback` runs the core's CuPy path on XLA's stream (no synchronisation),
-  reading XLA's input buffers and writing `out` into XLA's output buffer through DLPack views. lse, and the
-  backward's dq, dk, dv, are allocated by the core in CuPy's memory pool and copied once into XLA's buffers.
+  reading XLA's input buffers and writing out and lse into XLA's output buffers through DLPack views. The
+  backward's dq, dk, dv are allocated by the core in CuPy's memory pool and copied once into XLA's buffers.
   Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` so that XLA leaves GPU memory for CuPy.
 - CPU: `jax.pure_callback` into the NumPy CPU backend.
 
@@ -128,8 +128,7 @@ def _views(buffers: Sequence[Any]) -> list[Any]:
 def _forward_on_device(ctx: Any, outs: Sequence[Any], q: Any, k: Any, v: Any, **options) -> None:
     with _on_xla_stream(ctx, q):
         out, lse = _views(outs)
-        _, core_lse = adaattn_core.attention(*_views((q, k, v)), out=out, return_lse=True, **options)
-        lse[...] = core_lse
+        adaattn_core.attention(*_views((q, k, v)), out=out, lse_out=lse, **options)
 
 
 def _backward_on_device(ctx: Any, outs: Sequence[Any], *inputs: Any, **options) -> None:

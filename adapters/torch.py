@@ -17,8 +17,9 @@ Data path (no copies, no device synchronisation):
 
 Autograd and compile: the forward and backward are the custom operators `adaattn::attention` and
 `adaattn::attention_backward` (`torch.library.custom_op`, fake implementations registered), so
-`torch.compile(fullgraph=True)` traces through them. The backward recomputes the softmax from the saved lse
-(`adaattn_core.attention_backward`); double backward is not supported. `policy` is passed by name.
+`torch.compile(fullgraph=True)` traces through them; eager calls skip the operator dispatch (see `attention`).
+The backward recomputes the softmax from the saved lse (`adaattn_core.attention_backward`); double backward
+is not supported. `policy` is passed by name.
 """
 
 from __future__ import annotations
@@ -94,35 +95,27 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return getattr(torch, lse_dtype(str(q.dtype).removeprefix("torch.")).name)
 
 
-# --- custom operators --------------------------------------------------------------------------------------
+# --- the two calls into the core ----------------------------------------------------------------------------
 
-@torch.library.custom_op("adaattn::attention", mutates_args=())
-def _attention_op(
+def _lse_shape(q: Tensor, layout: str) -> tuple[int, int, int]:
+    return (q.shape[0], q.shape[2], q.shape[1]) if layout == "bshd" else tuple(q.shape[:3])
+
+
+def _forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of `adaattn_core.attention` (return_lse=True); out is allocated by torch."""
+    """(out, lse) of `adaattn_core.attention`, both allocated by torch and written by the core in place."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, layout), dtype=_lse_dtype(q), device=q.device)
     with _on_callers_stream(q):
-        _, lse = adaattn_core.attention(
+        adaattn_core.attention(
             _to_core(q), _to_core(k), _to_core(v), causal=causal, scale=scale, layout=layout, policy=policy,
-            return_lse=True, out=_to_core(out),
+            out=_to_core(out), lse_out=_to_core(lse),
         )
-        return out, _from_core(lse)
+    return out, lse
 
 
-@_attention_op.register_fake
-def _attention_fake(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
-) -> tuple[Tensor, Tensor]:
-    # Shapes only (they may be symbolic here); the core validates when the real operator runs.
-    batch, heads, seq = (q.shape[0], q.shape[2], q.shape[1]) if layout == "bshd" else q.shape[:3]
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (batch, heads, seq), dtype=_lse_dtype(q)
-    )
-
-
-@torch.library.custom_op("adaattn::attention_backward", mutates_args=())
-def _attention_backward_op(
+def _backward_grads(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     causal: bool, scale: float | None, layout: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,6 +125,35 @@ def _attention_backward_op(
             *(_to_core(t) for t in (dout, q, k, v, out, lse)), causal=causal, scale=scale, layout=layout
         )
         return tuple(_from_core(g) for g in grads)
+
+
+# --- custom operators (what torch.compile traces) ------------------------------------------------------------
+
+@torch.library.custom_op("adaattn::attention", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of `adaattn_core.attention` (return_lse=True)."""
+    return _forward(q, k, v, causal, scale, layout, policy)
+
+
+@_attention_op.register_fake
+def _attention_fake(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+) -> tuple[Tensor, Tensor]:
+    # Shapes only (they may be symbolic here); the core validates when the real operator runs.
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        _lse_shape(q, layout), dtype=_lse_dtype(q)
+    )
+
+
+@torch.library.custom_op("adaattn::attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    causal: bool, scale: float | None, layout: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of `adaattn_core.attention_backward`."""
+    return _backward_grads(dout, q, k, v, out, lse, causal, scale, layout)
 
 
 @_attention_backward_op.register_fake
@@ -157,6 +179,15 @@ def _backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward, setup and backward as the custom operator's autograd, without the operator's
+    dispatch (tens of µs per call in eager mode); used outside torch.compile."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 # --- public API ----------------------------------------------------------------------------------------
 
 def attention(
@@ -169,8 +200,15 @@ def attention(
     all on one CUDA device or all on the CPU; float16, bfloat16, float32 or float64. Returns out with q's
     shape and dtype (contiguous). causal=True is aligned bottom-right when Sq != Sk (flash-attn >= 2.1);
     scale defaults to 1/sqrt(D). Raises the core's TypeError/ValueError.
+
+    Under torch.compile this is the custom operator `adaattn::attention`; in eager mode the same code runs
+    without the operator dispatch: through an autograd.Function when a gradient is needed, else directly.
     """
-    return _attention_op(q, k, v, causal, scale, layout, policy)[0]
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, causal, scale, layout, policy)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, causal, scale, layout, policy)[0]
+    return _forward(q, k, v, causal, scale, layout, policy)[0]
 
 
 def scaled_dot_product_attention(

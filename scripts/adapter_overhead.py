@@ -1,13 +1,16 @@
 """Host overhead of each adapter: µs per call at B=1, H=1, S=64, D=64 (bf16, GPU), back-to-back calls.
 
 Prints each path's µs per call and its extra over the core call on CuPy arrays and over torch SDPA
-(target: adapter − core ≤ 15 µs). Run on the GPU machine: `python3 scripts/adapter_overhead.py [--calls N]`.
+(issue #5's target: adapter − SDPA ≤ 15 µs). `--profile` adds cProfile's top entries for the torch adapter
+and the core call. Run on the GPU machine: `python3 scripts/adapter_overhead.py [--calls N] [--profile]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import time
 from collections.abc import Callable
 
@@ -35,7 +38,9 @@ def per_call_us(fn: Callable[[], object], sync: Callable[[], None], calls: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000)
-    calls = parser.parse_args().calls
+    parser.add_argument("--profile", action="store_true", help="cProfile the torch adapter and the core call")
+    args = parser.parse_args()
+    calls = args.calls
 
     shape = (1, 1, 64, 64)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -79,6 +84,14 @@ def main() -> None:
     hq, hk, hv = (np.asarray(x.float().cpu()) for x in (q, k, v))
     rows.append(("numpy adapter, float32 host arrays (2 copies)",
                  per_call_us(lambda: ada_np.attention(hq, hk, hv), lambda: None, max(calls // 10, 50))))
+
+    if args.profile:
+        for name, fn in (("torch adapter attention", lambda: ada_torch.attention(q, k, v)),
+                         ("core on CuPy arrays", lambda: aa.attention(cq, ck, cv))):
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda fn=fn: [fn() for _ in range(calls)])
+            print(f"--- cProfile: {name}, {calls} calls")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
     base = dict(rows)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CuPy {cp.__version__}; "

@@ -145,3 +145,29 @@ def test_mixed_libraries(qkv):
     q, k, v = qkv
     with pytest.raises(TypeError, match=r"v is a cupy array but q is a numpy array"):
         aa.attention(q, k, FakeCupy())
+
+
+def test_lse_out(qkv):
+    q, k, v = qkv
+    lse = np.full((2, 4, 8), np.nan, np.float32)
+    out, returned = aa.attention(q, k, v, lse_out=lse, return_lse=True)
+    assert returned is lse and np.isfinite(lse).all()
+    with pytest.raises(TypeError, match=r"lse_out.dtype must be float32, got float64"):
+        aa.attention(q, k, v, lse_out=np.empty((2, 4, 8), np.float64))
+    with pytest.raises(ValueError, match=r"lse_out must have shape \(2, 4, 8\), got \(2, 4, 7\)"):
+        aa.attention(q, k, v, lse_out=np.empty((2, 4, 7), np.float32))
+    with pytest.raises(ValueError, match=r"lse_out must be C-contiguous"):
+        aa.attention(q, k, v, lse_out=np.empty((2, 8, 4), np.float32).transpose(0, 2, 1))
+
+
+def test_remembered_signatures_still_check_option_types(qkv):
+    """A valid call is remembered by signature; options equal in value but of another type still fail."""
+    q, k, v = qkv
+    aa.attention(q, k, v, scale=1, causal=True)
+    aa.attention(q, k, v, scale=1, causal=True)
+    with pytest.raises(TypeError, match=r"scale must be a float or None, got bool"):
+        aa.attention(q, k, v, scale=True, causal=True)
+    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
+        aa.attention(q, k, v, scale=1, causal=1)
+    with pytest.raises(ValueError, match=r"k must be 4-D"):
+        aa.attention(q, k[0], v)
