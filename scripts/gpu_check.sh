@@ -2,7 +2,7 @@
 # The one command to run on the GPU machine. Installs the project without network, then runs the
 # requested steps and writes logs and JSON under $OUT (default: ./gpu-out).
 #
-#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd sanitize overhead asv
+#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd sanitize overhead cli-bench asv
 #                                        (default: info tests bench bench-bwd)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
@@ -49,8 +49,12 @@ for step in "${steps[@]}"; do
         2>&1 | tee "$OUT/bench-fwdbwd.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     overhead)
-      { python3 scripts/host_overhead.py 2>&1 | head -12; python3 scripts/adapter_overhead.py 2>&1; } \
-        | tee "$OUT/overhead.txt" ;;
+      python3 scripts/adapter_overhead.py --profile 2>&1 | tee "$OUT/overhead.txt" ;;
+    cli-bench)
+      # The user's command (issue #8): progress bar, table, JSON and PNG under $OUT/cli-bench/.
+      eval python3 -m adaattn_core.cli bench --out-dir "$OUT/cli-bench" "${CLI_BENCH_ARGS:-}" 2>&1 \
+        | tee "$OUT/cli-bench.log" | tail -30
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     asv)
       # airspeed velocity from the wheels in .whl/ (no network here), results for HEAD under
       # asv_benchmarks/results/<machine>/, packed into $OUT/asv-results.tar.gz (untar at the repo root).

@@ -22,4 +22,4 @@ if [ -n "${NCU:-}" ]; then
     python3 scripts/profile_forward.py $NCU > "$OUT/ncu.txt" 2>&1
   grep -E "Throughput|Tensor|hmma|pipe_xu|Occupancy|Registers|Stall|Warp Cycles|Block Limit|Duration" "$OUT/ncu.txt" | head -40
 fi
-python3 scripts/host_overhead.py 2>&1 | tee "$OUT/host-overhead.txt"
+python3 scripts/adapter_overhead.py --profile 2>&1 | tee "$OUT/overhead.txt"
