@@ -2,7 +2,7 @@
 # The one command to run on the GPU machine. Installs the project without network, then runs the
 # requested steps and writes logs and JSON under $OUT (default: ./gpu-out).
 #
-#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd sanitize overhead cli-bench asv
+#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd sanitize overhead cli-bench quality asv
 #                                        (default: info tests bench bench-bwd)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
@@ -50,6 +50,14 @@ for step in "${steps[@]}"; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     overhead)
       python3 scripts/adapter_overhead.py --profile 2>&1 | tee "$OUT/overhead.txt" ;;
+    quality)
+      # Issue #9: train SDPA / AdaAttn-exact / SDPA-noise GPTs, evaluate every policy, capture activations,
+      # then the GPU tests that read those activations (same call: the file stays on the device).
+      eval python3 -m benchmarks.quality.run --out "$OUT/quality" "${QUALITY_ARGS:-}" 2>&1 | tee "$OUT/quality.log" \
+        | grep -v "^step" | tail -40
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quality.py tests/test_gpu_real_activations.py 2>&1 \
+        | tee -a "$OUT/quality.log" | tail -5 ;;
     cli-bench)
       # The user's command (issue #8): progress bar, table, JSON and PNG under $OUT/cli-bench/.
       eval python3 -m adaattn_core.cli bench --out-dir "$OUT/cli-bench" "${CLI_BENCH_ARGS:-}" 2>&1 \
