@@ -9,6 +9,7 @@ Importing this package never imports CuPy, torch or jax.
 from .api import attention, attention_backward
 from .device import Capabilities, capabilities
 from .policy import POLICIES, HeadPlan, Plan, Policy, resolve_policy
+from .precision import PrecisionPolicy, precision_capabilities  # registers "quality", "balanced", "speed", "fp8"
 from .problem import AttentionProblem
 from .reference import attention_backward_reference, attention_reference
 from .report import Report
@@ -22,6 +23,7 @@ __all__ = [
     "HeadPlan",
     "Plan",
     "Policy",
+    "PrecisionPolicy",
     "Report",
     "__version__",
     "attention",
@@ -29,5 +31,6 @@ __all__ = [
     "attention_backward_reference",
     "attention_reference",
     "capabilities",
+    "precision_capabilities",
     "resolve_policy",
 ]

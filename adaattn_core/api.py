@@ -9,6 +9,7 @@ from . import backends
 from ._arrays import lse_dtype, namespace
 from .policy import Policy, resolve_policy
 from .problem import check_output, describe, describe_backward, to_bhsd
+from .reference import head_errors
 from .report import Report
 
 
@@ -88,6 +89,10 @@ def attention(
         backend = backends.forward(problem, plan, qb, kb, vb, to_bhsd(out, layout), lse)
     else:
         backend = backends.forward_backend(problem)
+    if report is not None and report.measure_error and not problem.is_empty:
+        report.measured["error"] = head_errors(
+            qb, kb, vb, to_bhsd(out, layout), causal=problem.causal, scale=problem.scale
+        )
     if report is not None:
         report.backend = backend
         report.device = backends.device_name(problem)

@@ -25,7 +25,7 @@ from .report import Report
 def _cmd_info(args: argparse.Namespace) -> int:
     caps = capabilities()
     if args.json:
-        print(json.dumps({"adaattn": __version__, **caps.as_dict()}, indent=2))
+        print(json.dumps({"adaattn": __version__, **caps.as_dict(), "policies": sorted(POLICIES)}, indent=2))
         return 0
     cc = "n/a" if caps.compute_capability is None else "sm_{}{}".format(*caps.compute_capability)
     print(f"adaattn {__version__}")

@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from .launch_config import MIN_COMPUTE_CAPABILITY
+from .precision import precision_capabilities
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,7 @@ def capabilities() -> Capabilities:
         backends["cuda"] = f"unavailable: sm_{cc[0]}{cc[1]} is older than sm_80 (mma.sync bf16, cp.async)"
     else:
         backends["cuda"] = "available (fused float16/bfloat16 forward and backward, NVRTC " + _nvrtc_version(cupy) + ")"
-    fused = backends["cuda"].startswith("available")
-    precisions = {
-        "float64": "available (CPU; GPU through cupy-blocked)",
-        "float32": "available (CPU; GPU through cupy-blocked, cuBLAS float32 without TF32)",
-        "float16": "available" + (" (GPU: fused kernel)" if fused else " (CPU computes in float32)"),
-        "bfloat16": "available" + (" (GPU: fused kernel, sm_80+)" if fused else
-                                   " (CPU computes in float32; NumPy needs ml_dtypes)"),
-    }
+    precisions = precision_capabilities(None if cc is None else f"{cc[0]}{cc[1]}")
     return Capabilities(
         platform=platform.platform(),
         python=platform.python_version(),

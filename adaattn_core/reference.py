@@ -72,3 +72,41 @@ def attention_backward_reference(
             dq[b, h] = dscores @ kb[b, kv]
             dk[b, kv] += dscores.T @ qb[b, h]
     return to_bhsd(dq, layout), to_bhsd(dk, layout), to_bhsd(dv, layout)
+
+
+def head_errors(
+    q: Any, k: Any, v: Any, out: Any, *, causal: bool, scale: float, rows: Any | None = None,
+    chunk_elements: int = 1 << 24,
+) -> list[float]:
+    """Relative L2 error per query head of a finished output against float64 attention.
+
+    q, k, v, out: [B, H, S, D] views (NumPy or CuPy; computed on their device). For query head h the error is
+    ‖out[:, h, rows] − ref[:, h, rows]‖ / ‖ref[:, h, rows]‖ over all batch entries (just ‖out‖ where the
+    reference is 0, e.g. rows that see no key), `rows` a 1-D index array (None: every row). Scores are formed
+    in row chunks of about `chunk_elements` float64 values, so memory stays O(B·chunk·Sk).
+    """
+    xp = namespace(library_name(q))
+    batch, heads_q, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    group = heads_q // max(k.shape[1], 1)
+    picked = xp.arange(seqlen_q) if rows is None else xp.asarray(rows)
+    step = max(1, chunk_elements // max(1, batch * seqlen_k))
+    errors = []
+    for h in range(heads_q):
+        kh, vh = k[:, h // group].astype(xp.float64), v[:, h // group].astype(xp.float64)
+        diff = norm = 0.0
+        for start in range(0, len(picked), step):
+            index = picked[start : start + step]
+            scores = (q[:, h][:, index].astype(xp.float64) @ kh.swapaxes(-1, -2)) * scale
+            if causal:
+                visible = xp.arange(seqlen_k)[None, :] <= index[:, None] + (seqlen_k - seqlen_q)
+                scores = xp.where(visible, scores, -xp.inf)
+            row_max = scores.max(axis=-1, keepdims=True) if seqlen_k else xp.zeros(scores.shape[:-1] + (1,))
+            weights = xp.exp(scores - xp.where(xp.isneginf(row_max), 0.0, row_max))
+            total = weights.sum(axis=-1, keepdims=True)
+            ref = (weights / xp.where(total > 0, total, 1.0)) @ vh
+            got = out[:, h][:, index].astype(xp.float64)
+            diff += float(((got - ref) ** 2).sum())
+            norm += float((ref**2).sum())
+        errors.append(math.sqrt(diff / norm) if norm > 0 else math.sqrt(diff))
+    return errors

@@ -24,7 +24,8 @@ class Report:
                  ("precision", "rank")
     measure_error: set True before the call to have adaptive policies also measure each head's error
                  against a float64 recompute (costly: for tests and studies)
-    measured:    the measured per-head errors, keyed like `estimates` (empty unless measure_error)
+    measured:    with measure_error, "error": per query head the relative L2 error of the output against
+                 float64 attention over all rows (`reference.head_errors`)
     timings_ms:  host-side wall times of the call's phases (no device synchronisation is added for them)
     """
 

@@ -21,7 +21,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from adaattn_core.launch_config import KernelLaunch, all_backward_kernels, all_forward_kernels
+from adaattn_core.launch_config import KernelLaunch, all_backward_kernels, all_forward_kernels, all_fp8_kernels
 from adaattn_core.loader import kernel_source_dir
 
 NO_LOCAL_MEMORY_DIMS = (64, 128)
@@ -41,13 +41,23 @@ PARAMS = {
     + "long long, " * 18 + "int, int, int, int, int, float, float",
     "attention_bwd_dq": _IN4 + _STATS + "{t}* __restrict__, " + "long long, " * 15
     + "int, int, int, int, int, float, float",
+    "quantize_fp8_stats": "const {t}* __restrict__, const {t}* __restrict__, " + "long long, " * 6
+    + "int, int, int, int, float* __restrict__, float* __restrict__",
+    "quantize_fp8_rows": "const {t}* __restrict__, " + "long long, " * 3
+    + "const int* __restrict__, int, int, int, int, const float* __restrict__, int, int, "
+    + "unsigned char* __restrict__, float* __restrict__, float* __restrict__",
+    "quantize_fp8_vt": "const {t}* __restrict__, " + "long long, " * 3
+    + "int, int, int, const float* __restrict__, int, unsigned char* __restrict__, float* __restrict__",
+    "attention_fwd_fp8_sm90": "const unsigned char* __restrict__, " * 3 + "const float* __restrict__, " * 4
+    + "const int* __restrict__, {t}* __restrict__, float* __restrict__, " + "long long, " * 3
+    + "int, int, int, int, int, float",
     "attention_bwd_dq_convert": "const float* __restrict__, {t}* __restrict__, " + "long long, " * 3
     + "int, int, int, int, float",
 }
 
 
 def all_kernels() -> list[KernelLaunch]:
-    return all_forward_kernels() + all_backward_kernels()
+    return all_forward_kernels() + all_backward_kernels() + all_fp8_kernels()
 
 
 def instantiation_unit(source: str, kernels: list[KernelLaunch]) -> str:

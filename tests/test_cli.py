@@ -31,7 +31,8 @@ def test_info_json():
     result = _adaattn("info", "--json")
     info = json.loads(result.stdout)
     assert info["backends"]["cpu"].startswith("available")
-    assert set(info["precisions"]) == {"float16", "bfloat16", "float32", "float64"}
+    assert set(info["precisions"]) == {"float16", "bfloat16", "float32", "float64", "float8_e4m3"}
+    assert {"exact", "quality", "balanced", "speed", "fp8"} <= set(info["policies"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])

@@ -1,0 +1,197 @@
+"""Launcher of the fp8 forward on Hopper: quantize_fp8.cu (K/V statistics, Q/K per-tile quantisation with K
+mean smoothing, V per-channel quantisation transposed) then attention_fwd_fp8_sm90.cu, for CuPy arrays.
+
+    tensors = quantize(problem, q, k, v, heads)      # e4m3 bytes and fp32 scales, see `Fp8Tensors`
+    forward(problem, q, k, v, out, lse, heads, {"fp8": tensors})
+
+Everything runs on CuPy's current stream without synchronising; the quantisation is part of every call
+(or of the policy's, which leaves the tensors in `Plan.artifacts["fp8"]` for the backend to reuse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .cuda_common import LOG2E, common_unsupported_reason, readable, writable
+from .device import capabilities
+from .launch_config import (
+    FP8_BLOCK_M,
+    FP8_BLOCK_N,
+    FP8_HEAD_DIMS,
+    FP8_STATS_ROWS,
+    FP8_V_KEYS,
+    KernelLaunch,
+    fp8_launches,
+)
+from .loader import get_kernel
+from .problem import AttentionProblem
+
+
+@dataclass(frozen=True)
+class Fp8Tensors:
+    """Quantised inputs of one call (CuPy arrays; e4m3 as uint8 bytes).
+
+    qq [B, Hq, Sq', D] and sq [B, Hq, Sq'/BLOCK_M]: q ≈ qq·sq per tile of BLOCK_M rows (Sq' = Sq rounded up,
+        padding rows zero); only the query heads in `heads` are written.
+    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/BLOCK_N]: k − mean_j k ≈ kq·sk per tile of BLOCK_N keys.
+    vt [B, Hkv, D, Sk'] and sv [B, Hkv, D]: v[j, d] ≈ vt[d, pos(j)]·sv[d], keys permuted inside 32-key chunks
+        (`key_positions`).
+    row_bias [B, Hq, Sq'] = q·mean_j k (the mean subtracted from k, before the rotation), which the kernel
+        adds back (times scale) to lse.
+    rotate: whether Q and K were multiplied by the normalised Hadamard matrix (their products are unchanged).
+    """
+
+    heads: tuple[int, ...]
+    qq: Any
+    sq: Any
+    kq: Any
+    sk: Any
+    vt: Any
+    sv: Any
+    row_bias: Any
+    rotate: bool
+
+
+def key_positions(seqlen: int) -> np.ndarray:
+    """pos[j]: the column of V^T that holds key j (the permutation inside each 32-key chunk that lets the
+    kernel feed the S accumulators to P·V as e4m3 A fragments; see attention_fwd_fp8_sm90.cu)."""
+    j = np.arange(seqlen)
+    r = j % 16
+    return (j & ~15) + 4 * ((r % 8) // 2) + 2 * (r // 8) + r % 2
+
+
+def unsupported_reason(problem: AttentionProblem) -> str | None:
+    """Why the fp8 forward cannot take `problem` (None when it can)."""
+    reason = common_unsupported_reason(problem)
+    if reason is not None:
+        return reason
+    cc = capabilities().compute_capability
+    if cc != (9, 0):
+        return f"compute capability {cc} (the fp8 kernel uses wgmma e4m3: sm_90a only)"
+    if problem.head_dim not in FP8_HEAD_DIMS:
+        return f"head dim {problem.head_dim} (fp8 kernels take {list(FP8_HEAD_DIMS)})"
+    if problem.scale <= 0:
+        return f"scale {problem.scale} (the fp8 kernel folds the scale into exp2 after the row max: needs > 0)"
+    return None
+
+
+@lru_cache(maxsize=128)
+def _kernels(problem: AttentionProblem, device_id: int, rotate: bool) -> dict[str, tuple[Any, KernelLaunch]]:
+    """Compiled kernels and their launch data for a problem on a device, built once."""
+    kernels = {}
+    for role, launch in fp8_launches(problem.dtype, problem.head_dim, problem.causal, rotate).items():
+        kernel = get_kernel(launch.source, launch.name)
+        if launch.smem_bytes:
+            kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
+        kernels[role] = (kernel, launch)
+    return kernels
+
+
+@lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...], device_id: int) -> Any:
+    """`heads` as an int32 device array, uploaded once: a per-call upload from pageable memory would make the
+    host wait for the stream and stall the launch queue."""
+    import cupy
+
+    return cupy.asarray(heads, dtype=cupy.int32)
+
+
+def _ceil_to(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _check_grid(grid: int) -> int:
+    if grid >= 2**31:
+        raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
+    return grid
+
+
+def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int], rotate: bool = True) -> Fp8Tensors:
+    """Quantise q (query heads `heads`), k and v (every KV head) to e4m3 with the kernel's scales; `rotate`
+    applies the Hadamard rotation along the head dim to Q and K first (Q Kᵀ unchanged, outliers spread).
+
+    q, k, v: [B, H, S, D] CuPy views of 16-bit floats (copied once if their strides do not suit the kernels).
+    Raises ValueError if `problem` is not supported (`unsupported_reason`) or the grid is too large.
+    """
+    import cupy
+
+    reason = unsupported_reason(problem)
+    if reason is not None:
+        raise ValueError(f"fp8 forward unsupported: {reason}")
+    device = cupy.cuda.runtime.getDevice()
+    kernels = _kernels(problem, device, rotate)
+    b, hq, hkv, d = problem.batch, problem.heads_q, problem.heads_kv, problem.head_dim
+    sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, FP8_BLOCK_N)
+    (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
+    splits = -(-problem.seqlen_k // FP8_STATS_ROWS)
+    k_sum = cupy.empty((b, hkv, splits, d), dtype=cupy.float32)
+    v_amax = cupy.empty((b, hkv, splits, d), dtype=cupy.float32)
+    qq = cupy.empty((b, hq, sq_pad, d), dtype=cupy.uint8)
+    sq = cupy.empty((b, hq, sq_pad // FP8_BLOCK_M), dtype=cupy.float32)
+    row_bias = cupy.empty((b, hq, sq_pad), dtype=cupy.float32)
+    kq = cupy.empty((b, hkv, sk_pad, d), dtype=cupy.uint8)
+    sk = cupy.empty((b, hkv, sk_pad // FP8_BLOCK_N), dtype=cupy.float32)
+    vt = cupy.empty((b, hkv, d, sk_pad), dtype=cupy.uint8)
+    sv = cupy.empty((b, hkv, d), dtype=cupy.float32)
+    q_heads, kv_heads = _head_index(tuple(heads), device), _head_index(tuple(range(hkv)), device)
+    i32, i64 = np.int32, np.int64
+
+    kernel, launch = kernels["stats"]
+    kernel((_check_grid(splits * hkv * b),), (launch.threads,),
+           (k, v, *map(i64, ks[:3]), *map(i64, vs[:3]), i32(hkv), i32(problem.seqlen_k), i32(FP8_STATS_ROWS),
+            i32(splits), k_sum, v_amax))
+    kernel, launch = kernels["quantize_q"]
+    kernel((_check_grid(sq_pad // FP8_BLOCK_M * len(heads) * b),), (launch.threads,),
+           (q, *map(i64, qs[:3]), q_heads, i32(len(heads)), i32(hq), i32(problem.group_size), i32(problem.seqlen_q),
+            k_sum, i32(splits), i32(problem.seqlen_k), qq, sq, row_bias))
+    kernel, launch = kernels["quantize_k"]
+    kernel((_check_grid(sk_pad // FP8_BLOCK_N * hkv * b),), (launch.threads,),
+           (k, *map(i64, ks[:3]), kv_heads, i32(hkv), i32(hkv), i32(1), i32(problem.seqlen_k), k_sum, i32(splits),
+            i32(problem.seqlen_k), kq, sk, row_bias))
+    kernel, launch = kernels["quantize_vt"]
+    kernel((_check_grid(sk_pad // FP8_V_KEYS * hkv * b),), (launch.threads,),
+           (v, *map(i64, vs[:3]), i32(hkv), i32(problem.seqlen_k), i32(sk_pad), v_amax, i32(splits), vt, sv))
+    return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, sv, row_bias, rotate)
+
+
+def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any, heads: list[int],
+            artifacts: dict[str, Any] | None = None) -> None:
+    """fp8 attention for the query heads `heads` into `out` and `lse`; other heads are left untouched.
+
+    out[b,h,i] ≈ Σ_j softmax_j(scale·q[b,h,i]·k[b,h//G,j]) v[b,h//G,j] with Q, K (mean-smoothed) and V in
+    e4m3 (per-tile scales for Q/K, per-channel for V), P rounded to e4m3, fp32 accumulation; lse in natural
+    log. Causal is bottom-right aligned; rows that see no key give out = 0 and lse = −inf.
+
+    q, k, v: [B, H, S, D] CuPy views (16-bit, any strides); out: [B, Hq, Sq, D] view in the input dtype;
+    lse: [B, Hq, Sq] float32, contiguous. `artifacts["fp8"]`, when it holds `Fp8Tensors` covering `heads`
+    (left there by the precision policy), is reused instead of quantising again.
+    Raises ValueError when the problem is unsupported (`unsupported_reason`).
+    """
+    import cupy
+
+    if not heads:
+        return
+    tensors = (artifacts or {}).get("fp8")
+    if not isinstance(tensors, Fp8Tensors) or not set(heads) <= set(tensors.heads):
+        tensors = quantize(problem, q, k, v, heads)
+    kernel, launch = _kernels(problem, cupy.cuda.runtime.getDevice(), True)["forward"]
+    target, o_strides = writable(out)
+    grid = _check_grid(-(-problem.seqlen_q // FP8_BLOCK_M) * len(heads) * problem.batch)
+    kernel(
+        (grid,),
+        (launch.threads,),
+        (
+            tensors.qq, tensors.kq, tensors.vt, tensors.sq, tensors.sk, tensors.sv, tensors.row_bias,
+            _head_index(tuple(heads), cupy.cuda.runtime.getDevice()), target, lse,
+            *map(np.int64, o_strides[:3]),
+            np.int32(len(heads)), np.int32(problem.heads_q), np.int32(problem.heads_kv),
+            np.int32(problem.seqlen_q), np.int32(problem.seqlen_k), np.float32(problem.scale * LOG2E),
+        ),
+        shared_mem=launch.smem_bytes,
+    )
+    if target is not out:
+        out[:, heads] = target[:, heads]

@@ -1,0 +1,121 @@
+"""FP8 forward sweep on Hopper: AdaAttn's fp8 path (quantisation included) beside our bf16 forward, torch SDPA's
+flash and cuDNN backends (bf16) and SageAttention when installed, same process, same GPU, same inputs.
+
+FlashAttention-paper setup: B·S = 16k tokens, H·D = 2048, bf16 inputs, S ∈ {1k … 16k}, D ∈ {64, 128}, causal
+and not. Per row:
+- "adaattn[fp8]"      attention(policy="fp8") through the public API (quantisation in every call);
+- "adaattn-fp8-call"  cuda_fp8.forward on its own (quantisation + kernel, no API overhead);
+- "fp8-quantize"      cuda_fp8.quantize alone ("fp8-quantize-no-rotation": without the Hadamard rotation),
+                      and "fp8-kernel" the attention kernel on pre-quantised inputs;
+- "adaattn"           our bf16 forward (policy "exact"), and the peers.
+Mechanics from `adaattn_core.bench`: fresh random inputs rotated among sets that exceed L2, warm-up calls,
+medians of CUDA-event timings on torch's current stream, outputs preallocated and poisoned (NaN) first.
+Writes JSON with device, driver and versions:
+
+    python benchmarks/bench_fp8.py --out benchmarks/results/<date>-<gpu>-fp8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import cupy
+import torch
+from bench_forward import HIDDEN, TOKENS, _median_ms, environment  # benchmarks/ is the script's directory
+
+from adaattn_core import bench, cuda_fp8
+from adaattn_core.problem import describe
+
+PEERS = ("torch-flash", "torch-cudnn", "sageattention")
+
+
+def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]:
+    """The direct fp8 timings: whole call, quantisation alone, kernel alone (outputs poisoned once)."""
+    problem = describe(*sets[0], causal=causal, scale=None, layout="bhsd")
+    heads = list(range(problem.heads_q))
+    outs = [cupy.full(q.shape, cupy.nan, q.dtype) for q, _, _ in sets]
+    lses = [cupy.full(q.shape[:3], cupy.nan, cupy.float32) for q, _, _ in sets]
+    prepared = [{"fp8": cuda_fp8.quantize(problem, *s, heads)} for s in sets]
+
+    def call(i: int) -> None:
+        j = i % len(sets)
+        cuda_fp8.forward(problem, *sets[j], outs[j], lses[j], heads)
+
+    def quantize(i: int) -> None:
+        cuda_fp8.quantize(problem, *sets[i % len(sets)], heads)
+
+    def quantize_plain(i: int) -> None:
+        cuda_fp8.quantize(problem, *sets[i % len(sets)], heads, rotate=False)
+
+    def kernel(i: int) -> None:
+        j = i % len(sets)
+        cuda_fp8.forward(problem, *sets[j], outs[j], lses[j], heads, prepared[j])
+
+    call(0)
+    cupy.cuda.get_current_stream().synchronize()
+    return {"adaattn-fp8-call": call, "fp8-quantize": quantize, "fp8-quantize-no-rotation": quantize_plain,
+            "fp8-kernel": kernel, "_out": outs[0]}
+
+
+def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
+    case = bench.Case(seq=seq, dim=dim, causal=causal, batch=TOKENS // seq, heads=HIDDEN // dim, dtype="bfloat16")
+    with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):
+        sets = bench.make_input_sets(case, "gpu", seed=None)
+        peers, skipped = bench.resolve_peers(list(PEERS), "gpu", ["bfloat16"])
+        row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=peers, warmup=warmup,
+                             repeat=repeat, sets=sets)
+        row.setdefault("unsupported", {}).update(skipped)
+        try:
+            impls = _fp8_impls(sets, causal)
+            row["rel_l2_vs_float64"]["adaattn-fp8-call"] = bench.float64_error(impls.pop("_out"), *sets[0], causal,
+                                                                                256)
+            for name, fn in impls.items():
+                row["ms"][name] = _median_ms(fn, warmup, repeat)
+                row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
+        except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
+            row["unsupported"]["adaattn-fp8-call"] = f"{type(error).__name__}: {error}"[:200]
+    ms = row["ms"]
+    fp8 = ms.get("adaattn-fp8-call")
+    row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)
+                          for name in ("adaattn", "torch-flash", "torch-cudnn", "sageattention")}
+    bench.free_memory("gpu")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args()
+
+    results = {"env": environment(), "setup": f"B*S={TOKENS}, H*D={HIDDEN}, bf16 inputs, [B,H,S,D]", "rows": []}
+    print(f"# {results['env']['gpu']}, driver {results['env']['driver']}, torch {results['env']['torch']}")
+    print(f"{'D':>4} {'S':>6} {'causal':>6} | ms: {'fp8':>7} {'quant':>7} {'kernel':>7} {'api-fp8':>7} {'bf16':>7} "
+          f"{'cudnn':>7} | fp8 speedup vs: {'bf16':>5} {'flash':>5} {'cudnn':>5} | fp8 rel_l2")
+
+    def fmt(x: float | None, spec: str = "7.3f") -> str:
+        return " " * (int(spec.split(".")[0]) - 3) + "n/a" if x is None else format(x, spec)
+
+    for dim in args.dims:
+        for causal in (False, True):
+            for seq in args.seqs:
+                row = run_config(seq, dim, causal, args.warmup, args.repeat)
+                results["rows"].append(row)
+                ms, up = row["ms"], row["fp8_speedup"]
+                print(f"{dim:>4} {seq:>6} {causal!s:>6} | ms: {fmt(ms.get('adaattn-fp8-call'))} "
+                      f"{fmt(ms.get('fp8-quantize'))} {fmt(ms.get('fp8-kernel'))} {fmt(ms.get('adaattn[fp8]'))} "
+                      f"{fmt(ms.get('adaattn'))} {fmt(ms.get('torch-cudnn'))} | {fmt(up['adaattn'], '15.2f')} "
+                      f"{fmt(up['torch-flash'], '5.2f')} {fmt(up['torch-cudnn'], '5.2f')} | "
+                      f"{row['rel_l2_vs_float64'].get('adaattn-fp8-call', float('nan')):.1e}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

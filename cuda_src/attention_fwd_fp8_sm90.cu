@@ -1,0 +1,393 @@
+// FP8 (e4m3) attention forward on Hopper warpgroup tensor cores (wgmma.mma_async ...k32.e4m3), sm_90a only.
+//
+// Inputs are the outputs of the quantisation kernels (quantize_fp8_*.cu), for query heads h in `heads`:
+//     qq[b,h,i,:] * sq[b,h,i / BLOCK_M]        ~ q[b,h,i,:]
+//     kq[b,hk,j,:] * sk[b,hk,j / BLOCK_N]      ~ k[b,hk,j,:] - mean_j k[b,hk,j,:]   (softmax-invariant shift)
+//     vt[b,hk,d,perm(j)] * sv[b,hk,d]          ~ v[b,hk,j,d]                          (transposed, permuted)
+// with hk = h / group_size, e4m3 bytes, rows padded with zeros to whole tiles (qq: Sq' = Sq rounded up to
+// BLOCK_M rows, kq and vt: Sk' = Sk rounded up to BLOCK_N keys). Computes
+//     s[i,j]     = scale * sq * sk * (qq[i,:] . kq[j,:])
+//     out[b,h,i] = sum_j softmax_j(s[i,j]) v[j]       (P rounded to e4m3 after scaling by 448, see below)
+//     lse[b,h,i] = log(sum_j exp(s[i,j])) + scale * row_bias[b,h,i]   (natural log, fp32)
+// where row_bias = q . mean_j k (from the Q quantiser) restores what the K smoothing took out of lse.
+// Causal is bottom-right aligned (key j visible to row i iff j <= i + Sk - Sq); rows with no visible key
+// get out = 0 and lse = -inf. out has the caller's 16-bit dtype and any row/head/batch strides.
+//
+// Launch.
+//   grid.x  = ceil(Sq / BLOCK_M) * num_heads_list * batch, m-block fastest; CAUSAL visits m-blocks in reverse.
+//   block.x = 2 * BLOCK_M (one 128-thread warpgroup per 64 query rows), BLOCK_M = 128.
+//   dynamic shared memory = (BLOCK_M + 4 * BLOCK_N) * HEAD_DIM + 1024 bytes (Q tile, double-buffered K and
+//   V^T tiles of one byte per element, + 1024 to align the base for the swizzle pattern).
+//   The epilogue stages the 16-bit output tile in the two (then dead) K buffers: needs BLOCK_N == BLOCK_M.
+//
+// Structure: attention_fwd_sm90.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
+// 32 bytes, like a k16 step of bf16, so the shared layouts are the same byte for byte: K-major lines of
+// min(HEAD_DIM, 128) bytes with the 128-byte swizzle (64-byte swizzle for HEAD_DIM = 64), and V^T as
+// [HEAD_DIM][BLOCK_N] (fp8 wgmma has no transpose: both operands are K-major, hence V^T).
+//   S = Q K^T     HEAD_DIM / 32 wgmma m64n{BLOCK_N}k32, A and B from shared memory;
+//   O += P V      BLOCK_N / 32 wgmma m64n{HEAD_DIM}k32, A = P from registers, issued behind the next S.
+// P from registers without shuffles: for k32 step kk the thread holds, per row, the fp32 scores of keys
+// 32 kk + {2t, 2t+1, 8+2t, 9+2t, 16+2t, 17+2t, 24+2t, 25+2t} (n8 blocks 4kk..4kk+3 of the accumulator),
+// while the e4m3 A fragment wants k indices {4t..4t+3} (register 0/1) and {16+4t..16+4t+3} (2/3).
+// The quantiser writes V^T with keys permuted inside each 32-key chunk so that k index 4t+i holds key
+// {2t, 2t+1, 8+2t, 9+2t}[i] (and +16 for the second half): the product sums the same pairs.
+// Softmax is online in the log2 domain: x = acc * (scale * log2 e * sq * sk_tile) with one FFMA per score.
+// P = 2^(x - m) is in [0, 1]; it is multiplied by 448 (the e4m3 maximum) before rounding so that its
+// relative precision is that of normal e4m3 numbers down to p ~ 2^-15; the row sum uses the unrounded P,
+// and the epilogue divides by 448 * l and multiplies column d by sv[d].
+
+#include "wgmma_sm90.cuh"
+
+namespace adaattn {
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a K-major tile of LINE-byte rows (LINE = 128 or 64,
+// the 128/64-byte swizzle: chunk c of row r at c ^ (r % 8) or c ^ ((r / 2) % 4), given aligned tiles) whose
+// rows are longer than LINE bytes are split in column blocks of [ROWS][LINE].
+template <int ROWS, int LINE>
+__device__ __forceinline__ int swizzle_offset(int row, int chunk) {
+    constexpr int CHUNKS = LINE / 16;
+    const int key = LINE == 128 ? row : row >> 1;
+    return (chunk / CHUNKS) * (ROWS * LINE) + row * LINE + ((chunk ^ key) & (CHUNKS - 1)) * 16;
+}
+
+// Shared-memory matrix descriptor of a K-major operand with the LINE-byte swizzle: start address >> 4,
+// stride byte offset = 8 rows (one swizzle atom), layout type 1 (128-byte) or 2 (64-byte).
+template <int LINE>
+__device__ __forceinline__ unsigned long long wgmma_desc_kmajor(unsigned smem_addr) {
+    return (unsigned long long)((smem_addr & 0x3ffffu) >> 4) | 1ull << 16 |
+           (unsigned long long)((8 * LINE) >> 4) << 32 | (LINE == 128 ? 1ull : 2ull) << 62;
+}
+
+// cp.async of a [ROWS][ROW_BYTES] byte tile starting at gmem (rows row_stride bytes apart, all in range:
+// the quantiser pads) into the swizzled tile at `smem`.
+template <int ROWS, int ROW_BYTES, int NTHREADS>
+__device__ __forceinline__ void load_tile_fp8(unsigned smem, const unsigned char* gmem, long long row_stride,
+                                              int tid) {
+    constexpr int LINE = ROW_BYTES < 128 ? ROW_BYTES : 128;
+    constexpr int CHUNKS = ROW_BYTES / 16;
+    constexpr int ROW_STEP = NTHREADS / CHUNKS;
+    static_assert(ROWS % ROW_STEP == 0 && ROW_STEP % 8 == 0, "unsupported tile for this thread count");
+    const int r0 = tid / CHUNKS;
+    const int c = tid % CHUNKS;
+#pragma unroll
+    for (int i = 0; i < ROWS / ROW_STEP; ++i) {
+        const int row = r0 + i * ROW_STEP;
+        cp_async_16(smem + swizzle_offset<ROWS, LINE>(row, c), gmem + row * row_stride + c * 16, 16);
+    }
+}
+
+// Four fp32 values rounded (nearest even, saturating at +-448) to e4m3, element 0 in the low byte.
+__device__ __forceinline__ unsigned pack4_e4m3(float x0, float x1, float x2, float x3) {
+    unsigned short lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
+    return (unsigned)lo | (unsigned)hi << 16;
+}
+
+// wgmma.mma_async m64nNk32 e4m3 x e4m3 -> fp32, d[N / 2] in the accumulator layout of wgmma_sm90.cuh:
+//   ss: d = (scale_d ? d : 0) + A B^T, A [64][32] and B [N][32] K-major in shared memory;
+//   rs: the same with A from registers (4 x 32-bit, 4 e4m3 each: rows g / g + 8, k 4t.. and 16 + 4t..).
+template <int N>
+struct WgmmaE4m3;
+
+#define ADAATTN_ACC8(i)                                                                                          \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+        "+f"(d[i + 7])
+#define ADAATTN_ACC32(i) ADAATTN_ACC8(i), ADAATTN_ACC8(i + 8), ADAATTN_ACC8(i + 16), ADAATTN_ACC8(i + 24)
+#define ADAATTN_DREGS_64 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define ADAATTN_DREGS_128 ADAATTN_DREGS_64 ", " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+#define ADAATTN_WGMMA_E4M3(N, DREGS, SS_A, SS_B, SS_P, RS_A, RS_B, RS_P, ...)                                   \
+    template <>                                                                                                \
+    struct WgmmaE4m3<N> {                                                                                      \
+        static __device__ __forceinline__ void ss(float (&d)[N / 2], unsigned long long a_desc,                \
+                                                  unsigned long long b_desc, int scale_d) {                    \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                     \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DREGS "}, " SS_A ", " SS_B \
+                         ", p, 1, 1;\n}\n"                                                                     \
+                         : __VA_ARGS__                                                                         \
+                         : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                            \
+        }                                                                                                      \
+        static __device__ __forceinline__ void rs(float (&d)[N / 2], const unsigned (&a)[4],                   \
+                                                  unsigned long long b_desc, int scale_d) {                    \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                                     \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DREGS "}, " RS_A ", " RS_B \
+                         ", p, 1, 1;\n}\n"                                                                     \
+                         : __VA_ARGS__                                                                         \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));             \
+        }                                                                                                      \
+    };
+
+ADAATTN_WGMMA_E4M3(64, ADAATTN_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37", ADAATTN_ACC32(0))
+ADAATTN_WGMMA_E4M3(128, ADAATTN_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
+                   ADAATTN_ACC32(0), ADAATTN_ACC32(32))
+
+#undef ADAATTN_WGMMA_E4M3
+#undef ADAATTN_DREGS_64
+#undef ADAATTN_DREGS_128
+#undef ADAATTN_ACC32
+#undef ADAATTN_ACC8
+
+}  // namespace adaattn
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool CAUSAL>
+__global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
+    const unsigned char* __restrict__ qq, const unsigned char* __restrict__ kq, const unsigned char* __restrict__ vt,
+    const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
+    const float* __restrict__ row_bias, const int* __restrict__ heads, T* __restrict__ out, float* __restrict__ lse,
+    long long o_stride_b, long long o_stride_h, long long o_stride_s,
+    int num_heads_list, int num_heads_q, int num_heads_kv, int seqlen_q, int seqlen_k, float scale_log2) {
+    using namespace adaattn;
+    constexpr int NTHREADS = BLOCK_M * 2;
+    constexpr int NT = BLOCK_N / 8;       // n8 column blocks of S
+    constexpr int DT = HEAD_DIM / 8;      // n8 column blocks of O
+    constexpr int KD = HEAD_DIM / 32;     // k32 steps of Q K^T
+    constexpr int KN = BLOCK_N / 32;      // k32 steps of P V
+    constexpr int LINE = HEAD_DIM < 128 ? HEAD_DIM : 128;  // swizzle line of the Q and K tiles
+    constexpr unsigned K_BYTES = BLOCK_N * HEAD_DIM;
+    static_assert(sizeof(T) == 2, "16-bit outputs only");
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "unsupported head dim");
+    static_assert(BLOCK_M == 128 && BLOCK_N == 128, "the epilogue stages O in the K buffers: BLOCK_N == BLOCK_M");
+
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const unsigned sQ = smem_base;                 // [BLOCK_M][HEAD_DIM]
+    const unsigned sK = sQ + BLOCK_M * HEAD_DIM;   // 2 x [BLOCK_N][HEAD_DIM]
+    const unsigned sV = sK + 2 * K_BYTES;          // 2 x [HEAD_DIM][BLOCK_N] (V^T, 128-byte lines)
+
+    const int tid = threadIdx.x;
+    const int wg = tid / 128;
+    const int warp = (tid / 32) % 4;
+    const int lane = tid % 32;
+    const int g = lane / 4;
+    const int t = lane % 4;
+
+    const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int bh = blockIdx.x / num_m_blocks;
+    const int h = heads[bh % num_heads_list];
+    const int b = bh / num_heads_list;
+    int m_block = blockIdx.x % num_m_blocks;
+    if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
+    const int m_start = m_block * BLOCK_M;
+    const int diag = seqlen_k - seqlen_q;
+    const int seqlen_q_pad = num_m_blocks * BLOCK_M;
+    const int num_k_blocks = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
+    const int seqlen_k_pad = num_k_blocks * BLOCK_N;
+
+    const int h_kv = h / (num_heads_q / num_heads_kv);
+    const long long bhq = (long long)b * num_heads_q + h;
+    const long long bhk = (long long)b * num_heads_kv + h_kv;
+    const unsigned char* q_ptr = qq + (bhq * seqlen_q_pad + m_start) * HEAD_DIM;
+    const unsigned char* k_ptr = kq + bhk * seqlen_k_pad * HEAD_DIM;
+    const unsigned char* v_ptr = vt + bhk * HEAD_DIM * seqlen_k_pad;
+    const float* sk_ptr = sk + bhk * num_k_blocks;
+    T* o_ptr = out + b * o_stride_b + h * o_stride_h;
+    float* lse_ptr = lse + bhq * seqlen_q;
+
+    int n_blocks = num_k_blocks;
+    const int last_key = min(m_start + BLOCK_M, seqlen_q) - 1 + diag;
+    if (CAUSAL) n_blocks = min(n_blocks, last_key / BLOCK_N + 1);
+    if (n_blocks <= 0 || (CAUSAL && last_key < 0)) {
+        for (int idx = tid; idx < BLOCK_M * DT; idx += NTHREADS) {
+            const int row = m_start + idx / DT;
+            if (row < seqlen_q)
+                *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + (idx % DT) * 8) = make_uint4(0, 0, 0, 0);
+        }
+        for (int r = tid; r < BLOCK_M; r += NTHREADS)
+            if (m_start + r < seqlen_q) lse_ptr[m_start + r] = neg_inf();
+        return;
+    }
+    // Per-tile factor from raw fp8 dot products to log2-domain scores: scale * log2(e) * sq * sk_tile.
+    const float q_factor = scale_log2 * sq[bhq * num_m_blocks + m_block];
+
+    // Descriptors at k32 step 0 of buffer 0. A k32 step is 32 bytes further inside a line; Q/K rows longer
+    // than one line (never: HEAD_DIM <= 128) would add column blocks.
+    const unsigned long long q_desc = wgmma_desc_kmajor<LINE>(sQ + wg * 64 * LINE);
+    const unsigned long long k_desc = wgmma_desc_kmajor<LINE>(sK);
+    const unsigned long long v_desc = wgmma_desc_kmajor<128>(sV);
+
+    float acc_s[BLOCK_N / 2];
+    auto issue_qk = [&](int buf) {
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            WgmmaE4m3<BLOCK_N>::ss(acc_s, q_desc + ((kk * 32) >> 4), k_desc + ((buf * K_BYTES + kk * 32) >> 4),
+                                   kk > 0);
+    };
+
+    float acc_o[HEAD_DIM / 2];
+    unsigned p[KN][4];
+    auto issue_pv = [&](int buf) {
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn)
+            WgmmaE4m3<HEAD_DIM>::rs(acc_o, p[kn], v_desc + ((buf * K_BYTES + kn * 32) >> 4), 1);
+    };
+
+    const int row0 = m_start + wg * 64 + warp * 16 + g;
+    float row_max[2] = {neg_inf(), neg_inf()};  // running max of log2-domain scores
+    float row_sum[2] = {0.f, 0.f};
+    // k_scale = sk of tile n_block, loaded by the caller ahead of the wgmma waits (their "memory" clobbers
+    // would otherwise keep the load behind them, on the critical path).
+    auto softmax = [&](int n_block, float k_scale, float (&corr)[2]) {
+        const int key_end = n_block * BLOCK_N + BLOCK_N;
+        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag)) {
+            const int key0 = n_block * BLOCK_N + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = row0 + (e >> 1) * 8;
+                    const int col = key0 + nt * 8 + (e & 1);
+                    if (col >= seqlen_k || (CAUSAL && col > row + diag)) acc_s[4 * nt + e] = neg_inf();
+                }
+        }
+        const float factor = q_factor * k_scale;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[4 * nt + 2 * r], acc_s[4 * nt + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(row_max[r], mx * factor);  // factor > 0: max commutes with the scaling
+            const float mx_safe = mx == neg_inf() ? 0.f : mx;
+            corr[r] = fast_exp2(row_max[r] - mx_safe);
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    const float pe = fast_exp2(fmaf(acc_s[4 * nt + e], factor, -mx_safe));
+                    acc_s[4 * nt + e] = pe;
+                    sum += pe;
+                }
+            row_sum[r] = row_sum[r] * corr[r] + sum;
+        }
+    };
+
+    // 448 P rounded to e4m3 as the A fragments of P V (key order permuted in V^T to match, see header).
+    auto pack_p = [&]() {
+        constexpr float P_SCALE = 448.f;
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float* s = acc_s + 16 * kn + 8 * (i >> 1) + 2 * (i & 1);  // blocks 4kn + 2(i/2), +1
+                p[kn][i] = pack4_e4m3(s[0] * P_SCALE, s[1] * P_SCALE, s[4] * P_SCALE, s[5] * P_SCALE);
+            }
+    };
+
+#pragma unroll
+    for (int i = 0; i < BLOCK_N / 2; ++i) acc_s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 2; ++i) acc_o[i] = 0.f;
+#pragma unroll
+    for (int kn = 0; kn < KN; ++kn)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
+
+    load_tile_fp8<BLOCK_M, HEAD_DIM, NTHREADS>(sQ, q_ptr, HEAD_DIM, tid);
+    load_tile_fp8<BLOCK_N, HEAD_DIM, NTHREADS>(sK, k_ptr + (long long)(n_blocks - 1) * K_BYTES, HEAD_DIM, tid);
+    cp_async_commit();
+
+    auto begin_tile = [&]() {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        reg_fence(acc_s);
+        reg_fence(acc_o);
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+        wgmma_fence();
+    };
+
+    auto load_next = [&](int it) {
+        const int n_block = n_blocks - 1 - it;
+        if (n_block > 0)
+            load_tile_fp8<BLOCK_N, HEAD_DIM, NTHREADS>(sK + ((it + 1) & 1) * K_BYTES,
+                                                       k_ptr + (long long)(n_block - 1) * K_BYTES, HEAD_DIM, tid);
+        load_tile_fp8<HEAD_DIM, BLOCK_N, NTHREADS>(sV + (it & 1) * K_BYTES, v_ptr + n_block * BLOCK_N, seqlen_k_pad,
+                                                   tid);
+        cp_async_commit();
+    };
+
+    float corr[2];
+    float k_scale = sk_ptr[n_blocks - 1];
+    begin_tile();
+    issue_qk(0);
+    wgmma_commit();
+    load_next(0);
+    wgmma_wait<0>();
+    reg_fence(acc_s);
+    softmax(n_blocks - 1, k_scale, corr);
+    pack_p();
+
+    for (int it = 1; it < n_blocks; ++it) {
+        k_scale = sk_ptr[n_blocks - 1 - it];
+        begin_tile();
+        issue_qk(it & 1);
+        wgmma_commit();
+        issue_pv((it - 1) & 1);
+        wgmma_commit();
+        load_next(it);
+        wgmma_wait<1>();
+        reg_fence(acc_s);
+        softmax(n_blocks - 1 - it, k_scale, corr);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+        pack_p();
+    }
+
+    begin_tile();
+    issue_pv((n_blocks - 1) & 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+
+    // Epilogue: O * sv[d] / (448 l), staged as 16-bit rows in the K buffers (dead since the last
+    // begin_tile: every warpgroup has finished its S wgmmas) for 16-byte row-contiguous global stores.
+    constexpr float LN2 = 0.693147180559945309f;
+    const float* sv_ptr = sv + bhk * HEAD_DIM + 2 * t;
+    const float* bias_ptr = row_bias + bhq * seqlen_q_pad + m_start;
+    unsigned char* o_tile = smem_raw + (sK - smem_u32(smem_raw));
+    const int warp_row = wg * 64 + warp * 16;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? fast_rcp(sum * 448.f) : 0.f;
+        const int row_local = warp_row + g + r * 8;
+        const int row = m_start + row_local;
+        if (t == 0 && row < seqlen_q)
+            lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum) + scale_log2 * bias_ptr[row_local]) * LN2
+                                     : neg_inf();
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const float2 s = *reinterpret_cast<const float2*>(sv_ptr + 8 * dt);
+            *reinterpret_cast<unsigned*>(o_tile + swizzle_offset<BLOCK_M, 128>(row_local, dt) + 4 * t) =
+                pack2<T>(acc_o[4 * dt + 2 * r] * inv * s.x, acc_o[4 * dt + 2 * r + 1] * inv * s.y);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 16 * DT / 32; ++i) {
+        const int idx = lane + i * 32;
+        const int row_local = warp_row + idx / DT;
+        const int c = idx % DT;
+        const int row = m_start + row_local;
+        if (row < seqlen_q)
+            *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + c * 8) =
+                *reinterpret_cast<const uint4*>(o_tile + swizzle_offset<BLOCK_M, 128>(row_local, c));
+    }
+}

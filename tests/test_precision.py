@@ -1,0 +1,209 @@
+"""Adaptive precision on the CPU: e4m3 rounding, the NumPy emulation of the fp8 forward against float64, the
+kernel's P·V key permutation, the capabilities table, and the policy's decisions, overrides and error guard
+(with `PrecisionPolicy(..., emulate=True)`, the CPU stand-in for the sm_90 kernel)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import make_qkv
+
+from adaattn_core import Report, attention_reference
+from adaattn_core.cuda_fp8 import key_positions
+from adaattn_core.policy import POLICIES, resolve_policy
+from adaattn_core.precision import (
+    FP8,
+    PrecisionPolicy,
+    attend_fp8,
+    e4m3_values,
+    emulate_forward,
+    precision_capabilities,
+    quantise,
+    round_e4m3,
+)
+from adaattn_core.problem import describe
+from adaattn_core.reference import head_errors
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+
+def _outliers(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """FlashAttention-3's outlier test: N(0, 1) with 0.1% of the entries drawn from N(0, 100)."""
+    x = rng.standard_normal(shape)
+    mask = rng.random(shape) < 1e-3
+    x[mask] = rng.normal(0.0, 10.0, int(mask.sum()))
+    return x.astype(np.float32)
+
+
+def _rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - b) ** 2)))
+
+
+def _fp8(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, rotate: bool = True) -> np.ndarray:
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    out, _ = attend_fp8(problem, quantise(problem, q, k, v, rotate=rotate), list(range(problem.heads_q)),
+                        online=True)
+    return out
+
+
+def test_round_e4m3_matches_ml_dtypes(rng):
+    x = (rng.standard_normal(200_000) * rng.choice([1e-3, 1.0, 50.0, 1e3], 200_000)).astype(np.float32)
+    edges = np.float32([0, -0.0, 448, -448, 449, 463.99, 464, 465, 1e9, 2**-9, 1.5 * 2**-9, 2.5 * 2**-9, 2**-11])
+    x = np.concatenate([x, edges])
+    expected = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(round_e4m3(x), expected)
+
+
+def test_e4m3_values_decode_every_byte():
+    expected = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(e4m3_values(), expected)
+
+
+def test_key_positions_turn_s_accumulators_into_pv_fragments(rng):
+    """The kernel packs, for k32 step 0, lane t's scores of n8 blocks 0..3 (keys {2t, 2t+1} + 8 j) as the
+    e4m3 A fragment k indices 4t..4t+3 (blocks 0, 1) and 16+4t.. (blocks 2, 3); V^T column pos(j) must hold
+    key j for P·V to pair them right."""
+    pos = key_positions(64)
+    assert sorted(pos) == list(range(64))
+    p = rng.standard_normal(32)
+    v = rng.standard_normal(32)
+    vt = np.empty(32)
+    vt[pos[:32]] = v  # V^T as the quantiser writes it
+    a = np.empty(32)
+    for t in range(4):
+        keys = [2 * t + 8 * j + e for j in range(4) for e in range(2)]  # blocks 0..3, columns 2t, 2t+1
+        a[4 * t : 4 * t + 4] = p[keys[:4]]
+        a[16 + 4 * t : 16 + 4 * t + 4] = p[keys[4:]]
+    assert np.isclose(a @ vt, p @ v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_emulation_normal_inputs(rng, causal):
+    q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=300, seq_k=520, dim=128)
+    ref, _ = attention_reference(q, k, v, causal=causal)
+    assert _rmse(_fp8(q, k, v, causal), ref) < 8e-3
+
+
+def test_emulation_fa3_outlier_test(rng):
+    shape = (2, 2, 512, 128)
+    q, k, v = (_outliers(rng, shape) for _ in range(3))
+    ref, _ = attention_reference(q, k, v)
+    rotated, plain = _rmse(_fp8(q, k, v, False), ref), _rmse(_fp8(q, k, v, False, rotate=False), ref)
+    assert rotated < 1.1e-2  # FlashAttention-3 fp8: 9.1e-3 (per-tensor fp8: 2.4e-2)
+    assert rotated < plain  # the Hadamard rotation is what brings it there
+
+
+def test_emulate_forward_writes_only_its_heads_and_masks_rows(rng):
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=40, seq_k=17, dim=64)
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    out = np.full((2, 4, 40, 64), np.nan, np.float32)
+    lse = np.full((2, 4, 40), np.nan, np.float32)
+    emulate_forward(problem, q, k, v, out, lse, [1, 3])
+    assert np.isnan(out[:, [0, 2]]).all() and np.isnan(lse[:, [0, 2]]).all()
+    hidden = 40 - 17  # rows 0..22 see no key (bottom-right alignment)
+    assert (out[:, [1, 3], :hidden] == 0).all() and np.isneginf(lse[:, [1, 3], :hidden]).all()
+    ref, ref_lse = attention_reference(q, k, v, causal=True)
+    assert _rmse(out[:, [1, 3]], ref[:, [1, 3]]) < 2e-2
+    np.testing.assert_allclose(lse[:, [1, 3], hidden:], ref_lse[:, [1, 3], hidden:], atol=0.3)
+
+
+def test_precision_capabilities():
+    assert FP8 in precision_capabilities(None) and "emulat" in precision_capabilities(None)[FP8]
+    assert precision_capabilities("90")[FP8].startswith("available")
+    assert "sm_90a" in precision_capabilities("89")[FP8] and not precision_capabilities("89")[FP8].startswith("a")
+    assert "no fp8" in precision_capabilities("80")[FP8]
+    assert precision_capabilities("8.0")["bfloat16"].startswith("available")
+    assert not precision_capabilities("75")["bfloat16"].startswith("available")
+
+
+def test_presets_registered():
+    for name in ("quality", "balanced", "speed", "fp8"):
+        assert isinstance(resolve_policy(name), PrecisionPolicy) and POLICIES[name].name == name
+    with pytest.raises(ValueError, match="preset"):
+        PrecisionPolicy("fastest")
+
+
+def _mixed_heads(rng: np.random.Generator, seq: int = 384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heads 0, 1 benign (diffuse scores over values sharing a channel mean: fp8 error ~2e-3); heads 2, 3
+    outlier-heavy N(0, 1) (fp8 error ~5e-2); one KV head per query head, bfloat16."""
+    shape = (1, 2, seq, 64)
+    q = np.concatenate([0.05 * rng.standard_normal(shape), _outliers(rng, shape)], axis=1)
+    k = np.concatenate([rng.standard_normal(shape), _outliers(rng, shape)], axis=1)
+    v = np.concatenate([2.0 + rng.standard_normal(shape), _outliers(rng, shape)], axis=1)
+    return tuple(x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
+
+
+def _plan(policy: PrecisionPolicy, q, k, v, causal: bool = False) -> tuple[list[str], Report]:
+    report = Report()
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    plan = policy.plan(problem, q, k, v, report)
+    return [head.precision for head in plan.heads], report
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_balanced_takes_fp8_for_benign_heads_only(rng, causal):
+    q, k, v = _mixed_heads(rng)
+    precisions, report = _plan(PrecisionPolicy("balanced", emulate=True), q, k, v, causal)
+    assert precisions == [FP8, FP8, "bfloat16", "bfloat16"]
+    heads = report.estimates["precision"]["heads"]
+    assert all(heads[h]["estimated_error"] <= 1e-2 for h in (0, 1))
+    assert all(heads[h]["estimated_error"] > 1e-2 for h in (2, 3))
+    assert heads[2]["q_crest"] > heads[0]["q_crest"] / 10 and heads[2]["outlier_fraction"] > 0
+
+
+def test_quality_never_fp8_and_cpu_without_emulation_keeps_16_bits(rng):
+    q, k, v = _mixed_heads(rng)
+    assert _plan(PrecisionPolicy("quality", emulate=True), q, k, v)[0] == ["bfloat16"] * 4
+    precisions, report = _plan(PrecisionPolicy("speed"), q, k, v)
+    assert precisions == ["bfloat16"] * 4 and report.estimates["precision"]["fp8"].startswith("unavailable")
+    assert _plan(PrecisionPolicy("fp8"), q, k, v)[0] == [FP8] * 4  # forced: the CPU emulates
+
+
+def test_overrides(rng):
+    q, k, v = _mixed_heads(rng)
+    policy = PrecisionPolicy("balanced", emulate=True, overrides={0: "bfloat16", 3: FP8})
+    precisions, report = _plan(policy, q, k, v)
+    assert precisions == ["bfloat16", FP8, "bfloat16", FP8]
+    assert report.estimates["precision"]["heads"][3]["overridden"]
+    with pytest.raises(ValueError, match="override"):
+        _plan(PrecisionPolicy("balanced", overrides={1: "float16"}), q, k, v)
+    with pytest.raises(ValueError, match="out of range"):
+        _plan(PrecisionPolicy("balanced", overrides={4: FP8}), q, k, v)
+    with pytest.raises(ValueError, match="unavailable"):
+        _plan(PrecisionPolicy("balanced", overrides={1: FP8}), q, k, v)  # CPU without emulate
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_estimate_tracks_measured_error(rng, causal):
+    """The guard's sampled-row estimate is within 2x of the error measured on every row against float64."""
+    q, k, v = _mixed_heads(rng, seq=512)
+    policy = PrecisionPolicy("fp8", emulate=True)
+    precisions, report = _plan(policy, q, k, v, causal)
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    plan = policy.plan(problem, q, k, v, None)
+    out = np.empty(q.shape, q.dtype)
+    lse = np.empty(q.shape[:3], np.float32)
+    emulate_forward(problem, q, k, v, out, lse, list(range(4)), plan.artifacts)
+    measured = head_errors(q, k, v, out, causal=problem.causal, scale=problem.scale)
+    for h in range(4):
+        estimated = report.estimates["precision"]["heads"][h]["estimated_error"]
+        ratio = estimated / measured[h]
+        assert 0.5 <= ratio <= 2.0, (h, estimated, measured[h])
+        assert plan.heads[h].precision == FP8
+
+
+def test_balanced_guard_holds_on_held_out_inputs(rng):
+    """Whatever heads "balanced" sends to fp8, their measured error stays under its tolerance."""
+    for _ in range(3):
+        q, k, v = _mixed_heads(rng, seq=int(rng.integers(64, 400)))
+        problem = describe(q, k, v, causal=bool(rng.integers(2)), scale=None, layout="bhsd")
+        plan = PrecisionPolicy("balanced", emulate=True).plan(problem, q, k, v, None)
+        fp8_heads = [h for h, head in enumerate(plan.heads) if head.precision == FP8]
+        out = np.zeros(q.shape, q.dtype)
+        lse = np.zeros(q.shape[:3], np.float32)
+        emulate_forward(problem, q, k, v, out, lse, fp8_heads, plan.artifacts)
+        measured = head_errors(q, k, v, out, causal=problem.causal, scale=problem.scale)
+        assert all(measured[h] <= 1e-2 for h in fp8_heads)
+        assert math.isfinite(sum(measured))
