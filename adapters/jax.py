@@ -108,13 +108,31 @@ def _backward_on_host(*inputs, **options) -> tuple[np.ndarray, ...]:
 
 # --- GPU: XLA buffers viewed by CuPy on XLA's stream (buffer_callback) ---------------------------------
 
+class _StreamHandle:
+    """XLA's raw stream pointer behind the CUDA stream protocol, for `cupy.cuda.Stream.from_external`."""
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)
+
+
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
 @contextlib.contextmanager
 def _on_xla_stream(ctx: Any, buffer: Any) -> Iterator[None]:
     """CuPy's current device = the buffer's GPU, CuPy's current stream = XLA's stream for this call."""
     import cupy
 
     device_id = buffer.__dlpack_device__()[1]
-    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(ctx.stream, device_id):
+    key = (device_id, ctx.stream)
+    stream = _STREAMS.get(key)
+    if stream is None:  # wrapping a handle owns nothing, so one wrapper per (device, handle) can be reused
+        with cupy.cuda.Device(device_id):
+            stream = _STREAMS[key] = cupy.cuda.Stream.from_external(_StreamHandle(ctx.stream))
+    with cupy.cuda.Device(device_id), stream:
         yield
 
 

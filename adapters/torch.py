@@ -203,10 +203,18 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """The same forward, setup and backward as the custom operator's autograd, without the operator's
-    dispatch (tens of µs per call in eager mode); used outside torch.compile."""
+    dispatch (tens of µs per call in eager mode); used outside torch.compile. forward takes ctx (the classic
+    style): with a separate setup_context, Function.apply binds default arguments through inspect on every
+    call."""
 
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+    ) -> tuple[Tensor, Tensor]:
+        output = _forward(q, k, v, causal, scale, layout, policy)
+        _setup_context(ctx, (q, k, v, causal, scale, layout, policy), output)
+        return output
+
     backward = staticmethod(_backward)
 
 

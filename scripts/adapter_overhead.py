@@ -86,6 +86,26 @@ def main() -> None:
                  per_call_us(lambda: ada_np.attention(hq, hk, hv), lambda: None, max(calls // 10, 50))))
 
     if args.profile:
+        # Where the torch adapter's time goes, piece by piece (µs per call, no synchronisation needed).
+        out_t, lse_t = ada_torch._forward(q, k, v, False, None, "bhsd", "exact")
+        co, cl = ada_torch._to_core(out_t), ada_torch._to_core(lse_t)
+
+        def stream_context() -> None:
+            with ada_torch._on_callers_stream(q):
+                pass
+
+        pieces = {
+            "torch.empty (out)": lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            "_on_callers_stream enter+exit": stream_context,
+            "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(0),
+            "_to_core (one tensor)": lambda: ada_torch._to_core(q),
+            "cupy.from_dlpack(tensor) (protocol)": lambda: cp.from_dlpack(q),
+            "core with out= and lse_out=": lambda: aa.attention(cq, ck, cv, out=co, lse_out=cl),
+            "describe (remembered)": lambda: aa.problem.describe(cq, ck, cv, causal=False, scale=None,
+                                                                 layout="bhsd"),
+        }
+        for name, fn in pieces.items():
+            print(f"piece {name:40s} {per_call_us(fn, sync, calls):8.2f} us")
         for name, fn in (("torch adapter attention", lambda: ada_torch.attention(q, k, v)),
                          ("core on CuPy arrays", lambda: aa.attention(cq, ck, cv))):
             profiler = cProfile.Profile()
