@@ -11,6 +11,7 @@ from .device import Capabilities, capabilities
 from .policy import POLICIES, HeadPlan, Plan, Policy, resolve_policy
 from .precision import PrecisionPolicy, precision_capabilities  # registers "quality", "balanced", "speed", "fp8"
 from .problem import AttentionProblem
+from .rank_policy import RankPolicy  # registers "lowrank"
 from .reference import attention_backward_reference, attention_reference
 from .report import Report
 
@@ -24,6 +25,7 @@ __all__ = [
     "Plan",
     "Policy",
     "PrecisionPolicy",
+    "RankPolicy",
     "Report",
     "__version__",
     "attention",

@@ -68,6 +68,11 @@ class Policy(ABC):
     def plan(self, problem: AttentionProblem, q: Any, k: Any, v: Any, report: Report | None) -> Plan:
         """Return the per-head plan; `q`, `k`, `v` are [B, H, S, D] views, `report` may be filled."""
 
+    def for_gradients(self) -> Policy:
+        """The policy for a call whose gradients will be taken. The backward is always the exact one, so a
+        policy whose forward approximates returns a variant that keeps every head exact; the default is self."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

@@ -332,6 +332,11 @@ class PrecisionPolicy(Policy):
     def __repr__(self) -> str:
         return f"PrecisionPolicy({self.preset!r}, overrides={self.overrides}, tolerance={self.tolerance})"
 
+    def for_gradients(self) -> PrecisionPolicy:
+        """Every head at the input precision: the fp8 forward has no backward of its own, and the exact
+        backward recomputing P from an fp8 forward's lse would not match it."""
+        return PrecisionPolicy("quality", sample_rows=self.sample_rows, emulate=self.emulate)
+
     def plan(self, problem: AttentionProblem, q: Any, k: Any, v: Any, report: Report | None) -> Plan:
         hq, native = problem.heads_q, problem.dtype
         for head, precision in self.overrides.items():

@@ -33,6 +33,7 @@ from jax.experimental.buffer_callback import buffer_callback
 
 import adaattn_core
 from adaattn_core._arrays import lse_dtype
+from adaattn_core.policy import resolve_policy
 from adaattn_core.problem import describe
 
 __all__ = ["attention"]
@@ -59,7 +60,8 @@ def _attention(q: Array, k: Array, v: Array, causal: bool, scale: float | None, 
 
 
 def _attention_fwd(q, k, v, causal, scale, layout, policy):
-    out, lse = _forward(q, k, v, causal, scale, layout, policy)
+    # Differentiated: the backward is the exact one, so the policy's for_gradients() variant runs the forward.
+    out, lse = _forward(q, k, v, causal, scale, layout, resolve_policy(policy).for_gradients())
     return out, (q, k, v, out, lse)
 
 

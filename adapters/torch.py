@@ -19,7 +19,8 @@ Autograd and compile: the forward and backward are the custom operators `adaattn
 `adaattn::attention_backward` (`torch.library.custom_op`, fake implementations registered), so
 `torch.compile(fullgraph=True)` traces through them; eager calls skip the operator dispatch (see `attention`).
 The backward recomputes the softmax from the saved lse (`adaattn_core.attention_backward`); double backward
-is not supported. `policy` is passed by name.
+is not supported. `policy` is passed by name; when a gradient will be taken its `for_gradients()` variant
+runs (adaptive policies then keep every head exact, since the backward is the exact one).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.utils.dlpack
 
 import adaattn_core
 from adaattn_core._arrays import lse_dtype
+from adaattn_core.policy import resolve_policy
 
 __all__ = [
     "AdaAttention",
@@ -124,14 +126,20 @@ def _lse_shape(q: Tensor, layout: str) -> tuple[int, int, int]:
 
 
 def _forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str, grad: bool
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of `adaattn_core.attention`, both allocated by torch and written by the core in place."""
+    """(out, lse) of `adaattn_core.attention`, both allocated by torch and written by the core in place.
+
+    `grad`: gradients will be taken, so the policy's `for_gradients()` variant decides (the backward is the
+    exact one, and an approximate forward would not match it)."""
+    chosen = resolve_policy(policy)
+    if grad:
+        chosen = chosen.for_gradients()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, layout), dtype=_lse_dtype(q), device=q.device)
     with _on_callers_stream(q):
         adaattn_core.attention(
-            _to_core(q), _to_core(k), _to_core(v), causal=causal, scale=scale, layout=layout, policy=policy,
+            _to_core(q), _to_core(k), _to_core(v), causal=causal, scale=scale, layout=layout, policy=chosen,
             out=_to_core(out), lse_out=_to_core(lse),
         )
     return out, lse
@@ -153,15 +161,15 @@ def _backward_grads(
 
 @torch.library.custom_op("adaattn::attention", mutates_args=())
 def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str, grad: bool
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of `adaattn_core.attention` (return_lse=True)."""
-    return _forward(q, k, v, causal, scale, layout, policy)
+    return _forward(q, k, v, causal, scale, layout, policy, grad)
 
 
 @_attention_op.register_fake
 def _attention_fake(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str, grad: bool
 ) -> tuple[Tensor, Tensor]:
     # Shapes only (they may be symbolic here); the core validates when the real operator runs.
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
@@ -187,7 +195,7 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, causal, scale, layout, _policy = inputs
+    q, k, v, causal, scale, layout, _policy, _grad = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.options = (causal, scale, layout)
 
@@ -195,7 +203,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
 def _backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple[Tensor | None, ...]:
     # lse is never returned to users, so its gradient is always zero and ignored.
     dq, dk, dv = _attention_backward_op(dout, *ctx.saved_tensors, *ctx.options)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,10 +217,11 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, layout: str, policy: str,
+        grad: bool,
     ) -> tuple[Tensor, Tensor]:
-        output = _forward(q, k, v, causal, scale, layout, policy)
-        _setup_context(ctx, (q, k, v, causal, scale, layout, policy), output)
+        output = _forward(q, k, v, causal, scale, layout, policy, grad)
+        _setup_context(ctx, (q, k, v, causal, scale, layout, policy, grad), output)
         return output
 
     backward = staticmethod(_backward)
@@ -234,11 +243,12 @@ def attention(
     Under torch.compile this is the custom operator `adaattn::attention`; in eager mode the same code runs
     without the operator dispatch: through an autograd.Function when a gradient is needed, else directly.
     """
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, causal, scale, layout, policy)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, causal, scale, layout, policy)[0]
-    return _forward(q, k, v, causal, scale, layout, policy)[0]
+        return _attention_op(q, k, v, causal, scale, layout, policy, grad)[0]
+    if grad:
+        return _EagerAttention.apply(q, k, v, causal, scale, layout, policy, grad)[0]
+    return _forward(q, k, v, causal, scale, layout, policy, grad)[0]
 
 
 def scaled_dot_product_attention(

@@ -127,8 +127,8 @@ def test_custom_op_registration(rng):
     for layout in ("bhsd", "bshd"):
         arrays = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=6, seq_k=9, dim=8, layout=layout)
         q, k, v = _tensors(arrays, grad=True)
-        torch.library.opcheck(ada._attention_op, (q, k, v, True, None, layout, "exact"))
-        out, lse = ada._attention_op(q, k, v, True, 0.5, layout, "exact")
+        torch.library.opcheck(ada._attention_op, (q, k, v, True, None, layout, "exact", True))
+        out, lse = ada._attention_op(q, k, v, True, 0.5, layout, "exact", True)
         tensors = (x.detach() for x in (torch.randn_like(out), q, k, v, out, lse))  # no double backward
         torch.library.opcheck(ada._attention_backward_op, (*tensors, True, 0.5, layout))
 
@@ -351,3 +351,18 @@ def test_gpu_compile_fullgraph(rng):
     assert abs(compiled.item() - eager.item()) <= 1e-3 * abs(eager.item())
     for g, e in zip(compiled_grads, eager_grads):
         assert rel_l2(_host64(g), _host64(e)) <= 1e-2
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "lowrank", "fp8"])
+def test_adaptive_policies_run_exact_under_autograd(rng, policy):
+    """The backward is the exact one, so with gradients the policy's for_gradients() variant (all heads exact)
+    runs the forward: output and gradients equal the exact policy's."""
+    arrays = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=300, seq_k=300, dim=16, dtype="float32")
+    q, k, v = _tensors(arrays, grad=True)
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = ada.attention(q, k, v, causal=True, policy=policy)
+    ref = ada.attention(q2, k2, v2, causal=True)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.equal(q.grad, q2.grad) and torch.equal(k.grad, k2.grad) and torch.equal(v.grad, v2.grad)

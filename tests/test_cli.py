@@ -32,7 +32,7 @@ def test_info_json():
     info = json.loads(result.stdout)
     assert info["backends"]["cpu"].startswith("available")
     assert set(info["precisions"]) == {"float16", "bfloat16", "float32", "float64", "float8_e4m3"}
-    assert {"exact", "quality", "balanced", "speed", "fp8"} <= set(info["policies"])
+    assert {"exact", "quality", "balanced", "speed", "fp8", "lowrank"} <= set(info["policies"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])

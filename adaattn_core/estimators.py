@@ -1,0 +1,556 @@
+"""Estimators behind the rank policy: a sampled-row probe and spectral statistics of a pooled attention map.
+
+Probe (exact, O(m·Sk·D) per head). For m sampled query rows i of every query head (the same rows for all
+heads, see `probe_rows`), with s_ij = scale · q_i · k_j over the keys row i may see (bottom-right causal
+mask, GQA: head h reads key/value head h // G), one streaming pass with a running max M gives::
+
+    l = Σ_j exp(s_ij − M),  t = Σ_j exp(s_ij − M) · (s_ij − M)
+    lse_i = M + log l,      entropy_i = −Σ_j p_ij log p_ij = log l − t / l,      p_ij = exp(s_ij − lse_i)
+
+and from p: the exact output rows out_i = Σ_j p_ij v_j (the rank policy's validation set), the top-k mass
+Σ of the k largest p_ij, and the column mass c_j = Σ_i p_ij over the probe rows (a column holding a large
+share of every row's mass is an attention sink). On CuPy arrays the probe runs as three Numba CUDA kernels
+(`_kernels`); on NumPy arrays as the equivalent NumPy code (`_probe_numpy`). The kernels also run under the
+Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, NumPy arrays) for CI: every cross-thread reduction goes
+through shared memory, since the simulator has no warp shuffles.
+
+Pooled map (O((S/b)²·D) per head). Q and K mean-pooled over blocks of b tokens give a small map
+A = softmax(scale · Q̄ K̄ᵀ) (causal: key blocks with any visible key). On A (host NumPy, float64, batched
+over heads): power iteration (with the randomized SVD's σ₁ as a second lower bound) → spectral norm σ₁;
+Hutch++ → ‖A‖_F² = tr(AᵀA) with its standard error; randomized SVD → leading singular values.
+stable rank = ‖A‖_F² / σ₁²; energy rank = the fewest singular values holding a target share of ‖A‖_F².
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from ._arrays import library_name, namespace
+from .problem import AttentionProblem
+
+#: Threads per probe block; a power of two (tree reductions in shared memory).
+THREADS = 128
+#: Largest head dim and probe row count the kernels hold in shared memory (32 KiB of query rows).
+MAX_D = 256
+MAX_ROWS = 32
+#: Largest k of the top-k mass the kernels keep per thread.
+MAX_TOPK = 8
+#: Keys per block of the output kernel (split over keys for parallelism).
+KEYS_PER_BLOCK = 1024
+#: Output elements per thread in the output kernel (thread d owns d, d + THREADS, ...); a literal for Numba.
+D_PER_THREAD = MAX_D // THREADS
+
+
+@dataclass
+class ProbeResult:
+    """Exact statistics of the probe rows; arrays on the inputs' device, float32 (float64 for NumPy float64).
+
+    rows:      [m] int64 query-row indices (host NumPy)
+    out:       [B, Hq, m, D] exact attention output of those rows
+    lse:       [B, Hq, m] log-sum-exp (−inf for rows that see no key)
+    entropy:   [B, Hq, m] −Σ p log p in nats (0 for rows that see no key)
+    topk_mass: [B, Hq, m] probability mass of the `topk` largest entries
+    col_mass:  [B, Hq, Sk] Σ over probe rows of each key's probability
+    """
+
+    rows: np.ndarray
+    out: Any
+    lse: Any
+    entropy: Any
+    topk_mass: Any
+    col_mass: Any
+
+
+def probe_rows(problem: AttentionProblem, count: int, seed: int = 0) -> np.ndarray:
+    """`count` distinct query rows (sorted): stratified random rows, plus the last rows when causal.
+
+    Causal rows late in the sequence see the most keys (and are where a low-rank far-field is largest), so a
+    quarter of the rows (at least one) are the last ones. Raises ValueError for count < 1.
+    """
+    if count < 1:
+        raise ValueError(f"probe row count must be >= 1, got {count}")
+    seq = problem.seqlen_q
+    count = min(count, seq)
+    tail = max(1, count // 4) if problem.causal else 0
+    strata = count - tail
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(0, seq - tail, strata + 1)
+    picked = {int(lo + rng.random() * (hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])}
+    picked |= set(range(seq - tail, seq))
+    # Strata narrower than one row can collide; top up with the first unused rows.
+    spare = (i for i in range(seq) if i not in picked)
+    while len(picked) < count:
+        picked.add(next(spare))
+    return np.array(sorted(picked), dtype=np.int64)
+
+
+def row_limits(problem: AttentionProblem, rows: np.ndarray) -> np.ndarray:
+    """Keys visible to each row: j < limit (all Sk without causal; clipped to [0, Sk])."""
+    if not problem.causal:
+        return np.full(rows.shape, problem.seqlen_k, dtype=np.int64)
+    return np.clip(rows + problem.causal_offset + 1, 0, problem.seqlen_k)
+
+
+def probe(
+    problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndarray, *, topk: int = 8,
+    kernel: bool | None = None,
+) -> ProbeResult:
+    """Exact statistics of query `rows` for every head (see the module docstring for the formulas).
+
+    Args:
+        problem: the validated call; q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] views (any strides).
+        rows: query-row indices from `probe_rows` (at most MAX_ROWS for the kernels).
+        topk: k of the top-k mass, 1 <= k <= MAX_TOPK.
+        kernel: run the Numba CUDA kernels (default: for CuPy inputs; True with NumPy inputs needs the
+            simulator, NUMBA_ENABLE_CUDASIM=1).
+
+    Raises ValueError for topk or rows out of range, or D > MAX_D with the kernels.
+    """
+    if not 1 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be in [1, {MAX_TOPK}], got {topk}")
+    if len(rows) == 0 or rows.min() < 0 or rows.max() >= problem.seqlen_q:
+        raise ValueError(f"rows must be non-empty indices in [0, {problem.seqlen_q}), got {rows!r}")
+    use_kernel = problem.library == "cupy" if kernel is None else kernel
+    if use_kernel and (problem.head_dim > MAX_D or len(rows) > MAX_ROWS):
+        raise ValueError(f"the probe kernels take D <= {MAX_D} and <= {MAX_ROWS} rows, got D = "
+                         f"{problem.head_dim} and {len(rows)} rows")
+    if use_kernel:
+        return _probe_cuda(problem, q, k, v, rows, topk)
+    return _probe_numpy(problem, q, k, v, rows, topk)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Probe: NumPy
+
+
+def _probe_numpy(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndarray, topk: int) -> ProbeResult:
+    """The probe with array operations (NumPy, or CuPy for float32/float64); one head group at a time."""
+    xp = namespace(problem.library)
+    ctype = xp.float64 if problem.dtype == "float64" else xp.float32
+    B, Hq, G, Sk = problem.batch, problem.heads_q, problem.group_size, problem.seqlen_k
+    m = len(rows)
+    limits = xp.asarray(row_limits(problem, rows))
+    visible = xp.arange(Sk)[None, :] < limits[:, None]  # [m, Sk]
+    out = xp.zeros((B, Hq, m, problem.head_dim), dtype=ctype)
+    lse, entropy, topk_mass = (xp.zeros((B, Hq, m), dtype=ctype) for _ in range(3))
+    col_mass = xp.zeros((B, Hq, Sk), dtype=ctype)
+    for h in range(Hq):
+        kh = k[:, h // G].astype(ctype)
+        vh = v[:, h // G].astype(ctype)
+        scores = (q[:, h, rows].astype(ctype) @ kh.swapaxes(-1, -2)) * ctype(problem.scale)  # [B, m, Sk]
+        scores = xp.where(visible, scores, -xp.inf)
+        row_max = scores.max(axis=-1, keepdims=True) if Sk else xp.full((B, m, 1), -xp.inf, dtype=ctype)
+        shift = xp.where(xp.isneginf(row_max), 0, row_max)
+        weights = xp.exp(scores - shift)
+        total = weights.sum(axis=-1)
+        seen = total > 0
+        safe = xp.where(seen, total, 1)
+        # t = Σ exp(s − M)(s − M): masked entries have weight 0 and a −inf difference; count them as 0.
+        tilt = (weights * xp.where(visible, scores - shift, 0)).sum(axis=-1)
+        probs = weights / safe[..., None]
+        out[:, h] = probs @ vh
+        lse[:, h] = xp.where(seen, shift[..., 0] + xp.log(safe), -xp.inf)
+        entropy[:, h] = xp.where(seen, xp.log(safe) - tilt / safe, 0)
+        top = -xp.sort(-probs, axis=-1)[..., :topk] if Sk else xp.zeros((B, m, 0), dtype=ctype)
+        topk_mass[:, h] = top.sum(axis=-1)
+        col_mass[:, h] = probs.sum(axis=1)
+    return ProbeResult(rows, out, lse, entropy, topk_mass, col_mass)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Probe: Numba CUDA kernels
+
+
+#: `numba.cuda`, bound by `_numba_cuda` on first use. A module global (not a local) because the CUDA
+#: simulator swaps in its own module only through the kernels' globals.
+cuda: Any = None
+
+
+def _numba_cuda() -> Any:
+    """`numba.cuda`, imported on first use (importing the core must not import numba-cuda).
+
+    NumPy >= 2.5 shim, the only one in the project: numba-cuda 0.30 (maintenance mode) still calls
+    `numpy.row_stack`, removed in NumPy 2.5 (NVIDIA/numba-cuda#907, will not be fixed upstream). It is
+    an alias of `numpy.vstack`; restoring the alias before any kernel compiles makes the kernels work.
+    Delete this when numba-cuda stops calling it.
+    """
+    global cuda
+    if cuda is None:
+        if not hasattr(np, "row_stack"):
+            np.row_stack = np.vstack
+        from numba import cuda as numba_cuda
+
+        cuda = numba_cuda
+    return cuda
+
+
+@cache
+def _kernels(bfloat16: bool) -> tuple[Any, Any, Any]:
+    """(scores, row statistics, output) kernels, compiled lazily by Numba; `bfloat16`: k and v arrive as the
+    uint16 bit patterns of bfloat16 (Numba has no bfloat16 type) and are decoded in registers."""
+    _numba_cuda()
+    from numba import float32, int64
+
+    @cuda.jit(device=True, inline=True)
+    def to_f32(x: Any) -> Any:
+        return float32(x)
+
+    @cuda.jit(device=True, inline=True)
+    def bf16_to_f32(bits: Any) -> Any:
+        # bfloat16 = sign | 8-bit exponent | 7-bit mantissa; value = (128 + mantissa) · 2^(exponent − 134) for
+        # normal numbers, mantissa · 2^−133 for subnormals. Arithmetic decoding (no bit casts) so that the
+        # simulator, which has no libdevice, runs it too. Inf/NaN never reach attention inputs we accept.
+        b = int64(bits)
+        exponent = (b >> 7) & 0xFF
+        mantissa = b & 0x7F
+        if exponent == 0:
+            value = math.ldexp(float32(mantissa), -133)
+        else:
+            value = math.ldexp(float32(mantissa + 128), int(exponent - 134))
+        return float32(-value if b & 0x8000 else value)
+
+    load = bf16_to_f32 if bfloat16 else to_f32
+
+    @cuda.jit
+    def scores_kernel(q_rows: Any, limits: Any, k: Any, scale: float, group: int, scores: Any) -> None:
+        """scores[b, h, r, j] = scale · q_rows[b, h, r] · k[b, h // group, j] (−inf where j >= limits[r]).
+
+        Launch: grid (ceil(Sk / THREADS), B·Hq), THREADS threads; thread = one key, all m rows of the head,
+        so each key row is read from memory once per head. The m query rows sit in shared memory and are
+        read by all threads at the same address (a broadcast, no bank conflicts).
+        """
+        tid = cuda.threadIdx.x
+        j = cuda.blockIdx.x * THREADS + tid
+        n_heads = q_rows.shape[1]
+        b = cuda.blockIdx.y // n_heads
+        h = cuda.blockIdx.y % n_heads
+        m, dim = q_rows.shape[2], q_rows.shape[3]
+        q_sh = cuda.shared.array((MAX_ROWS, MAX_D), float32)
+        for idx in range(tid, m * dim, THREADS):
+            q_sh[idx // dim, idx % dim] = q_rows[b, h, idx // dim, idx % dim]
+        cuda.syncthreads()
+        if j >= k.shape[2]:
+            return
+        acc = cuda.local.array(MAX_ROWS, float32)
+        for r in range(m):
+            acc[r] = 0.0
+        for d in range(dim):
+            kd = load(k[b, h // group, j, d])
+            for r in range(m):
+                acc[r] += q_sh[r, d] * kd
+        for r in range(m):
+            scores[b, h, r, j] = acc[r] * scale if j < limits[r] else -math.inf
+
+    @cuda.jit(device=True, inline=True)
+    def rescaled(l_val: float, t_val: float, m_old: float, m_new: float) -> tuple[float, float]:
+        """(l, t) of one softmax state moved from max m_old to m_new >= m_old (t gains (m_old − m_new)·l)."""
+        if l_val == 0.0:
+            return float32(0.0), float32(0.0)
+        alpha = math.exp(m_old - m_new)
+        return float32(alpha * l_val), float32(alpha * (t_val + (m_old - m_new) * l_val))
+
+    @cuda.jit
+    def stats_kernel(scores: Any, topk: int, lse: Any, entropy: Any, topk_mass: Any) -> None:
+        """lse, entropy and top-k mass of probe row r = blockIdx.x of head (b, h) = divmod(blockIdx.y, Hq).
+
+        Launch: grid (m, B·Hq), THREADS threads. Each thread streams its keys j ≡ tid (mod THREADS) of the
+        row's scores (m·Sk floats per head: cheap) with a running max (m, l, t) and a sorted top-k list; the
+        states merge pairwise in shared memory, the top-k lists in thread 0.
+        """
+        tid = cuda.threadIdx.x
+        r = cuda.blockIdx.x
+        n_heads = scores.shape[1]
+        b = cuda.blockIdx.y // n_heads
+        h = cuda.blockIdx.y % n_heads
+        seq_k = scores.shape[3]
+        sh_m = cuda.shared.array(THREADS, float32)
+        sh_l = cuda.shared.array(THREADS, float32)
+        sh_t = cuda.shared.array(THREADS, float32)
+        sh_top = cuda.shared.array((THREADS, MAX_TOPK), float32)
+
+        run_m, run_l, run_t = float32(-math.inf), float32(0.0), float32(0.0)
+        top = cuda.local.array(MAX_TOPK, float32)
+        for i in range(topk):
+            top[i] = -math.inf
+        for j in range(tid, seq_k, THREADS):
+            s = scores[b, h, r, j]
+            if s == -math.inf:
+                continue
+            if s > run_m:
+                run_l, run_t = rescaled(run_l, run_t, run_m, s)
+                run_m = s
+            e = math.exp(s - run_m)
+            run_l += e
+            run_t += e * (s - run_m)
+            if s > top[topk - 1]:  # insertion into the descending list
+                i = topk - 1
+                while i > 0 and top[i - 1] < s:
+                    top[i] = top[i - 1]
+                    i -= 1
+                top[i] = s
+        sh_m[tid], sh_l[tid], sh_t[tid] = run_m, run_l, run_t
+        for i in range(topk):
+            sh_top[tid, i] = top[i]
+        cuda.syncthreads()
+
+        # Tree merge of the (m, l, t) states: log2(THREADS) steps.
+        stride = THREADS // 2
+        while stride > 0:
+            if tid < stride:
+                m_a, m_b = sh_m[tid], sh_m[tid + stride]
+                m_new = max(m_a, m_b)
+                if m_new > -math.inf:
+                    l_a, t_a = rescaled(sh_l[tid], sh_t[tid], m_a, m_new)
+                    l_b, t_b = rescaled(sh_l[tid + stride], sh_t[tid + stride], m_b, m_new)
+                    sh_m[tid], sh_l[tid], sh_t[tid] = m_new, l_a + l_b, t_a + t_b
+            cuda.syncthreads()
+            stride //= 2
+        row_m, row_l, row_t = sh_m[0], sh_l[0], sh_t[0]
+
+        if tid == 0:  # merge the per-thread top-k lists (THREADS · topk candidates, serial: tiny)
+            for i in range(topk):
+                top[i] = -math.inf
+            for u in range(THREADS):
+                for w in range(topk):
+                    s = sh_top[u, w]
+                    if s > top[topk - 1]:
+                        i = topk - 1
+                        while i > 0 and top[i - 1] < s:
+                            top[i] = top[i - 1]
+                            i -= 1
+                        top[i] = s
+            mass = float32(0.0)
+            for i in range(topk):
+                if top[i] > -math.inf:
+                    mass += math.exp(top[i] - row_m) / row_l
+            topk_mass[b, h, r] = mass
+            if row_l > 0.0:
+                lse[b, h, r] = row_m + math.log(row_l)
+                entropy[b, h, r] = math.log(row_l) - row_t / row_l
+            else:
+                lse[b, h, r] = -math.inf
+                entropy[b, h, r] = 0.0
+
+    @cuda.jit
+    def output_kernel(scores: Any, lse: Any, v: Any, group: int, out: Any, col_mass: Any) -> None:
+        """out[b, h, r] += Σ_j p_j v[j] and col_mass[b, h, j] += p_j over one chunk of KEYS_PER_BLOCK keys,
+        p_j = exp(s_rj − lse_r).
+
+        Launch: grid (ceil(Sk / KEYS_PER_BLOCK), m, B·Hq), THREADS threads: split over keys so that the m·B·Hq
+        rows give enough blocks; partial rows are summed by float32 atomics into the zeroed `out`. Per step
+        of THREADS keys, p goes to shared memory, then thread d accumulates for d ≡ tid (mod THREADS), reading
+        v rows coalesced.
+        """
+        tid = cuda.threadIdx.x
+        r = cuda.blockIdx.y
+        n_heads = scores.shape[1]
+        b = cuda.blockIdx.z // n_heads
+        h = cuda.blockIdx.z % n_heads
+        seq_k, dim = scores.shape[3], v.shape[3]
+        row_lse = lse[b, h, r]
+        if row_lse == -math.inf:
+            return  # the whole block leaves together: no thread waits at a barrier
+        sh_p = cuda.shared.array(THREADS, float32)
+        acc = cuda.local.array(D_PER_THREAD, float32)
+        for i in range(D_PER_THREAD):
+            acc[i] = 0.0
+        first = cuda.blockIdx.x * KEYS_PER_BLOCK
+        last = min(first + KEYS_PER_BLOCK, seq_k)
+        for j0 in range(first, last, THREADS):
+            j = j0 + tid
+            p = float32(0.0)
+            if j < last:
+                p = math.exp(scores[b, h, r, j] - row_lse)
+                cuda.atomic.add(col_mass, (b, h, j), p)
+            sh_p[tid] = p
+            cuda.syncthreads()
+            for i in range(D_PER_THREAD):
+                d = tid + i * THREADS
+                if d < dim:
+                    for jj in range(min(THREADS, last - j0)):
+                        acc[i] += sh_p[jj] * load(v[b, h // group, j0 + jj, d])
+            cuda.syncthreads()
+        for i in range(D_PER_THREAD):
+            d = tid + i * THREADS
+            if d < dim:
+                cuda.atomic.add(out, (b, h, r, d), acc[i])
+
+    return scores_kernel, stats_kernel, output_kernel
+
+
+def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndarray, topk: int) -> ProbeResult:
+    """The probe as three Numba CUDA kernels on CuPy arrays (or NumPy arrays under the simulator).
+
+    CuPy arrays are handed to Numba through __cuda_array_interface__ without synchronising (sync=False) and
+    the kernels run on CuPy's current stream. Intermediate: the probe rows' scores, [B, Hq, m, Sk] float32.
+    """
+    _numba_cuda()
+    xp = namespace(problem.library)
+    B, Hq, Sk, m = problem.batch, problem.heads_q, problem.seqlen_k, len(rows)
+    bf16 = problem.dtype == "bfloat16"
+    k_in, v_in = (x.view(xp.uint16) if bf16 else x for x in (k, v))
+    q_rows = xp.ascontiguousarray(q[:, :, xp.asarray(rows)].astype(xp.float32))
+    limits = xp.asarray(row_limits(problem, rows))
+    scores = xp.empty((B, Hq, m, Sk), dtype=xp.float32)
+    out = xp.zeros((B, Hq, m, problem.head_dim), dtype=xp.float32)
+    lse, entropy, topk_mass = (xp.empty((B, Hq, m), dtype=xp.float32) for _ in range(3))
+    col_mass = xp.zeros((B, Hq, Sk), dtype=xp.float32)
+    scores_kernel, stats_kernel, output_kernel = _kernels(bf16)
+    launches = [
+        (scores_kernel, ((Sk + THREADS - 1) // THREADS, B * Hq),
+         (q_rows, limits, k_in, np.float32(problem.scale), problem.group_size, scores)),
+        (stats_kernel, (m, B * Hq), (scores, topk, lse, entropy, topk_mass)),
+        (output_kernel, ((Sk + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK, m, B * Hq),
+         (scores, lse, v_in, problem.group_size, out, col_mass)),
+    ]
+    if Sk == 0:  # no key: lse = −inf, entropy = top-k mass = 0 from the statistics kernel alone
+        launches = launches[1:2]
+    if problem.library == "cupy":
+        import cupy
+
+        ptr = cupy.cuda.get_current_stream().ptr
+        stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+        for kernel, grid, args in launches:
+            kernel[grid, THREADS, stream](*(cuda.as_cuda_array(a, sync=False) if library_name(a) == "cupy" else a
+                                            for a in args))
+    else:
+        for kernel, grid, args in launches:
+            kernel[grid, THREADS](*args)
+    return ProbeResult(rows, out, lse, entropy, topk_mass, col_mass)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pooled block map and its spectrum
+
+
+def pooled_map(problem: AttentionProblem, q: Any, k: Any, block: int) -> np.ndarray:
+    """A = softmax(scale · Q̄ K̄ᵀ) per query head, [B·Hq, ceil(Sq/b), ceil(Sk/b)] float64 on the host.
+
+    Q̄, K̄: means over blocks of `block` tokens (the last block over what remains). Causal: key block c is
+    kept for query block i when some key of c is visible to some row of i. Rows of query blocks that see
+    no key are 0. Computed on the inputs' device (float32), returned as host float64.
+    Raises ValueError for block < 1.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    xp = namespace(problem.library)
+    ctype = xp.float64 if problem.dtype == "float64" else xp.float32
+
+    def pooled(x: Any, seq: int) -> Any:
+        # Sums in ctype straight from the input (splitting the S axis is a view for any strides): no
+        # converted copy of Q or K is made, so the map costs one read of each.
+        full, rest = divmod(seq, block)
+        parts = []
+        if full:
+            blocks = x[:, :, : full * block].reshape(*x.shape[:2], full, block, x.shape[3])
+            parts.append(blocks.sum(axis=3, dtype=ctype) / ctype(block))
+        if rest:
+            parts.append(x[:, :, full * block:].sum(axis=2, keepdims=True, dtype=ctype) / ctype(rest))
+        return xp.concatenate(parts, axis=2)
+
+    q_bar = pooled(q, problem.seqlen_q)
+    k_bar = xp.repeat(pooled(k, problem.seqlen_k), problem.group_size, axis=1)
+    scores = (q_bar @ k_bar.swapaxes(-1, -2)) * ctype(problem.scale)
+    if problem.causal:
+        last_row = xp.minimum(block * (xp.arange(q_bar.shape[2]) + 1), problem.seqlen_q) - 1
+        first_key = block * xp.arange(k_bar.shape[2])
+        visible = first_key[None, :] <= last_row[:, None] + problem.causal_offset
+        scores = xp.where(visible, scores, -xp.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    weights = xp.exp(scores - xp.where(xp.isneginf(row_max), 0, row_max))
+    total = weights.sum(axis=-1, keepdims=True)
+    probs = weights / xp.where(total > 0, total, 1)
+    host = probs.get() if hasattr(probs, "get") else probs
+    return np.asarray(host, dtype=np.float64).reshape(-1, *probs.shape[2:])
+
+
+def power_iteration(a: np.ndarray, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """σ₁ of each matrix of `a` [N, r, c]: `iters` steps of x ← AᵀA x / ‖AᵀA x‖ from a random start, σ₁ = ‖A x‖.
+
+    Converges like (σ₂/σ₁)^(2·iters) in the Rayleigh quotient and never overestimates σ₁.
+    """
+    x = rng.standard_normal((a.shape[0], a.shape[2]))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    for _ in range(iters):
+        y = np.einsum("nrc,nr->nc", a, np.einsum("nrc,nc->nr", a, x))
+        norm = np.linalg.norm(y, axis=-1, keepdims=True)
+        x = np.where(norm > 0, y / np.where(norm > 0, norm, 1), x)
+    return np.linalg.norm(np.einsum("nrc,nc->nr", a, x), axis=-1)
+
+
+def hutchpp_frobenius(a: np.ndarray, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(estimate, standard error) of ‖A‖_F² = tr(AᵀA) per matrix of `a` [N, r, c] by Hutch++ (Meyer et al. 2021).
+
+    A third of the `samples` (>= 6) matrix-vector products sketch the top right subspace, Q = orth(AᵀA S),
+    whose share ‖A Q‖_F² is exact; the other two thirds estimate the rest by Hutchinson with Rademacher
+    z projected off Q: E‖A (I − QQᵀ) z‖² = ‖A (I − QQᵀ)‖_F². The standard error is the empirical one of
+    those draws, sqrt(var / draws); it is small when A is close to rank samples/3, as attention maps are.
+    """
+    if samples < 6:
+        raise ValueError(f"samples must be >= 6, got {samples}")
+    sketch = samples // 3
+    draws = samples - sketch
+    basis, _ = np.linalg.qr(np.ascontiguousarray(a.swapaxes(-1, -2)) @ (a @ rng.standard_normal((a.shape[2], sketch))))
+    head = np.einsum("nrk,nrk->n", a @ basis, a @ basis)
+    z = rng.choice(np.array([-1.0, 1.0]), size=(a.shape[0], a.shape[2], draws))
+    z = z - basis @ (np.ascontiguousarray(basis.swapaxes(-1, -2)) @ z)
+    tail = ((a @ z) ** 2).sum(axis=1)  # [N, draws]
+    return head + tail.mean(axis=-1), tail.std(axis=-1, ddof=1) / math.sqrt(draws)
+
+
+def randomized_singular_values(a: np.ndarray, rank: int, rng: np.random.Generator, *, oversample: int = 8,
+                               power_iters: int = 2) -> np.ndarray:
+    """Leading `rank` singular values of each matrix of `a` [N, r, c] by randomized SVD (Halko et al. 2011).
+
+    Range finder Y = (AAᵀ)^q A Ω with Ω Gaussian [c, rank + oversample], re-orthonormalised by QR after every
+    product; then the exact SVD of the small Qᵀ A. Returns [N, min(rank, r, c)], descending.
+    """
+    width = min(rank + oversample, *a.shape[1:])
+    a_t = np.ascontiguousarray(a.swapaxes(-1, -2))  # stacked matmul takes the BLAS path on contiguous operands
+    basis, _ = np.linalg.qr(a @ rng.standard_normal((a.shape[2], width)))
+    for _ in range(power_iters):
+        basis, _ = np.linalg.qr(a_t @ basis)
+        basis, _ = np.linalg.qr(a @ basis)
+    values = np.linalg.svd(np.ascontiguousarray(basis.swapaxes(-1, -2)) @ a, compute_uv=False)
+    return values[:, : min(rank, *a.shape[1:])]
+
+
+@dataclass
+class Spectrum:
+    """Spectral estimates of the pooled maps, one entry per head (host NumPy, float64).
+
+    spectral_norm: σ₁ (the larger of power iteration and the randomized SVD's first value);
+    frobenius_sq / frobenius_sq_se: ‖A‖_F² (Hutch++) and its standard error;
+    stable_rank: ‖A‖_F² / σ₁² (>= 1);
+    energy_rank: fewest leading singular values (of the randomized SVD) whose squares reach `energy` · ‖A‖_F²
+    (the SVD's width + 1 when they do not).
+    """
+
+    spectral_norm: np.ndarray
+    frobenius_sq: np.ndarray
+    frobenius_sq_se: np.ndarray
+    stable_rank: np.ndarray
+    energy_rank: np.ndarray
+
+
+def spectrum(a: np.ndarray, *, energy: float = 0.95, max_rank: int = 32, seed: int = 0, power_iters: int = 30,
+             samples: int = 64) -> Spectrum:
+    """Spectral estimates of maps `a` [N, r, c] (see `Spectrum`). Raises ValueError for energy outside (0, 1]."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    rng = np.random.default_rng(seed)
+    values = randomized_singular_values(a, max_rank, rng)
+    # Both are lower bounds of σ₁; power iteration alone stalls when σ₂ ≈ σ₁ (common in causal maps), where
+    # the randomized SVD's block iteration does not.
+    sigma1 = np.maximum(power_iteration(a, power_iters, rng), values[:, 0])
+    frob, frob_se = hutchpp_frobenius(a, samples, rng)
+    captured = np.cumsum(values**2, axis=-1)
+    energy_rank = 1 + (captured < energy * frob[:, None]).sum(axis=-1)
+    safe = np.where(sigma1 > 0, sigma1, 1.0)
+    stable = np.where(sigma1 > 0, np.maximum(frob / safe**2, 1.0), 1.0)
+    return Spectrum(sigma1, frob, frob_se, stable, energy_rank)

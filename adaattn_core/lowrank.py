@@ -1,0 +1,352 @@
+"""The low-rank attention path: exact near field + landmark far field, merged by log-sum-exp.
+
+Geometry. Queries and keys are placed on one position axis of length L = max(Sq, Sk): query row i at
+i + (L − Sq), key j at j + (L − Sk), so the bottom-right causal rule "j <= i + Sk − Sq" becomes "key
+position <= query position". The axis (padded to Lp) is cut into blocks of w = `BLOCK` positions and
+segments of g = w·t positions; `rank` r sets g = w·ceil(L / (r·w)), so there are nc = Lp / g <= r segments.
+
+For a query at position p (block β, segment c), the approximation uses, all scaled by `scale`:
+
+- near field: every key of block β exactly (causal: positions <= p);
+- fine landmarks: for each other block β' of segment c (causal: β' < β), the mean key k̄ and mean value v̄
+  of its n keys, entered as one key with score q·k̄ + log n and value v̄;
+- coarse landmarks: the same for every other segment c' (causal: c' < c: fully past segments only, so no
+  future token leaks into any row);
+- sinks: optional exact keys per head (attention sinks found by the probe's column mass), taken out of
+  the blocks and landmarks they belong to so that no key counts twice.
+
+Each key is counted once: near + fine + coarse + sinks partition the keys a row may see. With the common
+shift M (row max over all parts), out = Σ_parts exp(S − M) V / Σ_parts Σ exp(S − M), lse = M + log(·).
+The far field replaces Σ_{j∈block} exp(q·k_j) v_j by n exp(q·k̄) v̄: exact when the scores within a
+block are equal (diffuse rows), poor for peaked rows — which the rank policy's guard rejects.
+
+Cost per head: O(Lp · (w + t + nc + n_sinks) · D) with t = g / w, i.e. O(S·(w + r + S/(r·w))·D); memory
+the same number of scores, never S×S. Computed in float32 (float64 for float64 inputs) with batched
+matmuls of the array library (BLAS on NumPy, cuBLAS through CuPy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._arrays import compute_dtype, namespace
+from .problem import AttentionProblem
+
+#: Near-field block w (positions). 64 keeps the exact band narrow while the landmark grid stays fine.
+BLOCK = 64
+#: Scores held at once per head chunk (B · heads · Lp · keys per query); bounds memory to ~256 MiB (float32).
+CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Positions of one low-rank problem: L, padded Lp, block w, segment g, and the query/key offsets."""
+
+    length: int
+    padded: int
+    block: int
+    segment: int
+    q_offset: int
+    k_offset: int
+
+    @property
+    def blocks(self) -> int:
+        return self.padded // self.block
+
+    @property
+    def segments(self) -> int:
+        return self.padded // self.segment
+
+    @property
+    def fine(self) -> int:
+        """Blocks (fine landmarks) per segment, t."""
+        return self.segment // self.block
+
+    def keys_per_query(self, sinks: int = 0) -> int:
+        """Scores computed per query position: w + t + nc + sinks (the cost relative to dense's Sk)."""
+        return self.block + self.fine + self.segments + sinks
+
+
+def geometry(seq_q: int, seq_k: int, rank: int, block: int = BLOCK) -> Geometry:
+    """The position grid for `rank` coarse segments (see the module docstring). Raises ValueError for rank < 1."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    length = max(seq_q, seq_k, 1)
+    segment = block * -(-length // (rank * block))
+    padded = segment * -(-length // segment)
+    return Geometry(length, padded, block, segment, length - seq_q, length - seq_k)
+
+
+def balanced_rank(seq_q: int, seq_k: int, block: int = BLOCK) -> int:
+    """The rank r ≈ sqrt(L / w) that balances fine and coarse landmarks (t ≈ nc), minimising the cost."""
+    return max(1, round((max(seq_q, seq_k, 1) / block) ** 0.5))
+
+
+def sink_table(heads: Sequence[int], sinks: dict[int, Sequence[int]] | None) -> np.ndarray:
+    """[len(heads), n_sinks] int64 key indices of each head's sinks, padded with −1 (n_sinks may be 0)."""
+    lists = [sorted(set((sinks or {}).get(h, ()))) for h in heads]
+    table = np.full((len(heads), max((len(x) for x in lists), default=0)), -1, dtype=np.int64)
+    for row, keys in zip(table, lists):
+        row[: len(keys)] = keys
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared pieces: padded keys, landmarks, masks
+
+
+@dataclass
+class _Keys:
+    """Keys and values of the selected heads on the position grid, with their landmarks (ctype arrays).
+
+    kp, vp [B, n, Lp, D]; key_bias [n, Lp] (0 for a key in the near field/landmarks, −inf for padding and
+    sinks); kf, vf [B, n, nb, D] and log_nf [n, nb]; kc, vc [B, n, nc, D] and log_nc [n, nc];
+    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding).
+    """
+
+    kp: Any
+    vp: Any
+    key_bias: Any
+    kf: Any
+    vf: Any
+    log_nf: Any
+    kc: Any
+    vc: Any
+    log_nc: Any
+    ks: Any
+    vs: Any
+    sink_pos: Any
+
+
+def _log_count(xp: Any, count: Any) -> Any:
+    """log n, −inf for empty landmarks (they then get zero weight)."""
+    return xp.where(count > 0, xp.log(xp.maximum(count, 1)), -xp.inf)
+
+
+def _weighted_mean(x: Any, weight: Any, count: Any) -> Any:
+    """Σ weight·x / count over axis −2 (x [..., n, w, D], weight [..., n, w], count [..., n]); 0 when empty."""
+    total = (weight[..., None, :] @ x)[..., 0, :]
+    return total / (count + (count == 0))[..., None]
+
+
+def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: np.ndarray) -> _Keys:
+    """Pad k, v ([B, n, Sk, D] of the selected heads) onto the grid and pool their landmarks."""
+    B, n, Sk, D = k.shape
+    Lp, w, nb, nc, t = geo.padded, geo.block, geo.blocks, geo.segments, geo.fine
+    kp = xp.zeros((B, n, Lp, D), dtype=ctype)
+    vp = xp.zeros((B, n, Lp, D), dtype=ctype)
+    kp[:, :, geo.k_offset: geo.k_offset + Sk] = k
+    vp[:, :, geo.k_offset: geo.k_offset + Sk] = v
+    weight = xp.zeros((n, Lp), dtype=ctype)
+    weight[:, geo.k_offset: geo.k_offset + Sk] = 1
+    sink_pos = xp.asarray(np.where(sinks >= 0, sinks + geo.k_offset, -1))
+    used = np.nonzero(sinks >= 0)
+    weight[xp.asarray(used[0]), sink_pos[xp.asarray(used[0]), xp.asarray(used[1])]] = 0
+    count_f = weight.reshape(n, nb, w).sum(axis=-1)
+    kf = _weighted_mean(kp.reshape(B, n, nb, w, D), weight.reshape(n, nb, w), count_f)
+    vf = _weighted_mean(vp.reshape(B, n, nb, w, D), weight.reshape(n, nb, w), count_f)
+    count_c = count_f.reshape(n, nc, t).sum(axis=-1)
+    kc = _weighted_mean(kf.reshape(B, n, nc, t, D), count_f.reshape(n, nc, t), count_c)
+    vc = _weighted_mean(vf.reshape(B, n, nc, t, D), count_f.reshape(n, nc, t), count_c)
+    head_of = xp.arange(n)[:, None].repeat(sinks.shape[1], axis=1)
+    key_of = xp.asarray(np.maximum(sinks, 0))
+    ks, vs = (x[:, head_of, key_of].astype(ctype) for x in (k, v))  # [B, n, ns, D]
+    key_bias = xp.where(weight > 0, 0, -xp.inf).astype(ctype)
+    return _Keys(kp, vp, key_bias, kf, vf, _log_count(xp, count_f).astype(ctype), kc, vc,
+                 _log_count(xp, count_c).astype(ctype), ks, vs, sink_pos)
+
+
+def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
+    """Bias 0 / −inf for a landmark of unit `key_unit` seen from a query in unit `query_unit` (broadcast):
+    every other unit without causal, strictly earlier units with causal."""
+    ok = key_unit < query_unit if causal else key_unit != query_unit
+    return xp.where(ok, 0.0, -xp.inf)
+
+
+def _merge(xp: Any, parts: list[tuple[Any, Callable[[Any], Any]]]) -> tuple[Any, Any]:
+    """(out, lse) of a softmax split into parts: each (scores [..., R, K_i], P_i ↦ P_i V_i as [..., R, D]).
+
+    Shift by the row max M over all parts; rows with no finite score give out = 0, lse = −inf.
+    """
+    row_max = parts[0][0].max(axis=-1)
+    for scores, _ in parts[1:]:
+        if scores.shape[-1]:
+            row_max = xp.maximum(row_max, scores.max(axis=-1))
+    shift = xp.where(xp.isneginf(row_max), 0, row_max)
+    total = 0
+    out = 0
+    for scores, apply in parts:
+        if not scores.shape[-1]:
+            continue
+        probs = xp.exp(scores - shift[..., None])
+        total = total + probs.sum(axis=-1)
+        out = out + apply(probs)
+    seen = total > 0
+    safe = xp.where(seen, total, 1)
+    return out / safe[..., None], xp.where(seen, shift + xp.log(safe), -xp.inf)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# All rows (the forward) and selected rows (the guard)
+
+
+def _all_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q: Any, keys: _Keys) -> tuple[Any, Any]:
+    """(out [B, n, Sq, D], lse [B, n, Sq]) for every query row; q [B, n, Sq, D] already scaled."""
+    B, n, Sq, D = q.shape
+    Lp, w, nb, nc, t, g = geo.padded, geo.block, geo.blocks, geo.segments, geo.fine, geo.segment
+    qp = xp.zeros((B, n, Lp, D), dtype=ctype)
+    qp[:, :, geo.q_offset: geo.q_offset + Sq] = q
+    positions = xp.arange(Lp)
+
+    q_blocks = qp.reshape(B, n, nb, w, D)
+    near = q_blocks @ keys.kp.reshape(B, n, nb, w, D).swapaxes(-1, -2) + keys.key_bias.reshape(n, nb, 1, w)
+    if causal:
+        near = near + xp.where(xp.arange(w)[None, :] <= xp.arange(w)[:, None], 0.0, -xp.inf).astype(ctype)
+
+    q_segments = qp.reshape(B, n, nc, g, D)
+    fine = q_segments @ keys.kf.reshape(B, n, nc, t, D).swapaxes(-1, -2)
+    fine = fine + keys.log_nf.reshape(n, nc, 1, t) + _allowed(
+        xp, causal, (positions[:g] // w)[:, None], xp.arange(t)[None, :]).astype(ctype)
+
+    coarse = (qp @ keys.kc.swapaxes(-1, -2)).reshape(B, n, nc, g, nc)
+    coarse = coarse + keys.log_nc.reshape(n, 1, 1, nc) + _allowed(
+        xp, causal, xp.arange(nc)[:, None, None], xp.arange(nc)[None, None, :]).astype(ctype)
+
+    sink_ok = keys.sink_pos[:, None, :] >= 0
+    if causal:
+        sink_ok = sink_ok & (keys.sink_pos[:, None, :] <= positions[None, :, None])
+    sink = qp @ keys.ks.swapaxes(-1, -2) + xp.where(sink_ok, 0.0, -xp.inf).astype(ctype)
+
+    vp_blocks = keys.vp.reshape(B, n, nb, w, D)
+    vf_segments = keys.vf.reshape(B, n, nc, t, D)
+    out, lse = _merge(xp, [
+        (near.reshape(B, n, Lp, w), lambda p: (p.reshape(B, n, nb, w, w) @ vp_blocks).reshape(B, n, Lp, D)),
+        (fine.reshape(B, n, Lp, t), lambda p: (p.reshape(B, n, nc, g, t) @ vf_segments).reshape(B, n, Lp, D)),
+        (coarse.reshape(B, n, Lp, nc), lambda p: p @ keys.vc),
+        (sink, lambda p: p @ keys.vs),
+    ])
+    rows = slice(geo.q_offset, geo.q_offset + Sq)
+    return out[:, :, rows], lse[:, :, rows]
+
+
+def _some_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q_rows: Any, rows: np.ndarray,
+               keys: _Keys) -> tuple[Any, Any]:
+    """(out [B, n, m, D], lse [B, n, m]) of query `rows` only, by gathering each row's keys and landmarks;
+    q_rows [B, n, m, D] already scaled. Same scores as `_all_rows`, O(m·(w + t + nc)·D) per head."""
+    B, n, m, D = q_rows.shape
+    w, nb, nc, t, g = geo.block, geo.blocks, geo.segments, geo.fine, geo.segment
+    pos = rows + geo.q_offset
+    block, segment = xp.asarray(pos // w), xp.asarray(pos // g)
+    pos_dev = xp.asarray(pos)
+    q_col = q_rows[..., None, :]  # [B, n, m, 1, D]
+
+    near_keys = keys.kp.reshape(B, n, nb, w, D)[:, :, block]  # [B, n, m, w, D]
+    near = (q_col @ near_keys.swapaxes(-1, -2))[..., 0, :] + keys.key_bias.reshape(n, nb, w)[:, block]
+    if causal:
+        key_pos = block[:, None] * w + xp.arange(w)[None, :]
+        near = near + xp.where(key_pos <= pos_dev[:, None], 0.0, -xp.inf).astype(ctype)
+
+    fine_keys = keys.kf.reshape(B, n, nc, t, D)[:, :, segment]  # [B, n, m, t, D]
+    fine = (q_col @ fine_keys.swapaxes(-1, -2))[..., 0, :] + keys.log_nf.reshape(n, nc, t)[:, segment]
+    fine = fine + _allowed(xp, causal, ((pos_dev % g) // w)[:, None], xp.arange(t)[None, :]).astype(ctype)
+
+    coarse = q_rows @ keys.kc.swapaxes(-1, -2) + keys.log_nc[:, None, :]
+    coarse = coarse + _allowed(xp, causal, segment[:, None], xp.arange(nc)[None, :]).astype(ctype)
+
+    sink_ok = keys.sink_pos[:, None, :] >= 0
+    if causal:
+        sink_ok = sink_ok & (keys.sink_pos[:, None, :] <= pos_dev[None, :, None])
+    sink = q_rows @ keys.ks.swapaxes(-1, -2) + xp.where(sink_ok, 0.0, -xp.inf).astype(ctype)
+
+    return _merge(xp, [
+        (near, lambda p: (p[..., None, :] @ keys.vp.reshape(B, n, nb, w, D)[:, :, block])[..., 0, :]),
+        (fine, lambda p: (p[..., None, :] @ keys.vf.reshape(B, n, nc, t, D)[:, :, segment])[..., 0, :]),
+        (coarse, lambda p: p @ keys.vc),
+        (sink, lambda p: p @ keys.vs),
+    ])
+
+
+def _select(problem: AttentionProblem, x: Any, heads: Sequence[int], kv: bool) -> Any:
+    """[B, n, S, D] of the selected query heads (k/v: their key/value heads h // G), one gather."""
+    xp = namespace(problem.library)
+    index = [h // problem.group_size for h in heads] if kv else list(heads)
+    return x[:, xp.asarray(index, dtype=xp.int64)]
+
+
+@dataclass
+class Prepared:
+    """Keys, values and landmarks of query `heads` at one `rank`: what `approximate_rows` (the policy's guard)
+    and `forward` share, so that a plan can hand them on (``artifacts["prepared"]``) instead of recomputing."""
+
+    heads: tuple[int, ...]
+    rank: int
+    geometry: Geometry
+    keys: _Keys
+
+
+def prepare(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], rank: int,
+            sinks: dict[int, Sequence[int]] | None = None) -> Prepared:
+    """Pad the keys/values of query `heads` (their key/value heads) onto the grid of `rank` and pool their
+    landmarks; `sinks` maps a query head to key indices attended exactly. Cost O(Sk·D) per head."""
+    xp = namespace(problem.library)
+    geo = geometry(problem.seqlen_q, problem.seqlen_k, rank)
+    keys = _keys(xp, compute_dtype(problem.dtype), geo, _select(problem, k, heads, True),
+                 _select(problem, v, heads, True), sink_table(heads, sinks))
+    return Prepared(tuple(int(h) for h in heads), rank, geo, keys)
+
+
+def forward(
+    problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any,
+    heads: Sequence[int], ranks: Sequence[int], artifacts: dict[str, Any],
+) -> None:
+    """Write the low-rank approximation of query `heads` into `out` and `lse` (other heads untouched).
+
+    Args:
+        problem: the validated call. q [B, Hq, Sq, D], k, v [B, Hkv, Sk, D]: views, any strides, NumPy or CuPy.
+        out: [B, Hq, Sq, D] view in the input dtype; lse: [B, Hq, Sq] (float32; float64 for float64 inputs),
+            the log-normaliser of the approximation.
+        heads: query-head indices; ranks: the matching ranks (coarse segments, >= 1).
+        artifacts: the plan's artifacts. Optional ``"sinks"``: {query head: key indices attended exactly};
+            optional ``"prepared"``: a `Prepared` of exactly the heads of one rank, used instead of `prepare`.
+
+    Heads sharing a rank are computed together, in chunks of at most CHUNK_ELEMENTS scores.
+    Raises ValueError when heads and ranks differ in length or a rank is < 1.
+    """
+    if len(heads) != len(ranks):
+        raise ValueError(f"heads and ranks must have the same length, got {len(heads)} and {len(ranks)}")
+    xp = namespace(problem.library)
+    ctype = compute_dtype(problem.dtype)
+    reuse = artifacts.get("prepared")
+    by_rank: dict[int, list[int]] = {}
+    for head, rank in zip(heads, ranks):
+        by_rank.setdefault(int(rank), []).append(int(head))
+    for rank, group in by_rank.items():
+        geo = geometry(problem.seqlen_q, problem.seqlen_k, rank)
+        per_head = problem.batch * geo.padded * geo.keys_per_query(sink_table(group, artifacts.get("sinks")).shape[1])
+        step = max(1, CHUNK_ELEMENTS // max(1, per_head))
+        for start in range(0, len(group), step):
+            chunk = group[start: start + step]
+            if reuse is not None and reuse.rank == rank and reuse.heads == tuple(chunk):
+                prepared = reuse
+            else:
+                prepared = prepare(problem, k, v, chunk, rank, artifacts.get("sinks"))
+            q_sel = _select(problem, q, chunk, False).astype(ctype) * ctype.type(problem.scale)
+            chunk_out, chunk_lse = _all_rows(xp, ctype, geo, problem.causal, q_sel, prepared.keys)
+            index = xp.asarray(chunk, dtype=xp.int64)
+            out[:, index] = chunk_out.astype(out.dtype)
+            lse[:, index] = chunk_lse.astype(lse.dtype)
+
+
+def approximate_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepared: Prepared) -> tuple[Any, Any]:
+    """The approximation `forward` computes, for query `rows` of the prepared heads only: (out [B, n, m, D],
+    lse [B, n, m]) in float32 (float64 for float64 inputs), O(m·(w + t + nc)·D) per head beyond `prepare`.
+    Used by the rank policy to compare with the probe's exact rows."""
+    xp = namespace(problem.library)
+    ctype = compute_dtype(problem.dtype)
+    q_rows = _select(problem, q, prepared.heads, False)[:, :, xp.asarray(rows)].astype(ctype)
+    return _some_rows(xp, ctype, prepared.geometry, problem.causal, q_rows * ctype.type(problem.scale), rows,
+                      prepared.keys)

@@ -1,0 +1,221 @@
+"""Adaptive rank on the GPU: the "lowrank" policy against our dense forward and Performer, same process, same GPU.
+
+For S in {2k … 32k}, D in {128, 64}, causal and not, B = 1, H = 16, bf16, three head mixes:
+"diffuse" (q, k ~ 0.1·N(0, 1): near-uniform rows), "peaked" (each query a scaled copy of one key: retrieval),
+"mixed" (heads cycle diffuse, peaked, sink, random). Timed (CUDA events on one stream, warm-up, median, fresh
+random inputs rotated over two sets, `adaattn_core.bench` mechanics):
+
+- dense:    `attention(policy="exact")`, the fused forward;
+- lowrank:  `attention(policy=RankPolicy())`, end to end: probe, pooled map, guard, then the dense launch for
+            dense heads and `lowrank.forward` for the others;
+- plan:     `RankPolicy().plan` alone (probe + decision overhead, including its host synchronisation);
+- lowrank_forward: `lowrank.forward` alone on the planned low-rank heads;
+- performer: performer-pytorch's FastAttention (FAVOR+, 256 features) when it imports.
+
+Errors: relative L2 against float64 on 32 sampled rows of every head (`reference.head_errors`, rows other than
+the policy's probe rows), max over heads. The crossover is the shortest S from which lowrank beats dense at
+every longer S.
+
+    python benchmarks/bench_rank.py --out benchmarks/results/<date>-<gpu>-rank.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import cupy
+
+from adaattn_core import attention, bench, estimators, lowrank
+from adaattn_core.problem import describe
+from adaattn_core.rank_policy import RankPolicy
+from adaattn_core.reference import head_errors
+
+KINDS = {"diffuse": ["diffuse"], "peaked": ["peaked"], "mixed": ["diffuse", "peaked", "sink", "random"]}
+PERFORMER_FEATURES = 256
+
+
+def make_inputs(kinds: list[str], batch: int, heads: int, seq: int, dim: int, seed: int) -> tuple[Any, Any, Any]:
+    """bf16 q, k, v [B, H, S, D] on the GPU; head h of kind kinds[h % len(kinds)] (see the module docstring)."""
+    rng = cupy.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((batch, heads, seq, dim), dtype=cupy.float32) for _ in range(3))
+    for h in range(heads):
+        kind = kinds[h % len(kinds)]
+        if kind == "diffuse":
+            q[:, h] *= 0.1
+            k[:, h] *= 0.1
+        elif kind == "peaked":
+            q[:, h] = 4 * k[:, h][:, cupy.argsort(rng.random(seq))]  # a random permutation of the keys
+        elif kind == "sink":
+            u = rng.standard_normal(dim, dtype=cupy.float32)
+            u /= cupy.linalg.norm(u)
+            q[:, h] = 0.1 * q[:, h] + 4 * u
+            k[:, h] *= 0.1
+            k[:, h, 0] = 20 * u
+    return tuple(x.astype("bfloat16") for x in (q, k, v))
+
+
+def performer(dim: int, causal: bool) -> Callable[[Any, Any, Any], Any] | None:
+    """FAVOR+ from performer-pytorch on torch views of the CuPy inputs, or None when it does not import."""
+    if importlib.util.find_spec("performer_pytorch") is None:
+        return None
+    import torch
+    from performer_pytorch.performer_pytorch import FastAttention
+
+    module = FastAttention(dim_heads=dim, nb_features=PERFORMER_FEATURES, causal=causal).cuda()
+
+    def run(q: Any, k: Any, v: Any) -> Any:
+        with torch.no_grad():
+            out = module(*(bench.to_torch(x) for x in (q, k, v)))
+        return cupy.from_dlpack(out.contiguous())
+
+    return run
+
+
+def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """One row: times, errors, decisions."""
+    sets = [make_inputs(KINDS[kind], args.batch, args.heads, seq, dim, seed=seq * 7 + dim * 3 + causal * 2 + i)
+            for i in range(2)]
+    outs = [cupy.empty_like(s[0]) for s in sets]
+    policy = RankPolicy(spectral=not args.no_spectral)
+    problem = describe(*sets[0], causal=causal, scale=None, layout="bhsd")
+    plans = [policy.plan(problem, *s, None) for s in sets]
+    low = [[(h, p.rank) for h, p in enumerate(plan.heads) if p.path == "lowrank"] for plan in plans]
+    lse = cupy.empty(problem.lse_shape(), dtype=cupy.float32)
+    error_rows = estimators.probe_rows(problem, 32, seed=12345)  # not the policy's probe rows
+
+    def timed(name: str, fn: Callable[[int], Any]) -> float | None:
+        try:
+            fn(0)
+            bench.synchronize("gpu")
+            return bench.median_ms(fn, warmup=args.warmup, repeat=args.repeat, device="gpu")
+        except Exception as error:  # Performer's causal fallback can run out of memory at long S: record it
+            row.setdefault("unsupported", {})[name] = f"{type(error).__name__}: {str(error)[:200]}"
+            return None
+
+    def dense(i: int) -> Any:
+        return attention(*sets[i % 2], causal=causal, policy="exact", out=outs[i % 2])
+
+    def adaptive(i: int) -> Any:
+        return attention(*sets[i % 2], causal=causal, policy=policy, out=outs[i % 2])
+
+    def plan(i: int) -> Any:
+        return policy.plan(problem, *sets[i % 2], None)
+
+    def lowrank_forward(i: int) -> None:
+        heads = low[i % 2]
+        if heads:
+            lowrank.forward(problem, *sets[i % 2], outs[i % 2], lse, [h for h, _ in heads], [r for _, r in heads],
+                            plans[i % 2].artifacts)
+
+    row: dict[str, Any] = {"kind": kind, "seq": seq, "dim": dim, "causal": causal, "batch": args.batch,
+                           "heads": args.heads, "dtype": "bfloat16", "ms": {}, "rel_l2_vs_float64_max": {},
+                           "lowrank_heads": len(low[0]), "ranks": sorted({r for _, r in low[0]})}
+    started = time.perf_counter()
+    policy.plan(problem, *sets[0], None)
+    row["plan_wall_ms"] = (time.perf_counter() - started) * 1e3
+    favor = None if args.no_performer else performer(dim, causal)
+    impls: dict[str, Callable[[int], Any]] = {"dense": dense, "lowrank": adaptive, "plan": plan,
+                                              "lowrank_forward": lowrank_forward}
+    if favor is not None:
+        def performer_forward(i: int) -> Any:
+            return favor(*sets[i % 2])
+
+        impls["performer"] = performer_forward
+    for name, fn in impls.items():
+        row["ms"][name] = timed(name, fn)
+        if name in ("dense", "lowrank", "performer") and row["ms"][name] is not None:
+            errors = head_errors(*sets[0], fn(0), causal=causal, scale=problem.scale, rows=error_rows)
+            row["rel_l2_vs_float64_max"][name] = max(errors)
+    ms = row["ms"]
+    if ms["dense"] and ms["lowrank"]:
+        row["speedup_vs_dense"] = ms["dense"] / ms["lowrank"]
+    if ms["dense"] and ms["plan"]:
+        row["plan_overhead_vs_dense"] = ms["plan"] / ms["dense"]
+    bench.free_memory("gpu")
+    return row
+
+
+def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (kind, D, causal): the shortest S from which lowrank is faster than dense at every longer S."""
+    found = []
+    for key in sorted({(r["kind"], r["dim"], r["causal"]) for r in rows}):
+        series = sorted((r["seq"], r.get("speedup_vs_dense") or 0.0) for r in rows
+                        if (r["kind"], r["dim"], r["causal"]) == key)
+        crossing = None
+        for seq, speedup in reversed(series):
+            if speedup <= 1.0:
+                break
+            crossing = seq
+        found.append({"kind": key[0], "dim": key[1], "causal": key[2], "crossover_seq": crossing})
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="S 8k and 32k, D 128 only")
+    parser.add_argument("--no-performer", action="store_true")
+    parser.add_argument("--no-spectral", action="store_true", help="RankPolicy(spectral=False): no pooled-map "
+                        "spectrum (host linear algebra) in the decision")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args()
+    if args.quick:
+        args.seqs, args.dims = [8192, 32768], [128]
+    causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+
+    torch_stream = nullcontext()
+    env = bench.environment("gpu")
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch_stream = cupy.cuda.Stream.from_external(torch.cuda.current_stream())
+        env["torch"] = torch.__version__
+    env["performer_pytorch"] = (importlib.metadata.version("performer-pytorch")
+                                if importlib.util.find_spec("performer_pytorch") else None)
+    results: dict[str, Any] = {"env": env, "setup": f"B={args.batch}, H={args.heads}, bf16, [B,H,S,D]",
+                               "performer_features": PERFORMER_FEATURES,
+                               "policy": repr(RankPolicy(spectral=not args.no_spectral)), "rows": []}
+    print(f"# {env['gpu']}, driver {env['driver']}, performer {env['performer_pytorch']}")
+    print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'lr_fwd':>6} "
+          f"{'favor+':>7} | {'speedup':>7} {'ovh':>5} | {'err lr':>7} {'err fav':>7} | low-rank heads")
+    with torch_stream:
+        for dim in args.dims:
+            for causal in causal_values:
+                for kind in args.kinds:
+                    for seq in args.seqs:
+                        row = run_config(kind, seq, dim, causal, args)
+                        results["rows"].append(row)
+                        ms, err = row["ms"], row["rel_l2_vs_float64_max"]
+
+                        def fmt(x: float | None, spec: str = "7.3f") -> str:
+                            return format(x, spec) if x is not None else "n/a".rjust(int(spec.split(".")[0]))
+
+                        print(f"{kind:>8} {dim:>4} {seq:>6} {causal!s:>6} | {fmt(ms['dense'])} {fmt(ms['lowrank'])} "
+                              f"{fmt(ms['plan'], '6.3f')} {fmt(ms['lowrank_forward'], '6.3f')} "
+                              f"{fmt(ms.get('performer'))} | {fmt(row.get('speedup_vs_dense'), '7.2f')} "
+                              f"{fmt(row.get('plan_overhead_vs_dense'), '5.2f')} | {fmt(err.get('lowrank'), '7.1e')} "
+                              f"{fmt(err.get('performer'), '7.1e')} | {row['lowrank_heads']}/{args.heads} "
+                              f"r={row['ranks']}", flush=True)
+    results["crossover"] = crossovers(results["rows"])
+    for entry in results["crossover"]:
+        print(f"crossover {entry['kind']} D={entry['dim']} causal={entry['causal']}: {entry['crossover_seq']}")
+    if args.out:
+        bench.write_json(results, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

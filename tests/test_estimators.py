@@ -1,0 +1,192 @@
+"""Rank estimators against exact NumPy: the probe (NumPy path here, Numba kernels under the CUDA simulator in a
+subprocess), the pooled map, power iteration, Hutch++ and randomized SVD."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_qkv
+
+from adaattn_core import attention_reference, estimators
+from adaattn_core.problem import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _exact_rows(q, k, v, rows, *, causal):
+    """float64 softmax rows of the probe: (probabilities [B, Hq, m, Sk], out, lse) from the full score matrix."""
+    q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    group = q64.shape[1] // k64.shape[1]
+    k64, v64 = np.repeat(k64, group, axis=1), np.repeat(v64, group, axis=1)
+    scores = q64[:, :, rows] @ k64.swapaxes(-1, -2) / np.sqrt(q64.shape[-1])
+    sq, sk = q64.shape[2], k64.shape[2]
+    if causal:
+        scores = np.where(np.arange(sk)[None, :] <= rows[:, None] + sk - sq, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isneginf(row_max), 0, row_max))
+    total = weights.sum(axis=-1, keepdims=True)
+    return weights / np.where(total > 0, total, 1), total[..., 0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k,heads_kv", [(97, 97, 4), (33, 130, 2), (130, 33, 1), (1, 1, 4)])
+def test_probe_numpy_matches_exact(rng, causal, seq_q, seq_k, heads_kv):
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=heads_kv, seq_q=seq_q, seq_k=seq_k, dim=24)
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(problem, 9, seed=3)
+    result = estimators.probe(problem, q, k, v, rows, topk=3)
+    probs, total = _exact_rows(q, k, v, rows, causal=causal)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
+    seen = total > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = np.where(seen, -(np.where(probs > 0, probs * np.log(probs), 0)).sum(axis=-1), 0)
+    np.testing.assert_allclose(result.entropy, entropy, atol=1e-4)
+    np.testing.assert_allclose(result.out, ref_out[:, :, rows], atol=1e-5)
+    np.testing.assert_array_equal(np.isfinite(result.lse), np.isfinite(ref_lse[:, :, rows]))
+    np.testing.assert_allclose(result.lse[seen], ref_lse[:, :, rows][seen], atol=1e-5)
+    np.testing.assert_allclose(result.topk_mass, np.sort(probs, axis=-1)[..., ::-1][..., :3].sum(axis=-1),
+                               atol=1e-5)
+    np.testing.assert_allclose(result.col_mass, probs.sum(axis=2), atol=1e-5)
+
+
+def test_probe_rows_include_the_last_rows_when_causal():
+    q = np.zeros((1, 1, 1000, 8), dtype=np.float32)
+    causal = describe(q, q, q, causal=True, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(causal, 16, seed=1)
+    assert len(rows) == 16 and len(set(rows)) == 16 and {996, 997, 998, 999} <= set(rows)
+    assert np.array_equal(rows, estimators.probe_rows(causal, 16, seed=1))
+    plain = describe(q, q, q, causal=False, scale=None, layout="bhsd")
+    assert len(estimators.probe_rows(plain, 16)) == 16
+    assert len(estimators.probe_rows(describe(q[:, :, :5], q, q, causal=True, scale=None, layout="bhsd"), 16)) == 5
+    with pytest.raises(ValueError, match="probe row count"):
+        estimators.probe_rows(plain, 0)
+
+
+def test_probe_rejects_bad_arguments(rng):
+    q, k, v = make_qkv(rng, seq_q=10, dim=8)
+    problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
+    with pytest.raises(ValueError, match="topk"):
+        estimators.probe(problem, q, k, v, np.arange(3), topk=estimators.MAX_TOPK + 1)
+    with pytest.raises(ValueError, match="rows"):
+        estimators.probe(problem, q, k, v, np.array([10]))
+    with pytest.raises(ValueError, match="probe kernels"):
+        estimators.probe(problem, q, k, v, np.arange(10).repeat(4)[: estimators.MAX_ROWS + 1], kernel=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Numba CUDA kernels under the simulator (a subprocess: the simulator is chosen when numba.cuda first imports,
+# and a GPU run of the suite must keep the real target in the main process).
+
+SIMULATOR_SCRIPT = textwrap.dedent("""
+    import numpy as np, ml_dtypes
+    from adaattn_core import estimators
+    from adaattn_core.problem import describe
+    rng = np.random.default_rng({seed})
+    cases = [("float32", False, 29, 29, 2), ("bfloat16", True, 19, 45, 1), ("float16", True, 40, 21, 2),
+             ("float64", False, 7, 150, 1)]
+    for dtype, causal, sq, sk, hkv in cases:
+        cast = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+        q = rng.standard_normal((1, 2, sq, 12)).astype(cast)
+        k = (rng.standard_normal((1, hkv, sk, 12)) * 2).astype(cast)
+        v = rng.standard_normal((1, hkv, sk, 12)).astype(cast)
+        problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+        rows = estimators.probe_rows(problem, 3, seed=1)
+        ref = estimators.probe(problem, q, k, v, rows, topk=4, kernel=False)
+        got = estimators.probe(problem, q, k, v, rows, topk=4, kernel=True)
+        for name in ("out", "lse", "entropy", "topk_mass", "col_mass"):
+            a, b = np.asarray(getattr(got, name), np.float64), np.asarray(getattr(ref, name), np.float64)
+            assert np.array_equal(np.isfinite(a), np.isfinite(b)), (dtype, name)
+            err = np.abs(np.where(np.isfinite(a), a - b, 0)).max()
+            assert err < 1e-4, (dtype, causal, name, err)
+    print("simulator ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed")
+def test_probe_kernels_under_cuda_simulator():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    result = subprocess.run([sys.executable, "-c", SIMULATOR_SCRIPT.format(seed=int(np.random.SeedSequence().entropy
+                                                                                     % 1000))],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "simulator ok" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pooled map and spectrum
+
+
+def _maps(rng, *, causal, temperature):
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=1000, seq_k=1000, dim=16)
+    # A smooth low-dimensional component along the sequence gives the pooled map real structure.
+    trend = np.sin(np.linspace(0, 6, 1000))[None, None, :, None] * rng.standard_normal((1, 1, 1, 16))
+    q, k = ((temperature * (x + 3 * trend)).astype(np.float32) for x in (q, k))
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    return estimators.pooled_map(problem, q, k, 32)
+
+
+def test_pooled_map_matches_definition(rng):
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, heads_kv=1, seq_q=70, seq_k=45, dim=8)
+    for causal in (False, True):
+        problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+        a = estimators.pooled_map(problem, q, k, 16)
+        assert a.shape == (2, 5, 3)
+        q_bar = np.stack([q[0, :, i: i + 16].mean(axis=1) for i in range(0, 70, 16)], axis=1)
+        k_bar = np.stack([k[0, 0, i: i + 16].mean(axis=0) for i in range(0, 45, 16)])
+        scores = q_bar @ k_bar.T / np.sqrt(8)
+        if causal:  # key block c visible from query block i when its first key j = 16c <= last row + (45 - 70)
+            last = np.minimum(16 * np.arange(1, 6), 70) - 1 - 25
+            scores = np.where(16 * np.arange(3)[None, :] <= last[:, None], scores, -np.inf)
+        with np.errstate(invalid="ignore"):
+            ref = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            ref = np.nan_to_num(ref / ref.sum(axis=-1, keepdims=True))
+        np.testing.assert_allclose(a, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 3.0])
+def test_spectral_norm_and_stable_rank_within_5_percent(rng, causal, temperature):
+    a = _maps(rng, causal=causal, temperature=temperature)
+    spec = estimators.spectrum(a, seed=int(rng.integers(1 << 31)))
+    values = np.linalg.svd(a, compute_uv=False)
+    np.testing.assert_allclose(spec.spectral_norm, values[:, 0], rtol=0.05)
+    exact_stable = (values**2).sum(axis=-1) / values[:, 0] ** 2
+    np.testing.assert_allclose(spec.stable_rank, exact_stable, rtol=0.05)
+    energy = (np.cumsum(values**2, axis=-1) < 0.95 * (values**2).sum(axis=-1, keepdims=True)).sum(axis=-1) + 1
+    assert np.all(np.abs(spec.energy_rank - energy) <= 1)
+
+
+def test_randomized_svd_matches_numpy(rng):
+    a = _maps(rng, causal=False, temperature=1.0)
+    values = estimators.randomized_singular_values(a, 8, np.random.default_rng(int(rng.integers(1 << 31))))
+    np.testing.assert_allclose(values, np.linalg.svd(a, compute_uv=False)[:, :8], rtol=0.05)
+
+
+def test_hutchpp_within_its_standard_error():
+    """Over 200 seeded draws the error is below 3 standard errors in >= 90% of them, and the mean is unbiased."""
+    a = _maps(np.random.default_rng(7), causal=True, temperature=3.0)[:1]
+    exact = float((a**2).sum())
+    estimates, errors = [], []
+    for seed in range(200):
+        estimate, se = estimators.hutchpp_frobenius(a, 24, np.random.default_rng(seed))
+        estimates.append(estimate[0])
+        errors.append(abs(estimate[0] - exact) / max(se[0], 1e-12))
+    assert np.mean(np.array(errors) <= 3) >= 0.9
+    assert abs(np.mean(estimates) - exact) <= 4 * np.std(estimates) / np.sqrt(200)
+    with pytest.raises(ValueError, match="samples"):
+        estimators.hutchpp_frobenius(a, 5, np.random.default_rng(0))
+
+
+def test_power_iteration_never_overestimates(rng):
+    a = rng.random((5, 20, 30))
+    sigma = estimators.power_iteration(a, 3, np.random.default_rng(0))
+    assert np.all(sigma <= np.linalg.svd(a, compute_uv=False)[:, 0] * (1 + 1e-12))
+    with pytest.raises(ValueError, match="energy"):
+        estimators.spectrum(a, energy=1.5)

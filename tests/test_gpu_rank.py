@@ -1,0 +1,97 @@
+"""GPU: the Numba CUDA probe kernels and the CuPy low-rank path against NumPy and float64, and the rank policy
+end to end on bfloat16 inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_qkv, rel_l2, to_host64
+from test_lowrank import TOLERANCE, _heads
+
+import adaattn_core as aa
+from adaattn_core import estimators, lowrank
+from adaattn_core.problem import describe
+from adaattn_core.rank_policy import RankPolicy
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cp():
+    return pytest.importorskip("cupy")
+
+
+def _host32(x):
+    return to_host64(x).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k,heads_kv", [(1000, 1000, 4), (300, 4097, 1), (4097, 300, 2)])
+def test_probe_kernels_match_numpy(cp, rng, dtype, causal, seq_q, seq_k, heads_kv):
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=heads_kv, seq_q=seq_q, seq_k=seq_k, dim=128,
+                       dtype=dtype, contiguous=False, offset=8, xp=cp)
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(problem, estimators.MAX_ROWS, seed=2)
+    got = estimators.probe(problem, q, k, v, rows, topk=8)
+    host = [_host32(x) for x in (q, k, v)]
+    ref = estimators.probe(describe(*host, causal=causal, scale=None, layout="bhsd"), *host, rows, topk=8)
+    for name in ("out", "lse", "entropy", "topk_mass", "col_mass"):
+        a, b = to_host64(getattr(got, name)), np.asarray(getattr(ref, name), dtype=np.float64)
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=name)
+        finite = np.isfinite(b)
+        np.testing.assert_allclose(a[finite], b[finite], atol=2e-4, rtol=1e-4, err_msg=name)
+
+
+def test_probe_runs_on_cupys_current_stream(cp, rng):
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, seq_q=2048, dim=64, dtype="bfloat16", xp=cp)
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(problem, 8)
+    expected = to_host64(estimators.probe(problem, q, k, v, rows).out)
+    with cp.cuda.Stream(non_blocking=True) as stream:
+        got = estimators.probe(problem, q, k, v, rows).out
+        stream.synchronize()
+    np.testing.assert_array_equal(to_host64(got), expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k", [(2048, 2048), (777, 3001), (3001, 777)])
+def test_lowrank_cupy_matches_numpy_and_float64(cp, rng, causal, seq_q, seq_k):
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=128)
+    q, k = 0.1 * q, 0.1 * k
+    dev = [cp.asarray(x).astype("bfloat16") for x in (q, k, v)]
+    host = [_host32(x) for x in dev]
+    problem = describe(*dev, causal=causal, scale=None, layout="bhsd")
+    out = cp.full(dev[0].shape, cp.nan, dtype=dev[0].dtype)
+    lse = cp.full(dev[0].shape[:3], cp.nan, dtype=cp.float32)
+    heads, rank = [0, 2, 3], 5
+    lowrank.forward(problem, *dev, out, lse, heads, [rank] * 3, {"sinks": {2: [3]}})
+    assert cp.isnan(out[:, 1].astype(cp.float32)).all() and cp.isnan(lse[:, 1]).all()
+    ref_out = np.full(host[0].shape, np.nan, dtype=np.float32)
+    ref_lse = np.full(host[0].shape[:3], np.nan, dtype=np.float32)
+    host_problem = describe(*host, causal=causal, scale=None, layout="bhsd")
+    lowrank.forward(host_problem, *host, ref_out, ref_lse, heads, [rank] * 3, {"sinks": {2: [3]}})
+    assert rel_l2(out[:, heads], ref_out[:, heads]) < 1e-2  # bf16 output rounding
+    finite = np.isfinite(ref_lse[:, heads])
+    np.testing.assert_array_equal(np.isfinite(to_host64(lse[:, heads])), finite)
+    np.testing.assert_allclose(to_host64(lse[:, heads])[finite], ref_lse[:, heads][finite], atol=1e-4)
+    exact = aa.attention_reference(*dev, causal=causal)[0]
+    assert rel_l2(out[:, heads], exact[:, heads]) < TOLERANCE
+    rows = np.array([0, seq_q // 2, seq_q - 1])
+    prepared = lowrank.prepare(problem, dev[1], dev[2], heads, rank, {2: [3]})
+    rows_out, _ = lowrank.approximate_rows(problem, dev[0], rows, prepared)
+    np.testing.assert_allclose(to_host64(rows_out), to_host64(out[:, heads][:, :, rows]), atol=1e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_policy_dispatches_mixed_heads_on_gpu(cp, rng, causal):
+    kinds = ["diffuse", "peaked", "sink", "random", "diffuse", "peaked", "sink", "random"]
+    q, k, v = _heads(rng, kinds, seq=8192, dim=128)
+    dev = [cp.asarray(x).astype("bfloat16") for x in (q, k, v)]
+    report = aa.Report(measure_error=True)
+    aa.attention(*dev, causal=causal, policy=RankPolicy(), report=report)
+    paths = [head.path for head in report.plan.heads]
+    heads = report.estimates["rank"]["heads"]
+    assert paths == ["lowrank", "dense", "lowrank", "dense"] * 2, heads
+    for h, (path, error) in enumerate(zip(paths, report.measured["error"])):
+        assert error < (TOLERANCE if path == "lowrank" else 1e-2), (h, error, heads[h])

@@ -1,0 +1,230 @@
+"""The low-rank path (CPU) and the rank policy: exactness where the approximation is exact, error on diffuse
+heads, causal leaks, sinks, and per-head dispatch of mixed batches through `attention`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_qkv, np_dtype, rel_l2
+
+import adaattn_core as aa
+from adaattn_core import estimators, lowrank
+from adaattn_core.problem import describe
+from adaattn_core.rank_policy import RankPolicy
+from adaattn_core.reference import head_errors
+
+TOLERANCE = 2e-2
+
+
+def _lowrank(q, k, v, *, causal, rank, heads=None, sinks=None):
+    """(out, lse) of `lowrank.forward` for `heads` (default all); other heads left NaN."""
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    heads = list(range(problem.heads_q)) if heads is None else heads
+    out = np.full(q.shape[:3] + (v.shape[3],), np.nan, dtype=q.dtype)
+    lse = np.full(q.shape[:3], np.nan, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+    lowrank.forward(problem, q, k, v, out, lse, heads, [rank] * len(heads), {"sinks": sinks or {}})
+    return out, lse
+
+
+def _heads(rng, kinds, *, seq=2048, dim=64, batch=1):
+    """q, k, v with one head per entry of `kinds`: diffuse (q, k scaled by 0.1), peaked (each query a scaled
+    copy of one key: retrieval), sink (diffuse plus one key that takes most of every row's mass), random."""
+    q, k, v = make_qkv(rng, batch=batch, heads_q=len(kinds), seq_q=seq, dim=dim)
+    for h, kind in enumerate(kinds):
+        if kind == "diffuse":
+            q[:, h] *= 0.1
+            k[:, h] *= 0.1
+        elif kind == "peaked":
+            q[:, h] = 4 * k[:, h][:, rng.permutation(seq)]
+        elif kind == "sink":
+            u = rng.standard_normal(dim)
+            u /= np.linalg.norm(u)
+            q[:, h] = 0.1 * q[:, h] + 4 * u
+            k[:, h] *= 0.1
+            k[:, h, 0] = 20 * u  # logit 4·20/√64 = 10 over ~S keys near 0: most of the mass
+    return q, k, v
+
+
+def test_geometry():
+    geo = lowrank.geometry(1000, 3000, 7)
+    assert geo.length == 3000 and geo.q_offset == 2000 and geo.k_offset == 0
+    assert geo.segment % geo.block == 0 and geo.padded % geo.segment == 0 and geo.padded >= 3000
+    assert geo.segments <= 7 and geo.keys_per_query() == geo.block + geo.fine + geo.segments
+    assert lowrank.balanced_rank(32768, 32768) == 23
+    with pytest.raises(ValueError, match="rank"):
+        lowrank.geometry(10, 10, 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k", [(300, 300), (100, 257), (257, 100), (5, 5), (1, 700)])
+def test_exact_when_blocks_are_constant(rng, causal, seq_q, seq_k):
+    """Keys constant along the sequence make every landmark exact: the approximation equals attention."""
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=16, dtype="float64")
+    k[...] = k[:, :, :1]
+    out, lse = _lowrank(q, k, v, causal=causal, rank=3)
+    ref, ref_lse = aa.attention_reference(q, k, v, causal=causal)
+    assert rel_l2(out, ref) < 1e-12
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=1e-12)
+    if causal and seq_q > seq_k:  # rows that see no key
+        assert np.all(out[:, :, : seq_q - seq_k] == 0) and np.all(np.isneginf(lse[:, :, : seq_q - seq_k]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_diffuse_heads_within_tolerance(rng, causal):
+    q, k, v = _heads(rng, ["diffuse"] * 3, seq=2048)
+    out, _ = _lowrank(q, k, v, causal=causal, rank=lowrank.balanced_rank(2048, 2048))
+    assert rel_l2(out, aa.attention_reference(q, k, v, causal=causal)[0]) < TOLERANCE
+
+
+def test_no_future_token_leaks(rng):
+    """Causal: changing keys/values after position p leaves every row <= p unchanged."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, seq_q=777, dim=16, dtype="float64")
+    out, lse = _lowrank(q, k, v, causal=True, rank=4)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, 400:] = rng.standard_normal(k2[:, :, 400:].shape) * 5
+    v2[:, :, 400:] = rng.standard_normal(v2[:, :, 400:].shape) * 5
+    out2, lse2 = _lowrank(q, k2, v2, causal=True, rank=4)
+    np.testing.assert_array_equal(out[:, :, :400], out2[:, :, :400])
+    np.testing.assert_array_equal(lse[:, :, :400], lse2[:, :, :400])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_match_forward_and_only_selected_heads_are_written(rng, causal):
+    q, k, v = make_qkv(rng, batch=2, heads_q=6, heads_kv=3, seq_q=333, seq_k=400, dim=24, contiguous=False)
+    heads = [1, 4, 5]
+    out, lse = _lowrank(q, k, v, causal=causal, rank=5, heads=heads, sinks={4: [7, 100]})
+    untouched = [h for h in range(6) if h not in heads]
+    assert np.isnan(out[:, untouched]).all() and np.isnan(lse[:, untouched]).all()
+    assert not np.isnan(out[:, heads]).any()
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    rows = np.array([0, 17, 200, 332])
+    prepared = lowrank.prepare(problem, k, v, heads, 5, {4: [7, 100]})
+    rows_out, rows_lse = lowrank.approximate_rows(problem, q, rows, prepared)
+    np.testing.assert_allclose(rows_out, out[:, heads][:, :, rows], atol=1e-5)
+    np.testing.assert_allclose(rows_lse, lse[:, heads][:, :, rows], atol=1e-5)
+
+
+def test_sinks_are_attended_exactly(rng):
+    q, k, v = _heads(rng, ["sink"] * 2, seq=1024, dim=64)
+    ref = aa.attention_reference(q, k, v, causal=True)[0]
+    with_sinks, _ = _lowrank(q, k, v, causal=True, rank=4, sinks={0: [0], 1: [0]})
+    without, _ = _lowrank(q, k, v, causal=True, rank=4)
+    assert rel_l2(with_sinks, ref) < TOLERANCE < rel_l2(without, ref)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_dtypes(rng, dtype):
+    q, k, v = _heads(rng, ["diffuse"] * 2, seq=512, dim=32)
+    q, k, v = (x.astype(np_dtype(dtype)) for x in (q, k, v))
+    out, lse = _lowrank(q, k, v, causal=True, rank=3)
+    assert out.dtype == np_dtype(dtype) and lse.dtype == (np.float64 if dtype == "float64" else np.float32)
+    assert rel_l2(out, aa.attention_reference(q, k, v, causal=True)[0]) < TOLERANCE
+
+
+def test_forward_rejects_mismatched_ranks(rng):
+    q, k, v = make_qkv(rng, seq_q=10, dim=8)
+    problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
+    with pytest.raises(ValueError, match="same length"):
+        lowrank.forward(problem, q, k, v, q.copy(), q[..., 0].copy(), [0, 1], [2], {})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The policy
+
+
+def test_registered_and_validated():
+    assert isinstance(aa.POLICIES["lowrank"], RankPolicy)
+    with pytest.raises(ValueError, match="tolerance"):
+        RankPolicy(tolerance=0)
+    with pytest.raises(ValueError, match="probe_rows"):
+        RankPolicy(probe_rows=estimators.MAX_ROWS + 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mixed_batch_dispatches_each_head(rng, causal):
+    kinds = ["diffuse", "peaked", "sink", "random", "diffuse", "peaked"]
+    q, k, v = _heads(rng, kinds, seq=2048, dim=64, batch=2)
+    report = aa.Report()
+    out = aa.attention(q, k, v, causal=causal, policy=RankPolicy(), report=report)
+    paths = [head.path for head in report.plan.heads]
+    assert paths == ["lowrank", "dense", "lowrank", "dense", "lowrank", "dense"], report.estimates["rank"]
+    ref = aa.attention_reference(q, k, v, causal=causal)[0]
+    entries = report.estimates["rank"]["heads"]
+    for h in range(len(kinds)):
+        error = rel_l2(out[:, h], ref[:, h])
+        if paths[h] == "lowrank":
+            assert error < TOLERANCE and entries[h]["estimated_error"] <= TOLERANCE
+            assert entries[h]["rank"] == report.plan.heads[h].rank >= 1
+        else:
+            assert error < 1e-5
+    assert entries[2]["sinks"] == [0] and report.plan.artifacts["sinks"] == {2: [0]}
+    assert entries[1]["reason"].startswith("peaked") and entries[3]["reason"].startswith("guard failed")
+    for key in ("entropy", "entropy_ratio", "topk_mass", "stable_rank", "energy_rank", "spectral_norm"):
+        assert all(np.isfinite(e[key]) for e in entries.values())
+    rows = estimators.probe_rows(describe(q, k, v, causal=causal, scale=None, layout="bhsd"), 32, seed=5)
+    errors = head_errors(q, k, v, out, causal=causal, scale=1 / 8, rows=rows)
+    assert all(e < TOLERANCE for e in errors)
+
+
+def test_gqa_and_odd_sizes(rng):
+    q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=1500, seq_k=2500, dim=40)
+    q *= 0.1
+    k *= 0.1
+    report = aa.Report()
+    out = aa.attention(q, k, v, causal=True, policy=RankPolicy(), report=report)
+    assert all(head.path == "lowrank" for head in report.plan.heads)
+    assert rel_l2(out, aa.attention_reference(q, k, v, causal=True)[0]) < TOLERANCE
+
+
+def test_estimators_do_not_run_when_they_cannot_pay(rng, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("estimator ran")
+
+    monkeypatch.setattr(estimators, "probe", forbidden)
+    monkeypatch.setattr(estimators, "pooled_map", forbidden)
+    q, k, v = _heads(rng, ["diffuse"] * 2, seq=2048)
+    aa.attention(q, k, v, policy="exact")
+    report = aa.Report()
+    aa.attention(q, k, v, policy=RankPolicy().for_gradients(), report=report)
+    assert all(h.path == "dense" for h in report.plan.heads)
+    assert report.estimates["rank"]["heads"][0]["reason"] == "gradients required"
+    short = [x[:, :, :256] for x in (q, k, v)]
+    aa.attention(*short, policy=RankPolicy(), report=report)
+    assert report.estimates["rank"]["heads"][0]["reason"].startswith("too short")
+
+
+def test_dense_heads_follow_the_then_policy(rng):
+    class Marked(aa.Policy):
+        name = "marked"
+
+        def plan(self, problem, q, k, v, report):
+            return aa.Plan(heads=(aa.HeadPlan(path="dense", precision="marked"),) * problem.heads_q)
+
+    q, k, v = _heads(rng, ["diffuse", "peaked"], seq=2048)
+    plan = RankPolicy(then=Marked()).plan(describe(q, k, v, causal=False, scale=None, layout="bhsd"), q, k, v,
+                                          None)
+    assert plan.heads[0].path == "lowrank" and plan.heads[1] == aa.HeadPlan(path="dense", precision="marked")
+
+
+def test_forward_reuses_the_guards_prepared_keys(rng, monkeypatch):
+    calls = []
+    original = lowrank.prepare
+    monkeypatch.setattr(lowrank, "prepare", lambda *args, **kwargs: calls.append(args[3]) or original(*args, **kwargs))
+    q, k, v = _heads(rng, ["diffuse"] * 3, seq=2048)
+    report = aa.Report()
+    out = aa.attention(q, k, v, causal=True, policy=RankPolicy(), report=report)
+    assert [h.path for h in report.plan.heads] == ["lowrank"] * 3
+    assert isinstance(report.plan.artifacts["prepared"], lowrank.Prepared)
+    assert len(calls) == 1  # the guard's; the forward took it from the plan
+    assert rel_l2(out, aa.attention_reference(q, k, v, causal=True)[0]) < TOLERANCE
+
+
+def test_without_the_spectrum_the_guard_still_decides(rng, monkeypatch):
+    monkeypatch.setattr(estimators, "spectrum", lambda *args, **kwargs: pytest.fail("spectrum ran"))
+    q, k, v = _heads(rng, ["diffuse", "peaked", "random"], seq=2048)
+    report = aa.Report()
+    aa.attention(q, k, v, policy=RankPolicy(spectral=False), report=report)
+    assert [h.path for h in report.plan.heads] == ["lowrank", "dense", "dense"]
+    assert "stable_rank" not in report.estimates["rank"]["heads"][0]
