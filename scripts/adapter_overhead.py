@@ -87,7 +87,7 @@ def main() -> None:
 
     if args.profile:
         # Where the torch adapter's time goes, piece by piece (µs per call, no synchronisation needed).
-        out_t, lse_t = ada_torch._forward(q, k, v, False, None, "bhsd", "exact")
+        out_t, lse_t = ada_torch._forward(q, k, v, False, None, "bhsd", "exact", False)
         co, cl = ada_torch._to_core(out_t), ada_torch._to_core(lse_t)
 
         def stream_context() -> None:
