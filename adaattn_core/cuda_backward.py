@@ -11,7 +11,9 @@ copies). Passes, all on CuPy's current stream without synchronising:
    the default path also zeroes the dQ accumulator.
 2. ``attention_bwd_dkdv``: one thread block per (b, kv head, key tile), K/V resident, looping over the
    group's query heads and query tiles: dK, dV. Default (``deterministic=False``): it also adds each
-   tile's dS K into the fp32 dQ accumulator with atomics (FlashAttention-2's choice: 5 GEMMs in all),
+   tile's dS K into the fp32 dQ accumulator with atomics (FlashAttention-2's choice: 5 GEMMs in all); on
+   Hopper (sm_90) with D ∈ {64, 128} that kernel is ``attention_bwd_dkdv_sm90`` (wgmma, same arguments
+   and workspace; ``$ADAATTN_BACKWARD_KERNEL`` below),
    and 3. ``attention_bwd_dq_convert`` writes dq = scale · accumulator. ``deterministic=True``: 3. is
    ``attention_bwd_dq`` instead, one block per query tile summing dS K over key tiles in a fixed order
    (recomputes QKᵀ and dO Vᵀ: 7 GEMMs, ~1.4× the tensor work, bitwise reproducible; dK/dV are
@@ -26,6 +28,7 @@ once; outputs the kernels cannot write are filled through contiguous temporaries
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -37,13 +40,20 @@ from .launch_config import (
     BACKWARD_ELEMENTWISE_THREADS,
     BACKWARD_ROW_PAD,
     BACKWARD_TILES,
+    BACKWARD_TILES_SM90,
     KernelLaunch,
     backward_launches,
+    backward_sm90_launch,
 )
 from .loader import get_kernel
 from .problem import AttentionProblem
 
 _ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+#: $ADAATTN_BACKWARD_KERNEL, read when a launch plan is first built: "auto" and "sm90" use the wgmma dK/dV
+#: kernel on Hopper (sm_90) for the head dims it has tiles for when dq need not be deterministic; "sm80"
+#: forces the mma.sync kernel (for tests and comparisons). The deterministic path always uses mma.sync.
+KERNEL_CHOICES = ("auto", "sm80", "sm90")
 
 
 def _max_smem(problem: AttentionProblem) -> int:
@@ -84,6 +94,7 @@ class _Plan:
 
     preprocess: tuple[Any, int]
     dkdv: tuple[Any, int, int, int]
+    dkdv_name: str  # the dK/dV instantiation, for tests and reports
     dq: tuple[Any, int, int, int]  # attention_bwd_dq (deterministic) or attention_bwd_dq_convert
     stats_stride: int
     workspace_floats: int
@@ -96,6 +107,16 @@ def _kernel(launch: KernelLaunch) -> Any:
     return kernel
 
 
+def _use_sm90(problem: AttentionProblem, device_id: int, deterministic: bool) -> bool:
+    import cupy
+
+    choice = os.environ.get("ADAATTN_BACKWARD_KERNEL", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"ADAATTN_BACKWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
+    return (choice != "sm80" and not deterministic and problem.head_dim in BACKWARD_TILES_SM90
+            and cupy.cuda.Device(device_id).compute_capability == "90")
+
+
 @lru_cache(maxsize=512)
 def _plan(problem: AttentionProblem, device_id: int, deterministic: bool) -> _Plan:
     """The launch plan of a problem on a device, built once."""
@@ -104,20 +125,23 @@ def _plan(problem: AttentionProblem, device_id: int, deterministic: bool) -> _Pl
                              problem.seqlen_k, problem.head_dim)
     stats_stride = _ceil_div(Sq, BACKWARD_ROW_PAD) * BACKWARD_ROW_PAD
     rows = B * Hq * stats_stride
-    dkdv = launches["dkdv" if deterministic else "dkdv_atomic"]
-    tile = BACKWARD_TILES[D]
+    if _use_sm90(problem, device_id, deterministic):
+        dkdv, block_n = backward_sm90_launch(problem.dtype, D, problem.causal), BACKWARD_TILES_SM90[D].block_n
+    else:
+        dkdv, block_n = launches["dkdv" if deterministic else "dkdv_atomic"], BACKWARD_TILES[D].block_n
     if deterministic:
         dq = launches["dq"]
         dq_grid = _ceil_div(Sq, dq.block_m) * Hq * B
     else:
         dq = launches["dq_convert"]
         dq_grid = _ceil_div(B * Hq * Sq * D // 8, BACKWARD_ELEMENTWISE_THREADS)
-    grids = (_ceil_div(rows, _preprocess_rows_per_block(D)), _ceil_div(Sk, tile.block_n) * Hkv * B, dq_grid)
+    grids = (_ceil_div(rows, _preprocess_rows_per_block(D)), _ceil_div(Sk, block_n) * Hkv * B, dq_grid)
     if max(grids) >= 2**31:
         raise ValueError(f"problem too large for one launch: {max(grids)} thread blocks (limit 2**31 - 1)")
     return _Plan(
         preprocess=(_kernel(launches["preprocess"]), grids[0]),
         dkdv=(_kernel(dkdv), grids[1], dkdv.threads, dkdv.smem_bytes),
+        dkdv_name=dkdv.name,
         dq=(_kernel(dq), grids[2], dq.threads, dq.smem_bytes),
         stats_stride=stats_stride,
         workspace_floats=2 * rows + (0 if deterministic else rows * D),

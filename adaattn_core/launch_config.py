@@ -232,6 +232,10 @@ def all_backward_kernels() -> list[KernelLaunch]:
             for causal in (False, True):
                 for kernel in backward_launches(dtype, head_dim, causal).values():
                     kernels.setdefault(kernel.name, kernel)
+        for head_dim in BACKWARD_TILES_SM90:
+            for causal in (False, True):
+                kernel = backward_sm90_launch(dtype, head_dim, causal)
+                kernels.setdefault(kernel.name, kernel)
     return list(kernels.values())
 
 
@@ -290,3 +294,42 @@ def all_fp8_kernels() -> list[KernelLaunch]:
                     for kernel in fp8_launches(dtype, head_dim, causal, rotate).values():
                         kernels.setdefault(kernel.name, kernel)
     return list(kernels.values())
+
+
+# Hopper backward: attention_bwd_dkdv_sm90.cu, the wgmma dK/dV kernel with dQ by fp32 atomics. It replaces the
+# "dkdv_atomic" kernel on sm_90 (deterministic=False); the other backward kernels are shared.
+
+
+@dataclass(frozen=True)
+class BackwardSm90Tile:
+    """Tile shape of attention_bwd_dkdv_sm90.cu: 128 resident keys (two 128-thread warpgroups of 64 keys) and
+    `block_m` queries per step. dQ is split over the warpgroups by query rows when block_m = 128, else by
+    64-column halves of the head dim (so block_m = 64 needs head dim 128)."""
+
+    block_m: int
+    block_n: int = 128
+    threads: int = 256
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """K, V, double-buffered Q and dO (2-byte elements), dS^T, double-buffered lse/delta, and 1024 bytes to
+        align the base to the 128-byte swizzle (the formula in attention_bwd_dkdv_sm90.cu's header)."""
+        return ((2 * self.block_n + 4 * self.block_m) * head_dim * 2 + self.block_n * self.block_m * 2
+                + 4 * self.block_m * 4 + 1024)
+
+
+#: Hopper dK/dV tiles per head dim. Register budget per thread (255): dK and dV hold head_dim fp32
+#: accumulators, S^T and dP^T block_m each: D = 128 takes 64 queries per step, D = 64 takes 128.
+BACKWARD_TILES_SM90: dict[int, BackwardSm90Tile] = {
+    64: BackwardSm90Tile(128),
+    128: BackwardSm90Tile(64),
+}
+
+
+def backward_sm90_launch(dtype: str, head_dim: int, causal: bool) -> KernelLaunch:
+    """The Hopper dK/dV(+atomic dQ) kernel for a problem with a head dim in `BACKWARD_TILES_SM90`; same
+    arguments and workspace as the "dkdv_atomic" kernel of `backward_launches`."""
+    tile = BACKWARD_TILES_SM90[head_dim]
+    flag = "true" if causal else "false"
+    return KernelLaunch("attention_bwd_dkdv_sm90.cu",
+                        f"attention_bwd_dkdv_sm90<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {flag}>",
+                        tile.threads, tile.smem_bytes(head_dim), tile.block_m, SM90_ARCHS)

@@ -46,44 +46,6 @@
 
 #include "wgmma_sm90.cuh"
 
-namespace adaattn {
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a [ROWS][D] tile of 16-bit elements stored as
-// D / 64 column blocks of [ROWS][64]: each row of a block is one 128-byte line whose chunk c sits at
-// position c ^ (row % 8) (the 128-byte swizzle, given a 1024-byte-aligned tile).
-template <int ROWS>
-__device__ __forceinline__ int sw128_offset(int row, int chunk) {
-    return (chunk >> 3) * (ROWS * 128) + row * 128 + ((chunk ^ row) & 7) * 16;
-}
-
-// Issue cp.async copies of a [ROWS][D] tile whose first global row is row0 into the swizzled tile at
-// shared address `smem`; rows at or past row_end are zero-filled (src-size 0, source clamped to the
-// base pointer). Lane tid keeps chunk tid % (D / 8) and steps by a multiple of 8 rows, so consecutive
-// lanes read consecutive global chunks, its swizzled shared offsets are compile-time steps, and 8
-// lanes writing one 128-byte line hit 8 distinct 4-bank groups.
-template <int ROWS, int D, int NTHREADS, typename T>
-__device__ __forceinline__ void load_tile_sw128(unsigned smem, const T* gmem, long long row_stride, int row0,
-                                                int row_end, int tid) {
-    constexpr int CHUNKS = D / 8;
-    constexpr int ROW_STEP = NTHREADS / CHUNKS;
-    static_assert(NTHREADS % CHUNKS == 0 && ROW_STEP % 8 == 0, "unsupported thread count for this head dim");
-    const int r0 = tid / CHUNKS;
-    const int c = tid % CHUNKS;
-    const int rows_left = row_end - row0 - r0;  // rows of this lane's column still in range
-    const T* src = gmem + (long long)(row0 + r0) * row_stride + c * 8;
-    const unsigned dst = smem + sw128_offset<ROWS>(r0, c);
-#pragma unroll
-    for (int i = 0; i < (ROWS + ROW_STEP - 1) / ROW_STEP; ++i) {
-        if (ROWS % ROW_STEP == 0 || r0 + i * ROW_STEP < ROWS) {
-            const bool in_range = i * ROW_STEP < rows_left;
-            cp_async_16(dst + i * ROW_STEP * 128, in_range ? src : gmem, in_range ? 16 : 0);
-        }
-        src += ROW_STEP * row_stride;
-    }
-}
-
-}  // namespace adaattn
-
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool CAUSAL>
 __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_sm90(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

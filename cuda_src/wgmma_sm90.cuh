@@ -1,5 +1,6 @@
 // Device helpers for sm_90a warpgroup tensor-core kernels: PTX wrappers for wgmma.mma_async and its
-// fences, the shared-memory matrix descriptor of the 128-byte swizzle, and the async-proxy fence.
+// fences, the shared-memory matrix descriptor of the 128-byte swizzle, the swizzled tile offset and
+// cp.async tile loader, and the async-proxy fence.
 // Header-only and free of standard-library includes so that NVRTC can compile it.
 //
 // Conventions (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). A warpgroup is
@@ -57,6 +58,40 @@ __device__ __forceinline__ unsigned long long wgmma_desc_sw128(unsigned smem_add
            (unsigned long long)((sbo >> 4) & 0x3fffu) << 32 | 1ull << 62;
 }
 
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [ROWS][D] tile of 16-bit elements stored as
+// D / 64 column blocks of [ROWS][64]: each row of a block is one 128-byte line whose chunk c sits at
+// position c ^ (row % 8) (the 128-byte swizzle, given a 1024-byte-aligned tile).
+template <int ROWS>
+__device__ __forceinline__ int sw128_offset(int row, int chunk) {
+    return (chunk >> 3) * (ROWS * 128) + row * 128 + ((chunk ^ row) & 7) * 16;
+}
+
+// Issue cp.async copies of a [ROWS][D] tile whose first global row is row0 into the swizzled tile at
+// shared address `smem`; rows at or past row_end are zero-filled (src-size 0, source clamped to the
+// base pointer). Lane tid keeps chunk tid % (D / 8) and steps by a multiple of 8 rows, so consecutive
+// lanes read consecutive global chunks, its swizzled shared offsets are compile-time steps, and 8
+// lanes writing one 128-byte line hit 8 distinct 4-bank groups.
+template <int ROWS, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void load_tile_sw128(unsigned smem, const T* gmem, long long row_stride, int row0,
+                                                int row_end, int tid) {
+    constexpr int CHUNKS = D / 8;
+    constexpr int ROW_STEP = NTHREADS / CHUNKS;
+    static_assert(NTHREADS % CHUNKS == 0 && ROW_STEP % 8 == 0, "unsupported thread count for this head dim");
+    const int r0 = tid / CHUNKS;
+    const int c = tid % CHUNKS;
+    const int rows_left = row_end - row0 - r0;  // rows of this lane's column still in range
+    const T* src = gmem + (long long)(row0 + r0) * row_stride + c * 8;
+    const unsigned dst = smem + sw128_offset<ROWS>(r0, c);
+#pragma unroll
+    for (int i = 0; i < (ROWS + ROW_STEP - 1) / ROW_STEP; ++i) {
+        if (ROWS % ROW_STEP == 0 || r0 + i * ROW_STEP < ROWS) {
+            const bool in_range = i * ROW_STEP < rows_left;
+            cp_async_16(dst + i * ROW_STEP * 128, in_range ? src : gmem, in_range ? 16 : 0);
+        }
+        src += ROW_STEP * row_stride;
+    }
+}
+
 template <typename T>
 struct IsBf16 {
     static constexpr bool value = false;
@@ -69,6 +104,8 @@ struct IsBf16<__nv_bfloat16> {
 // wgmma.mma_async m64nNk16, fp32 accumulators d[N / 2] in the layout above, T = __half / __nv_bfloat16:
 //   ss: d = (scale_d ? d : 0) + A B^T with A [64][16] and B [N][16] both K-major in shared memory;
 //   rs: d = (scale_d ? d : 0) + A B with A from registers and B [16][N] N-major in shared memory.
+//   ss_mn: d = (scale_d ? d : 0) + A B with A (64 x 16) stored M-major, as A^T [16][64], and B [16][N]
+//      N-major, both in shared memory (imm-trans-a = imm-trans-b = 1, legal for 16-bit types only).
 template <int N>
 struct Wgmma;
 
@@ -143,6 +180,22 @@ struct Wgmma;
                              ", " RS_B ", p, 1, 1, 1;\n}\n"                                                    \
                              : __VA_ARGS__                                                                     \
                              : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));         \
+        }                                                                                                      \
+        template <typename T>                                                                                  \
+        static __device__ __forceinline__ void ss_mn(float (&d)[N / 2], unsigned long long a_desc,             \
+                                                     unsigned long long b_desc, int scale_d) {                 \
+            if constexpr (IsBf16<T>::value)                                                                    \
+                asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                 \
+                             "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" DREGS "}, " SS_A    \
+                             ", " SS_B ", p, 1, 1, 1, 1;\n}\n"                                                 \
+                             : __VA_ARGS__                                                                     \
+                             : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                        \
+            else                                                                                               \
+                asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                 \
+                             "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" DREGS "}, " SS_A      \
+                             ", " SS_B ", p, 1, 1, 1, 1;\n}\n"                                                 \
+                             : __VA_ARGS__                                                                     \
+                             : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                        \
         }                                                                                                      \
     };
 

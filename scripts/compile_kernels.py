@@ -39,6 +39,8 @@ PARAMS = {
     + "float* __restrict__, " * 3 + "long long, " * 9 + "int, int, int, int",
     "attention_bwd_dkdv": _IN4 + _STATS + "{t}* __restrict__, {t}* __restrict__, float* __restrict__, "
     + "long long, " * 18 + "int, int, int, int, int, float, float",
+    "attention_bwd_dkdv_sm90": _IN4 + _STATS + "{t}* __restrict__, {t}* __restrict__, float* __restrict__, "
+    + "long long, " * 18 + "int, int, int, int, int, float, float",
     "attention_bwd_dq": _IN4 + _STATS + "{t}* __restrict__, " + "long long, " * 15
     + "int, int, int, int, int, float, float",
     "quantize_fp8_stats": "const {t}* __restrict__, const {t}* __restrict__, " + "long long, " * 6

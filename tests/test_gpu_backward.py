@@ -3,12 +3,14 @@
 Rule (flash-attention's): per gradient, max |grad − ref| ≤ 2 × max |naive same-dtype − ref| + 1e-5, with ref
 from `attention_backward_reference` in float64 on the GPU and the naive baseline below (every intermediate
 rounded to the input dtype). The launcher is called directly with NaN-poisoned output buffers, so an
-unwritten element fails the test; both dQ paths (atomic default, deterministic) are covered.
+unwritten element fails the test; both dQ paths (atomic default, deterministic) are covered, the atomic one
+with each dK/dV kernel forced in turn (mma.sync, and on Hopper the wgmma kernel where it has tiles).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -25,9 +27,30 @@ SEQ_PAIRS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (17, 1000),
 HEAD_DIMS = [32, 64, 96, 128, 192, 256]
 
 
-@pytest.fixture(scope="module")
-def cp():
-    return pytest.importorskip("cupy")
+@pytest.fixture(scope="module", params=["sm80", "sm90"])
+def cp(request):
+    """CuPy, with each dK/dV kernel forced in turn ($ADAATTN_BACKWARD_KERNEL): mma.sync, and the wgmma kernel
+    (Hopper, head dims 64/128, deterministic=False; elsewhere the same mma.sync kernels run)."""
+    cupy = pytest.importorskip("cupy")
+    from adaattn_core import cuda_backward
+
+    previous = os.environ.get("ADAATTN_BACKWARD_KERNEL")
+    os.environ["ADAATTN_BACKWARD_KERNEL"] = request.param
+    cuda_backward._plan.cache_clear()
+    yield cupy
+    if previous is None:
+        os.environ.pop("ADAATTN_BACKWARD_KERNEL", None)
+    else:
+        os.environ["ADAATTN_BACKWARD_KERNEL"] = previous
+    cuda_backward._plan.cache_clear()
+
+
+def _is_sm90_run(cp: Any, dim: int, deterministic: bool) -> bool:
+    """Whether the wgmma dK/dV kernel runs under the current fixture parameter."""
+    from adaattn_core.launch_config import BACKWARD_TILES_SM90
+
+    return (os.environ.get("ADAATTN_BACKWARD_KERNEL") == "sm90" and not deterministic and dim in BACKWARD_TILES_SM90
+            and cp.cuda.Device().compute_capability == "90")
 
 
 def naive_backward_same_dtype(dout: Any, q: Any, k: Any, v: Any, *, causal: bool, layout: str) -> tuple[Any, ...]:
@@ -88,7 +111,13 @@ def _fused_backward(cp: Any, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: A
     from adaattn_core import cuda_backward
 
     problem = describe_backward(dout, q, k, v, out, lse, causal=causal, scale=None, layout=layout)
+    sm90 = _is_sm90_run(cp, problem.head_dim, deterministic)
+    if os.environ.get("ADAATTN_BACKWARD_KERNEL") == "sm90" and not sm90:
+        pytest.skip("no wgmma kernel for this case: the sm80 run covers the kernels that run")
     assert cuda_backward.unsupported_reason(problem) is None
+    plan = cuda_backward._plan(problem, cp.cuda.runtime.getDevice(), deterministic)
+    expected = "attention_bwd_dkdv_sm90<" if sm90 else "attention_bwd_dkdv<"
+    assert plan.dkdv_name.startswith(expected), plan.dkdv_name
     grads = tuple(_poisoned(x, cp, offset=grad_offset) for x in (q, k, v))
     views = [to_bhsd(x, layout) for x in (dout, q, k, v, out)]
     cuda_backward.backward(problem, *views, lse, *(to_bhsd(g, layout) for g in grads), deterministic=deterministic)
@@ -133,6 +162,15 @@ def test_gqa_layouts_strides(cp, rng, group, layout, strides, dim, causal, deter
     dout = _like(cp.empty(q.shape, dtype=q.dtype), rng, cp, contiguous=contiguous, offset=offset)
     _check(cp, rng, q, k, v, causal=causal, layout=layout, deterministic=deterministic,
            grad_offset=None if contiguous else offset, dout=dout)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_gqa(cp, rng, dim, causal):
+    """Many query tiles and two query heads per key/value head accumulated into each dK/dV tile."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=2048, seq_k=2048, dim=dim, dtype="bfloat16",
+                       xp=cp)
+    _check(cp, rng, q, k, v, causal=causal, layout="bhsd", deterministic=False)
 
 
 def test_many_heads_and_batches(cp, rng):
