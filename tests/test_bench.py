@@ -211,7 +211,7 @@ def test_asv_suite_discovers_and_runs_without_a_gpu():
 
     classes = {cls.__name__: cls for cls in _suite_classes()}
     assert {"Forward", "ForwardError", "TorchFlashForward", "TorchCudnnForward", "CpuForward",
-            "CpuBackward"} <= classes.keys()
+            "CpuBackward", "PolicyForward", "PolicyError", "RankEstimators"} <= classes.keys()
     for cls in classes.values():
         params, names = cls.params, cls.param_names
         assert len(params) == len(names)
