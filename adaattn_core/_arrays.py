@@ -39,6 +39,17 @@ def namespace(library: str) -> types.ModuleType:
     return np
 
 
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """`dtype.name`, remembered per dtype (NumPy computes the name in Python on every access)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
+
+
 def compute_dtype(dtype_name: str) -> np.dtype:
     """Accumulation dtype: float64 stays float64, everything narrower is computed in float32."""
     return np.dtype(np.float64) if dtype_name == "float64" else np.dtype(np.float32)

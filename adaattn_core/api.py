@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from . import backends
-from ._arrays import lse_dtype, namespace
+from ._arrays import dtype_name, lse_dtype, namespace
 from .policy import Policy, resolve_policy
 from .problem import check_output, describe, describe_backward, to_bhsd
 from .reference import head_errors
@@ -79,7 +79,9 @@ def attention(
     if lse_out is None:
         lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype))
     else:
-        check_output("lse_out", lse_out, problem, problem.lse_shape(), lse_dtype(problem.dtype).name, contiguous=True)
+        check_output(
+            "lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)), contiguous=True
+        )
         lse = lse_out
 
     qb, kb, vb = (to_bhsd(x, layout) for x in (q, k, v))

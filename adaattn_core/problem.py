@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import SUPPORTED_DTYPES, library_name, lse_dtype
+from ._arrays import SUPPORTED_DTYPES, dtype_name, library_name, lse_dtype
 
 LAYOUTS = ("bhsd", "bshd")
 
@@ -77,7 +77,7 @@ def to_bhsd(x: Any, layout: str) -> Any:
 
 
 def _dtype_name(x: Any) -> str:
-    return x.dtype.name
+    return dtype_name(x.dtype)
 
 
 def _check_array(name: str, x: Any, library: str | None) -> str:
@@ -235,5 +235,5 @@ def describe_backward(
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
     check_output("dout", dout, problem, problem.output_shape(), problem.dtype)
     check_output("out", out, problem, problem.output_shape(), problem.dtype)
-    check_output("lse", lse, problem, problem.lse_shape(), str(lse_dtype(problem.dtype)))
+    check_output("lse", lse, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)))
     return problem
