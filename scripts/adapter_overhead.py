@@ -63,6 +63,13 @@ def main() -> None:
     rows.append(("torch adapter SDPA drop-in",
                  per_call_us(lambda: ada_torch.scaled_dot_product_attention(q, k, v), sync, calls)))
 
+    for name, fn in (("torch SDPA, CUDA graph replay", lambda: F.scaled_dot_product_attention(q, k, v)),
+                     ("torch adapter, CUDA graph replay", lambda: ada_torch.attention(q, k, v))):
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            fn()
+        rows.append((name, per_call_us(graph.replay, sync, calls)))
+
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # leave GPU memory to CuPy and torch
     try:
         import jax
