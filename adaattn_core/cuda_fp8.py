@@ -1,5 +1,6 @@
-"""Launcher of the fp8 forward on Hopper: quantize_fp8.cu (K/V statistics, Q/K per-tile quantisation with K
-mean smoothing, V per-channel quantisation transposed) then attention_fwd_fp8_sm90.cu, for CuPy arrays.
+"""Launcher of the fp8 forward on Hopper: quantize_fp8.cu (one pass for the K/V statistics, then one launch for
+Q/K per-tile quantisation with K mean smoothing and V per-channel quantisation, mean-smoothed and transposed)
+then attention_fwd_fp8_sm90.cu, for CuPy arrays.
 
     tensors = quantize(problem, q, k, v, heads)      # e4m3 bytes and fp32 scales, see `Fp8Tensors`
     forward(problem, q, k, v, out, lse, heads, {"fp8": tensors})
@@ -22,8 +23,8 @@ from .launch_config import (
     FP8_BLOCK_M,
     FP8_BLOCK_N,
     FP8_HEAD_DIMS,
-    FP8_STATS_ROWS,
-    FP8_V_KEYS,
+    FP8_STATS_BLOCKS,
+    FP8_STATS_MIN_ROWS,
     KernelLaunch,
     fp8_launches,
 )
@@ -37,11 +38,11 @@ class Fp8Tensors:
 
     qq [B, Hq, Sq', D] and sq [B, Hq, Sq'/BLOCK_M]: q ≈ qq·sq per tile of BLOCK_M rows (Sq' = Sq rounded up,
         padding rows zero); only the query heads in `heads` are written.
-    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/BLOCK_N]: k − mean_j k ≈ kq·sk per tile of BLOCK_N keys.
-    vt [B, Hkv, D, Sk'] and sv [B, Hkv, D]: v[j, d] ≈ vt[d, pos(j)]·sv[d], keys permuted inside 32-key chunks
-        (`key_positions`).
-    row_bias [B, Hq, Sq'] = q·mean_j k (the mean subtracted from k, before the rotation), which the kernel
-        adds back (times scale) to lse.
+    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/BLOCK_N]: k − k̄ ≈ kq·sk per tile of BLOCK_N keys.
+    vt [B, Hkv, D, Sk'], sv and v_mean [B, Hkv, D]: v[j, d] − v_mean[d] ≈ vt[d, pos(j)]·sv[d], keys permuted
+        inside 16-key groups (`key_positions`); v_mean = mean_j v, added back exactly by the kernel.
+    row_bias [B, Hq, Sq'] = q·k̄ (k̄: the mean of every 8th key, subtracted from k before the rotation), which
+        the kernel adds back (times scale) to lse.
     rotate: whether Q and K were multiplied by the normalised Hadamard matrix (their products are unchanged).
     """
 
@@ -52,12 +53,13 @@ class Fp8Tensors:
     sk: Any
     vt: Any
     sv: Any
+    v_mean: Any
     row_bias: Any
     rotate: bool
 
 
 def key_positions(seqlen: int) -> np.ndarray:
-    """pos[j]: the column of V^T that holds key j (the permutation inside each 32-key chunk that lets the
+    """pos[j]: the column of V^T that holds key j (the permutation inside each 16-key group that lets the
     kernel feed the S accumulators to P·V as e4m3 A fragments; see attention_fwd_fp8_sm90.cu)."""
     j = np.arange(seqlen)
     r = j % 16
@@ -127,35 +129,34 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     b, hq, hkv, d = problem.batch, problem.heads_q, problem.heads_kv, problem.head_dim
     sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, FP8_BLOCK_N)
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
-    splits = -(-problem.seqlen_k // FP8_STATS_ROWS)
-    k_sum = cupy.empty((b, hkv, splits, d), dtype=cupy.float32)
-    v_amax = cupy.empty((b, hkv, splits, d), dtype=cupy.float32)
+    # Key splits of the statistics pass: enough blocks for every SM, at least FP8_STATS_MIN_ROWS keys each.
+    splits = max(1, min(-(-FP8_STATS_BLOCKS // (b * hkv)), -(-problem.seqlen_k // FP8_STATS_MIN_ROWS)))
+    rows_per_split = max(1, -(-problem.seqlen_k // splits))
+    splits = max(1, -(-problem.seqlen_k // rows_per_split))
+    partial = cupy.empty((b, hkv, splits, 4, d), dtype=cupy.float32)
+    counters = cupy.zeros(b * hkv, dtype=cupy.uint32)
+    stats = cupy.empty((4, b, hkv, d), dtype=cupy.float32)  # k mean, v mean, v scale, 1 / v scale
     qq = cupy.empty((b, hq, sq_pad, d), dtype=cupy.uint8)
     sq = cupy.empty((b, hq, sq_pad // FP8_BLOCK_M), dtype=cupy.float32)
     row_bias = cupy.empty((b, hq, sq_pad), dtype=cupy.float32)
     kq = cupy.empty((b, hkv, sk_pad, d), dtype=cupy.uint8)
     sk = cupy.empty((b, hkv, sk_pad // FP8_BLOCK_N), dtype=cupy.float32)
     vt = cupy.empty((b, hkv, d, sk_pad), dtype=cupy.uint8)
-    sv = cupy.empty((b, hkv, d), dtype=cupy.float32)
-    q_heads, kv_heads = _head_index(tuple(heads), device), _head_index(tuple(range(hkv)), device)
     i32, i64 = np.int32, np.int64
 
     kernel, launch = kernels["stats"]
     kernel((_check_grid(splits * hkv * b),), (launch.threads,),
-           (k, v, *map(i64, ks[:3]), *map(i64, vs[:3]), i32(hkv), i32(problem.seqlen_k), i32(FP8_STATS_ROWS),
-            i32(splits), k_sum, v_amax))
-    kernel, launch = kernels["quantize_q"]
-    kernel((_check_grid(sq_pad // FP8_BLOCK_M * len(heads) * b),), (launch.threads,),
-           (q, *map(i64, qs[:3]), q_heads, i32(len(heads)), i32(hq), i32(problem.group_size), i32(problem.seqlen_q),
-            k_sum, i32(splits), i32(problem.seqlen_k), qq, sq, row_bias))
-    kernel, launch = kernels["quantize_k"]
-    kernel((_check_grid(sk_pad // FP8_BLOCK_N * hkv * b),), (launch.threads,),
-           (k, *map(i64, ks[:3]), kv_heads, i32(hkv), i32(hkv), i32(1), i32(problem.seqlen_k), k_sum, i32(splits),
-            i32(problem.seqlen_k), kq, sk, row_bias))
-    kernel, launch = kernels["quantize_vt"]
-    kernel((_check_grid(sk_pad // FP8_V_KEYS * hkv * b),), (launch.threads,),
-           (v, *map(i64, vs[:3]), i32(hkv), i32(problem.seqlen_k), i32(sk_pad), v_amax, i32(splits), vt, sv))
-    return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, sv, row_bias, rotate)
+           (k, v, *map(i64, ks[:3]), *map(i64, vs[:3]), i32(hkv), i32(b), i32(problem.seqlen_k),
+            i32(rows_per_split), i32(splits), partial, counters, stats))
+    kernel, launch = kernels["quantize"]
+    v_keys = 16 * launch.threads // (d // 8)  # keys per V block of quantize_fp8_qkv
+    grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // FP8_BLOCK_N * hkv * b
+            + -(-sk_pad // v_keys) * hkv * b)
+    kernel((_check_grid(grid),), (launch.threads,),
+           (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), _head_index(tuple(heads), device),
+            i32(len(heads)), i32(hq), i32(hkv), i32(b), i32(problem.seqlen_q), i32(problem.seqlen_k), stats,
+            qq, sq, row_bias, kq, sk, vt))
+    return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, stats[2], stats[1], row_bias, rotate)
 
 
 def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any, heads: list[int],
@@ -185,7 +186,8 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
         (grid,),
         (launch.threads,),
         (
-            tensors.qq, tensors.kq, tensors.vt, tensors.sq, tensors.sk, tensors.sv, tensors.row_bias,
+            tensors.qq, tensors.kq, tensors.vt, tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
+            tensors.row_bias,
             _head_index(tuple(heads), cupy.cuda.runtime.getDevice()), target, lse,
             *map(np.int64, o_strides[:3]),
             np.int32(len(heads)), np.int32(problem.heads_q), np.int32(problem.heads_kv),

@@ -246,33 +246,30 @@ def all_backward_kernels() -> list[KernelLaunch]:
 #: Head dims with an fp8 forward instantiation.
 FP8_HEAD_DIMS = (64, 128)
 #: Query rows per thread block (two warpgroups) and keys per tile of the fp8 forward; also the row blocks
-#: of the Q and K scales and the padding of the quantised tensors. The epilogue needs FP8_BLOCK_N == FP8_BLOCK_M.
+#: of the Q and K scales and the padding of the quantised tensors. The epilogue needs FP8_BLOCK_N == FP8_BLOCK_M,
+#: and quantize_fp8.cu has both as QUANT_TILE = 128.
 FP8_BLOCK_M = 128
 FP8_BLOCK_N = 128
-#: Keys per thread block of the V transpose/quantise kernel (a multiple of 32 dividing FP8_BLOCK_N).
-FP8_V_KEYS = 64
-#: Keys per block of the K/V statistics kernel (column sums of K, column maxima of |V|).
-FP8_STATS_ROWS = 512
+#: Target thread blocks of the K/V statistics kernel: it splits each head's keys into enough pieces
+#: (at least FP8_STATS_MIN_ROWS keys each) to give every SM several blocks, whatever B * Hkv is.
+FP8_STATS_BLOCKS = 1024
+FP8_STATS_MIN_ROWS = 64
 #: Threads of every quantisation kernel (QUANT_THREADS in quantize_fp8.cu).
 FP8_QUANT_THREADS = 256
 FP8_ARCHS = ("90a",)
 
 
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:
-    """The fp8 forward's kernels by role: "stats", "quantize_q", "quantize_k" (mean-smoothed), "quantize_vt"
-    and "forward" (block_m = rows per thread block, 1 for the stats kernel whose grid is per key split);
-    `rotate`: Hadamard rotation of Q and K along the head dim in the quantisers."""
+    """The fp8 forward's kernels by role: "stats" (K/V means and V scales, one pass), "quantize" (Q, K and V^T
+    in one launch) and "forward" (block_m = rows per thread block; 1 for the stats kernel, whose grid is per
+    key split, and FP8_BLOCK_M for the quantiser's Q/K tiles); `rotate`: Hadamard rotation of Q and K along
+    the head dim in the quantiser."""
     t, flag, rot = CUDA_TYPES[dtype], "true" if causal else "false", "true" if rotate else "false"
     quant = {"threads": FP8_QUANT_THREADS, "smem_bytes": 0, "archs": FP8_ARCHS}
-    rows = f"quantize_fp8_rows<{t}, {head_dim}, "
     return {
         "stats": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_stats<{t}, {head_dim}>", block_m=1, **quant),
-        "quantize_q": KernelLaunch("quantize_fp8.cu", f"{rows}{FP8_BLOCK_M}, false, {rot}>", block_m=FP8_BLOCK_M,
-                                   **quant),
-        "quantize_k": KernelLaunch("quantize_fp8.cu", f"{rows}{FP8_BLOCK_N}, true, {rot}>", block_m=FP8_BLOCK_N,
-                                   **quant),
-        "quantize_vt": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_vt<{t}, {head_dim}, {FP8_V_KEYS}>",
-                                    block_m=FP8_V_KEYS, **quant),
+        "quantize": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_qkv<{t}, {head_dim}, {rot}>",
+                                 block_m=FP8_BLOCK_M, **quant),
         "forward": KernelLaunch(
             "attention_fwd_fp8_sm90.cu",
             f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {FP8_BLOCK_N}, {flag}>",

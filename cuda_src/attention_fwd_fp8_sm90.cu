@@ -1,15 +1,21 @@
 // FP8 (e4m3) attention forward on Hopper warpgroup tensor cores (wgmma.mma_async ...k32.e4m3), sm_90a only.
 //
-// Inputs are the outputs of the quantisation kernels (quantize_fp8_*.cu), for query heads h in `heads`:
+// Inputs are the outputs of the quantisation kernels (quantize_fp8.cu), for query heads h in `heads`:
 //     qq[b,h,i,:] * sq[b,h,i / BLOCK_M]        ~ q[b,h,i,:]
-//     kq[b,hk,j,:] * sk[b,hk,j / BLOCK_N]      ~ k[b,hk,j,:] - mean_j k[b,hk,j,:]   (softmax-invariant shift)
-//     vt[b,hk,d,perm(j)] * sv[b,hk,d]          ~ v[b,hk,j,d]                          (transposed, permuted)
+//     kq[b,hk,j,:] * sk[b,hk,j / BLOCK_N]      ~ k[b,hk,j,:] - kbar[b,hk,:]   (softmax-invariant shift)
+//     vt[b,hk,d,perm(j)] * sv[b,hk,d]          ~ v[b,hk,j,d] - v_mean[b,hk,d]         (transposed, permuted)
 // with hk = h / group_size, e4m3 bytes, rows padded with zeros to whole tiles (qq: Sq' = Sq rounded up to
 // BLOCK_M rows, kq and vt: Sk' = Sk rounded up to BLOCK_N keys). Computes
 //     s[i,j]     = scale * sq * sk * (qq[i,:] . kq[j,:])
-//     out[b,h,i] = sum_j softmax_j(s[i,j]) v[j]       (P rounded to e4m3 after scaling by 448, see below)
+//     out[b,h,i] = v_mean + sum_j softmax_j(s[i,j]) (v[j] - v_mean)   (P rounded to e4m3 after scaling by 448)
 //     lse[b,h,i] = log(sum_j exp(s[i,j])) + scale * row_bias[b,h,i]   (natural log, fp32)
-// where row_bias = q . mean_j k (from the Q quantiser) restores what the K smoothing took out of lse.
+// where kbar = the mean of every 8th key and row_bias = q . kbar (from the Q quantiser) restores what the K
+// smoothing took out of lse.
+// V smoothing (v_mean = mean_j v, from quantize_fp8_stats) keeps the P V accumulators small and of either
+// sign: Hopper's e4m3 wgmma adds its products to the fp32 accumulator with only ~13-14 bits kept below the
+// largest operand (truncated), so a channel mean that makes every product positive grows the accumulator
+// and biases each later tile low (3e-2 relative error for v = 2 + N(0, 1)). The mean term is added exactly
+// in fp32, and with it the rounded P's normalisation error no longer scales the mean.
 // Causal is bottom-right aligned (key j visible to row i iff j <= i + Sk - Sq); rows with no visible key
 // get out = 0 and lse = -inf. out has the caller's 16-bit dtype and any row/head/batch strides.
 //
@@ -19,6 +25,8 @@
 //   dynamic shared memory = (BLOCK_M + 4 * BLOCK_N) * HEAD_DIM + 1024 bytes (Q tile, double-buffered K and
 //   V^T tiles of one byte per element, + 1024 to align the base for the swizzle pattern).
 //   The epilogue stages the 16-bit output tile in the two (then dead) K buffers: needs BLOCK_N == BLOCK_M.
+//
+// e4m3 helpers (pack4_e4m3, the WgmmaE4m3 wrappers) live in wgmma_sm90.cuh's FP8 section.
 //
 // Structure: attention_fwd_sm90.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
 // 32 bytes, like a k16 step of bf16, so the shared layouts are the same byte for byte: K-major lines of
@@ -34,7 +42,7 @@
 // Softmax is online in the log2 domain: x = acc * (scale * log2 e * sq * sk_tile) with one FFMA per score.
 // P = 2^(x - m) is in [0, 1]; it is multiplied by 448 (the e4m3 maximum) before rounding so that its
 // relative precision is that of normal e4m3 numbers down to p ~ 2^-15; the row sum uses the unrounded P,
-// and the epilogue divides by 448 * l and multiplies column d by sv[d].
+// and the epilogue divides by 448 * l, multiplies column d by sv[d] and adds v_mean[d].
 
 #include "wgmma_sm90.cuh"
 
@@ -75,70 +83,14 @@ __device__ __forceinline__ void load_tile_fp8(unsigned smem, const unsigned char
         cp_async_16(smem + swizzle_offset<ROWS, LINE>(row, c), gmem + row * row_stride + c * 16, 16);
     }
 }
-
-// Four fp32 values rounded (nearest even, saturating at +-448) to e4m3, element 0 in the low byte.
-__device__ __forceinline__ unsigned pack4_e4m3(float x0, float x1, float x2, float x3) {
-    unsigned short lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
-    return (unsigned)lo | (unsigned)hi << 16;
-}
-
-// wgmma.mma_async m64nNk32 e4m3 x e4m3 -> fp32, d[N / 2] in the accumulator layout of wgmma_sm90.cuh:
-//   ss: d = (scale_d ? d : 0) + A B^T, A [64][32] and B [N][32] K-major in shared memory;
-//   rs: the same with A from registers (4 x 32-bit, 4 e4m3 each: rows g / g + 8, k 4t.. and 16 + 4t..).
-template <int N>
-struct WgmmaE4m3;
-
-#define ADAATTN_ACC8(i)                                                                                          \
-    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
-        "+f"(d[i + 7])
-#define ADAATTN_ACC32(i) ADAATTN_ACC8(i), ADAATTN_ACC8(i + 8), ADAATTN_ACC8(i + 16), ADAATTN_ACC8(i + 24)
-#define ADAATTN_DREGS_64 \
-    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define ADAATTN_DREGS_128 ADAATTN_DREGS_64 ", " \
-    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-
-#define ADAATTN_WGMMA_E4M3(N, DREGS, SS_A, SS_B, SS_P, RS_A, RS_B, RS_P, ...)                                   \
-    template <>                                                                                                \
-    struct WgmmaE4m3<N> {                                                                                      \
-        static __device__ __forceinline__ void ss(float (&d)[N / 2], unsigned long long a_desc,                \
-                                                  unsigned long long b_desc, int scale_d) {                    \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                     \
-                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DREGS "}, " SS_A ", " SS_B \
-                         ", p, 1, 1;\n}\n"                                                                     \
-                         : __VA_ARGS__                                                                         \
-                         : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                            \
-        }                                                                                                      \
-        static __device__ __forceinline__ void rs(float (&d)[N / 2], const unsigned (&a)[4],                   \
-                                                  unsigned long long b_desc, int scale_d) {                    \
-            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                                     \
-                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DREGS "}, " RS_A ", " RS_B \
-                         ", p, 1, 1;\n}\n"                                                                     \
-                         : __VA_ARGS__                                                                         \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));             \
-        }                                                                                                      \
-    };
-
-ADAATTN_WGMMA_E4M3(64, ADAATTN_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37", ADAATTN_ACC32(0))
-ADAATTN_WGMMA_E4M3(128, ADAATTN_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
-                   ADAATTN_ACC32(0), ADAATTN_ACC32(32))
-
-#undef ADAATTN_WGMMA_E4M3
-#undef ADAATTN_DREGS_64
-#undef ADAATTN_DREGS_128
-#undef ADAATTN_ACC32
-#undef ADAATTN_ACC8
-
 }  // namespace adaattn
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool CAUSAL>
 __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
     const unsigned char* __restrict__ qq, const unsigned char* __restrict__ kq, const unsigned char* __restrict__ vt,
     const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
-    const float* __restrict__ row_bias, const int* __restrict__ heads, T* __restrict__ out, float* __restrict__ lse,
+    const float* __restrict__ v_mean, const float* __restrict__ row_bias, const int* __restrict__ heads,
+    T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
     int num_heads_list, int num_heads_q, int num_heads_kv, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
@@ -354,10 +306,12 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
     wgmma_wait<0>();
     reg_fence(acc_o);
 
-    // Epilogue: O * sv[d] / (448 l), staged as 16-bit rows in the K buffers (dead since the last
-    // begin_tile: every warpgroup has finished its S wgmmas) for 16-byte row-contiguous global stores.
+    // Epilogue: O * sv[d] / (448 l) + v_mean[d] (0 for rows that see no key), staged as 16-bit rows in the
+    // K buffers (dead since the last begin_tile: every warpgroup has finished its S wgmmas) for 16-byte
+    // row-contiguous global stores.
     constexpr float LN2 = 0.693147180559945309f;
     const float* sv_ptr = sv + bhk * HEAD_DIM + 2 * t;
+    const float* vm_ptr = v_mean + bhk * HEAD_DIM + 2 * t;
     const float* bias_ptr = row_bias + bhq * seqlen_q_pad + m_start;
     unsigned char* o_tile = smem_raw + (sK - smem_u32(smem_raw));
     const int warp_row = wg * 64 + warp * 16;
@@ -367,6 +321,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const float inv = sum > 0.f ? fast_rcp(sum * 448.f) : 0.f;
+        const float seen = sum > 0.f ? 1.f : 0.f;
         const int row_local = warp_row + g + r * 8;
         const int row = m_start + row_local;
         if (t == 0 && row < seqlen_q)
@@ -375,8 +330,10 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
             const float2 s = *reinterpret_cast<const float2*>(sv_ptr + 8 * dt);
+            const float2 m = *reinterpret_cast<const float2*>(vm_ptr + 8 * dt);
             *reinterpret_cast<unsigned*>(o_tile + swizzle_offset<BLOCK_M, 128>(row_local, dt) + 4 * t) =
-                pack2<T>(acc_o[4 * dt + 2 * r] * inv * s.x, acc_o[4 * dt + 2 * r + 1] * inv * s.y);
+                pack2<T>(fmaf(acc_o[4 * dt + 2 * r] * inv, s.x, seen * m.x),
+                         fmaf(acc_o[4 * dt + 2 * r + 1] * inv, s.y, seen * m.y));
         }
     }
     __syncwarp();

@@ -217,3 +217,66 @@ ADAATTN_WGMMA_SHAPE(256, ADAATTN_WGMMA_DREGS_256, "%128", "%129", "%130", "{%128
 #undef ADAATTN_ACC8
 
 }  // namespace adaattn
+
+// ---- FP8 (e4m3) helpers: attention_fwd_fp8_sm90.cu and quantize_fp8.cu ---------------------------------
+
+namespace adaattn {
+
+// Four fp32 values rounded (nearest even, saturating at +-448) to e4m3, element 0 in the low byte.
+__device__ __forceinline__ unsigned pack4_e4m3(float x0, float x1, float x2, float x3) {
+    unsigned short lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
+    return (unsigned)lo | (unsigned)hi << 16;
+}
+
+// wgmma.mma_async m64nNk32 e4m3 x e4m3 -> fp32, d[N / 2] in the accumulator layout of wgmma_sm90.cuh:
+//   ss: d = (scale_d ? d : 0) + A B^T, A [64][32] and B [N][32] K-major in shared memory;
+//   rs: the same with A from registers (4 x 32-bit, 4 e4m3 each: rows g / g + 8, k 4t.. and 16 + 4t..).
+template <int N>
+struct WgmmaE4m3;
+
+#define ADAATTN_E4M3_ACC8(i)                                                                                          \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
+        "+f"(d[i + 7])
+#define ADAATTN_E4M3_ACC32(i) ADAATTN_E4M3_ACC8(i), ADAATTN_E4M3_ACC8(i + 8), ADAATTN_E4M3_ACC8(i + 16), ADAATTN_E4M3_ACC8(i + 24)
+#define ADAATTN_E4M3_DREGS_64 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define ADAATTN_E4M3_DREGS_128 ADAATTN_E4M3_DREGS_64 ", " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+#define ADAATTN_WGMMA_E4M3(N, DREGS, SS_A, SS_B, SS_P, RS_A, RS_B, RS_P, ...)                                   \
+    template <>                                                                                                \
+    struct WgmmaE4m3<N> {                                                                                      \
+        static __device__ __forceinline__ void ss(float (&d)[N / 2], unsigned long long a_desc,                \
+                                                  unsigned long long b_desc, int scale_d) {                    \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                                     \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DREGS "}, " SS_A ", " SS_B \
+                         ", p, 1, 1;\n}\n"                                                                     \
+                         : __VA_ARGS__                                                                         \
+                         : "l"(a_desc), "l"(b_desc), "r"(scale_d));                                            \
+        }                                                                                                      \
+        static __device__ __forceinline__ void rs(float (&d)[N / 2], const unsigned (&a)[4],                   \
+                                                  unsigned long long b_desc, int scale_d) {                    \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                                     \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DREGS "}, " RS_A ", " RS_B \
+                         ", p, 1, 1;\n}\n"                                                                     \
+                         : __VA_ARGS__                                                                         \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(scale_d));             \
+        }                                                                                                      \
+    };
+
+ADAATTN_WGMMA_E4M3(64, ADAATTN_E4M3_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37", ADAATTN_E4M3_ACC32(0))
+ADAATTN_WGMMA_E4M3(128, ADAATTN_E4M3_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
+                   ADAATTN_E4M3_ACC32(0), ADAATTN_E4M3_ACC32(32))
+
+#undef ADAATTN_WGMMA_E4M3
+#undef ADAATTN_E4M3_DREGS_64
+#undef ADAATTN_E4M3_DREGS_128
+#undef ADAATTN_E4M3_ACC32
+#undef ADAATTN_E4M3_ACC8
+
+}  // namespace adaattn
+// ---- end of FP8 helpers ------------------------------------------------------------------------------

@@ -44,13 +44,12 @@ PARAMS = {
     "attention_bwd_dq": _IN4 + _STATS + "{t}* __restrict__, " + "long long, " * 15
     + "int, int, int, int, int, float, float",
     "quantize_fp8_stats": "const {t}* __restrict__, const {t}* __restrict__, " + "long long, " * 6
-    + "int, int, int, int, float* __restrict__, float* __restrict__",
-    "quantize_fp8_rows": "const {t}* __restrict__, " + "long long, " * 3
-    + "const int* __restrict__, int, int, int, int, const float* __restrict__, int, int, "
-    + "unsigned char* __restrict__, float* __restrict__, float* __restrict__",
-    "quantize_fp8_vt": "const {t}* __restrict__, " + "long long, " * 3
-    + "int, int, int, const float* __restrict__, int, unsigned char* __restrict__, float* __restrict__",
-    "attention_fwd_fp8_sm90": "const unsigned char* __restrict__, " * 3 + "const float* __restrict__, " * 4
+    + "int, int, int, int, int, float* __restrict__, unsigned* __restrict__, float* __restrict__",
+    "quantize_fp8_qkv": ("const {t}* __restrict__, " + "long long, " * 3) * 3
+    + "const int* __restrict__, int, int, int, int, int, int, const float* __restrict__, "
+    + "unsigned char* __restrict__, float* __restrict__, float* __restrict__, "
+    + "unsigned char* __restrict__, float* __restrict__, unsigned char* __restrict__",
+    "attention_fwd_fp8_sm90": "const unsigned char* __restrict__, " * 3 + "const float* __restrict__, " * 5
     + "const int* __restrict__, {t}* __restrict__, float* __restrict__, " + "long long, " * 3
     + "int, int, int, int, int, float",
     "attention_bwd_dq_convert": "const float* __restrict__, {t}* __restrict__, " + "long long, " * 3
