@@ -24,6 +24,7 @@ stable rank = ‖A‖_F² / σ₁²; energy rank = the fewest singular values ho
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -44,6 +45,33 @@ MAX_TOPK = 8
 KEYS_PER_BLOCK = 1024
 #: Output elements per thread in the output kernel (thread d owns d, d + THREADS, ...); a literal for Numba.
 D_PER_THREAD = MAX_D // THREADS
+
+
+#: Host arrays kept on the device by `on_device` (least recently used dropped first).
+DEVICE_CACHE_SIZE = 256
+_device_cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+
+def on_device(xp: Any, values: Any, dtype: Any = None) -> Any:
+    """Small host values (indices, row limits) as an array of `xp` (NumPy: the NumPy array itself).
+
+    CuPy: cached per device by content (the DEVICE_CACHE_SIZE most recent), so that repeated calls with the
+    same rows/heads make no host→device copy: a copy from pageable host memory first waits for the stream to
+    drain, which would serialise the host's launches with the GPU's work several times per call. The cached
+    arrays are shared: callers only read them (indexing), never write.
+    """
+    host = np.asarray(values, dtype=dtype)
+    if xp is np:
+        return host
+    key = (xp.cuda.Device().id, host.dtype.str, host.shape, host.tobytes())
+    cached = _device_cache.get(key)
+    if cached is None:
+        cached = _device_cache[key] = xp.asarray(host)
+        if len(_device_cache) > DEVICE_CACHE_SIZE:
+            _device_cache.popitem(last=False)
+    else:
+        _device_cache.move_to_end(key)
+    return cached
 
 
 @dataclass
@@ -134,7 +162,7 @@ def _probe_numpy(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.nda
     ctype = xp.float64 if problem.dtype == "float64" else xp.float32
     B, Hq, G, Sk = problem.batch, problem.heads_q, problem.group_size, problem.seqlen_k
     m = len(rows)
-    limits = xp.asarray(row_limits(problem, rows))
+    limits = on_device(xp, row_limits(problem, rows))
     visible = xp.arange(Sk)[None, :] < limits[:, None]  # [m, Sk]
     out = xp.zeros((B, Hq, m, problem.head_dim), dtype=ctype)
     lse, entropy, topk_mass = (xp.zeros((B, Hq, m), dtype=ctype) for _ in range(3))
@@ -394,8 +422,8 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
     B, Hq, Sk, m = problem.batch, problem.heads_q, problem.seqlen_k, len(rows)
     bf16 = problem.dtype == "bfloat16"
     k_in, v_in = (x.view(xp.uint16) if bf16 else x for x in (k, v))
-    q_rows = xp.ascontiguousarray(q[:, :, xp.asarray(rows)].astype(xp.float32))
-    limits = xp.asarray(row_limits(problem, rows))
+    q_rows = xp.ascontiguousarray(q[:, :, on_device(xp, rows)].astype(xp.float32))
+    limits = on_device(xp, row_limits(problem, rows))
     scores = xp.empty((B, Hq, m, Sk), dtype=xp.float32)
     out = xp.zeros((B, Hq, m, problem.head_dim), dtype=xp.float32)
     lse, entropy, topk_mass = (xp.empty((B, Hq, m), dtype=xp.float32) for _ in range(3))

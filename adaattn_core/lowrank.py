@@ -22,11 +22,17 @@ block are equal (diffuse rows), poor for peaked rows — which the rank policy's
 
 Cost per head: O(Lp · (w + t + nc + n_sinks) · D) with t = g / w, i.e. O(S·(w + r + S/(r·w))·D); memory
 the same number of scores, never S×S. Computed in float32 (float64 for float64 inputs) with batched
-matmuls of the array library (BLAS on NumPy, cuBLAS through CuPy).
+matmuls of the array library (BLAS on NumPy, cuBLAS through CuPy): two parts of two matmuls each (near
+field per block; far field per segment, its fine + coarse landmarks and sinks stacked as one key set),
+masks added in place, the softmax merge in place. When the grid needs no padding (Lp = L, which
+`balanced_rank` arranges for lengths that are multiples of w), q, k and v are converted once, without
+zero-padded copies.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import compute_dtype, namespace
+from .estimators import on_device
 from .problem import AttentionProblem
 
 #: Near-field block w (positions). 64 keeps the exact band narrow while the landmark grid stays fine.
@@ -82,8 +89,21 @@ def geometry(seq_q: int, seq_k: int, rank: int, block: int = BLOCK) -> Geometry:
 
 
 def balanced_rank(seq_q: int, seq_k: int, block: int = BLOCK) -> int:
-    """The rank r ≈ sqrt(L / w) that balances fine and coarse landmarks (t ≈ nc), minimising the cost."""
-    return max(1, round((max(seq_q, seq_k, 1) / block) ** 0.5))
+    """The rank r ≈ sqrt(L / w) that balances fine and coarse landmarks (t ≈ nc), minimising the cost.
+
+    When L is a multiple of w, r is the divisor of nb = L / w closest to sqrt(nb) (by ratio) if one lies
+    within a factor 2 of it: then the grid needs no padding (Lp = L) and the forward reads q, k, v in place
+    (32k: r = 32, t = 16, cost w + t + nc = 112 against 110 for r = 23, whose grid pads to 33856).
+    Doubling r keeps that property (the guard's retries). Otherwise round(sqrt(L / w)).
+    """
+    length = max(seq_q, seq_k, 1)
+    root = (length / block) ** 0.5
+    if length % block == 0:
+        blocks = length // block
+        divisors = [d for d in range(1, blocks + 1) if blocks % d == 0 and root / 2 <= d <= 2 * root]
+        if divisors:
+            return max(divisors, key=lambda d: (-abs(math.log(d / root)), d))
+    return max(1, round(root))
 
 
 def sink_table(heads: Sequence[int], sinks: dict[int, Sequence[int]] | None) -> np.ndarray:
@@ -105,7 +125,9 @@ class _Keys:
 
     kp, vp [B, n, Lp, D]; key_bias [n, Lp] (0 for a key in the near field/landmarks, −inf for padding and
     sinks); kf, vf [B, n, nb, D] and log_nf [n, nb]; kc, vc [B, n, nc, D] and log_nc [n, nc];
-    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding).
+    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding). `masked`: key_bias has a −inf
+    (padding or sinks); when False the forward skips adding it. kp, vp are the inputs converted to ctype
+    (no zero-padded copy) when the grid needs no padding.
     """
 
     kp: Any
@@ -120,6 +142,15 @@ class _Keys:
     ks: Any
     vs: Any
     sink_pos: Any
+    masked: bool
+
+    def take(self, xp: Any, index: Sequence[int]) -> _Keys:
+        """The keys of heads `index` (positions in the head axis n), gathered on the head axis."""
+        at = on_device(xp, list(index), np.int64)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "masked"}
+        per_batch = {"kp", "vp", "kf", "vf", "kc", "vc", "ks", "vs"}  # [B, n, ...]; the others [n, ...]
+        return _Keys(**{name: x[:, at] if name in per_batch else x[at] for name, x in fields.items()},
+                     masked=self.masked)
 
 
 def _log_count(xp: Any, count: Any) -> Any:
@@ -137,15 +168,20 @@ def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: np.ndarray)
     """Pad k, v ([B, n, Sk, D] of the selected heads) onto the grid and pool their landmarks."""
     B, n, Sk, D = k.shape
     Lp, w, nb, nc, t = geo.padded, geo.block, geo.blocks, geo.segments, geo.fine
-    kp = xp.zeros((B, n, Lp, D), dtype=ctype)
-    vp = xp.zeros((B, n, Lp, D), dtype=ctype)
-    kp[:, :, geo.k_offset: geo.k_offset + Sk] = k
-    vp[:, :, geo.k_offset: geo.k_offset + Sk] = v
+    padded = Lp != Sk
+    if padded:
+        kp = xp.zeros((B, n, Lp, D), dtype=ctype)
+        vp = xp.zeros((B, n, Lp, D), dtype=ctype)
+        kp[:, :, geo.k_offset: geo.k_offset + Sk] = k
+        vp[:, :, geo.k_offset: geo.k_offset + Sk] = v
+    else:  # one conversion pass each, no zero fill
+        kp, vp = (xp.ascontiguousarray(x, dtype=ctype) for x in (k, v))
     weight = xp.zeros((n, Lp), dtype=ctype)
     weight[:, geo.k_offset: geo.k_offset + Sk] = 1
-    sink_pos = xp.asarray(np.where(sinks >= 0, sinks + geo.k_offset, -1))
+    sink_pos = on_device(xp, np.where(sinks >= 0, sinks + geo.k_offset, -1))
     used = np.nonzero(sinks >= 0)
-    weight[xp.asarray(used[0]), sink_pos[xp.asarray(used[0]), xp.asarray(used[1])]] = 0
+    if used[0].size:
+        weight[on_device(xp, used[0]), on_device(xp, sinks[used] + geo.k_offset)] = 0
     count_f = weight.reshape(n, nb, w).sum(axis=-1)
     kf = _weighted_mean(kp.reshape(B, n, nb, w, D), weight.reshape(n, nb, w), count_f)
     vf = _weighted_mean(vp.reshape(B, n, nb, w, D), weight.reshape(n, nb, w), count_f)
@@ -153,11 +189,11 @@ def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: np.ndarray)
     kc = _weighted_mean(kf.reshape(B, n, nc, t, D), count_f.reshape(n, nc, t), count_c)
     vc = _weighted_mean(vf.reshape(B, n, nc, t, D), count_f.reshape(n, nc, t), count_c)
     head_of = xp.arange(n)[:, None].repeat(sinks.shape[1], axis=1)
-    key_of = xp.asarray(np.maximum(sinks, 0))
+    key_of = on_device(xp, np.maximum(sinks, 0))
     ks, vs = (x[:, head_of, key_of].astype(ctype) for x in (k, v))  # [B, n, ns, D]
     key_bias = xp.where(weight > 0, 0, -xp.inf).astype(ctype)
     return _Keys(kp, vp, key_bias, kf, vf, _log_count(xp, count_f).astype(ctype), kc, vc,
-                 _log_count(xp, count_c).astype(ctype), ks, vs, sink_pos)
+                 _log_count(xp, count_c).astype(ctype), ks, vs, sink_pos, padded or bool(used[0].size))
 
 
 def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
@@ -170,24 +206,29 @@ def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
 def _merge(xp: Any, parts: list[tuple[Any, Callable[[Any], Any]]]) -> tuple[Any, Any]:
     """(out, lse) of a softmax split into parts: each (scores [..., R, K_i], P_i ↦ P_i V_i as [..., R, D]).
 
-    Shift by the row max M over all parts; rows with no finite score give out = 0, lse = −inf.
+    Shift by the row max M over all parts; rows with no finite score give out = 0, lse = −inf. The scores
+    must be temporaries: they are overwritten in place by exp(S − M) (no extra buffer per part), and the
+    output accumulates in place.
     """
+    parts = [(scores, apply) for scores, apply in parts if scores.shape[-1]]
     row_max = parts[0][0].max(axis=-1)
     for scores, _ in parts[1:]:
-        if scores.shape[-1]:
-            row_max = xp.maximum(row_max, scores.max(axis=-1))
+        row_max = xp.maximum(row_max, scores.max(axis=-1))
     shift = xp.where(xp.isneginf(row_max), 0, row_max)
-    total = 0
-    out = 0
+    total = None
+    out = None
     for scores, apply in parts:
-        if not scores.shape[-1]:
-            continue
-        probs = xp.exp(scores - shift[..., None])
-        total = total + probs.sum(axis=-1)
-        out = out + apply(probs)
+        scores -= shift[..., None]
+        probs = xp.exp(scores, out=scores)
+        total = probs.sum(axis=-1) if total is None else total + probs.sum(axis=-1)
+        if out is None:
+            out = apply(probs)
+        else:
+            out += apply(probs)
     seen = total > 0
     safe = xp.where(seen, total, 1)
-    return out / safe[..., None], xp.where(seen, shift + xp.log(safe), -xp.inf)
+    out /= safe[..., None]
+    return out, xp.where(seen, shift + xp.log(safe), -xp.inf)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -195,39 +236,53 @@ def _merge(xp: Any, parts: list[tuple[Any, Callable[[Any], Any]]]) -> tuple[Any,
 
 
 def _all_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q: Any, keys: _Keys) -> tuple[Any, Any]:
-    """(out [B, n, Sq, D], lse [B, n, Sq]) for every query row; q [B, n, Sq, D] already scaled."""
+    """(out [B, n, Sq, D], lse [B, n, Sq]) for every query row; q [B, n, Sq, D] already scaled.
+
+    Two parts, two batched matmuls each (scores, then P·V): the near field per block of w queries against its
+    w keys, [B, n, nb, w, w]; the far field per segment of g queries against K' = t + nc + ns keys — the
+    segment's fine landmarks, every coarse landmark, the sinks — stacked per segment, [B, n, nc, g, K'].
+    Masks and log-counts are added in place to the score buffers (no extra full-size buffer).
+    """
     B, n, Sq, D = q.shape
     Lp, w, nb, nc, t, g = geo.padded, geo.block, geo.blocks, geo.segments, geo.fine, geo.segment
-    qp = xp.zeros((B, n, Lp, D), dtype=ctype)
-    qp[:, :, geo.q_offset: geo.q_offset + Sq] = q
+    ns = keys.ks.shape[2]
+    if Lp == Sq:
+        qp = xp.ascontiguousarray(q)
+    else:
+        qp = xp.zeros((B, n, Lp, D), dtype=ctype)
+        qp[:, :, geo.q_offset: geo.q_offset + Sq] = q
     positions = xp.arange(Lp)
 
-    q_blocks = qp.reshape(B, n, nb, w, D)
-    near = q_blocks @ keys.kp.reshape(B, n, nb, w, D).swapaxes(-1, -2) + keys.key_bias.reshape(n, nb, 1, w)
+    near = qp.reshape(B, n, nb, w, D) @ keys.kp.reshape(B, n, nb, w, D).swapaxes(-1, -2)
+    if keys.masked:
+        near += keys.key_bias.reshape(n, nb, 1, w)
     if causal:
-        near = near + xp.where(xp.arange(w)[None, :] <= xp.arange(w)[:, None], 0.0, -xp.inf).astype(ctype)
+        near += xp.where(xp.arange(w)[None, :] <= xp.arange(w)[:, None], 0.0, -xp.inf).astype(ctype)
 
-    q_segments = qp.reshape(B, n, nc, g, D)
-    fine = q_segments @ keys.kf.reshape(B, n, nc, t, D).swapaxes(-1, -2)
-    fine = fine + keys.log_nf.reshape(n, nc, 1, t) + _allowed(
+    def stacked(fine: Any, coarse: Any, sink: Any) -> Any:
+        """[B, n, nc, K', D]: per segment its t fine landmarks, the nc coarse ones, the ns sinks."""
+        pieces = [fine.reshape(B, n, nc, t, D), xp.broadcast_to(coarse[:, :, None], (B, n, nc, nc, D))]
+        if ns:
+            pieces.append(xp.broadcast_to(sink[:, :, None], (B, n, nc, ns, D)))
+        return xp.concatenate(pieces, axis=3)
+
+    far = qp.reshape(B, n, nc, g, D) @ stacked(keys.kf, keys.kc, keys.ks).swapaxes(-1, -2)  # [B, n, nc, g, K']
+    far[..., :t] += keys.log_nf.reshape(n, nc, 1, t) + _allowed(
         xp, causal, (positions[:g] // w)[:, None], xp.arange(t)[None, :]).astype(ctype)
-
-    coarse = (qp @ keys.kc.swapaxes(-1, -2)).reshape(B, n, nc, g, nc)
-    coarse = coarse + keys.log_nc.reshape(n, 1, 1, nc) + _allowed(
+    far[..., t: t + nc] += keys.log_nc.reshape(n, 1, 1, nc) + _allowed(
         xp, causal, xp.arange(nc)[:, None, None], xp.arange(nc)[None, None, :]).astype(ctype)
-
-    sink_ok = keys.sink_pos[:, None, :] >= 0
-    if causal:
-        sink_ok = sink_ok & (keys.sink_pos[:, None, :] <= positions[None, :, None])
-    sink = qp @ keys.ks.swapaxes(-1, -2) + xp.where(sink_ok, 0.0, -xp.inf).astype(ctype)
+    if ns:
+        sink_ok = keys.sink_pos[:, None, :] >= 0
+        if causal:
+            sink_ok = sink_ok & (keys.sink_pos[:, None, :] <= positions[None, :, None])
+        sink_bias = xp.where(sink_ok, 0.0, -xp.inf).astype(ctype)  # [n, Lp or 1, ns]
+        far[..., t + nc:] += sink_bias.reshape((n, nc, g, ns) if causal else (n, 1, 1, ns))
 
     vp_blocks = keys.vp.reshape(B, n, nb, w, D)
-    vf_segments = keys.vf.reshape(B, n, nc, t, D)
+    v_far = stacked(keys.vf, keys.vc, keys.vs)
     out, lse = _merge(xp, [
         (near.reshape(B, n, Lp, w), lambda p: (p.reshape(B, n, nb, w, w) @ vp_blocks).reshape(B, n, Lp, D)),
-        (fine.reshape(B, n, Lp, t), lambda p: (p.reshape(B, n, nc, g, t) @ vf_segments).reshape(B, n, Lp, D)),
-        (coarse.reshape(B, n, Lp, nc), lambda p: p @ keys.vc),
-        (sink, lambda p: p @ keys.vs),
+        (far.reshape(B, n, Lp, t + nc + ns), lambda p: (p.reshape(B, n, nc, g, -1) @ v_far).reshape(B, n, Lp, D)),
     ])
     rows = slice(geo.q_offset, geo.q_offset + Sq)
     return out[:, :, rows], lse[:, :, rows]
@@ -240,8 +295,7 @@ def _some_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q_rows: Any, ro
     B, n, m, D = q_rows.shape
     w, nb, nc, t, g = geo.block, geo.blocks, geo.segments, geo.fine, geo.segment
     pos = rows + geo.q_offset
-    block, segment = xp.asarray(pos // w), xp.asarray(pos // g)
-    pos_dev = xp.asarray(pos)
+    block, segment, pos_dev = (on_device(xp, x) for x in (pos // w, pos // g, pos))
     q_col = q_rows[..., None, :]  # [B, n, m, 1, D]
 
     near_keys = keys.kp.reshape(B, n, nb, w, D)[:, :, block]  # [B, n, m, w, D]
@@ -271,10 +325,13 @@ def _some_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q_rows: Any, ro
 
 
 def _select(problem: AttentionProblem, x: Any, heads: Sequence[int], kv: bool) -> Any:
-    """[B, n, S, D] of the selected query heads (k/v: their key/value heads h // G), one gather."""
+    """[B, n, S, D] of the selected query heads (k/v: their key/value heads h // G): one gather, or `x` itself
+    (a view, no copy) when that selects every head in order."""
     xp = namespace(problem.library)
     index = [h // problem.group_size for h in heads] if kv else list(heads)
-    return x[:, xp.asarray(index, dtype=xp.int64)]
+    if index == list(range(x.shape[1])):
+        return x
+    return x[:, on_device(xp, index, np.int64)]
 
 
 @dataclass
@@ -286,6 +343,17 @@ class Prepared:
     rank: int
     geometry: Geometry
     keys: _Keys
+
+    def subset(self, xp: Any, heads: Sequence[int]) -> Prepared | None:
+        """The prepared keys of `heads` at the same rank (a gather on the head axis; self when equal), or None
+        when some head is not prepared here."""
+        if tuple(heads) == self.heads:
+            return self
+        position = {h: i for i, h in enumerate(self.heads)}
+        if any(h not in position for h in heads):
+            return None
+        return Prepared(tuple(heads), self.rank, self.geometry,
+                        self.keys.take(xp, [position[h] for h in heads]))
 
 
 def prepare(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], rank: int,
@@ -311,7 +379,8 @@ def forward(
             the log-normaliser of the approximation.
         heads: query-head indices; ranks: the matching ranks (coarse segments, >= 1).
         artifacts: the plan's artifacts. Optional ``"sinks"``: {query head: key indices attended exactly};
-            optional ``"prepared"``: a `Prepared` of exactly the heads of one rank, used instead of `prepare`.
+            optional ``"prepared"``: a sequence of `Prepared` (the guard's, one per rank); a chunk whose heads
+            one of them holds at its rank takes its keys (`Prepared.subset`) instead of calling `prepare`.
 
     Heads sharing a rank are computed together, in chunks of at most CHUNK_ELEMENTS scores.
     Raises ValueError when heads and ranks differ in length or a rank is < 1.
@@ -320,7 +389,7 @@ def forward(
         raise ValueError(f"heads and ranks must have the same length, got {len(heads)} and {len(ranks)}")
     xp = namespace(problem.library)
     ctype = compute_dtype(problem.dtype)
-    reuse = artifacts.get("prepared")
+    reuse = {p.rank: p for p in artifacts.get("prepared", ())}
     by_rank: dict[int, list[int]] = {}
     for head, rank in zip(heads, ranks):
         by_rank.setdefault(int(rank), []).append(int(head))
@@ -330,15 +399,19 @@ def forward(
         step = max(1, CHUNK_ELEMENTS // max(1, per_head))
         for start in range(0, len(group), step):
             chunk = group[start: start + step]
-            if reuse is not None and reuse.rank == rank and reuse.heads == tuple(chunk):
-                prepared = reuse
-            else:
+            prepared = reuse[rank].subset(xp, chunk) if rank in reuse else None
+            if prepared is None:
                 prepared = prepare(problem, k, v, chunk, rank, artifacts.get("sinks"))
-            q_sel = _select(problem, q, chunk, False).astype(ctype) * ctype.type(problem.scale)
+            q_sel = _select(problem, q, chunk, False).astype(ctype)  # a copy: scaled in place
+            q_sel *= ctype.type(problem.scale)
             chunk_out, chunk_lse = _all_rows(xp, ctype, geo, problem.causal, q_sel, prepared.keys)
-            index = xp.asarray(chunk, dtype=xp.int64)
-            out[:, index] = chunk_out.astype(out.dtype)
-            lse[:, index] = chunk_lse.astype(lse.dtype)
+            if chunk == list(range(problem.heads_q)):  # every head: plain copies, no scatter
+                out[...] = chunk_out.astype(out.dtype, copy=False)
+                lse[...] = chunk_lse.astype(lse.dtype, copy=False)
+            else:
+                index = on_device(xp, chunk, np.int64)
+                out[:, index] = chunk_out.astype(out.dtype)
+                lse[:, index] = chunk_lse.astype(lse.dtype)
 
 
 def approximate_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepared: Prepared) -> tuple[Any, Any]:
@@ -347,6 +420,6 @@ def approximate_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepar
     Used by the rank policy to compare with the probe's exact rows."""
     xp = namespace(problem.library)
     ctype = compute_dtype(problem.dtype)
-    q_rows = _select(problem, q, prepared.heads, False)[:, :, xp.asarray(rows)].astype(ctype)
+    q_rows = _select(problem, q, prepared.heads, False)[:, :, on_device(xp, rows)].astype(ctype)
     return _some_rows(xp, ctype, prepared.geometry, problem.causal, q_rows * ctype.type(problem.scale), rows,
                       prepared.keys)

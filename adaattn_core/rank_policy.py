@@ -5,23 +5,26 @@ For each call (`RankPolicy.plan`):
 1. Too short to pay: when the low-rank path would compute more than `max_cost` · Sk scores per query
    (see `lowrank.Geometry.keys_per_query`), every head is dense and no estimator runs.
 2. Probe (`estimators.probe`, Numba CUDA on CuPy): m = `probe_rows` exact query rows per head →
-   entropy, top-k mass, column mass. Keys holding >= `sink_share` of the probe rows' mass (at most
-   `max_sinks` per head) are sinks: the low-rank path attends to them exactly.
-3. Pooled map (`estimators.pooled_map` with blocks of at least `block` tokens, at most MAP_BLOCKS a side;
-   `estimators.spectrum`, with `spectral`): stable rank and the rank holding 95% of the energy. This is host
-   linear algebra after a device synchronisation (milliseconds on a slow CPU): without it the guard
-   starts at the balanced rank, and the report has no spectral entries.
+   entropy, top-k mass, column mass. Reduced per head on the device (`_head_stats`: entropy ratio, top-k
+   mass, the `max_sinks` largest column shares by repeated argmax) and copied to the host in one transfer.
+   Sinks (attended exactly by the low-rank path): among those keys, the ones whose share of the probe
+   rows' mass is >= min(`sink_share`, `sink_ratio` · a uniform row's share).
+3. Pooled-map spectrum (only with `spectral`, off by default): `estimators.pooled_map` with blocks of at
+   least `block` tokens (at most MAP_BLOCKS a side) and `estimators.spectrum` → stable rank and the rank
+   holding 95% of the energy, which seeds the starting rank. Host linear algebra after a synchronisation
+   (milliseconds), so the default decision is probe + guard; the estimators stay available and tested.
 4. Screening: a head whose mean normalised entropy H / log(keys seen) is below `min_entropy` and whose
-   mass is not explained by sinks is peaked (retrieval-like): dense.
+   mass is not explained by sinks (those >= `sink_share` holding < 50%) is peaked (retrieval-like): dense.
 5. Guard: the other heads start at r = max(balanced rank, energy rank) (clipped to `max_rank`); the
    approximation is evaluated on the probe rows (`lowrank.approximate_rows`) and compared with their
-   exact outputs: relative L2 error over the head's rows (all batch entries). Above `tolerance`, r doubles
-   (at most `steps` tries, never beyond `max_rank`); a head that never passes stays dense.
+   exact outputs: relative L2 error over the head's rows (all batch entries), one transfer per try. Above
+   `tolerance` (but within `retry_margin` · tolerance), r doubles (at most `steps` tries, never beyond
+   `max_rank`); a head that never passes stays dense. A diffuse batch costs two transfers in all.
 
 Dense heads take the plan of the `then` policy (default "exact"), so this composes with a precision policy.
 Low-rank heads get HeadPlan(path="lowrank", precision=<compute dtype>, rank=r); the plan's artifacts carry
-``"sinks"``: {query head: key indices} for `lowrank.forward`, and ``"prepared"``: the guard's padded keys and
-landmarks (`lowrank.Prepared`) when they cover exactly the low-rank heads, so the forward does not redo them.
+``"sinks"``: {query head: key indices} for `lowrank.forward`, and ``"prepared"``: the guard's keys and landmarks
+(a list of `lowrank.Prepared`, one per rank at which heads passed), so the forward does not redo them.
 
 Gradients: the low-rank path has no backward of its own, and the exact backward of the dense softmax is not
 the gradient of the approximation. So when gradients will be taken the policy plans every head dense:
@@ -79,12 +82,20 @@ class RankPolicy(Policy):
             map would exceed MAP_BLOCKS blocks a side).
         max_rank: largest number of coarse landmark segments tried (>= 1).
         steps: guard tries per head (r doubles after each failure, >= 1).
+        retry_margin: a head whose guard error exceeds retry_margin · tolerance is not retried at a larger
+            rank (its error comes from within-block spread that coarser-to-finer segments do not remove), >= 1.
         min_entropy: normalised entropy below which a head without sinks is peaked, in [0, 1].
-        sink_share: share of the probe rows' mass that makes a key a sink, in (0, 1].
+        sink_share: share of the probe rows' mass that makes a key a sink whatever S, in (0, 1]; sinks holding
+            >= 50% together explain a low entropy (the head is not peaked).
+        sink_ratio: a key is also a sink when its share is >= sink_ratio times a uniform row's share (> 0):
+            a sink's share falls like 1/S (e^logit / (e^logit + S)), so an absolute threshold alone misses
+            sinks at long S / large D that still ruin a landmark (its block mean dilutes the logit by w).
         max_sinks: sinks per head attended exactly (>= 0).
         max_cost: low-rank only when it computes at most this share of the dense path's scores, in (0, 1].
         seed: seeds the probe rows and the randomized estimators (decisions are reproducible).
         spectral: estimate the pooled map's spectrum (seeds the starting rank; see the module docstring).
+            Off by default: the guard decides alone, and the spectrum costs a host synchronisation and host
+            linear algebra (milliseconds) per call.
         requires_grad: plan every head dense (gradients will be taken; see `for_gradients`).
         then: the policy whose plan dense heads take (default the "exact" preset).
         name: the name reports show ("lowrank"; the combined preset is "adaptive").
@@ -97,12 +108,14 @@ class RankPolicy(Policy):
     block: int = 256
     max_rank: int = 256
     steps: int = 3
+    retry_margin: float = 4.0
     min_entropy: float = 0.5
     sink_share: float = 0.2
+    sink_ratio: float = 32.0
     max_sinks: int = 4
     max_cost: float = 0.25
     seed: int = 0
-    spectral: bool = True
+    spectral: bool = False
     requires_grad: bool = False
     then: Policy | None = None
     name: str = "lowrank"
@@ -116,6 +129,8 @@ class RankPolicy(Policy):
             "steps": self.steps >= 1,
             "min_entropy": 0 <= self.min_entropy <= 1,
             "sink_share": 0 < self.sink_share <= 1,
+            "sink_ratio": self.sink_ratio > 0,
+            "retry_margin": self.retry_margin >= 1,
             "max_sinks": self.max_sinks >= 0,
             "max_cost": 0 < self.max_cost <= 1,
         }
@@ -149,7 +164,7 @@ class RankPolicy(Policy):
                       else dense.heads[h] for h in range(problem.heads_q))
         sinks = {h: entries[h]["sinks"] for h in decisions if entries[h]["sinks"]}
         artifacts = {**dense.artifacts, "sinks": sinks}
-        if prepared is not None:
+        if prepared:
             artifacts["prepared"] = prepared
         return Plan(heads=heads, artifacts=artifacts)
 
@@ -166,15 +181,16 @@ class RankPolicy(Policy):
         return None
 
     def _decide(self, problem: AttentionProblem, q: Any, k: Any, v: Any, entries: list[dict[str, Any]]
-                ) -> tuple[dict[int, int], lowrank.Prepared | None]:
+                ) -> tuple[dict[int, int], list[lowrank.Prepared]]:
         """Fill `entries` with the estimates; return {head: rank} for the heads that go low-rank, and the
-        guard's `lowrank.Prepared` when it covers exactly those heads (else None)."""
+        guard's `lowrank.Prepared` of each rank that passed heads (the forward takes their keys)."""
+        xp = namespace(problem.library)
         rows = estimators.probe_rows(problem, self.probe_rows, self.seed)
         probe = estimators.probe(problem, q, k, v, rows)
-        # The map is capped at MAP_BLOCKS blocks a side and the spectrum runs with cheap settings: it runs on
-        # the host inside the call, and it only seeds the starting rank (the guard decides).
+        stats = self._head_stats(problem, xp, rows, probe)  # the one transfer before the guard
         spectral: dict[str, np.ndarray] = {}
         if self.spectral:
+            # Capped at MAP_BLOCKS blocks a side, cheap settings: it only seeds the starting rank.
             block = max(self.block, -(-max(problem.seqlen_q, problem.seqlen_k) // MAP_BLOCKS))
             spec = estimators.spectrum(estimators.pooled_map(problem, q, k, block), max_rank=16, seed=self.seed,
                                        power_iters=10, samples=30)
@@ -182,61 +198,93 @@ class RankPolicy(Policy):
             spectral = {"stable_rank": spec.stable_rank.reshape(shape).max(axis=0),
                         "energy_rank": spec.energy_rank.reshape(shape).max(axis=0),
                         "spectral_norm": spec.spectral_norm.reshape(shape).max(axis=0)}
-        seen = np.clip(estimators.row_limits(problem, rows), 1, None)
-        entropy = _host(probe.entropy)  # [B, Hq, m]
-        ratio = (entropy / np.maximum(np.log(seen), 1e-12)).mean(axis=(0, 2))
-        rows_seen = max(1, int((np.isfinite(_host(probe.lse))).sum(axis=2).min()))
-        col_share = _host(probe.col_mass) / rows_seen  # [B, Hq, Sk]
-        topk_mass = _host(probe.topk_mass)
-        start = max(lowrank.balanced_rank(problem.seqlen_q, problem.seqlen_k), 1)
 
         candidates = []
+        count, threshold = (stats.shape[1] - 4) // 2, self._sink_threshold(problem, rows)
         for h, entry in enumerate(entries):
-            share = col_share[:, h].max(axis=0)
-            count = min(self.max_sinks, share.size)
-            top = np.argpartition(-share, count - 1)[:count] if count else []
-            sinks = sorted(int(j) for j in top if share[j] >= self.sink_share)
-            entry.update(entropy=float(entropy[:, h].mean()), entropy_ratio=float(ratio[h]),
-                         topk_mass=float(topk_mass[:, h].mean()), sinks=sinks,
-                         sink_mass=float(share[sinks].sum()) if sinks else 0.0,
+            ratio, entropy, topk, dominant = (float(x) for x in stats[h, :4])
+            shares, keys = stats[h, 4: 4 + count], stats[h, 4 + count:]
+            kept = [i for i in range(count) if shares[i] >= threshold]
+            sinks = sorted(int(keys[i]) for i in kept)
+            entry.update(entropy=entropy, entropy_ratio=ratio, topk_mass=topk, sinks=sinks,
+                         sink_mass=float(shares[kept].sum()) if kept else 0.0,
                          **{name: float(values[h]) for name, values in spectral.items()},
                          estimated_error=None, tries=[])
             # Low entropy is explained (and harmless to the approximation) when sinks hold most of the mass.
-            if ratio[h] < self.min_entropy and entry["sink_mass"] < 0.5:
-                entry["reason"] = "peaked: low entropy not explained by sinks"
+            if ratio < self.min_entropy and dominant < 0.5:
+                # Not sinks: a peaked head's few probe rows each put their mass on their own key.
+                entry.update(sinks=[], sink_mass=0.0, reason="peaked: low entropy not explained by sinks")
             else:
                 candidates.append(h)
 
         energy = spectral.get("energy_rank")
+        start = lowrank.balanced_rank(problem.seqlen_q, problem.seqlen_k)
         rank = min(self.max_rank, max(start, int(energy[candidates].max()) if energy is not None and candidates
                                       else 1))
         chosen: dict[int, int] = {}
-        reusable = None
+        passed: list[lowrank.Prepared] = []
         for _ in range(self.steps):
             if not candidates:
                 break
             prepared = lowrank.prepare(problem, k, v, candidates, rank, {h: entries[h]["sinks"] for h in candidates})
             approx, _ = lowrank.approximate_rows(problem, q, rows, prepared)
-            exact = probe.out[:, candidates].astype(approx.dtype)
-            errors = _rel_l2_per_head(approx, exact)
-            failed = []
+            exact = probe.out[:, estimators.on_device(xp, candidates, np.int64)].astype(approx.dtype)
+            errors = _rel_l2_per_head(approx, exact)  # one transfer per try
+            retry = []
             for h, error in zip(candidates, errors):
                 entries[h]["tries"].append((rank, float(error)))
                 entries[h]["estimated_error"] = float(error)
                 if error <= self.tolerance:
                     chosen[h] = rank
                     entries[h].update(path="lowrank", rank=rank, reason="guard passed")
+                elif error <= self.retry_margin * self.tolerance:
+                    retry.append(h)
                 else:
-                    failed.append(h)
-            if not failed and set(chosen) == set(prepared.heads):
-                reusable = prepared  # exactly the low-rank heads, all at this rank: the forward reuses it
-            candidates = failed
+                    entries[h]["reason"] = f"guard failed: error above {self.retry_margin:g} x tolerance " \
+                                           f"{self.tolerance:g}, a larger rank would not help"
+            if any(chosen.get(h) == rank for h in prepared.heads):
+                passed.append(prepared)
+            candidates = retry
             if rank >= self.max_rank:
                 break
             rank = min(self.max_rank, 2 * rank)
         for h in candidates:
             entries[h]["reason"] = f"guard failed: error above tolerance {self.tolerance:g}"
-        return chosen, reusable
+        return chosen, passed
+
+    def _sink_threshold(self, problem: AttentionProblem, rows: np.ndarray) -> float:
+        """Column share from which a key is a sink: min(sink_share, sink_ratio · u), u = mean over the probe
+        rows of 1 / (keys the row sees), the share the most visible key has when every row is uniform."""
+        seen = np.clip(estimators.row_limits(problem, rows), 1, None)
+        return min(self.sink_share, self.sink_ratio * float(np.mean(1.0 / seen)))
+
+    def _head_stats(self, problem: AttentionProblem, xp: Any, rows: np.ndarray, probe: estimators.ProbeResult
+                    ) -> np.ndarray:
+        """Per query head, computed on the probe's device and copied to the host in one transfer: [Hq, 4 + 2c]
+        float64 = (mean normalised entropy H / log(keys seen), mean entropy, mean top-k mass, dominant-sink
+        mass, then the c = min(max_sinks, Sk) largest column shares (max over the batch of the share of the
+        probe rows' mass a key holds) and their key indices). Dominant-sink mass: the summed share of those
+        of the c keys holding >= sink_share."""
+        seen = np.clip(estimators.row_limits(problem, rows), 1, None)
+        log_seen = estimators.on_device(xp, np.maximum(np.log(seen), 1e-12))
+        ratio = (probe.entropy / log_seen).mean(axis=(0, 2))
+        rows_seen = max(1, int((estimators.row_limits(problem, rows) > 0).sum()))
+        share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk]
+        heads = xp.arange(problem.heads_q)
+        top_share, top_key = [], []
+        for _ in range(min(self.max_sinks, problem.seqlen_k)):  # c rounds of argmax: no sort of [Hq, Sk]
+            key = share.argmax(axis=-1)
+            top_share.append(share[heads, key])
+            top_key.append(key)
+            share[heads, key] = -1
+        tops = xp.stack(top_share, axis=1) if top_share else xp.zeros((problem.heads_q, 0), dtype=share.dtype)
+        dominant = xp.where(tops >= self.sink_share, tops, 0).sum(axis=1)
+        packed = xp.stack([ratio, probe.entropy.mean(axis=(0, 2)), probe.topk_mass.mean(axis=(0, 2)), dominant],
+                          axis=1).astype(xp.float64)
+        if top_share:
+            packed = xp.concatenate([packed, tops.astype(xp.float64), xp.stack(top_key, axis=1).astype(xp.float64)],
+                                    axis=1)
+        return _host(packed)
 
     def _record(self, report: Report | None, entries: list[dict[str, Any]]) -> None:
         if report is not None:

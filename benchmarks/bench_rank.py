@@ -8,8 +8,11 @@ random inputs rotated over two sets, `adaattn_core.bench` mechanics):
 - dense:    `attention(policy="exact")`, the fused forward;
 - lowrank:  `attention(policy=RankPolicy())`, end to end: probe, pooled map, guard, then the dense launch for
             dense heads and `lowrank.forward` for the others;
-- plan:     `RankPolicy().plan` alone (probe + decision overhead, including its host synchronisation);
-- lowrank_forward: `lowrank.forward` alone on the planned low-rank heads;
+- plan:     `RankPolicy().plan` alone (probe + decision overhead, including its host synchronisations; it
+            includes the guard's `lowrank.prepare`, whose keys and landmarks the forward reuses);
+- prepare:  `lowrank.prepare` alone for the planned low-rank heads at their first rank (the part of plan that is
+            forward work handed on, not decision overhead);
+- lowrank_forward: `lowrank.forward` alone on the planned low-rank heads, given the plan's prepared keys;
 - performer: performer-pytorch's FastAttention (FAVOR+, 256 features) when it imports.
 
 Errors: relative L2 against float64 on 32 sampled rows of every head (`reference.head_errors`, rows other than
@@ -82,7 +85,7 @@ def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Names
     sets = [make_inputs(KINDS[kind], args.batch, args.heads, seq, dim, seed=seq * 7 + dim * 3 + causal * 2 + i)
             for i in range(2)]
     outs = [cupy.empty_like(s[0]) for s in sets]
-    policy = RankPolicy(spectral=not args.no_spectral)
+    policy = RankPolicy(spectral=args.spectral)
     problem = describe(*sets[0], causal=causal, scale=None, layout="bhsd")
     plans = [policy.plan(problem, *s, None) for s in sets]
     low = [[(h, p.rank) for h, p in enumerate(plan.heads) if p.path == "lowrank"] for plan in plans]
@@ -122,6 +125,15 @@ def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Names
     favor = None if args.no_performer else performer(dim, causal)
     impls: dict[str, Callable[[int], Any]] = {"dense": dense, "lowrank": adaptive, "plan": plan,
                                               "lowrank_forward": lowrank_forward}
+    if low[0]:
+        first_rank = low[0][0][1]
+        sinks = plans[0].artifacts.get("sinks", {})
+        prep_heads = [h for h, r in low[0] if r == first_rank]
+
+        def prepare(i: int) -> Any:
+            return lowrank.prepare(problem, sets[i % 2][1], sets[i % 2][2], prep_heads, first_rank, sinks)
+
+        impls["prepare"] = prepare
     if favor is not None:
         def performer_forward(i: int) -> Any:
             return favor(*sets[i % 2])
@@ -137,6 +149,7 @@ def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Names
         row["speedup_vs_dense"] = ms["dense"] / ms["lowrank"]
     if ms["dense"] and ms["plan"]:
         row["plan_overhead_vs_dense"] = ms["plan"] / ms["dense"]
+        row["decision_overhead_vs_dense"] = (ms["plan"] - (ms.get("prepare") or 0.0)) / ms["dense"]
     bench.free_memory("gpu")
     return row
 
@@ -168,8 +181,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="S 8k and 32k, D 128 only")
     parser.add_argument("--no-performer", action="store_true")
-    parser.add_argument("--no-spectral", action="store_true", help="RankPolicy(spectral=False): no pooled-map "
-                        "spectrum (host linear algebra) in the decision")
+    parser.add_argument("--spectral", action="store_true", help="RankPolicy(spectral=True): the pooled-map "
+                        "spectrum (host linear algebra) seeds the guard's starting rank (off by default)")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
     if args.quick:
@@ -187,10 +200,11 @@ def main() -> None:
                                 if importlib.util.find_spec("performer_pytorch") else None)
     results: dict[str, Any] = {"env": env, "setup": f"B={args.batch}, H={args.heads}, bf16, [B,H,S,D]",
                                "performer_features": PERFORMER_FEATURES,
-                               "policy": repr(RankPolicy(spectral=not args.no_spectral)), "rows": []}
+                               "policy": repr(RankPolicy(spectral=args.spectral)), "rows": []}
     print(f"# {env['gpu']}, driver {env['driver']}, performer {env['performer_pytorch']}")
-    print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'lr_fwd':>6} "
-          f"{'favor+':>7} | {'speedup':>7} {'ovh':>5} | {'err lr':>7} {'err fav':>7} | low-rank heads")
+    print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'prep':>6} "
+          f"{'lr_fwd':>6} {'favor+':>7} | {'speedup':>7} {'ovh':>5} {'dec':>5} | {'err lr':>7} {'err fav':>7} | "
+          "low-rank heads")
     with torch_stream:
         for dim in args.dims:
             for causal in causal_values:
@@ -204,9 +218,12 @@ def main() -> None:
                             return format(x, spec) if x is not None else "n/a".rjust(int(spec.split(".")[0]))
 
                         print(f"{kind:>8} {dim:>4} {seq:>6} {causal!s:>6} | {fmt(ms['dense'])} {fmt(ms['lowrank'])} "
-                              f"{fmt(ms['plan'], '6.3f')} {fmt(ms['lowrank_forward'], '6.3f')} "
+                              f"{fmt(ms['plan'], '6.3f')} {fmt(ms.get('prepare'), '6.3f')} "
+                              f"{fmt(ms['lowrank_forward'], '6.3f')} "
                               f"{fmt(ms.get('performer'))} | {fmt(row.get('speedup_vs_dense'), '7.2f')} "
-                              f"{fmt(row.get('plan_overhead_vs_dense'), '5.2f')} | {fmt(err.get('lowrank'), '7.1e')} "
+                              f"{fmt(row.get('plan_overhead_vs_dense'), '5.2f')} "
+                              f"{fmt(row.get('decision_overhead_vs_dense'), '5.3f')} | "
+                              f"{fmt(err.get('lowrank'), '7.1e')} "
                               f"{fmt(err.get('performer'), '7.1e')} | {row['lowrank_heads']}/{args.heads} "
                               f"r={row['ranks']}", flush=True)
     results["crossover"] = crossovers(results["rows"])
