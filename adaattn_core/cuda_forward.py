@@ -15,14 +15,16 @@ from typing import Any
 import numpy as np
 
 from .cuda_common import LOG2E, common_unsupported_reason, readable, writable
-from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, forward_launch
+from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, forward_sm90ws_launch
 from .loader import get_kernel
 from .problem import AttentionProblem
 
 #: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the wgmma kernel on Hopper
 #: (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K; "sm80" forces the mma.sync kernel and "sm90"
-#: the wgmma kernel wherever it has tiles on Hopper (for tests and comparisons).
-KERNEL_CHOICES = ("auto", "sm80", "sm90")
+#: the wgmma kernel wherever it has tiles on Hopper (for tests and comparisons); "sm90ws" the warp-specialised
+#: wgmma kernel (attention_fwd_sm90_ws.cu) and "sm90ws_nopp" the same without ping-pong between its consumer
+#: warpgroups, where they have tiles on Hopper (else as "sm90"), until measured.
+KERNEL_CHOICES = ("auto", "sm80", "sm90", "sm90ws", "sm90ws_nopp")
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
@@ -38,21 +40,35 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
     return None
 
 
-def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
-    import cupy
-
+def _choice() -> str:
     choice = os.environ.get("ADAATTN_FORWARD_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"ADAATTN_FORWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
+    return choice
+
+
+def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
+    import cupy
+
+    choice = _choice()
     if choice == "sm80" or cupy.cuda.Device(device_id).compute_capability != "90":
         return False
-    return choice == "sm90" or problem.seqlen_k >= SM90_MIN_SEQLEN_K
+    return choice != "auto" or problem.seqlen_k >= SM90_MIN_SEQLEN_K
+
+
+def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
+    """The forward kernel for a problem under $ADAATTN_FORWARD_KERNEL."""
+    if _choice() in ("sm90ws", "sm90ws_nopp") and _use_sm90(problem, device_id):
+        launch = forward_sm90ws_launch(problem.dtype, problem.head_dim, problem.causal, _choice() == "sm90ws")
+        if launch is not None:
+            return launch
+    return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id))
 
 
 @lru_cache(maxsize=512)
 def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[Any, int, int, int]:
     """(kernel, grid, threads, dynamic smem bytes) for `num_heads` query heads of a problem, built once."""
-    launch = forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id))
+    launch = _select(problem, device_id)
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     grid = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch

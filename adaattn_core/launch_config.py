@@ -140,6 +140,9 @@ def all_forward_kernels() -> list[KernelLaunch]:
             kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=False))
         for head_dim, causal in FORWARD_TILES_SM90:
             kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True))
+        for head_dim, causal in FORWARD_TILES_SM90_WS:
+            for pingpong in (True, False):
+                kernels.append(forward_sm90ws_launch(dtype, head_dim, causal, pingpong))
     return kernels
 
 
@@ -330,3 +333,54 @@ def backward_sm90_launch(dtype: str, head_dim: int, causal: bool) -> KernelLaunc
     return KernelLaunch("attention_bwd_dkdv_sm90.cu",
                         f"attention_bwd_dkdv_sm90<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {flag}>",
                         tile.threads, tile.smem_bytes(head_dim), tile.block_m, SM90_ARCHS)
+
+
+# Warp-specialised Hopper forward (attention_fwd_sm90_ws.cu): a producer warpgroup streams K/V through an
+# mbarrier pipeline, two consumer warpgroups (setmaxnreg 232 registers) run wgmma and the softmax, ping-ponged
+# by named barriers. Same arguments and grid as attention_fwd_sm90.cu; selected by ADAATTN_FORWARD_KERNEL=sm90ws
+# (sm90ws_nopp: without the ping-pong) until measured against it.
+
+
+@dataclass(frozen=True)
+class Sm90WsTile:
+    """Tile shape of attention_fwd_sm90_ws.cu: 128 query rows (two consumer warpgroups of 64) plus one producer
+    warpgroup, `block_n` keys per tile, `stages` K and V buffers each."""
+
+    block_n: int
+    stages: int = 2
+    block_m: int = 128
+    threads: int = 384
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Q tile, `stages` K and V tiles, 1024 bytes of swizzle alignment, 128 bytes of mbarriers (the formula
+        in attention_fwd_sm90_ws.cu's header)."""
+        return (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2 + 1024 + 128
+
+
+#: Warp-specialised Hopper forward tiles per (head dim, causal): attention_fwd_sm90.cu's key tiles to start with,
+#: so the first measurement isolates warp specialisation and ping-pong.
+FORWARD_TILES_SM90_WS: dict[tuple[int, bool], Sm90WsTile] = {
+    (64, False): Sm90WsTile(128),
+    (64, True): Sm90WsTile(128),
+    (128, False): Sm90WsTile(128),
+    (128, True): Sm90WsTile(128),
+    (256, False): Sm90WsTile(64),
+    (256, True): Sm90WsTile(64),
+}
+
+
+def forward_sm90ws_launch(dtype: str, head_dim: int, causal: bool, pingpong: bool = True) -> KernelLaunch | None:
+    """The warp-specialised Hopper forward for a problem, or None where it has no tile for the head dim."""
+    tile = FORWARD_TILES_SM90_WS.get((head_dim, causal))
+    if tile is None:
+        return None
+    flags = ", ".join("true" if x else "false" for x in (causal, pingpong))
+    return KernelLaunch(
+        source="attention_fwd_sm90_ws.cu",
+        name=(f"attention_fwd_sm90_ws<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {tile.block_n}, "
+              f"{tile.stages}, {flags}>"),
+        threads=tile.threads,
+        smem_bytes=tile.smem_bytes(head_dim),
+        block_m=tile.block_m,
+        archs=SM90_ARCHS,
+    )

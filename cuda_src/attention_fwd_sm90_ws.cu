@@ -1,0 +1,420 @@
+// Fused attention forward on Hopper, warp-specialised (sm_90a only): one producer warpgroup streams K/V
+// tiles into shared memory on mbarriers, two consumer warpgroups run the wgmma GEMMs and the softmax,
+// optionally ping-ponged so one consumer's softmax overlaps the other's GEMMs (FlashAttention-3, §3.1).
+//
+// Computes, for batch b, query head h, query row i (g = num_heads_q / num_heads_kv = group_size):
+//     out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h/g,j,:]) * v[b,h/g,j,:]
+//     lse[b,h,i]   = log(sum_j exp(scale * q[b,h,i,:] . k[b,h/g,j,:]))        (natural log, fp32)
+// Same semantics, parameters and launch grid as attention_fwd_sm90.cu (and attention_fwd.cu): GQA/MQA
+// read the shared K/V head in place, causal is bottom-right aligned (row i attends keys j <= i + Sk - Sq),
+// rows with no admissible key get out = 0 and lse = -inf, K/V rows past seqlen_k are zero-filled and
+// their scores -inf, Q rows past seqlen_q are computed on zeros and never stored.
+//
+// Launch.
+//   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_launch * batch, m-block fastest; CAUSAL visits
+//             m-blocks in reverse so the longest rows start first.
+//   block.x = 384: warpgroup 0 is the producer, warpgroups 1 and 2 the consumers of query rows
+//             [0, 64) and [64, 128) (BLOCK_M = 128).
+//   head_index = int32[num_heads_launch] query heads to compute, or nullptr for all heads in order.
+//   dynamic shared memory bytes = (BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM * 2 + 1024 + 128
+//             (Q tile, STAGES K and STAGES V tiles of 16-bit elements, 1024 bytes to round the base up to
+//             the 1024-byte alignment of the swizzle, 128 bytes of mbarriers; no static shared memory).
+//   Strides are in elements, the head-dim stride is 1, pointers are 16-byte aligned and every stride is
+//   a multiple of 8 elements (all 16-byte cp.async).
+//
+// Roles. The launch gives every thread 168 registers (65536 / 384, rounded down to 8); the producer then
+// gives registers back with setmaxnreg.dec (40) and the consumers take them (setmaxnreg.inc, 232), which
+// is what lets the consumers hold S (BLOCK_N / 2 fp32), O (HEAD_DIM / 2 fp32) and P (BLOCK_N / 4) at
+// once. 128 * 40 + 256 * 232 = 64512 = 384 * 168, so the increase never waits for registers. ptxas
+// allocates each role within its limit (without the setmaxnreg pair the consumers spill at 168); the
+// consumers need at most 216 (D = 256 causal spills at 200), the producer 32.
+//
+// Producer: all 128 threads issue cp.async into the 128-byte swizzle that wgmma reads (a 1-D bulk copy
+// cannot produce it; TMA would need a tensor map encoded per call on the host with the driver's
+// cuTensorMapEncodeTiled, not wired up yet), in order Q, K_0, V_0, K_1, V_1, ... (key tiles from last to
+// first, as the consumers visit them). Before refilling stage s it waits on the stage's "empty" mbarrier;
+// after issuing a tile each thread does cp.async.mbarrier.arrive.noinc on the stage's "full" mbarrier
+// (expected count 128), which fires once that thread's copies have landed, so the producer never blocks
+// on its own loads. A consumer that has waited on a "full" barrier fences the generic proxy (cp.async
+// writes) against the async proxy (wgmma reads) before its GEMMs.
+// Consumers: per warpgroup exactly the schedule of attention_fwd_sm90.cu (S = Q K_j^T issued together
+// with O += P_{j-1} V_{j-1}; softmax of tile j under P V; O rescaled once P V has landed), with the
+// __syncthreads replaced by a wait on the tile's "full" mbarrier and, once the wgmma reading a tile has
+// completed, one arrive per warp on its "empty" mbarrier (expected count 8 = 2 warpgroups x 4 warps).
+// PINGPONG: the two consumers take turns to issue their GEMMs: warpgroup c waits on named barrier 1 + c
+// (bar.sync, 256 threads: its own 128 plus the other's 128 bar.arrive) before issuing, and arrives on
+// the other's barrier right after, so while one consumer does its softmax the other's GEMMs own the
+// tensor cores. Consumer 1 arrives once at the start (consumer 0 goes first) and skips its last arrive,
+// so every named barrier ends balanced.
+// Epilogue: O / l staged through the consumer's own (dead) Q rows, 16-byte row-contiguous stores.
+
+#include "wgmma_sm90.cuh"
+
+namespace adaattn {
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Arrives on `bar` once every cp.async this thread issued before it has completed; the arrival was
+// counted in the barrier's expected count (noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Blocks until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// cp.async of a [ROWS][D] tile (first global row row0, rows >= row_end zero-filled) into the swizzled
+// layout of load_tile_sw128, by the 128 producer threads. Unlike load_tile_sw128 it allows a row step
+// that is not a multiple of 8 (D = 256: 32 chunks per row, 4 rows per pass), and it is not unrolled so
+// the producer fits in its 40 registers.
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void producer_load_tile(unsigned smem, const T* gmem, long long row_stride, int row0,
+                                                  int row_end, int tid) {
+    constexpr int CHUNKS = D / 8;
+    constexpr int ROW_STEP = 128 / CHUNKS;
+    static_assert(128 % CHUNKS == 0 && ROWS % ROW_STEP == 0, "unsupported tile for the producer");
+    const int c = tid % CHUNKS;
+    int row = tid / CHUNKS;
+    const T* src = gmem + (long long)(row0 + row) * row_stride + c * 8;
+#pragma unroll 4
+    for (int i = 0; i < ROWS / ROW_STEP; ++i) {
+        const bool in_range = row0 + row < row_end;
+        cp_async_16(smem + sw128_offset<ROWS>(row, c), in_range ? src : gmem, in_range ? 16 : 0);
+        row += ROW_STEP;
+        src += ROW_STEP * row_stride;
+    }
+}
+
+}  // namespace adaattn
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
+__global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    T* __restrict__ out, float* __restrict__ lse,
+    long long q_stride_b, long long q_stride_h, long long q_stride_s,
+    long long k_stride_b, long long k_stride_h, long long k_stride_s,
+    long long v_stride_b, long long v_stride_h, long long v_stride_s,
+    long long o_stride_b, long long o_stride_h, long long o_stride_s,
+    const int* __restrict__ head_index, int num_heads_launch,
+    int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
+    using namespace adaattn;
+    constexpr int NTHREADS = 384;
+    constexpr int NT = BLOCK_N / 8;     // n8 column blocks of S
+    constexpr int DT = HEAD_DIM / 8;    // n8 column blocks of O = 16-byte chunks per row
+    constexpr int KD = HEAD_DIM / 16;   // k16 steps of Q K^T
+    constexpr int KN = BLOCK_N / 16;    // k16 steps of P V
+    constexpr unsigned KV_BYTES = BLOCK_N * HEAD_DIM * 2;
+    static_assert(sizeof(T) == 2, "16-bit inputs only");
+    static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 176 || BLOCK_N == 256, "no wgmma wrapper for BLOCK_N");
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "unsupported head dim");
+    static_assert(STAGES >= 2, "K tile j + 1 must stream while tile j is read");
+
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const unsigned smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const unsigned sQ = smem_base;
+    const unsigned sK = sQ + BLOCK_M * HEAD_DIM * 2;  // STAGES buffers of [BLOCK_N][HEAD_DIM]
+    const unsigned sV = sK + STAGES * KV_BYTES;       // STAGES buffers of [BLOCK_N][HEAD_DIM]
+    // mbarriers (8 bytes each): Q full, then per stage K full, V full, K empty, V empty.
+    const unsigned bar_q = sV + STAGES * KV_BYTES;
+    auto bar_k_full = [&](int s) { return bar_q + 8 + 32 * s; };
+    auto bar_v_full = [&](int s) { return bar_q + 16 + 32 * s; };
+    auto bar_k_empty = [&](int s) { return bar_q + 24 + 32 * s; };
+    auto bar_v_empty = [&](int s) { return bar_q + 32 + 32 * s; };
+    static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
+
+    const int tid = threadIdx.x;
+
+    const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int bh = blockIdx.x / num_m_blocks;
+    const int b = bh / num_heads_launch;
+    const int h = head_index ? head_index[bh % num_heads_launch] : bh % num_heads_launch;
+    int m_block = blockIdx.x % num_m_blocks;
+    if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
+    const int m_start = m_block * BLOCK_M;
+    const int diag = seqlen_k - seqlen_q;  // row i may attend keys j <= i + diag
+
+    const int h_kv = h / group_size;
+    T* o_ptr = out + b * o_stride_b + h * o_stride_h;
+    float* lse_ptr = lse + ((long long)b * num_heads_q + h) * seqlen_q;
+
+    int n_blocks = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
+    const int last_key = min(m_start + BLOCK_M, seqlen_q) - 1 + diag;
+    if (CAUSAL) n_blocks = min(n_blocks, last_key / BLOCK_N + 1);
+    if (n_blocks <= 0 || (CAUSAL && last_key < 0)) {
+        // Every row of the block is fully masked: out = 0, lse = -inf (uniform per block: no barrier yet).
+        for (int idx = tid; idx < BLOCK_M * DT; idx += NTHREADS) {
+            const int row = m_start + idx / DT;
+            if (row < seqlen_q)
+                *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + (idx % DT) * 8) = make_uint4(0, 0, 0, 0);
+        }
+        for (int r = tid; r < BLOCK_M; r += NTHREADS)
+            if (m_start + r < seqlen_q) lse_ptr[m_start + r] = neg_inf();
+        return;
+    }
+
+    if (tid == 0) {
+        mbar_init(bar_q, 128);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bar_k_full(s), 128);
+            mbar_init(bar_v_full(s), 128);
+            mbar_init(bar_k_empty(s), 8);
+            mbar_init(bar_v_empty(s), 8);
+        }
+    }
+    __syncthreads();  // the last CTA-wide barrier: the roles never meet again
+
+    if (tid < 128) {
+        // ---- producer warpgroup ----
+        setmaxnreg_dec<40>();
+        const T* q_ptr = q + b * q_stride_b + h * q_stride_h;
+        const T* k_ptr = k + b * k_stride_b + h_kv * k_stride_h;
+        const T* v_ptr = v + b * v_stride_b + h_kv * v_stride_h;
+        producer_load_tile<BLOCK_M, HEAD_DIM>(sQ, q_ptr, q_stride_s, m_start, seqlen_q, tid);
+        mbar_arrive_cp_async(bar_q);
+        for (int it = 0; it < n_blocks; ++it) {
+            const int s = it % STAGES;
+            const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
+            const int key0 = (n_blocks - 1 - it) * BLOCK_N;
+            if (it >= STAGES) mbar_wait(bar_k_empty(s), parity);
+            producer_load_tile<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, k_ptr, k_stride_s, key0, seqlen_k, tid);
+            mbar_arrive_cp_async(bar_k_full(s));
+            if (it >= STAGES) mbar_wait(bar_v_empty(s), parity);
+            producer_load_tile<BLOCK_N, HEAD_DIM>(sV + s * KV_BYTES, v_ptr, v_stride_s, key0, seqlen_k, tid);
+            mbar_arrive_cp_async(bar_v_full(s));
+        }
+        // No copy may outlive its issuing thread (the copies were never committed: close them as a group).
+        cp_async_commit();
+        cp_async_wait<0>();
+        return;
+    }
+
+    // ---- consumer warpgroups ----
+    setmaxnreg_inc<232>();
+    const int wg = tid / 128 - 1;     // consumer: query rows [64 wg, 64 wg + 64) of the block
+    const int warp = (tid / 32) % 4;  // warp within the warpgroup: its rows 16 warp .. 16 warp + 15
+    const int lane = tid % 32;
+    const int g = lane / 4;  // accumulator rows g and g + 8 of the warp
+    const int t = lane % 4;  // accumulator column pair 2t, 2t + 1 of every n8 block
+
+    // Matrix descriptors (stage 0, k16 step 0), as in attention_fwd_sm90.cu.
+    const unsigned long long q_desc = wgmma_desc_sw128(sQ + wg * 64 * 128, 16, 1024);
+    const unsigned long long k_desc = wgmma_desc_sw128(sK, 16, 1024);
+    const unsigned long long v_desc = wgmma_desc_sw128(sV, BLOCK_N * 128, 1024);
+    auto k_step = [](int kk, int rows) { return (unsigned)((kk / 4) * rows * 128 + (kk % 4) * 32) >> 4; };
+
+    float acc_s[BLOCK_N / 2];
+    auto issue_qk = [&](int s) {
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+            Wgmma<BLOCK_N>::template ss<T>(acc_s, q_desc + k_step(kk, BLOCK_M),
+                                           k_desc + ((s * KV_BYTES) >> 4) + k_step(kk, BLOCK_N), kk > 0);
+    };
+    float acc_o[HEAD_DIM / 2];
+    unsigned p[KN][4];
+    auto issue_pv = [&](int s) {
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn)
+            Wgmma<HEAD_DIM>::template rs<T>(acc_o, p[kn], v_desc + ((s * KV_BYTES + kn * 16 * 128) >> 4), 1);
+    };
+
+    // Online softmax of key tile n_block (see attention_fwd_sm90.cu).
+    const int row0 = m_start + wg * 64 + warp * 16 + g;
+    float row_max[2] = {neg_inf(), neg_inf()};
+    float row_sum[2] = {0.f, 0.f};
+    auto softmax = [&](int n_block, float (&corr)[2]) {
+        const int key_end = n_block * BLOCK_N + BLOCK_N;
+        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag)) {
+            const int key0 = n_block * BLOCK_N + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = row0 + (e >> 1) * 8;
+                    const int col = key0 + nt * 8 + (e & 1);
+                    if (col >= seqlen_k || (CAUSAL && col > row + diag)) acc_s[4 * nt + e] = neg_inf();
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = row_max[r];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[4 * nt + 2 * r], acc_s[4 * nt + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mx_scaled = mx == neg_inf() ? 0.f : mx * scale_log2;
+            corr[r] = fast_exp2(row_max[r] * scale_log2 - mx_scaled);
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    const float pe = fast_exp2(fmaf(acc_s[4 * nt + e], scale_log2, -mx_scaled));
+                    acc_s[4 * nt + e] = pe;
+                    sum += pe;
+                }
+            row_sum[r] = row_sum[r] * corr[r] + sum;
+        }
+    };
+    auto pack_p = [&]() {
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) p[kn][i] = pack2<T>(acc_s[8 * kn + 2 * i], acc_s[8 * kn + 2 * i + 1]);
+    };
+
+    // Registers written by ordinary instructions are complete before the wgmmas that read them.
+    auto fence_operands = [&]() {
+        reg_fence(acc_s);
+        reg_fence(acc_o);
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+        wgmma_fence();
+    };
+    // Waits for a tile the producer wrote with cp.async (generic proxy) and orders it before this thread's
+    // wgmma reads (async proxy).
+    auto wait_full = [&](unsigned bar, int it) {
+        mbar_wait(bar, (it / STAGES) & 1);
+        fence_proxy_async();
+    };
+    // This warp's wgmmas reading a stage have completed: hand the stage back to the producer.
+    auto release = [&](unsigned bar) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+    // Ping-pong turn: wait for ours before issuing GEMMs, hand it over right after.
+    auto turn_begin = [&]() {
+        if (PINGPONG) named_bar_sync(1 + wg, 256);
+    };
+    auto turn_end = [&](bool last) {
+        if (PINGPONG && !(last && wg == 1)) named_bar_arrive(2 - wg, 256);
+    };
+
+#pragma unroll
+    for (int i = 0; i < BLOCK_N / 2; ++i) acc_s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 2; ++i) acc_o[i] = 0.f;
+#pragma unroll
+    for (int kn = 0; kn < KN; ++kn)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
+
+    if (PINGPONG && wg == 1) named_bar_arrive(1, 256);  // consumer 0 takes the first turn
+
+    // First tile: nothing to accumulate into O yet.
+    float corr[2];
+    wait_full(bar_q, 0);
+    wait_full(bar_k_full(0), 0);
+    turn_begin();
+    fence_operands();
+    issue_qk(0);
+    wgmma_commit();
+    turn_end(false);
+    wgmma_wait<0>();
+    reg_fence(acc_s);
+    release(bar_k_empty(0));
+    softmax(n_blocks - 1, corr);
+    pack_p();
+
+    for (int it = 1; it < n_blocks; ++it) {
+        const int s = it % STAGES, s_prev = (it - 1) % STAGES;
+        wait_full(bar_k_full(s), it);
+        wait_full(bar_v_full(s_prev), it - 1);
+        turn_begin();
+        fence_operands();
+        issue_qk(s);
+        wgmma_commit();
+        issue_pv(s_prev);
+        wgmma_commit();
+        turn_end(false);
+        wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
+        reg_fence(acc_s);
+        release(bar_k_empty(s));
+        softmax(n_blocks - 1 - it, corr);
+        wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
+        reg_fence(acc_o);
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+        release(bar_v_empty(s_prev));
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+        pack_p();
+    }
+
+    // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
+    wait_full(bar_v_full((n_blocks - 1) % STAGES), n_blocks - 1);
+    turn_begin();
+    fence_operands();
+    issue_pv((n_blocks - 1) % STAGES);
+    wgmma_commit();
+    turn_end(true);
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+
+    // Epilogue (see attention_fwd_sm90.cu): lse, O / l staged in this warp's own Q rows, 16-byte stores.
+    constexpr float LN2 = 0.693147180559945309f;
+    unsigned char* q_tile = smem_raw + (sQ - smem_u32(smem_raw));
+    const int warp_row = wg * 64 + warp * 16;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
+        const int row_local = warp_row + g + r * 8;
+        const int row = m_start + row_local;
+        if (t == 0 && row < seqlen_q)
+            lse_ptr[row] = sum > 0.f ? (row_max[r] * scale_log2 + fast_log2(sum)) * LN2 : neg_inf();
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+            *reinterpret_cast<unsigned*>(q_tile + sw128_offset<BLOCK_M>(row_local, dt) + 4 * t) =
+                pack2<T>(acc_o[4 * dt + 2 * r] * inv, acc_o[4 * dt + 2 * r + 1] * inv);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 16 * DT / 32; ++i) {
+        const int idx = lane + i * 32;
+        const int row_local = warp_row + idx / DT;
+        const int c = idx % DT;
+        const int row = m_start + row_local;
+        if (row < seqlen_q)
+            *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + c * 8) =
+                *reinterpret_cast<const uint4*>(q_tile + sw128_offset<BLOCK_M>(row_local, c));
+    }
+}
