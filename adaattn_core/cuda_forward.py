@@ -19,11 +19,12 @@ from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, f
 from .loader import get_kernel
 from .problem import AttentionProblem
 
-#: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the wgmma kernel on Hopper
-#: (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K; "sm80" forces the mma.sync kernel and "sm90"
-#: the wgmma kernel wherever it has tiles on Hopper (for tests and comparisons); "sm90ws" the warp-specialised
-#: wgmma kernel (attention_fwd_sm90_ws.cu) and "sm90ws_nopp" the same without ping-pong between its consumer
-#: warpgroups, where they have tiles on Hopper (else as "sm90"), until measured.
+#: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the warp-specialised wgmma
+#: kernel (attention_fwd_sm90_ws.cu, ping-pong on) on Hopper (sm_90) where it has tiles and
+#: Sk >= SM90_MIN_SEQLEN_K (measured 1.1-1.2x the plain wgmma kernel, benchmarks/results/*-fwd-ws.json), the
+#: mma.sync kernel elsewhere. For tests and comparisons: "sm80" forces the mma.sync kernel, "sm90" the plain
+#: wgmma kernel (attention_fwd_sm90.cu), "sm90ws" / "sm90ws_nopp" the warp-specialised one with / without
+#: ping-pong between its consumer warpgroups, wherever they have tiles on Hopper.
 KERNEL_CHOICES = ("auto", "sm80", "sm90", "sm90ws", "sm90ws_nopp")
 
 
@@ -58,8 +59,8 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
 
 def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
     """The forward kernel for a problem under $ADAATTN_FORWARD_KERNEL."""
-    if _choice() in ("sm90ws", "sm90ws_nopp") and _use_sm90(problem, device_id):
-        launch = forward_sm90ws_launch(problem.dtype, problem.head_dim, problem.causal, _choice() == "sm90ws")
+    if _choice() in ("auto", "sm90ws", "sm90ws_nopp") and _use_sm90(problem, device_id):
+        launch = forward_sm90ws_launch(problem.dtype, problem.head_dim, problem.causal, _choice() != "sm90ws_nopp")
         if launch is not None:
             return launch
     return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id))

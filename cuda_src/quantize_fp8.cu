@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
 
     float ksum[8] = {}, vsum[8] = {}, vmax[8], vmin[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) vmax[e] = -INFINITY, vmin[e] = INFINITY;
+    for (int e = 0; e < 8; ++e) vmax[e] = neg_inf(), vmin[e] = -neg_inf();
     for (int row0 = split * rows_per_split + r0; row0 < row_end; row0 += UNROLL * ROW_STEP) {
         uint4 kr[UNROLL], vr[UNROLL];
 #pragma unroll
@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
     if (!is_last) return;
     __threadfence();
     const int d = threadIdx.x % HEAD_DIM, g = threadIdx.x / HEAD_DIM;
-    float s_k = 0.f, s_v = 0.f, mx = -INFINITY, mn = INFINITY;
+    float s_k = 0.f, s_v = 0.f, mx = neg_inf(), mn = -neg_inf();
     const float* head = partial + (long long)bh * num_splits * 4 * HEAD_DIM + d;
 #pragma unroll 4
     for (int s = g; s < num_splits; s += GROUPS) {
