@@ -2,7 +2,10 @@
 
 Every instantiation (dtype × head dim × causal × dQ path: atomic default and deterministic) on ragged
 sizes, GQA and Sq ≠ Sk both ways (including fully masked causal rows), through the launcher directly.
+`python3 scripts/sanitize_backward.py [HEAD_DIM ...]` limits the head dims (racecheck is slow).
 """
+
+import sys
 
 import cupy as cp
 
@@ -15,7 +18,7 @@ SHAPES = [(1, 1), (17, 33), (129, 65), (65, 129), (200, 200)]
 
 launches = 0
 for dtype in CUDA_TYPES:
-    for dim in BACKWARD_TILES:
+    for dim in [int(d) for d in sys.argv[1:]] or BACKWARD_TILES:
         for causal in (False, True):
             for seq_q, seq_k in SHAPES:
                 q = cp.random.standard_normal((1, 4, seq_q, dim), dtype=cp.float32).astype(dtype)
