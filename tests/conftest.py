@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -123,3 +125,20 @@ def rel_l2(a: Any, b: Any) -> float:
     a64, b64 = to_host64(a), to_host64(b)
     norm = np.linalg.norm(b64)
     return float(np.linalg.norm(a64 - b64) / norm) if norm else float(np.linalg.norm(a64))
+
+
+@contextlib.contextmanager
+def forced_kernel(variable: str, choice: str, plan_cache: Any) -> Iterator[None]:
+    """$variable = choice for the duration (ADAATTN_FORWARD_KERNEL / ADAATTN_BACKWARD_KERNEL); the launcher reads
+    it when it builds a launch plan, so its plan cache (an lru_cache'd function) is cleared on entry and exit."""
+    previous = os.environ.get(variable)
+    os.environ[variable] = choice
+    plan_cache.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = previous
+        plan_cache.cache_clear()

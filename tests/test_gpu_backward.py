@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_qkv, max_abs, to_host64
+from conftest import forced_kernel, make_qkv, max_abs, to_host64
 
 import adaattn_core as aa
 from adaattn_core.problem import describe_backward, to_bhsd
@@ -34,15 +34,8 @@ def cp(request):
     cupy = pytest.importorskip("cupy")
     from adaattn_core import cuda_backward
 
-    previous = os.environ.get("ADAATTN_BACKWARD_KERNEL")
-    os.environ["ADAATTN_BACKWARD_KERNEL"] = request.param
-    cuda_backward._plan.cache_clear()
-    yield cupy
-    if previous is None:
-        os.environ.pop("ADAATTN_BACKWARD_KERNEL", None)
-    else:
-        os.environ["ADAATTN_BACKWARD_KERNEL"] = previous
-    cuda_backward._plan.cache_clear()
+    with forced_kernel("ADAATTN_BACKWARD_KERNEL", request.param, cuda_backward._plan):
+        yield cupy
 
 
 def _is_sm90_run(cp: Any, dim: int, deterministic: bool) -> bool:

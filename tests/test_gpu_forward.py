@@ -6,11 +6,9 @@ GPU. Outputs are poisoned with NaN through `out=` so an unwritten element fails 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from conftest import make_qkv, max_abs, naive_same_dtype, rel_l2, to_host64
+from conftest import forced_kernel, make_qkv, max_abs, naive_same_dtype, rel_l2, to_host64
 
 import adaattn_core as aa
 
@@ -28,15 +26,8 @@ def cp(request):
     cupy = pytest.importorskip("cupy")
     from adaattn_core import cuda_forward
 
-    previous = os.environ.get("ADAATTN_FORWARD_KERNEL")
-    os.environ["ADAATTN_FORWARD_KERNEL"] = request.param
-    cuda_forward._launch.cache_clear()
-    yield cupy
-    if previous is None:
-        os.environ.pop("ADAATTN_FORWARD_KERNEL", None)
-    else:
-        os.environ["ADAATTN_FORWARD_KERNEL"] = previous
-    cuda_forward._launch.cache_clear()
+    with forced_kernel("ADAATTN_FORWARD_KERNEL", request.param, cuda_forward._launch):
+        yield cupy
 
 
 def _check(cp, q, k, v, *, causal, layout, expect_backend="cuda"):
