@@ -1,6 +1,8 @@
 """Launcher of the fp8 forward on Hopper: quantize_fp8.cu (one pass for the K/V statistics, then one launch for
 Q/K per-tile quantisation with K mean smoothing and V per-channel quantisation, mean-smoothed and transposed)
-then attention_fwd_fp8_sm90.cu, for CuPy arrays.
+then attention_fwd_fp8_sm90.cu (warp-specialised: a producer warpgroup streams the e4m3 K/V^T tiles, two
+ping-ponged consumer warpgroups run the wgmmas and the softmax; launch shape in launch_config.fp8_launches),
+for CuPy arrays.
 
     tensors = quantize(problem, q, k, v, heads)      # e4m3 bytes and fp32 scales, see `Fp8Tensors`
     forward(problem, q, k, v, out, lse, heads, {"fp8": tensors})

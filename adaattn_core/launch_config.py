@@ -242,17 +242,21 @@ def all_backward_kernels() -> list[KernelLaunch]:
     return list(kernels.values())
 
 
-# FP8 forward (Hopper): quantisation kernels (quantize_fp8.cu) and the e4m3 wgmma forward
-# (attention_fwd_fp8_sm90.cu). Q/K are quantised with one scale per tile of rows, so the quantiser's
-# blocks are the attention kernel's tiles.
+# FP8 forward (Hopper): quantisation kernels (quantize_fp8.cu) and the warp-specialised e4m3 wgmma forward
+# (attention_fwd_fp8_sm90.cu: a producer warpgroup and two ping-ponged consumers, as attention_fwd_sm90_ws.cu).
+# Q/K are quantised with one scale per tile of rows, so the quantiser's blocks are the attention kernel's tiles.
 
 #: Head dims with an fp8 forward instantiation.
 FP8_HEAD_DIMS = (64, 128)
-#: Query rows per thread block (two warpgroups) and keys per tile of the fp8 forward; also the row blocks
-#: of the Q and K scales and the padding of the quantised tensors. The epilogue needs FP8_BLOCK_N == FP8_BLOCK_M,
-#: and quantize_fp8.cu has both as QUANT_TILE = 128.
+#: Query rows per thread block (two consumer warpgroups) and keys per tile of the fp8 forward; also the row
+#: blocks of the Q and K scales and the padding of the quantised tensors (quantize_fp8.cu has both as
+#: QUANT_TILE = 128). BLOCK_N = 256 would not fit the consumers' 232 registers (S 128 + O 64 + P 32 + addresses).
 FP8_BLOCK_M = 128
 FP8_BLOCK_N = 128
+#: K/V^T pipeline depth of the warp-specialised fp8 forward (a K + V^T stage is 2 * FP8_BLOCK_N * D bytes).
+FP8_STAGES = 3
+#: Producer warpgroup + two consumer warpgroups.
+FP8_FORWARD_THREADS = 384
 #: Target thread blocks of the K/V statistics kernel: it splits each head's keys into enough pieces
 #: (at least FP8_STATS_MIN_ROWS keys each) to give every SM several blocks, whatever B * Hkv is.
 FP8_STATS_BLOCKS = 1024
@@ -275,9 +279,11 @@ def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -
                                  block_m=FP8_BLOCK_M, **quant),
         "forward": KernelLaunch(
             "attention_fwd_fp8_sm90.cu",
-            f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {FP8_BLOCK_N}, {flag}>",
-            threads=2 * FP8_BLOCK_M,
-            smem_bytes=(FP8_BLOCK_M + 4 * FP8_BLOCK_N) * head_dim + 1024,
+            f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {FP8_BLOCK_N}, {FP8_STAGES}, {flag}, true>",
+            threads=FP8_FORWARD_THREADS,
+            # Q, STAGES K and V^T stages (1 byte per element), the 16-bit output staging tile, 1024 bytes of
+            # base alignment and 128 of mbarriers (attention_fwd_fp8_sm90.cu's header).
+            smem_bytes=(3 * FP8_BLOCK_M + 2 * FP8_STAGES * FP8_BLOCK_N) * head_dim + 1024 + 128,
             block_m=FP8_BLOCK_M,
             archs=FP8_ARCHS,
         ),

@@ -21,14 +21,28 @@
 //
 // Launch.
 //   grid.x  = ceil(Sq / BLOCK_M) * num_heads_list * batch, m-block fastest; CAUSAL visits m-blocks in reverse.
-//   block.x = 2 * BLOCK_M (one 128-thread warpgroup per 64 query rows), BLOCK_M = 128.
-//   dynamic shared memory = (BLOCK_M + 4 * BLOCK_N) * HEAD_DIM + 1024 bytes (Q tile, double-buffered K and
-//   V^T tiles of one byte per element, + 1024 to align the base for the swizzle pattern).
-//   The epilogue stages the 16-bit output tile in the two (then dead) K buffers: needs BLOCK_N == BLOCK_M.
+//   block.x = 384: warpgroup 0 is the producer, warpgroups 1 and 2 the consumers of query rows [0, 64) and
+//             [64, 128) of the block (BLOCK_M = 128).
+//   dynamic shared memory = (3 * BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM + 1024 + 128 bytes: the Q tile and
+//   STAGES K and V^T tiles of one byte per element, a [BLOCK_M][HEAD_DIM] 16-bit tile that stages the output
+//   (its own buffer: one consumer may still read K/V stages while the other stores), 1024 to align the base
+//   for the swizzle pattern, 128 bytes of mbarriers.
+//
+// Warp specialisation, as attention_fwd_sm90_ws.cu (FlashAttention-3 §3.1), whose header explains the roles
+// in full. The launch gives every thread 168 registers; the producer drops to 40 (setmaxnreg.dec) and the
+// consumers rise to 232 (128 * 40 + 256 * 232 = 384 * 168). The producer's 128 threads cp.async Q, then
+// K_j and V^T_j for j from the last key tile to the first into a STAGES-deep ring of stages, each guarded by
+// a "full" mbarrier (128 cp.async.mbarrier.arrive.noinc: fires when the copies have landed) and an "empty"
+// one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed). The consumers
+// run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG) take turns
+// to issue their GEMMs through named barriers 1 and 2, so one's softmax overlaps the other's wgmmas.
+// The quantiser pads every tensor to whole tiles, so the producer's copies are never range-checked.
+// The per-tile scales are read by the consumers from global memory (one float per tile, issued ahead of
+// the mbarrier waits so that the load is off the critical path).
 //
 // e4m3 helpers (pack4_e4m3, the WgmmaE4m3 wrappers) live in wgmma_sm90.cuh's FP8 section.
 //
-// Structure: attention_fwd_sm90.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
+// Consumer schedule: attention_fwd_sm90.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
 // 32 bytes, like a k16 step of bf16, so the shared layouts are the same byte for byte: K-major lines of
 // min(HEAD_DIM, 128) bytes with the 128-byte swizzle (64-byte swizzle for HEAD_DIM = 64), and V^T as
 // [HEAD_DIM][BLOCK_N] (fp8 wgmma has no transpose: both operands are K-major, hence V^T).
@@ -67,26 +81,75 @@ __device__ __forceinline__ unsigned long long wgmma_desc_kmajor(unsigned smem_ad
 }
 
 // cp.async of a [ROWS][ROW_BYTES] byte tile starting at gmem (rows row_stride bytes apart, all in range:
-// the quantiser pads) into the swizzled tile at `smem`.
-template <int ROWS, int ROW_BYTES, int NTHREADS>
-__device__ __forceinline__ void load_tile_fp8(unsigned smem, const unsigned char* gmem, long long row_stride,
-                                              int tid) {
+// the quantiser pads) into the swizzled tile at `smem`, by the 128 producer threads. Unrolled by 4 only,
+// so that the producer fits in its 40 registers.
+template <int ROWS, int ROW_BYTES>
+__device__ __forceinline__ void producer_load_fp8(unsigned smem, const unsigned char* gmem, long long row_stride,
+                                                  int tid) {
     constexpr int LINE = ROW_BYTES < 128 ? ROW_BYTES : 128;
     constexpr int CHUNKS = ROW_BYTES / 16;
-    constexpr int ROW_STEP = NTHREADS / CHUNKS;
-    static_assert(ROWS % ROW_STEP == 0 && ROW_STEP % 8 == 0, "unsupported tile for this thread count");
-    const int r0 = tid / CHUNKS;
+    constexpr int ROW_STEP = 128 / CHUNKS;
+    static_assert(128 % CHUNKS == 0 && ROWS % ROW_STEP == 0, "unsupported tile for the producer");
     const int c = tid % CHUNKS;
-#pragma unroll
+    int row = tid / CHUNKS;
+    const unsigned char* src = gmem + row * row_stride + c * 16;
+#pragma unroll 4
     for (int i = 0; i < ROWS / ROW_STEP; ++i) {
-        const int row = r0 + i * ROW_STEP;
-        cp_async_16(smem + swizzle_offset<ROWS, LINE>(row, c), gmem + row * row_stride + c * 16, 16);
+        cp_async_16(smem + swizzle_offset<ROWS, LINE>(row, c), src, 16);
+        row += ROW_STEP;
+        src += ROW_STEP * row_stride;
     }
+}
+
+// mbarrier, setmaxnreg and named-barrier wrappers: the same as attention_fwd_sm90_ws.cu's (each kernel
+// source is its own translation unit under NVRTC).
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Arrives on `bar` once every cp.async this thread issued before it has completed (counted in the
+// barrier's expected count: noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Blocks until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 }  // namespace adaattn
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool CAUSAL>
-__global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
+__global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const unsigned char* __restrict__ qq, const unsigned char* __restrict__ kq, const unsigned char* __restrict__ vt,
     const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
     const float* __restrict__ v_mean, const float* __restrict__ row_bias, const int* __restrict__ heads,
@@ -94,29 +157,34 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
     int num_heads_list, int num_heads_q, int num_heads_kv, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
-    constexpr int NTHREADS = BLOCK_M * 2;
+    constexpr int NTHREADS = 384;
     constexpr int NT = BLOCK_N / 8;       // n8 column blocks of S
-    constexpr int DT = HEAD_DIM / 8;      // n8 column blocks of O
+    constexpr int DT = HEAD_DIM / 8;      // n8 column blocks of O = 16-byte chunks of a 16-bit output row
     constexpr int KD = HEAD_DIM / 32;     // k32 steps of Q K^T
     constexpr int KN = BLOCK_N / 32;      // k32 steps of P V
     constexpr int LINE = HEAD_DIM < 128 ? HEAD_DIM : 128;  // swizzle line of the Q and K tiles
-    constexpr unsigned K_BYTES = BLOCK_N * HEAD_DIM;
+    constexpr unsigned KV_BYTES = BLOCK_N * HEAD_DIM;      // one K or V^T stage
     static_assert(sizeof(T) == 2, "16-bit outputs only");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "unsupported head dim");
-    static_assert(BLOCK_M == 128 && BLOCK_N == 128, "the epilogue stages O in the K buffers: BLOCK_N == BLOCK_M");
+    static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows");
+    static_assert(BLOCK_N == 128, "V^T lines are BLOCK_N bytes: one 128-byte swizzle line (and no n256 wrapper)");
+    static_assert(STAGES >= 2, "K tile j + 1 must stream while tile j is read");
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
-    const unsigned sQ = smem_base;                 // [BLOCK_M][HEAD_DIM]
-    const unsigned sK = sQ + BLOCK_M * HEAD_DIM;   // 2 x [BLOCK_N][HEAD_DIM]
-    const unsigned sV = sK + 2 * K_BYTES;          // 2 x [HEAD_DIM][BLOCK_N] (V^T, 128-byte lines)
+    const unsigned sQ = smem_base;                    // [BLOCK_M][HEAD_DIM]
+    const unsigned sK = sQ + BLOCK_M * HEAD_DIM;      // STAGES x [BLOCK_N][HEAD_DIM]
+    const unsigned sV = sK + STAGES * KV_BYTES;       // STAGES x [HEAD_DIM][BLOCK_N] (V^T, 128-byte lines)
+    const unsigned sO = sV + STAGES * KV_BYTES;       // [BLOCK_M][HEAD_DIM] of T: output staging
+    // mbarriers (8 bytes each): Q full, then per stage K full, V full, K empty, V empty.
+    const unsigned bar_q = sO + BLOCK_M * HEAD_DIM * 2;
+    auto bar_k_full = [&](int s) { return bar_q + 8 + 32 * s; };
+    auto bar_v_full = [&](int s) { return bar_q + 16 + 32 * s; };
+    auto bar_k_empty = [&](int s) { return bar_q + 24 + 32 * s; };
+    auto bar_v_empty = [&](int s) { return bar_q + 32 + 32 * s; };
+    static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
 
     const int tid = threadIdx.x;
-    const int wg = tid / 128;
-    const int warp = (tid / 32) % 4;
-    const int lane = tid % 32;
-    const int g = lane / 4;
-    const int t = lane % 4;
 
     const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
     const int bh = blockIdx.x / num_m_blocks;
@@ -133,10 +201,6 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
     const int h_kv = h / (num_heads_q / num_heads_kv);
     const long long bhq = (long long)b * num_heads_q + h;
     const long long bhk = (long long)b * num_heads_kv + h_kv;
-    const unsigned char* q_ptr = qq + (bhq * seqlen_q_pad + m_start) * HEAD_DIM;
-    const unsigned char* k_ptr = kq + bhk * seqlen_k_pad * HEAD_DIM;
-    const unsigned char* v_ptr = vt + bhk * HEAD_DIM * seqlen_k_pad;
-    const float* sk_ptr = sk + bhk * num_k_blocks;
     T* o_ptr = out + b * o_stride_b + h * o_stride_h;
     float* lse_ptr = lse + bhq * seqlen_q;
 
@@ -144,6 +208,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
     const int last_key = min(m_start + BLOCK_M, seqlen_q) - 1 + diag;
     if (CAUSAL) n_blocks = min(n_blocks, last_key / BLOCK_N + 1);
     if (n_blocks <= 0 || (CAUSAL && last_key < 0)) {
+        // Every row of the block is fully masked: out = 0, lse = -inf (uniform per block: no barrier yet).
         for (int idx = tid; idx < BLOCK_M * DT; idx += NTHREADS) {
             const int row = m_start + idx / DT;
             if (row < seqlen_q)
@@ -153,36 +218,82 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
             if (m_start + r < seqlen_q) lse_ptr[m_start + r] = neg_inf();
         return;
     }
+
+    if (tid == 0) {
+        mbar_init(bar_q, 128);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bar_k_full(s), 128);
+            mbar_init(bar_v_full(s), 128);
+            mbar_init(bar_k_empty(s), 8);
+            mbar_init(bar_v_empty(s), 8);
+        }
+    }
+    __syncthreads();  // the last CTA-wide barrier: the roles never meet again
+
+    if (tid < 128) {
+        // ---- producer warpgroup ----
+        setmaxnreg_dec<40>();
+        const unsigned char* q_ptr = qq + (bhq * seqlen_q_pad + m_start) * HEAD_DIM;
+        const unsigned char* k_ptr = kq + bhk * seqlen_k_pad * HEAD_DIM;
+        const unsigned char* v_ptr = vt + bhk * HEAD_DIM * seqlen_k_pad;
+        producer_load_fp8<BLOCK_M, HEAD_DIM>(sQ, q_ptr, HEAD_DIM, tid);
+        mbar_arrive_cp_async(bar_q);
+        for (int it = 0; it < n_blocks; ++it) {
+            const int s = it % STAGES;
+            const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
+            const int n_block = n_blocks - 1 - it;
+            if (it >= STAGES) mbar_wait(bar_k_empty(s), parity);
+            producer_load_fp8<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, k_ptr + (long long)n_block * KV_BYTES, HEAD_DIM,
+                                                 tid);
+            mbar_arrive_cp_async(bar_k_full(s));
+            if (it >= STAGES) mbar_wait(bar_v_empty(s), parity);
+            producer_load_fp8<HEAD_DIM, BLOCK_N>(sV + s * KV_BYTES, v_ptr + n_block * BLOCK_N, seqlen_k_pad, tid);
+            mbar_arrive_cp_async(bar_v_full(s));
+        }
+        // No copy may outlive its issuing thread (the copies were never committed: close them as a group).
+        cp_async_commit();
+        cp_async_wait<0>();
+        return;
+    }
+
+    // ---- consumer warpgroups ----
+    setmaxnreg_inc<232>();
+    const int wg = tid / 128 - 1;     // consumer: query rows [64 wg, 64 wg + 64) of the block
+    const int warp = (tid / 32) % 4;  // warp within the warpgroup: its rows 16 warp .. 16 warp + 15
+    const int lane = tid % 32;
+    const int g = lane / 4;  // accumulator rows g and g + 8 of the warp
+    const int t = lane % 4;  // accumulator column pair 2t, 2t + 1 of every n8 block
+
+    const float* sk_ptr = sk + bhk * num_k_blocks;
     // Per-tile factor from raw fp8 dot products to log2-domain scores: scale * log2(e) * sq * sk_tile.
     const float q_factor = scale_log2 * sq[bhq * num_m_blocks + m_block];
 
-    // Descriptors at k32 step 0 of buffer 0. A k32 step is 32 bytes further inside a line; Q/K rows longer
-    // than one line (never: HEAD_DIM <= 128) would add column blocks.
+    // Descriptors at k32 step 0 of stage 0. A k32 step is 32 bytes further inside a line (HEAD_DIM <= 128:
+    // one line per row).
     const unsigned long long q_desc = wgmma_desc_kmajor<LINE>(sQ + wg * 64 * LINE);
     const unsigned long long k_desc = wgmma_desc_kmajor<LINE>(sK);
     const unsigned long long v_desc = wgmma_desc_kmajor<128>(sV);
 
     float acc_s[BLOCK_N / 2];
-    auto issue_qk = [&](int buf) {
+    auto issue_qk = [&](int s) {
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk)
-            WgmmaE4m3<BLOCK_N>::ss(acc_s, q_desc + ((kk * 32) >> 4), k_desc + ((buf * K_BYTES + kk * 32) >> 4),
+            WgmmaE4m3<BLOCK_N>::ss(acc_s, q_desc + ((kk * 32) >> 4), k_desc + ((s * KV_BYTES + kk * 32) >> 4),
                                    kk > 0);
     };
-
     float acc_o[HEAD_DIM / 2];
     unsigned p[KN][4];
-    auto issue_pv = [&](int buf) {
+    auto issue_pv = [&](int s) {
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn)
-            WgmmaE4m3<HEAD_DIM>::rs(acc_o, p[kn], v_desc + ((buf * K_BYTES + kn * 32) >> 4), 1);
+            WgmmaE4m3<HEAD_DIM>::rs(acc_o, p[kn], v_desc + ((s * KV_BYTES + kn * 32) >> 4), 1);
     };
 
     const int row0 = m_start + wg * 64 + warp * 16 + g;
     float row_max[2] = {neg_inf(), neg_inf()};  // running max of log2-domain scores
     float row_sum[2] = {0.f, 0.f};
-    // k_scale = sk of tile n_block, loaded by the caller ahead of the wgmma waits (their "memory" clobbers
-    // would otherwise keep the load behind them, on the critical path).
+    // k_scale = sk of tile n_block, loaded by the caller ahead of the waits (their "memory" clobbers would
+    // otherwise keep the load behind them, on the critical path).
     auto softmax = [&](int n_block, float k_scale, float (&corr)[2]) {
         const int key_end = n_block * BLOCK_N + BLOCK_N;
         if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag)) {
@@ -233,6 +344,33 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
             }
     };
 
+    // Registers written by ordinary instructions are complete before the wgmmas that read them.
+    auto fence_operands = [&]() {
+        reg_fence(acc_s);
+        reg_fence(acc_o);
+#pragma unroll
+        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+        wgmma_fence();
+    };
+    // Waits for a tile the producer wrote with cp.async (generic proxy) and orders it before this thread's
+    // wgmma reads (async proxy).
+    auto wait_full = [&](unsigned bar, int it) {
+        mbar_wait(bar, (it / STAGES) & 1);
+        fence_proxy_async();
+    };
+    // This warp's wgmmas reading a stage have completed: hand the stage back to the producer.
+    auto release = [&](unsigned bar) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+    // Ping-pong turn: wait for ours before issuing GEMMs, hand it over right after.
+    auto turn_begin = [&]() {
+        if (PINGPONG) named_bar_sync(1 + wg, 256);
+    };
+    auto turn_end = [&](bool last) {
+        if (PINGPONG && !(last && wg == 1)) named_bar_arrive(2 - wg, 256);
+    };
+
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) acc_s[i] = 0.f;
 #pragma unroll
@@ -242,57 +380,45 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    load_tile_fp8<BLOCK_M, HEAD_DIM, NTHREADS>(sQ, q_ptr, HEAD_DIM, tid);
-    load_tile_fp8<BLOCK_N, HEAD_DIM, NTHREADS>(sK, k_ptr + (long long)(n_blocks - 1) * K_BYTES, HEAD_DIM, tid);
-    cp_async_commit();
+    if (PINGPONG && wg == 1) named_bar_arrive(1, 256);  // consumer 0 takes the first turn
 
-    auto begin_tile = [&]() {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        __syncthreads();
-        reg_fence(acc_s);
-        reg_fence(acc_o);
-#pragma unroll
-        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        wgmma_fence();
-    };
-
-    auto load_next = [&](int it) {
-        const int n_block = n_blocks - 1 - it;
-        if (n_block > 0)
-            load_tile_fp8<BLOCK_N, HEAD_DIM, NTHREADS>(sK + ((it + 1) & 1) * K_BYTES,
-                                                       k_ptr + (long long)(n_block - 1) * K_BYTES, HEAD_DIM, tid);
-        load_tile_fp8<HEAD_DIM, BLOCK_N, NTHREADS>(sV + (it & 1) * K_BYTES, v_ptr + n_block * BLOCK_N, seqlen_k_pad,
-                                                   tid);
-        cp_async_commit();
-    };
-
+    // First tile: nothing to accumulate into O yet.
     float corr[2];
     float k_scale = sk_ptr[n_blocks - 1];
-    begin_tile();
+    wait_full(bar_q, 0);
+    wait_full(bar_k_full(0), 0);
+    turn_begin();
+    fence_operands();
     issue_qk(0);
     wgmma_commit();
-    load_next(0);
+    turn_end(false);
     wgmma_wait<0>();
     reg_fence(acc_s);
+    release(bar_k_empty(0));
     softmax(n_blocks - 1, k_scale, corr);
     pack_p();
 
     for (int it = 1; it < n_blocks; ++it) {
+        const int s = it % STAGES, s_prev = (it - 1) % STAGES;
         k_scale = sk_ptr[n_blocks - 1 - it];
-        begin_tile();
-        issue_qk(it & 1);
+        wait_full(bar_k_full(s), it);
+        wait_full(bar_v_full(s_prev), it - 1);
+        turn_begin();
+        fence_operands();
+        issue_qk(s);
         wgmma_commit();
-        issue_pv((it - 1) & 1);
+        issue_pv(s_prev);
         wgmma_commit();
-        load_next(it);
-        wgmma_wait<1>();
+        turn_end(false);
+        wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
         reg_fence(acc_s);
+        release(bar_k_empty(s));
         softmax(n_blocks - 1 - it, k_scale, corr);
-        wgmma_wait<0>();
+        wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
         reg_fence(acc_o);
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+        release(bar_v_empty(s_prev));
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
@@ -300,21 +426,25 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
         pack_p();
     }
 
-    begin_tile();
-    issue_pv((n_blocks - 1) & 1);
+    // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
+    wait_full(bar_v_full((n_blocks - 1) % STAGES), n_blocks - 1);
+    turn_begin();
+    fence_operands();
+    issue_pv((n_blocks - 1) % STAGES);
     wgmma_commit();
+    turn_end(true);
     wgmma_wait<0>();
     reg_fence(acc_o);
 
-    // Epilogue: O * sv[d] / (448 l) + v_mean[d] (0 for rows that see no key), staged as 16-bit rows in the
-    // K buffers (dead since the last begin_tile: every warpgroup has finished its S wgmmas) for 16-byte
-    // row-contiguous global stores.
+    // Epilogue: O * sv[d] / (448 l) + v_mean[d] (0 for rows that see no key), staged as 16-bit rows in this
+    // consumer's half of sO (64 rows of HEAD_DIM * 2 bytes, in [64][128-byte] column blocks) for 16-byte
+    // row-contiguous global stores. Only this warp touches its 16 rows: __syncwarp suffices.
     constexpr float LN2 = 0.693147180559945309f;
     const float* sv_ptr = sv + bhk * HEAD_DIM + 2 * t;
     const float* vm_ptr = v_mean + bhk * HEAD_DIM + 2 * t;
     const float* bias_ptr = row_bias + bhq * seqlen_q_pad + m_start;
-    unsigned char* o_tile = smem_raw + (sK - smem_u32(smem_raw));
-    const int warp_row = wg * 64 + warp * 16;
+    unsigned char* o_tile = smem_raw + (sO - smem_u32(smem_raw)) + wg * 64 * HEAD_DIM * 2;
+    const int warp_row = warp * 16;  // within the consumer's 64 rows
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = row_sum[r];
@@ -322,7 +452,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const float inv = sum > 0.f ? fast_rcp(sum * 448.f) : 0.f;
         const float seen = sum > 0.f ? 1.f : 0.f;
-        const int row_local = warp_row + g + r * 8;
+        const int row_wg = warp_row + g + r * 8;
+        const int row_local = wg * 64 + row_wg;
         const int row = m_start + row_local;
         if (t == 0 && row < seqlen_q)
             lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum) + scale_log2 * bias_ptr[row_local]) * LN2
@@ -331,7 +462,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
         for (int dt = 0; dt < DT; ++dt) {
             const float2 s = *reinterpret_cast<const float2*>(sv_ptr + 8 * dt);
             const float2 m = *reinterpret_cast<const float2*>(vm_ptr + 8 * dt);
-            *reinterpret_cast<unsigned*>(o_tile + swizzle_offset<BLOCK_M, 128>(row_local, dt) + 4 * t) =
+            *reinterpret_cast<unsigned*>(o_tile + swizzle_offset<64, 128>(row_wg, dt) + 4 * t) =
                 pack2<T>(fmaf(acc_o[4 * dt + 2 * r] * inv, s.x, seen * m.x),
                          fmaf(acc_o[4 * dt + 2 * r + 1] * inv, s.y, seen * m.y));
         }
@@ -340,11 +471,11 @@ __global__ void __launch_bounds__(BLOCK_M * 2, 1) attention_fwd_fp8_sm90(
 #pragma unroll
     for (int i = 0; i < 16 * DT / 32; ++i) {
         const int idx = lane + i * 32;
-        const int row_local = warp_row + idx / DT;
+        const int row_wg = warp_row + idx / DT;
         const int c = idx % DT;
-        const int row = m_start + row_local;
+        const int row = m_start + wg * 64 + row_wg;
         if (row < seqlen_q)
             *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + c * 8) =
-                *reinterpret_cast<const uint4*>(o_tile + swizzle_offset<BLOCK_M, 128>(row_local, c));
+                *reinterpret_cast<const uint4*>(o_tile + swizzle_offset<64, 128>(row_wg, c));
     }
 }

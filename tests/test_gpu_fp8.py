@@ -105,6 +105,7 @@ def _key_count_rmse(seq_q: int, seq_k: int, causal: bool) -> float:
         (1, 8, 2, 300, 1000, 64, True, "bfloat16"),   # Sq < Sk, bottom-right causal
         (1, 4, 2, 1000, 300, 128, True, "bfloat16"),  # Sq > Sk: the first 700 rows see no key
         (2, 2, 1, 513, 4096, 128, False, "bfloat16"),
+        (1, 2, 1, 130, 250, 64, False, "float16"),     # 2 key tiles: fewer than the pipeline's stages
     ],
 )
 def test_shapes_match_emulation_and_reference(rng, batch, heads_q, heads_kv, seq_q, seq_k, dim, causal, dtype):
