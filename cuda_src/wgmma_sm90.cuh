@@ -1,6 +1,7 @@
 // Device helpers for sm_90a warpgroup tensor-core kernels: PTX wrappers for wgmma.mma_async and its
 // fences, the shared-memory matrix descriptor of the 128-byte swizzle, the swizzled tile offset and
-// cp.async tile loader, and the async-proxy fence.
+// cp.async tile loader, and the async-proxy fence; the warp-specialisation primitives (mbarriers,
+// setmaxnreg, named barriers) of the producer/consumer kernels; the fp8 (e4m3) wgmma wrappers.
 // Header-only and free of standard-library includes so that NVRTC can compile it.
 //
 // Conventions (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). A warpgroup is
@@ -215,6 +216,57 @@ ADAATTN_WGMMA_SHAPE(256, ADAATTN_WGMMA_DREGS_256, "%128", "%129", "%130", "{%128
 #undef ADAATTN_WGMMA_DREGS_256
 #undef ADAATTN_ACC32
 #undef ADAATTN_ACC8
+
+}  // namespace adaattn
+
+// ---- Warp specialisation: mbarriers, setmaxnreg, named barriers (attention_fwd_sm90_ws.cu,
+// attention_fwd_fp8_sm90.cu) ---------------------------------------------------------------------------
+
+namespace adaattn {
+
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Arrives on `bar` once every cp.async this thread issued before it has completed; the arrival was
+// counted in the barrier's expected count (noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Blocks until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 
 }  // namespace adaattn
 
