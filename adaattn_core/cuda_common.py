@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from .device import capabilities
@@ -53,3 +54,13 @@ def writable(x: Any) -> tuple[Any, tuple[int, ...]]:
         return x, strides
     target = cupy.empty(x.shape, dtype=x.dtype)
     return target, element_strides(target)
+
+
+@lru_cache(maxsize=256)
+def head_index_array(heads: tuple[int, ...], device_id: int) -> Any:
+    """int32 device array of query-head indices for a head-index launch, uploaded once per (heads, device) so
+    that repeated launches of one policy group add no host-to-device copy. Read-only by convention."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(heads, dtype=cupy.int32)

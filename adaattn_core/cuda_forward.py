@@ -1,4 +1,5 @@
-"""Launcher of cuda_src/attention_fwd.cu (fused FlashAttention-2-style forward) for CuPy arrays.
+"""Launcher of the fused forward kernels for CuPy arrays: cuda_src/attention_fwd.cu (mma.sync,
+FlashAttention-2-style, sm_80+) and cuda_src/attention_fwd_sm90_ws.cu (warp-specialised wgmma, Hopper).
 
 Shapes and dtypes were validated once by `problem.describe`; this module only checks what the kernel
 itself needs (head dim in the tile table, unit innermost stride, 16-byte alignment) and launches on
@@ -14,18 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import LOG2E, common_unsupported_reason, readable, writable
-from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, forward_sm90ws_launch
+from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, readable, writable
+from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch
 from .loader import get_kernel
 from .problem import AttentionProblem
 
 #: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the warp-specialised wgmma
-#: kernel (attention_fwd_sm90_ws.cu, ping-pong on) on Hopper (sm_90) where it has tiles and
-#: Sk >= SM90_MIN_SEQLEN_K (measured 1.1-1.2x the plain wgmma kernel, benchmarks/results/*-fwd-ws.json), the
-#: mma.sync kernel elsewhere. For tests and comparisons: "sm80" forces the mma.sync kernel, "sm90" the plain
-#: wgmma kernel (attention_fwd_sm90.cu), "sm90ws" / "sm90ws_nopp" the warp-specialised one with / without
-#: ping-pong between its consumer warpgroups, wherever they have tiles on Hopper.
-KERNEL_CHOICES = ("auto", "sm80", "sm90", "sm90ws", "sm90ws_nopp")
+#: kernel (attention_fwd_sm90_ws.cu) on Hopper (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K, the
+#: mma.sync kernel (attention_fwd.cu) elsewhere. For tests and comparisons: "sm80" forces the mma.sync kernel,
+#: "sm90" the wgmma kernel wherever it has tiles on Hopper, "sm90_nopp" the same without ping-pong between its
+#: consumer warpgroups.
+KERNEL_CHOICES = ("auto", "sm80", "sm90", "sm90_nopp")
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
@@ -59,11 +59,8 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
 
 def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
     """The forward kernel for a problem under $ADAATTN_FORWARD_KERNEL."""
-    if _choice() in ("auto", "sm90ws", "sm90ws_nopp") and _use_sm90(problem, device_id):
-        launch = forward_sm90ws_launch(problem.dtype, problem.head_dim, problem.causal, _choice() != "sm90ws_nopp")
-        if launch is not None:
-            return launch
-    return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id))
+    return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id),
+                          pingpong=_choice() != "sm90_nopp")
 
 
 @lru_cache(maxsize=512)
@@ -90,9 +87,10 @@ def forward(
     """
     import cupy
 
-    head_index = None if heads is None else cupy.asarray(heads, dtype=cupy.int32)
+    device_id = cupy.cuda.runtime.getDevice()
+    head_index = None if heads is None else head_index_array(tuple(heads), device_id)
     num_heads = problem.heads_q if heads is None else len(heads)
-    kernel, grid, threads, smem = _launch(problem, cupy.cuda.runtime.getDevice(), num_heads)
+    kernel, grid, threads, smem = _launch(problem, device_id, num_heads)
     (q, q_strides), (k, k_strides), (v, v_strides) = (readable(x) for x in (q, k, v))
     target, out_strides = writable(out)
     kernel(

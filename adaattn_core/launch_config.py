@@ -60,33 +60,32 @@ FORWARD_HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in FORWARD_TILES}))
 
 @dataclass(frozen=True)
 class Sm90Tile:
-    """Tile shape of attention_fwd_sm90.cu: one 128-thread warpgroup per 64 query rows."""
+    """Tile shape of attention_fwd_sm90_ws.cu (warp-specialised Hopper forward): 128 query rows (two consumer
+    warpgroups of 64) plus one producer warpgroup, `block_n` keys per tile, `stages` K and V buffers each."""
 
-    block_m: int
     block_n: int
-
-    @property
-    def threads(self) -> int:
-        return 2 * self.block_m
+    stages: int = 2
+    block_m: int = 128
+    threads: int = 384
 
     def smem_bytes(self, head_dim: int) -> int:
-        """Q tile + double-buffered K and V tiles + 1024 bytes to align the base to the 128-byte swizzle
-        pattern (the formula in attention_fwd_sm90.cu's header)."""
-        return (self.block_m + 4 * self.block_n) * head_dim * 2 + 1024
+        """Q tile, `stages` K and V tiles, 1024 bytes of swizzle alignment, 128 bytes of mbarriers (the formula
+        in attention_fwd_sm90_ws.cu's header)."""
+        return (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2 + 1024 + 128
 
 
 #: Hopper (sm_90a, wgmma) forward tiles per (head dim, causal); other head dims use the mma.sync kernel.
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
-    (64, False): Sm90Tile(128, 128),
-    (64, True): Sm90Tile(128, 128),
-    (128, False): Sm90Tile(128, 128),
-    (128, True): Sm90Tile(128, 128),
-    (256, False): Sm90Tile(128, 64),
-    (256, True): Sm90Tile(128, 64),
+    (64, False): Sm90Tile(128),
+    (64, True): Sm90Tile(128),
+    (128, False): Sm90Tile(128),
+    (128, True): Sm90Tile(128),
+    (256, False): Sm90Tile(64),
+    (256, True): Sm90Tile(64),
 }
 
-#: The wgmma kernel runs one 165 KB CTA per SM; with few key tiles per CTA its prologue and epilogue
-#: dominate, and at Sk = 512 the mma.sync kernel is faster (H200, D=64/128: 299 vs 254/215 TFLOP/s
+#: The wgmma kernel runs one large CTA per SM; with few key tiles per CTA its prologue and epilogue
+#: dominate, and at Sk = 512 the mma.sync kernel was faster (H200, D=64/128: 299 vs 254/215 TFLOP/s
 #: non-causal, notes/bench-sm90-v1.log). Hopper uses the wgmma kernel only above this key length.
 SM90_MIN_SEQLEN_K = 513
 
@@ -106,16 +105,18 @@ class KernelLaunch:
     archs: tuple[str, ...]
 
 
-def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool) -> KernelLaunch:
-    """The forward kernel for a problem: the wgmma kernel when `use_sm90` (Hopper) and tiled for this
-    head dim, else the mma.sync kernel."""
+def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:
+    """The forward kernel for a problem: the warp-specialised wgmma kernel when `use_sm90` (Hopper) and tiled for
+    this head dim (`pingpong`: its two consumer warpgroups take turns on the tensor cores), else the mma.sync
+    kernel."""
     flag = "true" if causal else "false"
     cuda_type = CUDA_TYPES[dtype]
     sm90 = FORWARD_TILES_SM90.get((head_dim, causal))
     if use_sm90 and sm90 is not None:
         return KernelLaunch(
-            source="attention_fwd_sm90.cu",
-            name=f"attention_fwd_sm90<{cuda_type}, {head_dim}, {sm90.block_m}, {sm90.block_n}, {flag}>",
+            source="attention_fwd_sm90_ws.cu",
+            name=(f"attention_fwd_sm90_ws<{cuda_type}, {head_dim}, {sm90.block_m}, {sm90.block_n}, {sm90.stages}, "
+                  f"{flag}, {'true' if pingpong else 'false'}>"),
             threads=sm90.threads,
             smem_bytes=sm90.smem_bytes(head_dim),
             block_m=sm90.block_m,
@@ -139,10 +140,8 @@ def all_forward_kernels() -> list[KernelLaunch]:
         for head_dim, causal in FORWARD_TILES:
             kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=False))
         for head_dim, causal in FORWARD_TILES_SM90:
-            kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True))
-        for head_dim, causal in FORWARD_TILES_SM90_WS:
             for pingpong in (True, False):
-                kernels.append(forward_sm90ws_launch(dtype, head_dim, causal, pingpong))
+                kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong))
     return kernels
 
 
@@ -339,54 +338,3 @@ def backward_sm90_launch(dtype: str, head_dim: int, causal: bool) -> KernelLaunc
     return KernelLaunch("attention_bwd_dkdv_sm90.cu",
                         f"attention_bwd_dkdv_sm90<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {flag}>",
                         tile.threads, tile.smem_bytes(head_dim), tile.block_m, SM90_ARCHS)
-
-
-# Warp-specialised Hopper forward (attention_fwd_sm90_ws.cu): a producer warpgroup streams K/V through an
-# mbarrier pipeline, two consumer warpgroups (setmaxnreg 232 registers) run wgmma and the softmax, ping-ponged
-# by named barriers. Same arguments and grid as attention_fwd_sm90.cu; selected by ADAATTN_FORWARD_KERNEL=sm90ws
-# (sm90ws_nopp: without the ping-pong) until measured against it.
-
-
-@dataclass(frozen=True)
-class Sm90WsTile:
-    """Tile shape of attention_fwd_sm90_ws.cu: 128 query rows (two consumer warpgroups of 64) plus one producer
-    warpgroup, `block_n` keys per tile, `stages` K and V buffers each."""
-
-    block_n: int
-    stages: int = 2
-    block_m: int = 128
-    threads: int = 384
-
-    def smem_bytes(self, head_dim: int) -> int:
-        """Q tile, `stages` K and V tiles, 1024 bytes of swizzle alignment, 128 bytes of mbarriers (the formula
-        in attention_fwd_sm90_ws.cu's header)."""
-        return (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2 + 1024 + 128
-
-
-#: Warp-specialised Hopper forward tiles per (head dim, causal): attention_fwd_sm90.cu's key tiles to start with,
-#: so the first measurement isolates warp specialisation and ping-pong.
-FORWARD_TILES_SM90_WS: dict[tuple[int, bool], Sm90WsTile] = {
-    (64, False): Sm90WsTile(128),
-    (64, True): Sm90WsTile(128),
-    (128, False): Sm90WsTile(128),
-    (128, True): Sm90WsTile(128),
-    (256, False): Sm90WsTile(64),
-    (256, True): Sm90WsTile(64),
-}
-
-
-def forward_sm90ws_launch(dtype: str, head_dim: int, causal: bool, pingpong: bool = True) -> KernelLaunch | None:
-    """The warp-specialised Hopper forward for a problem, or None where it has no tile for the head dim."""
-    tile = FORWARD_TILES_SM90_WS.get((head_dim, causal))
-    if tile is None:
-        return None
-    flags = ", ".join("true" if x else "false" for x in (causal, pingpong))
-    return KernelLaunch(
-        source="attention_fwd_sm90_ws.cu",
-        name=(f"attention_fwd_sm90_ws<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {tile.block_n}, "
-              f"{tile.stages}, {flags}>"),
-        threads=tile.threads,
-        smem_bytes=tile.smem_bytes(head_dim),
-        block_m=tile.block_m,
-        archs=SM90_ARCHS,
-    )

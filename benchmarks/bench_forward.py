@@ -25,14 +25,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from adaattn_core import bench, cuda_forward
-from adaattn_core.launch_config import (
-    FORWARD_TILES,
-    FORWARD_TILES_SM90,
-    FORWARD_TILES_SM90_WS,
-    ForwardTile,
-    Sm90Tile,
-    Sm90WsTile,
-)
+from adaattn_core.launch_config import FORWARD_TILES, FORWARD_TILES_SM90, ForwardTile, Sm90Tile
 
 #: The torch SDPA backends timed beside AdaAttn (names as in `adaattn_core.bench.PEERS` and the JSON).
 PEERS = {
@@ -77,10 +70,8 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out (needs matplotlib)")
     parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
                         help="tuning only: override the forward tiles of head dim D (repeatable)")
-    parser.add_argument("--tile90", action="append", default=[], metavar="D:BM,BN",
+    parser.add_argument("--tile90", action="append", default=[], metavar="D:BN[,STAGES]",
                         help="tuning only: override the sm_90a forward tiles of head dim D (repeatable)")
-    parser.add_argument("--tile90ws", action="append", default=[], metavar="D:BN[,STAGES]",
-                        help="tuning only: override the warp-specialised sm_90a forward tiles of head dim D")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
                         help="force one forward kernel (sets ADAATTN_FORWARD_KERNEL)")
     args = parser.parse_args()
@@ -90,10 +81,6 @@ def main() -> None:
         dim, tile = override.split(":")
         for causal in (False, True):
             FORWARD_TILES_SM90[(int(dim), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))
-    for override in args.tile90ws:
-        dim, tile = override.split(":")
-        for causal in (False, True):
-            FORWARD_TILES_SM90_WS[(int(dim), causal)] = Sm90WsTile(*(int(x) for x in tile.split(",")))
     for override in args.tile:
         dim, tile = override.split(":")
         for causal in (False, True):

@@ -42,7 +42,7 @@
 //
 // e4m3 helpers (pack4_e4m3, the WgmmaE4m3 wrappers) live in wgmma_sm90.cuh's FP8 section.
 //
-// Consumer schedule: attention_fwd_sm90.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
+// Consumer schedule: attention_fwd_sm90_ws.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
 // 32 bytes, like a k16 step of bf16, so the shared layouts are the same byte for byte: K-major lines of
 // min(HEAD_DIM, 128) bytes with the 128-byte swizzle (64-byte swizzle for HEAD_DIM = 64), and V^T as
 // [HEAD_DIM][BLOCK_N] (fp8 wgmma has no transpose: both operands are K-major, hence V^T).

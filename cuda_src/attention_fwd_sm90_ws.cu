@@ -5,7 +5,7 @@
 // Computes, for batch b, query head h, query row i (g = num_heads_q / num_heads_kv = group_size):
 //     out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h/g,j,:]) * v[b,h/g,j,:]
 //     lse[b,h,i]   = log(sum_j exp(scale * q[b,h,i,:] . k[b,h/g,j,:]))        (natural log, fp32)
-// Same semantics, parameters and launch grid as attention_fwd_sm90.cu (and attention_fwd.cu): GQA/MQA
+// Same semantics, parameters and launch grid as attention_fwd.cu (the mma.sync kernel): GQA/MQA
 // read the shared K/V head in place, causal is bottom-right aligned (row i attends keys j <= i + Sk - Sq),
 // rows with no admissible key get out = 0 and lse = -inf, K/V rows past seqlen_k are zero-filled and
 // their scores -inf, Q rows past seqlen_q are computed on zeros and never stored.
@@ -37,10 +37,22 @@
 // (expected count 128), which fires once that thread's copies have landed, so the producer never blocks
 // on its own loads. A consumer that has waited on a "full" barrier fences the generic proxy (cp.async
 // writes) against the async proxy (wgmma reads) before its GEMMs.
-// Consumers: per warpgroup exactly the schedule of attention_fwd_sm90.cu (S = Q K_j^T issued together
-// with O += P_{j-1} V_{j-1}; softmax of tile j under P V; O rescaled once P V has landed), with the
-// __syncthreads replaced by a wait on the tile's "full" mbarrier and, once the wgmma reading a tile has
-// completed, one arrive per warp on its "empty" mbarrier (expected count 8 = 2 warpgroups x 4 warps).
+// Tiling. Consumer warpgroup w owns query rows [64 w, 64 w + 64) and all HEAD_DIM output columns, so every
+// MMA is one m64 wgmma. Shared tiles ([rows][HEAD_DIM]) are stored as HEAD_DIM / 64 column blocks of
+// [rows][64] with the 128-byte swizzle, the canonical layout wgmma reads through a matrix descriptor:
+// K-major for Q and K (operands of Q K^T), N-major for V (B operand of P V, transposed by the instruction),
+// so cp.async copies rows as they are in memory. Key tiles are visited from last to first (the masked
+// tiles come first). Per tile and consumer, software-pipelined so that P V of the previous tile overlaps
+// this tile's softmax:
+//   S = Q K^T           HEAD_DIM / 16 wgmma m64n{BLOCK_N}k16, A and B from shared memory;
+//   O += P_prev V_prev  BLOCK_N / 16 wgmma m64n{HEAD_DIM}k16 issued right behind, A = P from registers;
+//   softmax             once S has landed (wait_group 1): online, in registers, row max/sum reduced over
+//                       the 4 lanes of a quad, the scale folded into exp2 (one FFMA + ex2 per score);
+//   rescale O           once P_prev V_prev has landed (wait_group 0), by 2^(m_old - m_new); then P is
+//                       rounded to 16 bits in place of the A fragments (the m64nN accumulator layout of
+//                       n8 blocks 2k, 2k+1 is the register A layout of k16 step k).
+// Consumers wait on a tile's "full" mbarrier before its GEMMs and, once the wgmma reading a stage has
+// completed, arrive once per warp on its "empty" mbarrier (expected count 8 = 2 warpgroups x 4 warps).
 // PINGPONG: the two consumers take turns to issue their GEMMs: warpgroup c waits on named barrier 1 + c
 // (bar.sync, 256 threads: its own 128 plus the other's 128 bar.arrive) before issuing, and arrives on
 // the other's barrier right after, so while one consumer does its softmax the other's GEMMs own the
@@ -186,7 +198,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
     const int g = lane / 4;  // accumulator rows g and g + 8 of the warp
     const int t = lane % 4;  // accumulator column pair 2t, 2t + 1 of every n8 block
 
-    // Matrix descriptors (stage 0, k16 step 0), as in attention_fwd_sm90.cu.
+    // Matrix descriptors (stage 0, k16 step 0); k_step advances one k16 step: 32 bytes inside a 64-column
+    // block, a whole [rows][64] block every 4 steps.
     const unsigned long long q_desc = wgmma_desc_sw128(sQ + wg * 64 * 128, 16, 1024);
     const unsigned long long k_desc = wgmma_desc_sw128(sK, 16, 1024);
     const unsigned long long v_desc = wgmma_desc_sw128(sV, BLOCK_N * 128, 1024);
@@ -207,11 +220,16 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
             Wgmma<HEAD_DIM>::template rs<T>(acc_o, p[kn], v_desc + ((s * KV_BYTES + kn * 16 * 128) >> 4), 1);
     };
 
-    // Online softmax of key tile n_block (see attention_fwd_sm90.cu).
-    const int row0 = m_start + wg * 64 + warp * 16 + g;
-    float row_max[2] = {neg_inf(), neg_inf()};
-    float row_sum[2] = {0.f, 0.f};
+    // Online softmax of key tile n_block on acc_s (scores -> unnormalised probabilities). Row r of the
+    // thread (= g + 8 r of its warp) holds elements {4 nt + 2 r, 4 nt + 2 r + 1} of every n8 block and
+    // is spread over the 4 lanes of a quad. p = 2^(s * scale_log2 - max * scale_log2). corr[r] is the
+    // factor 2^(m_old - m_new) that O and the row sum must be rescaled by.
+    const int row0 = m_start + wg * 64 + warp * 16 + g;  // the thread's rows row0 and row0 + 8
+    float row_max[2] = {neg_inf(), neg_inf()};          // running max of raw scores (unscaled)
+    float row_sum[2] = {0.f, 0.f};                      // running sum of exp, partial over the lane
     auto softmax = [&](int n_block, float (&corr)[2]) {
+        // Mask only tiles that reach past the ragged key end or (CAUSAL) past the first key hidden from
+        // this warpgroup's first row.
         const int key_end = n_block * BLOCK_N + BLOCK_N;
         if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag)) {
             const int key0 = n_block * BLOCK_N + 2 * t;
@@ -231,6 +249,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
             for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[4 * nt + 2 * r], acc_s[4 * nt + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row with no admissible key yet keeps max = -inf; use 0 so -inf - -inf never occurs.
             const float mx_scaled = mx == neg_inf() ? 0.f : mx * scale_log2;
             corr[r] = fast_exp2(row_max[r] * scale_log2 - mx_scaled);
             row_max[r] = mx;
@@ -246,6 +265,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
             row_sum[r] = row_sum[r] * corr[r] + sum;
         }
     };
+
+    // P rounded to 16 bits as the A fragments of P V: n8 blocks 2 kn and 2 kn + 1 form k16 step kn.
     auto pack_p = [&]() {
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn)
@@ -343,7 +364,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
     wgmma_wait<0>();
     reg_fence(acc_o);
 
-    // Epilogue (see attention_fwd_sm90.cu): lse, O / l staged in this warp's own Q rows, 16-byte stores.
+    // Epilogue: lse, O / l staged in this warp's own (dead) Q rows so the global stores are 16-byte and
+    // row-contiguous.
     constexpr float LN2 = 0.693147180559945309f;
     unsigned char* q_tile = smem_raw + (sQ - smem_u32(smem_raw));
     const int warp_row = wg * 64 + warp * 16;

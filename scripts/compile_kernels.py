@@ -34,7 +34,6 @@ _IN4 = "const {t}* __restrict__, " * 4
 _STATS = "const float* __restrict__, const float* __restrict__, "
 PARAMS = {
     "attention_fwd": FORWARD_PARAMS,
-    "attention_fwd_sm90": FORWARD_PARAMS,
     "attention_fwd_sm90_ws": FORWARD_PARAMS,
     "attention_bwd_preprocess": "const {t}* __restrict__, const {t}* __restrict__, const float* __restrict__, "
     + "float* __restrict__, " * 3 + "long long, " * 9 + "int, int, int, int",

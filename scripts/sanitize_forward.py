@@ -1,7 +1,7 @@
 """Small-shape matrix of the fused forward kernels, for compute-sanitizer (memcheck / racecheck).
 
-Every instantiation — the mma.sync kernel (ADAATTN_FORWARD_KERNEL=sm80) and, on Hopper, the wgmma
-kernel (=sm90) and the warp-specialised one (=sm90ws) — on ragged sizes, GQA and Sq ≠ Sk both ways.
+Every instantiation — the mma.sync kernel (ADAATTN_FORWARD_KERNEL=sm80) and, on Hopper, the
+warp-specialised wgmma kernel (=sm90) — on ragged sizes, GQA and Sq ≠ Sk both ways.
 `python3 scripts/sanitize_forward.py [CHOICE ...]` limits the run to some kernel choices.
 """
 
@@ -17,7 +17,7 @@ from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES
 SHAPES = [(1, 1), (17, 33), (129, 65), (65, 129), (200, 200)]
 
 launches = 0
-for choice in sys.argv[1:] or ("sm80", "sm90", "sm90ws"):
+for choice in sys.argv[1:] or ("sm80", "sm90"):
     os.environ["ADAATTN_FORWARD_KERNEL"] = choice
     cuda_forward._launch.cache_clear()
     for dtype in CUDA_TYPES:

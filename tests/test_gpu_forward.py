@@ -19,9 +19,9 @@ SEQ_PAIRS = [(1, 1), (17, 17), (128, 128), (129, 129), (1000, 1000), (4097, 4097
 HEAD_DIMS = [32, 64, 96, 128, 192, 256]
 
 
-@pytest.fixture(scope="module", params=["sm80", "sm90", "sm90ws"])
+@pytest.fixture(scope="module", params=["sm80", "sm90"])
 def cp(request):
-    """CuPy, with each forward kernel forced in turn: mma.sync, and wgmma (plain and warp-specialised) where it
+    """CuPy, with each forward kernel forced in turn: mma.sync, and the warp-specialised wgmma kernel where it
     has tiles (Hopper only)."""
     cupy = pytest.importorskip("cupy")
     from adaattn_core import cuda_forward
