@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import LOG2E, common_unsupported_reason, readable, writable
+from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, readable, writable
 from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
@@ -45,7 +45,6 @@ class Fp8Tensors:
         inside 16-key groups (`key_positions`); v_mean = mean_j v, added back exactly by the kernel.
     row_bias [B, Hq, Sq'] = q·k̄ (k̄: the mean of every 8th key, subtracted from k before the rotation), which
         the kernel adds back (times scale) to lse.
-    rotate: whether Q and K were multiplied by the normalised Hadamard matrix (their products are unchanged).
     """
 
     heads: tuple[int, ...]
@@ -57,7 +56,6 @@ class Fp8Tensors:
     sv: Any
     v_mean: Any
     row_bias: Any
-    rotate: bool
 
 
 def key_positions(seqlen: int) -> np.ndarray:
@@ -93,15 +91,6 @@ def _kernels(problem: AttentionProblem, device_id: int, rotate: bool) -> dict[st
             kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
         kernels[role] = (kernel, launch)
     return kernels
-
-
-@lru_cache(maxsize=256)
-def _head_index(heads: tuple[int, ...], device_id: int) -> Any:
-    """`heads` as an int32 device array, uploaded once: a per-call upload from pageable memory would make the
-    host wait for the stream and stall the launch queue."""
-    import cupy
-
-    return cupy.asarray(heads, dtype=cupy.int32)
 
 
 def _ceil_to(n: int, block: int) -> int:
@@ -155,10 +144,10 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // FP8_BLOCK_N * hkv * b
             + -(-sk_pad // v_keys) * hkv * b)
     kernel((_check_grid(grid),), (launch.threads,),
-           (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), _head_index(tuple(heads), device),
+           (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), head_index_array(tuple(heads), device),
             i32(len(heads)), i32(hq), i32(hkv), i32(b), i32(problem.seqlen_q), i32(problem.seqlen_k), stats,
             qq, sq, row_bias, kq, sk, vt))
-    return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, stats[2], stats[1], row_bias, rotate)
+    return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, stats[2], stats[1], row_bias)
 
 
 def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any, heads: list[int],
@@ -181,7 +170,9 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     tensors = (artifacts or {}).get("fp8")
     if not isinstance(tensors, Fp8Tensors) or not set(heads) <= set(tensors.heads):
         tensors = quantize(problem, q, k, v, heads)
-    kernel, launch = _kernels(problem, cupy.cuda.runtime.getDevice(), True)["forward"]
+    device = cupy.cuda.runtime.getDevice()
+    # The forward kernel does not depend on the rotation (Q Kᵀ is unchanged): the rotate=True set serves both.
+    kernel, launch = _kernels(problem, device, True)["forward"]
     target, o_strides = writable(out)
     grid = _check_grid(-(-problem.seqlen_q // FP8_BLOCK_M) * len(heads) * problem.batch)
     kernel(
@@ -190,7 +181,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
         (
             tensors.qq, tensors.kq, tensors.vt, tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
             tensors.row_bias,
-            _head_index(tuple(heads), cupy.cuda.runtime.getDevice()), target, lse,
+            head_index_array(tuple(heads), device), target, lse,
             *map(np.int64, o_strides[:3]),
             np.int32(len(heads)), np.int32(problem.heads_q), np.int32(problem.heads_kv),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k), np.float32(problem.scale * LOG2E),

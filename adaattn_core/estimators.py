@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import library_name, namespace
+from ._arrays import compute_dtype, library_name, namespace
 from .problem import AttentionProblem
 
 #: Threads per probe block; a power of two (tree reductions in shared memory).
@@ -72,6 +72,11 @@ def on_device(xp: Any, values: Any, dtype: Any = None) -> Any:
     else:
         _device_cache.move_to_end(key)
     return cached
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of a CuPy array (one device-to-host transfer), or a NumPy array as it is."""
+    return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
 @dataclass
@@ -159,7 +164,7 @@ def probe(
 def _probe_numpy(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndarray, topk: int) -> ProbeResult:
     """The probe with array operations (NumPy, or CuPy for float32/float64); one head group at a time."""
     xp = namespace(problem.library)
-    ctype = xp.float64 if problem.dtype == "float64" else xp.float32
+    ctype = compute_dtype(problem.dtype).type
     B, Hq, G, Sk = problem.batch, problem.heads_q, problem.group_size, problem.seqlen_k
     m = len(rows)
     limits = on_device(xp, row_limits(problem, rows))
@@ -467,7 +472,7 @@ def pooled_map(problem: AttentionProblem, q: Any, k: Any, block: int) -> np.ndar
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     xp = namespace(problem.library)
-    ctype = xp.float64 if problem.dtype == "float64" else xp.float32
+    ctype = compute_dtype(problem.dtype).type
 
     def pooled(x: Any, seq: int) -> Any:
         # Sums in ctype straight from the input (splitting the S axis is a view for any strides): no
@@ -493,8 +498,7 @@ def pooled_map(problem: AttentionProblem, q: Any, k: Any, block: int) -> np.ndar
     weights = xp.exp(scores - xp.where(xp.isneginf(row_max), 0, row_max))
     total = weights.sum(axis=-1, keepdims=True)
     probs = weights / xp.where(total > 0, total, 1)
-    host = probs.get() if hasattr(probs, "get") else probs
-    return np.asarray(host, dtype=np.float64).reshape(-1, *probs.shape[2:])
+    return np.asarray(to_host(probs), dtype=np.float64).reshape(-1, *probs.shape[2:])
 
 
 def power_iteration(a: np.ndarray, iters: int, rng: np.random.Generator) -> np.ndarray:

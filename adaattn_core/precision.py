@@ -31,6 +31,7 @@ input precision unless `PrecisionPolicy(..., emulate=True)` asks for the NumPy e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._arrays import library_name, namespace
+from .estimators import on_device, to_host
 from .launch_config import FP8_BLOCK_M, FP8_BLOCK_N
 from .policy import POLICIES, HeadPlan, Plan, Policy
 from .problem import AttentionProblem
@@ -190,14 +192,16 @@ def decode(problem: AttentionProblem, tensors: Any, rows: Any) -> Quantised:
 
     from .cuda_fp8 import key_positions
 
-    table = cupy.asarray(e4m3_values())
-    rows = cupy.asarray(rows)
+    # on_device: cached device copies, so that the guard makes no host-to-device copy (each would wait for the
+    # stream) once a shape has been seen.
+    table = on_device(cupy, e4m3_values())
+    rows = on_device(cupy, rows)
     sk = problem.seqlen_k
     q = cupy.take(table, tensors.qq[:, :, rows])
     q_scale = tensors.sq[:, :, rows // FP8_BLOCK_M]
     k = cupy.take(table, tensors.kq[:, :, :sk])
     k_scale = cupy.repeat(tensors.sk, FP8_BLOCK_N, axis=2)[:, :, :sk]
-    v = cupy.take(table, tensors.vt[..., cupy.asarray(key_positions(sk))]).transpose(0, 1, 3, 2)
+    v = cupy.take(table, tensors.vt[..., on_device(cupy, key_positions(sk))]).transpose(0, 1, 3, 2)
     return Quantised(rows, tensors.row_bias[:, :, rows], q, q_scale, k, k_scale, v, tensors.sv, tensors.v_mean)
 
 
@@ -312,17 +316,13 @@ def head_statistics(problem: AttentionProblem, q: Any, k: Any, v: Any) -> dict[i
         rms = xp.sqrt((xf * xf).mean(axis=(0, 2, 3)))
         amax = xp.abs(xf).max(axis=(0, 2, 3))
         outliers = (xp.abs(xf) > 6 * rms[None, :, None, None]).mean(axis=(0, 2, 3))
-        per_tensor.append(tuple(map(_to_host, (amax / xp.where(rms > 0, rms, 1), outliers))))
+        per_tensor.append(tuple(map(to_host, (amax / xp.where(rms > 0, rms, 1), outliers))))
     (q_crest, q_out), (k_crest, k_out), (v_crest, v_out) = per_tensor
     for h in range(problem.heads_q):
         hk = h // problem.group_size
         stats[h] = {"q_crest": float(q_crest[h]), "k_crest": float(k_crest[hk]), "v_crest": float(v_crest[hk]),
                     "outlier_fraction": float(max(q_out[h], k_out[hk], v_out[hk]))}
     return stats
-
-
-def _to_host(x: Any) -> np.ndarray:
-    return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
 def fp8_unsupported_reason(problem: AttentionProblem, emulate: bool) -> str | None:
@@ -432,8 +432,8 @@ class PrecisionPolicy(Policy):
             quant = decode(problem, artifacts["fp8"], rows)
         else:
             full = artifacts["fp8_emulated"]
-            quant = Quantised(rows, full.row_bias[:, :, rows], full.q[:, :, rows], full.q_scale[:, :, rows], full.k,
-                              full.k_scale, full.v, full.v_scale, full.v_mean)
+            quant = dataclasses.replace(full, rows=rows, row_bias=full.row_bias[:, :, rows], q=full.q[:, :, rows],
+                                        q_scale=full.q_scale[:, :, rows])
         # All heads at once, in chunks that keep the [B, heads, rows, Sk] scores under ~256 MB.
         chunk = max(1, (1 << 26) // max(1, problem.batch * len(rows) * problem.seqlen_k))
         errors = {}
@@ -441,9 +441,9 @@ class PrecisionPolicy(Policy):
             group = heads[start : start + chunk]
             approx, _ = attend_fp8(problem, quant, group, online=False)
             approx = round_to_dtype(approx, problem.dtype)
-            exact = exact_rows(problem, q, k, v, rows, group)
-            diff = _to_host(xp.sqrt(((approx - exact) ** 2).sum(axis=(0, 2, 3))))
-            norm = _to_host(xp.sqrt((exact**2).sum(axis=(0, 2, 3))))
+            exact = exact_rows(problem, q, k, v, quant.rows, group)  # quant.rows: already on the device
+            diff = to_host(xp.sqrt(((approx - exact) ** 2).sum(axis=(0, 2, 3))))
+            norm = to_host(xp.sqrt((exact**2).sum(axis=(0, 2, 3))))
             errors.update({h: float(d / n if n > 0 else d) for h, d, n in zip(group, diff, norm)})
         return errors
 

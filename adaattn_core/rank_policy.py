@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import estimators, lowrank
-from ._arrays import compute_dtype, namespace
+from ._arrays import compute_dtype, library_name, namespace
 from .policy import POLICIES, HeadPlan, Plan, Policy, resolve_policy
 from .precision import PrecisionPolicy
 from .problem import AttentionProblem
@@ -58,13 +58,13 @@ MAP_BLOCKS = 32
 
 
 def _host(x: Any) -> np.ndarray:
-    """float64 host copy of a NumPy or CuPy array."""
-    return np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.float64)
+    """float64 host copy of a NumPy or CuPy array (the policy's only device-to-host transfers go through here)."""
+    return np.asarray(estimators.to_host(x), dtype=np.float64)
 
 
 def _rel_l2_per_head(approx: Any, exact: Any) -> np.ndarray:
     """‖approx − exact‖ / ‖exact‖ per head over (batch, rows, D); inputs [B, n, m, D]; 0/0 gives 0."""
-    xp = namespace("cupy" if hasattr(approx, "get") else "numpy")
+    xp = namespace(library_name(approx))
     diff = ((approx - exact) ** 2).sum(axis=(0, 2, 3))
     norm = (exact**2).sum(axis=(0, 2, 3))
     ratio = xp.sqrt(diff / xp.where(norm > 0, norm, 1))
@@ -122,21 +122,21 @@ class RankPolicy(Policy):
 
     def __post_init__(self) -> None:
         checks = {
-            "tolerance": self.tolerance > 0,
-            "probe_rows": 1 <= self.probe_rows <= estimators.MAX_ROWS,
-            "block": self.block >= 1,
-            "max_rank": self.max_rank >= 1,
-            "steps": self.steps >= 1,
-            "min_entropy": 0 <= self.min_entropy <= 1,
-            "sink_share": 0 < self.sink_share <= 1,
-            "sink_ratio": self.sink_ratio > 0,
-            "retry_margin": self.retry_margin >= 1,
-            "max_sinks": self.max_sinks >= 0,
-            "max_cost": 0 < self.max_cost <= 1,
+            "tolerance": (self.tolerance > 0, "> 0"),
+            "probe_rows": (1 <= self.probe_rows <= estimators.MAX_ROWS, f"in [1, {estimators.MAX_ROWS}]"),
+            "block": (self.block >= 1, ">= 1"),
+            "max_rank": (self.max_rank >= 1, ">= 1"),
+            "steps": (self.steps >= 1, ">= 1"),
+            "min_entropy": (0 <= self.min_entropy <= 1, "in [0, 1]"),
+            "sink_share": (0 < self.sink_share <= 1, "in (0, 1]"),
+            "sink_ratio": (self.sink_ratio > 0, "> 0"),
+            "retry_margin": (self.retry_margin >= 1, ">= 1"),
+            "max_sinks": (self.max_sinks >= 0, ">= 0"),
+            "max_cost": (0 < self.max_cost <= 1, "in (0, 1]"),
         }
-        for field, ok in checks.items():
+        for field, (ok, expected) in checks.items():
             if not ok:
-                raise ValueError(f"RankPolicy: {field} out of range, got {getattr(self, field)!r}")
+                raise ValueError(f"RankPolicy: {field} must be {expected}, got {getattr(self, field)!r}")
 
     def for_gradients(self) -> RankPolicy:
         """This policy for a call whose gradients will be taken: every head dense (exact backward applies)."""
@@ -187,7 +187,8 @@ class RankPolicy(Policy):
         xp = namespace(problem.library)
         rows = estimators.probe_rows(problem, self.probe_rows, self.seed)
         probe = estimators.probe(problem, q, k, v, rows)
-        stats = self._head_stats(problem, xp, rows, probe)  # the one transfer before the guard
+        limits = estimators.row_limits(problem, rows)
+        stats = self._head_stats(problem, xp, limits, probe)  # the one transfer before the guard
         spectral: dict[str, np.ndarray] = {}
         if self.spectral:
             # Capped at MAP_BLOCKS blocks a side, cheap settings: it only seeds the starting rank.
@@ -200,7 +201,7 @@ class RankPolicy(Policy):
                         "spectral_norm": spec.spectral_norm.reshape(shape).max(axis=0)}
 
         candidates = []
-        count, threshold = (stats.shape[1] - 4) // 2, self._sink_threshold(problem, rows)
+        count, threshold = (stats.shape[1] - 4) // 2, self._sink_threshold(limits)
         for h, entry in enumerate(entries):
             ratio, entropy, topk, dominant = (float(x) for x in stats[h, :4])
             shares, keys = stats[h, 4: 4 + count], stats[h, 4 + count:]
@@ -252,23 +253,24 @@ class RankPolicy(Policy):
             entries[h]["reason"] = f"guard failed: error above tolerance {self.tolerance:g}"
         return chosen, passed
 
-    def _sink_threshold(self, problem: AttentionProblem, rows: np.ndarray) -> float:
+    def _sink_threshold(self, limits: np.ndarray) -> float:
         """Column share from which a key is a sink: min(sink_share, sink_ratio · u), u = mean over the probe
-        rows of 1 / (keys the row sees), the share the most visible key has when every row is uniform."""
-        seen = np.clip(estimators.row_limits(problem, rows), 1, None)
+        rows of 1 / (keys the row sees: `limits`, from `estimators.row_limits`), the share the most visible key
+        has when every row is uniform."""
+        seen = np.clip(limits, 1, None)
         return min(self.sink_share, self.sink_ratio * float(np.mean(1.0 / seen)))
 
-    def _head_stats(self, problem: AttentionProblem, xp: Any, rows: np.ndarray, probe: estimators.ProbeResult
+    def _head_stats(self, problem: AttentionProblem, xp: Any, limits: np.ndarray, probe: estimators.ProbeResult
                     ) -> np.ndarray:
         """Per query head, computed on the probe's device and copied to the host in one transfer: [Hq, 4 + 2c]
         float64 = (mean normalised entropy H / log(keys seen), mean entropy, mean top-k mass, dominant-sink
         mass, then the c = min(max_sinks, Sk) largest column shares (max over the batch of the share of the
         probe rows' mass a key holds) and their key indices). Dominant-sink mass: the summed share of those
-        of the c keys holding >= sink_share."""
-        seen = np.clip(estimators.row_limits(problem, rows), 1, None)
+        of the c keys holding >= sink_share. `limits`: the probe rows' `estimators.row_limits`."""
+        seen = np.clip(limits, 1, None)
         log_seen = estimators.on_device(xp, np.maximum(np.log(seen), 1e-12))
         ratio = (probe.entropy / log_seen).mean(axis=(0, 2))
-        rows_seen = max(1, int((estimators.row_limits(problem, rows) > 0).sum()))
+        rows_seen = max(1, int((limits > 0).sum()))
         share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk]
         heads = xp.arange(problem.heads_q)
         top_share, top_key = [], []

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _exact_rows(q, k, v, rows, *, causal):
-    """float64 softmax rows of the probe: (probabilities [B, Hq, m, Sk], out, lse) from the full score matrix."""
+    """float64 softmax rows of the probe from the full score matrix: (probabilities [B, Hq, m, Sk], their
+    unnormalised row sums [B, Hq, m], 0 for rows that see no key)."""
     q64, k64, v64 = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     group = q64.shape[1] // k64.shape[1]
     k64, v64 = np.repeat(k64, group, axis=1), np.repeat(v64, group, axis=1)
@@ -110,10 +111,10 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed")
-def test_probe_kernels_under_cuda_simulator():
+def test_probe_kernels_under_cuda_simulator(rng):
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    result = subprocess.run([sys.executable, "-c", SIMULATOR_SCRIPT.format(seed=int(np.random.SeedSequence().entropy
-                                                                                     % 1000))],
+    # Seeded from the run's seed (ADAATTN_TEST_SEED reproduces a failure), like every other test's inputs.
+    result = subprocess.run([sys.executable, "-c", SIMULATOR_SCRIPT.format(seed=int(rng.integers(1 << 31)))],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "simulator ok" in result.stdout

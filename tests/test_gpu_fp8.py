@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import make_qkv, to_host64
+from test_precision import _outliers
 
 from adaattn_core import Report, attention, attention_reference
 from adaattn_core.precision import FP8, PrecisionPolicy, attend_fp8, quantise
@@ -37,9 +38,7 @@ def _inputs(rng: np.random.Generator, kind: str, shape: tuple[int, int, int, int
     if kind == "normal":
         x = rng.standard_normal(shape)
     elif kind == "outliers":
-        x = rng.standard_normal(shape)
-        mask = rng.random(shape) < 1e-3
-        x[mask] = rng.normal(0.0, 10.0, int(mask.sum()))
+        x = _outliers(rng, shape)
     else:
         x = rng.standard_t(4, shape) / np.sqrt(2.0)
     return cupy.asarray(x.astype(np.float32)).astype(dtype)

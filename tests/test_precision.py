@@ -205,10 +205,9 @@ def test_overrides(rng):
 def test_estimate_tracks_measured_error(rng, causal):
     """The guard's sampled-row estimate is within 2x of the error measured on every row against float64."""
     q, k, v = _mixed_heads(rng, seq=512)
-    policy = PrecisionPolicy("fp8", emulate=True)
-    precisions, report = _plan(policy, q, k, v, causal)
     problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
-    plan = policy.plan(problem, q, k, v, None)
+    report = Report()
+    plan = PrecisionPolicy("fp8", emulate=True).plan(problem, q, k, v, report)
     out = np.empty(q.shape, q.dtype)
     lse = np.empty(q.shape[:3], np.float32)
     emulate_forward(problem, q, k, v, out, lse, list(range(4)), plan.artifacts)
@@ -227,6 +226,7 @@ def test_balanced_guard_holds_on_held_out_inputs(rng):
         problem = describe(q, k, v, causal=bool(rng.integers(2)), scale=None, layout="bhsd")
         plan = PrecisionPolicy("balanced", emulate=True).plan(problem, q, k, v, None)
         fp8_heads = [h for h, head in enumerate(plan.heads) if head.precision == FP8]
+        assert fp8_heads, "no head went fp8: the guard below would hold vacuously"
         out = np.zeros(q.shape, q.dtype)
         lse = np.zeros(q.shape[:3], np.float32)
         emulate_forward(problem, q, k, v, out, lse, fp8_heads, plan.artifacts)
