@@ -84,17 +84,15 @@ def attention(
         )
         lse = lse_out
 
-    qb, kb, vb = (to_bhsd(x, layout) for x in (q, k, v))
+    qb, kb, vb, ob = (to_bhsd(x, layout) for x in (q, k, v, out))
     planned = time.perf_counter()
     plan = chosen.plan(problem, qb, kb, vb, report)
-    if not problem.is_empty:
-        backend = backends.forward(problem, plan, qb, kb, vb, to_bhsd(out, layout), lse)
-    else:
+    if problem.is_empty:
         backend = backends.forward_backend(problem)
-    if report is not None and report.measure_error and not problem.is_empty:
-        report.measured["error"] = head_errors(
-            qb, kb, vb, to_bhsd(out, layout), causal=problem.causal, scale=problem.scale
-        )
+    else:
+        backend = backends.forward(problem, plan, qb, kb, vb, ob, lse)
+        if report is not None and report.measure_error:
+            report.measured["error"] = head_errors(qb, kb, vb, ob, causal=problem.causal, scale=problem.scale)
     if report is not None:
         report.backend = backend
         report.device = backends.device_name(problem)
@@ -143,7 +141,9 @@ def attention_backward(
     Raises:
         TypeError / ValueError: as `attention`, plus dout/out/lse of the wrong library, shape or dtype.
     """
-    problem = describe_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, layout=layout)
+    problem = describe_backward(
+        dout, q, k, v, out, lse, causal=causal, scale=scale, layout=layout, deterministic=deterministic
+    )
     xp = namespace(problem.library)
     dq = xp.empty(q.shape, dtype=q.dtype)
     dk = xp.empty(k.shape, dtype=k.dtype)
@@ -154,7 +154,5 @@ def attention_backward(
         return dq, dk, dv
     views = (to_bhsd(x, layout) for x in (dout, q, k, v, out))
     grads = (to_bhsd(x, layout) for x in (dq, dk, dv))
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     backends.backward(problem, *views, lse, *grads, deterministic=deterministic)
     return dq, dk, dv

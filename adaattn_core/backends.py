@@ -66,16 +66,11 @@ def forward(
     low-rank heads through `lowrank` with their ranks. A uniform dense plan launches over all heads.
     """
     backend = forward_backend(problem)
-    dense, fp8, lowrank = [], [], []
-    for index, head in enumerate(plan.heads):
-        if head.path == "lowrank":
-            lowrank.append(index)
-        elif head.precision == FP8:
-            fp8.append(index)
-        elif head.precision == problem.dtype:
-            dense.append(index)
-        else:
-            raise NotImplementedError(f"head {index}: precision {head.precision!r} for {problem.dtype} inputs")
+    kinds = plan.by_kind
+    for kind, indices in kinds.items():
+        if kind not in (problem.dtype, FP8, "lowrank"):
+            raise NotImplementedError(f"head {indices[0]}: precision {kind!r} for {problem.dtype} inputs")
+    dense, fp8, lowrank = (kinds.get(kind) for kind in (problem.dtype, FP8, "lowrank"))
     if dense:
         heads = None if len(dense) == problem.heads_q else dense
         if backend == "cuda":

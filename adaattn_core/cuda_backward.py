@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -56,10 +56,10 @@ _ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 KERNEL_CHOICES = ("auto", "sm80", "sm90")
 
 
-def _max_smem(problem: AttentionProblem) -> int:
-    """Largest dynamic shared memory any backward kernel of this problem needs (either dQ path)."""
-    launches = backward_launches(problem.dtype, problem.head_dim, problem.causal)
-    return max(launch.smem_bytes for launch in launches.values())
+@lru_cache(maxsize=64)
+def _max_smem(dtype: str, head_dim: int, causal: bool) -> int:
+    """Largest dynamic shared memory any backward kernel of this configuration needs (either dQ path)."""
+    return max(launch.smem_bytes for launch in backward_launches(dtype, head_dim, causal).values())
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
@@ -71,11 +71,21 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
         return f"head dim {problem.head_dim} (fused backward takes {sorted(BACKWARD_TILES)})"
     import cupy
 
-    available = cupy.cuda.runtime.deviceGetAttribute(_ATTR_MAX_SMEM_OPTIN, cupy.cuda.runtime.getDevice())
-    if _max_smem(problem) > available:
-        return (f"head dim {problem.head_dim} needs {_max_smem(problem)} bytes of shared memory per block, "
+    needed = _max_smem(problem.dtype, problem.head_dim, problem.causal)
+    available = _smem_optin(cupy.cuda.runtime.getDevice())
+    if needed > available:
+        return (f"head dim {problem.head_dim} needs {needed} bytes of shared memory per block, "
                 f"this GPU allows {available}")
     return None
+
+
+@cache
+def _smem_optin(device_id: int) -> int:
+    """The device's opt-in shared memory per block (bytes), queried once per device: every backward call
+    asks `unsupported_reason`."""
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(_ATTR_MAX_SMEM_OPTIN, device_id)
 
 
 def _preprocess_rows_per_block(head_dim: int) -> int:
@@ -181,20 +191,21 @@ def backward(
     workspace = cupy.empty(plan.workspace_floats, dtype=cupy.float32)
     lse_log2, delta = workspace[: rows * stride], workspace[rows * stride : 2 * rows * stride]
     dq_accum = workspace[2 * rows * stride :] if not deterministic else None
+    dq_accum_arg = np.uint64(0) if dq_accum is None else dq_accum  # a null pointer on the deterministic path
     common = (np.int32(problem.seqlen_q), np.int32(problem.seqlen_k), np.int32(stride),
               np.float32(problem.scale * LOG2E), np.float32(problem.scale))
 
     kernel, grid = plan.preprocess
     kernel(
         (grid,), (BACKWARD_ELEMENTWISE_THREADS,),
-        (dout, out, lse, lse_log2, delta, np.uint64(0) if dq_accum is None else dq_accum,
+        (dout, out, lse, lse_log2, delta, dq_accum_arg,
          *_strides3(do_s), *_strides3(o_s), *map(np.int64, element_strides(lse)),
          np.int32(problem.heads_q), np.int32(rows), np.int32(problem.seqlen_q), np.int32(stride)),
     )
     kernel, grid, threads, smem = plan.dkdv
     kernel(
         (grid,), (threads,),
-        (q, k, v, dout, lse_log2, delta, dk_t, dv_t, np.uint64(0) if dq_accum is None else dq_accum,
+        (q, k, v, dout, lse_log2, delta, dk_t, dv_t, dq_accum_arg,
          *_strides3(q_s), *_strides3(k_s), *_strides3(v_s), *_strides3(do_s), *_strides3(dk_s), *_strides3(dv_s),
          np.int32(problem.heads_kv), np.int32(problem.group_size), *common),
         shared_mem=smem,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .problem import AttentionProblem
@@ -53,6 +53,15 @@ class Plan:
         for index, head in enumerate(self.heads):
             grouped.setdefault(head, []).append(index)
         return grouped
+
+    @cached_property
+    def by_kind(self) -> dict[str, list[int]]:
+        """Head indices per kind of launch, in head order: "lowrank" for low-rank heads, else the precision
+        name (FP8 or a dense dtype). Computed once per plan, so the shared exact plans pay it once; read-only."""
+        kinds: dict[str, list[int]] = {}
+        for index, head in enumerate(self.heads):
+            kinds.setdefault("lowrank" if head.path == "lowrank" else head.precision, []).append(index)
+        return kinds
 
     @property
     def is_uniform(self) -> bool:

@@ -229,9 +229,13 @@ def check_output(
 
 
 def describe_backward(
-    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, causal: bool, scale: float | None, layout: str
+    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, causal: bool, scale: float | None, layout: str,
+    deterministic: bool = False,
 ) -> AttentionProblem:
-    """Validate backward inputs: the forward's checks plus dout/out/lse against the problem."""
+    """Validate backward inputs: the forward's checks plus dout/out/lse against the problem and the
+    `deterministic` option's type."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
     check_output("dout", dout, problem, problem.output_shape(), problem.dtype)
     check_output("out", out, problem, problem.output_shape(), problem.dtype)

@@ -56,12 +56,12 @@ def attention(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _attention(q: Array, k: Array, v: Array, causal: bool, scale: float | None, layout: str, policy: str) -> Array:
-    return _forward(q, k, v, causal, scale, layout, policy)[0]
+    return _forward(q, k, v, causal, scale, layout, policy, grad=False)[0]
 
 
 def _attention_fwd(q, k, v, causal, scale, layout, policy):
     # Differentiated: the backward is the exact one, so the policy's for_gradients() variant runs the forward.
-    out, lse = _forward(q, k, v, causal, scale, layout, resolve_policy(policy).for_gradients())
+    out, lse = _forward(q, k, v, causal, scale, layout, policy, grad=True)
     return out, (q, k, v, out, lse)
 
 
@@ -75,10 +75,14 @@ def _attention_bwd(causal, scale, layout, policy, residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _forward(q: Array, k: Array, v: Array, causal: bool, scale: float | None, layout: str, policy: str):
-    """(out, lse) through the platform's callback, after the core validated the shapes and dtypes."""
+def _forward(q: Array, k: Array, v: Array, causal: bool, scale: float | None, layout: str, policy: str, grad: bool):
+    """(out, lse) through the platform's callback, after the core validated the shapes, dtypes and policy (so
+    errors raise at trace time, not inside XLA); `grad`: the policy's for_gradients() variant runs."""
     stand_ins = (np.broadcast_to(np.empty((), dtype=x.dtype), x.shape) for x in (q, k, v))
     problem = describe(*stand_ins, causal=causal, scale=scale, layout=layout)
+    policy = resolve_policy(policy)
+    if grad:
+        policy = policy.for_gradients()
     result = (
         jax.ShapeDtypeStruct(problem.output_shape(), q.dtype),
         jax.ShapeDtypeStruct(problem.lse_shape(), lse_dtype(problem.dtype)),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 import adaattn_core
-from adaattn_core.policy import Policy
+from adaattn_core.policy import Policy, resolve_policy
 from adaattn_core.problem import check_output, describe, describe_backward
 from adaattn_core.report import Report
 
@@ -64,6 +64,7 @@ def attention(
             q, k, v, policy=policy, return_lse=return_lse, out=out, report=report, **options
         )
     problem = describe(q, k, v, **options)
+    policy = resolve_policy(policy)
     if out is not None:
         check_output("out", out, problem, problem.output_shape(), problem.dtype)
     dev_out, dev_lse = adaattn_core.attention(
@@ -84,11 +85,14 @@ def attention_backward(
     causal: bool = False,
     scale: float | None = None,
     layout: str = "bhsd",
+    deterministic: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`adaattn_core.attention_backward` on host arrays, on the GPU when one is usable."""
     options = {"causal": causal, "scale": scale, "layout": layout}
     if not gpu_usable():
-        return adaattn_core.attention_backward(dout, q, k, v, out, lse, **options)
-    describe_backward(dout, q, k, v, out, lse, **options)
-    grads = adaattn_core.attention_backward(*map(_upload, (dout, q, k, v, out, lse)), **options)
+        return adaattn_core.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+    describe_backward(dout, q, k, v, out, lse, deterministic=deterministic, **options)
+    grads = adaattn_core.attention_backward(
+        *map(_upload, (dout, q, k, v, out, lse)), deterministic=deterministic, **options
+    )
     return tuple(map(_download, grads))

@@ -26,6 +26,7 @@ runs (adaptive policies then keep every head exact, since the backward is the ex
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,7 +36,7 @@ import torch.utils.dlpack
 
 import adaattn_core
 from adaattn_core._arrays import lse_dtype
-from adaattn_core.policy import resolve_policy
+from adaattn_core.policy import Policy, resolve_policy
 
 __all__ = [
     "AdaAttention",
@@ -115,8 +116,18 @@ def _on_callers_stream(t: Tensor) -> Iterator[None]:
         yield
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return getattr(torch, lse_dtype(str(q.dtype).removeprefix("torch.")).name)
+@functools.cache
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The core's lse dtype for inputs of `dtype`, as a torch dtype (looked up once per dtype)."""
+    return getattr(torch, lse_dtype(str(dtype).removeprefix("torch.")).name)
+
+
+@functools.lru_cache(maxsize=64)
+def _policy(name: str, grad: bool) -> Policy:
+    """The policy named `name`, or its `for_gradients()` variant when gradients will be taken (the backward is
+    the exact one, and an approximate forward would not match it); resolved once per (name, grad)."""
+    chosen = resolve_policy(name)
+    return chosen.for_gradients() if grad else chosen
 
 
 # --- the two calls into the core ----------------------------------------------------------------------------
@@ -130,16 +141,13 @@ def _forward(
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of `adaattn_core.attention`, both allocated by torch and written by the core in place.
 
-    `grad`: gradients will be taken, so the policy's `for_gradients()` variant decides (the backward is the
-    exact one, and an approximate forward would not match it)."""
-    chosen = resolve_policy(policy)
-    if grad:
-        chosen = chosen.for_gradients()
+    `grad`: gradients will be taken, so the policy's `for_gradients()` variant decides (see `_policy`)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, layout), dtype=_lse_dtype(q), device=q.device)
+    lse = torch.empty(_lse_shape(q, layout), dtype=_lse_dtype(q.dtype), device=q.device)
     with _on_callers_stream(q):
         adaattn_core.attention(
-            _to_core(q), _to_core(k), _to_core(v), causal=causal, scale=scale, layout=layout, policy=chosen,
+            _to_core(q), _to_core(k), _to_core(v), causal=causal, scale=scale, layout=layout,
+            policy=_policy(policy, grad),
             out=_to_core(out), lse_out=_to_core(lse),
         )
     return out, lse
@@ -173,7 +181,7 @@ def _attention_fake(
 ) -> tuple[Tensor, Tensor]:
     # Shapes only (they may be symbolic here); the core validates when the real operator runs.
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        _lse_shape(q, layout), dtype=_lse_dtype(q)
+        _lse_shape(q, layout), dtype=_lse_dtype(q.dtype)
     )
 
 

@@ -124,6 +124,11 @@ def test_core_errors_raise_at_trace_time(rng):
         ada.attention(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32))
     with pytest.raises(ValueError, match="4-D"):
         jax.jit(ada.attention)(q[0], k[0], v[0])
+    q, k, v = map(jnp.asarray, make_qkv(rng, heads_q=2, seq_q=6, dim=8, layout="bshd"))
+    with pytest.raises(ValueError, match=r"policy must be one of .* got 'fastest'"):
+        jax.jit(lambda *a: ada.attention(*a, policy="fastest"))(q, k, v)
+    with pytest.raises(ValueError, match=r"policy must be one of .* got 'fastest'"):
+        jax.grad(lambda q: ada.attention(q, k, v, policy="fastest").sum())(q)
 
 
 # --- GPU --------------------------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ def test_core_errors_propagate(rng):
         ada.attention(q, k, v)
     with pytest.raises(TypeError, match="numpy"):
         ada.attention(q.tolist(), k, v)
+    q, k, v = make_qkv(rng, heads_q=2, seq_q=6, dim=8)
+    with pytest.raises(ValueError, match=r"policy must be one of .* got 'fastest'"):
+        ada.attention(q, k, v, policy="fastest")
+    out, lse = ada.attention(q, k, v, return_lse=True)
+    with pytest.raises(TypeError, match=r"deterministic must be a bool, got str"):
+        ada.attention_backward(out, q, k, v, out, lse, deterministic="yes")
+    grads = ada.attention_backward(out, q, k, v, out, lse)
+    for g, d in zip(grads, ada.attention_backward(out, q, k, v, out, lse, deterministic=True)):
+        np.testing.assert_array_equal(g, d)
 
 
 # --- GPU --------------------------------------------------------------------------------------------------

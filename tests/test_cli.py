@@ -61,6 +61,13 @@ def test_run_rejects_bad_sizes():
     assert result.returncode == 2 and "--seq must be >= 1, got 0" in result.stderr
 
 
+@pytest.mark.parametrize("flag,value,message", [("--tokens", "0", "--tokens must be >= 1, got 0"),
+                                                ("--warmup", "-1", "--warmup must be >= 0, got -1")])
+def test_bench_rejects_bad_sizes(flag, value, message):
+    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", flag, value)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def test_run_reports_validation_errors_cleanly():
     result = _adaattn("run", "--device", "cpu", "--heads", "6", "--kv-heads", "4", "--seq", "8")
     assert result.returncode == 2

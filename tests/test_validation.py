@@ -171,3 +171,13 @@ def test_remembered_signatures_still_check_option_types(qkv):
         aa.attention(q, k, v, scale=1, causal=1)
     with pytest.raises(ValueError, match=r"k must be 4-D"):
         aa.attention(q, k[0], v)
+
+
+@pytest.mark.parametrize("seq_q", [8, 0])
+def test_bad_deterministic(qkv, seq_q):
+    """Checked with the other backward inputs, before any work, empty problems included."""
+    q, k, v = qkv
+    q = q[:, :, :seq_q]
+    out, lse = aa.attention(q, k, v, return_lse=True)
+    with pytest.raises(TypeError, match=r"deterministic must be a bool, got int"):
+        aa.attention_backward(out, q, k, v, out, lse, deterministic=1)
