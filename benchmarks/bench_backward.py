@@ -14,7 +14,6 @@ the median of CUDA events on torch's current stream). Writes JSON with device, d
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -105,8 +104,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
     ours = row["tflops"]["adaattn"]
     row["ratio"] = {name: (ours / t if t and ours else None) for name, t in row["tflops"].items() if name != "adaattn"}
     del sets, impls, reference
-    bench.free_memory("gpu")
-    torch.cuda.empty_cache()
+    bench.free_memory("gpu")  # CuPy's pool and torch's cache
     return row
 
 
@@ -141,8 +139,7 @@ def main() -> None:
                       f"{fmt(t['torch-cudnn'], '6.1f')} | {fmt(r['torch-flash'], '6.2f')} "
                       f"{fmt(r['torch-cudnn'], '6.2f')} | {errors}", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        print(f"wrote {bench.write_json(results, args.out)}")
 
 
 if __name__ == "__main__":

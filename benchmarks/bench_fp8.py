@@ -18,12 +18,11 @@ Writes JSON with device, driver and versions:
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import cupy
 import torch
-from bench_forward import HIDDEN, TOKENS, _median_ms, environment  # benchmarks/ is the script's directory
+from bench_forward import HIDDEN, TOKENS, environment  # benchmarks/ is the script's directory
 
 from adaattn_core import bench, cuda_fp8
 from adaattn_core.problem import describe
@@ -72,14 +71,14 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
             row["rel_l2_vs_float64"]["adaattn-fp8-call"] = bench.float64_error(impls.pop("_out"), *sets[0], causal,
                                                                                 256)
             for name, fn in impls.items():
-                row["ms"][name] = _median_ms(fn, warmup, repeat)
+                row["ms"][name] = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
                 row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
         except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
             row["unsupported"]["adaattn-fp8-call"] = f"{type(error).__name__}: {error}"[:200]
     ms = row["ms"]
     fp8 = ms.get("adaattn-fp8-call")
     row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)
-                          for name in ("adaattn", "torch-flash", "torch-cudnn", "sageattention")}
+                          for name in ("adaattn", *PEERS)}
     bench.free_memory("gpu")
     return row
 
@@ -99,7 +98,7 @@ def main() -> None:
           f"{'cudnn':>7} | fp8 speedup vs: {'bf16':>5} {'flash':>5} {'cudnn':>5} | fp8 rel_l2")
 
     def fmt(x: float | None, spec: str = "7.3f") -> str:
-        return " " * (int(spec.split(".")[0]) - 3) + "n/a" if x is None else format(x, spec)
+        return "n/a".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
     for dim in args.dims:
         for causal in (False, True):
@@ -113,8 +112,7 @@ def main() -> None:
                       f"{fmt(up['torch-flash'], '5.2f')} {fmt(up['torch-cudnn'], '5.2f')} | "
                       f"{row['rel_l2_vs_float64'].get('adaattn-fp8-call', float('nan')):.1e}", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        print(f"wrote {bench.write_json(results, args.out)}")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,11 @@ def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def fmt(x: float | None, spec: str = "7.3f") -> str:
+    """`x` formatted by `spec`, or "n/a" right-aligned to the spec's width."""
+    return format(x, spec) if x is not None else "n/a".rjust(int(spec.split(".")[0]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
@@ -213,10 +218,6 @@ def main() -> None:
                         row = run_config(kind, seq, dim, causal, args)
                         results["rows"].append(row)
                         ms, err = row["ms"], row["rel_l2_vs_float64_max"]
-
-                        def fmt(x: float | None, spec: str = "7.3f") -> str:
-                            return format(x, spec) if x is not None else "n/a".rjust(int(spec.split(".")[0]))
-
                         print(f"{kind:>8} {dim:>4} {seq:>6} {causal!s:>6} | {fmt(ms['dense'])} {fmt(ms['lowrank'])} "
                               f"{fmt(ms['plan'], '6.3f')} {fmt(ms.get('prepare'), '6.3f')} "
                               f"{fmt(ms['lowrank_forward'], '6.3f')} "

@@ -34,8 +34,7 @@ def training_table(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
-        losses = run["losses"]
-        final = sum(losses[-smooth:]) / len(losses[-smooth:])
+        final = float(trailing_mean(run["losses"], smooth)[-1])  # the curve the agreement verdict compares
         lines.append(f"| {run['name']} | {run['backend']} | {run['data_seed']} | {run['tokens_per_s']:,.0f} | "
                      f"{final:.4f} | {results['held_out_loss'][run['name']]:.4f} |")
     lines.append("")
