@@ -8,7 +8,8 @@ stream. Writes JSON with device, driver and versions (the format `readme_table.p
 
     python benchmarks/bench_forward.py --out benchmarks/results/<date>-<gpu>-fwd.json
 
-`benchmarks/bench_backward.py` imports `run_config`, `environment` and `_median_ms` from here.
+`benchmarks/bench_backward.py` and `bench_fp8.py` import the problem size (TOKENS, HIDDEN), `environment` and
+`_median_ms` from here.
 """
 
 from __future__ import annotations
