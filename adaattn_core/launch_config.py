@@ -60,13 +60,17 @@ FORWARD_HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in FORWARD_TILES}))
 
 @dataclass(frozen=True)
 class Sm90Tile:
-    """Tile shape of attention_fwd_sm90_ws.cu (warp-specialised Hopper forward): 128 query rows (two consumer
-    warpgroups of 64) plus one producer warpgroup, `block_n` keys per tile, `stages` K and V buffers each."""
+    """Tile shape of attention_fwd_sm90_ws.cu (warp-specialised Hopper forward): `block_m` query rows (one
+    consumer warpgroup per 64; 128 or 192) plus one producer warpgroup, `block_n` keys per tile, `stages` K and V
+    buffers each."""
 
     block_n: int
     stages: int = 2
     block_m: int = 128
-    threads: int = 384
+
+    @property
+    def threads(self) -> int:
+        return 128 * (1 + self.block_m // 64)
 
     def smem_bytes(self, head_dim: int) -> int:
         """Q tile, `stages` K and V tiles, 1024 bytes of swizzle alignment, 128 bytes of mbarriers (the formula
@@ -75,9 +79,12 @@ class Sm90Tile:
 
 
 #: Hopper (sm_90a, wgmma) forward tiles per (head dim, causal); other head dims use the mma.sync kernel.
+#: D=64 runs three consumer warpgroups (192 query rows, 3 stages): +10-18% over 128 rows at S >= 2k, -9% at
+#: causal S = 1k (H200, benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). 176 keys at
+#: D=128 (FlashAttention-3's tile) and 80 keys at D=256 measured within noise of the tiles below (…-v1.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
-    (64, False): Sm90Tile(128),
-    (64, True): Sm90Tile(128),
+    (64, False): Sm90Tile(128, stages=3, block_m=192),
+    (64, True): Sm90Tile(128, stages=3, block_m=192),
     (128, False): Sm90Tile(128),
     (128, True): Sm90Tile(128),
     (256, False): Sm90Tile(64),
@@ -107,7 +114,7 @@ class KernelLaunch:
 
 def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:
     """The forward kernel for a problem: the warp-specialised wgmma kernel when `use_sm90` (Hopper) and tiled for
-    this head dim (`pingpong`: its two consumer warpgroups take turns on the tensor cores), else the mma.sync
+    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores), else the mma.sync
     kernel."""
     flag = "true" if causal else "false"
     cuda_type = CUDA_TYPES[dtype]

@@ -71,8 +71,9 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out (needs matplotlib)")
     parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
                         help="tuning only: override the forward tiles of head dim D (repeatable)")
-    parser.add_argument("--tile90", action="append", default=[], metavar="D:BN[,STAGES]",
-                        help="tuning only: override the sm_90a forward tiles of head dim D (repeatable)")
+    parser.add_argument("--tile90", action="append", default=[], metavar="D[c|n]:BN[,STAGES[,BM]]",
+                        help="tuning only: override the sm_90a forward tiles of head dim D, causal (c) or "
+                             "non-causal (n) only with a suffix (repeatable)")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
                         help="force one forward kernel (sets ADAATTN_FORWARD_KERNEL)")
     args = parser.parse_args()
@@ -80,15 +81,18 @@ def main() -> None:
         os.environ["ADAATTN_FORWARD_KERNEL"] = args.kernel
     for override in args.tile90:
         dim, tile = override.split(":")
-        for causal in (False, True):
-            FORWARD_TILES_SM90[(int(dim), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))
+        which = {"c": (True,), "n": (False,)}.get(dim[-1], (False, True))
+        for causal in which:
+            FORWARD_TILES_SM90[(int(dim.rstrip("cn")), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))
     for override in args.tile:
         dim, tile = override.split(":")
         for causal in (False, True):
             FORWARD_TILES[(int(dim), causal)] = ForwardTile(*(int(x) for x in tile.split(",")))
 
     results = {"env": environment(), "setup": f"B*S={TOKENS}, H*D={HIDDEN}, bf16, [B,H,S,D]", "rows": [],
-               "tiles": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES.items() if d in args.dims}}
+               "tiles": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES.items() if d in args.dims},
+               "tiles_sm90": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES_SM90.items()
+                              if d in args.dims}}
     print(f"# {results['env']['gpu']}, driver {results['env']['driver']}, torch {results['env']['torch']}")
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} {'effic':>6} | "
           f"{'/flash':>6} {'/cudnn':>6} | rel_l2")

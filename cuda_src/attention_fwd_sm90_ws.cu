@@ -1,6 +1,6 @@
 // Fused attention forward on Hopper, warp-specialised (sm_90a only): one producer warpgroup streams K/V
-// tiles into shared memory on mbarriers, two consumer warpgroups run the wgmma GEMMs and the softmax,
-// optionally ping-ponged so one consumer's softmax overlaps the other's GEMMs (FlashAttention-3, §3.1).
+// tiles into shared memory on mbarriers, two or three consumer warpgroups run the wgmma GEMMs and the
+// softmax, optionally ping-ponged so one consumer's softmax overlaps the others' GEMMs (FlashAttention-3, §3.1).
 //
 // Computes, for batch b, query head h, query row i (g = num_heads_q / num_heads_kv = group_size):
 //     out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h/g,j,:]) * v[b,h/g,j,:]
@@ -13,8 +13,8 @@
 // Launch.
 //   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_launch * batch, m-block fastest; CAUSAL visits
 //             m-blocks in reverse so the longest rows start first.
-//   block.x = 384: warpgroup 0 is the producer, warpgroups 1 and 2 the consumers of query rows
-//             [0, 64) and [64, 128) (BLOCK_M = 128).
+//   block.x = 128 + 2 * BLOCK_M: warpgroup 0 is the producer, warpgroup 1 + c the consumer of query rows
+//             [64 c, 64 c + 64) (BLOCK_M = 128: two consumers; 192: three).
 //   head_index = int32[num_heads_launch] query heads to compute, or nullptr for all heads in order.
 //   dynamic shared memory bytes = (BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM * 2 + 1024 + 128
 //             (Q tile, STAGES K and STAGES V tiles of 16-bit elements, 1024 bytes to round the base up to
@@ -22,12 +22,14 @@
 //   Strides are in elements, the head-dim stride is 1, pointers are 16-byte aligned and every stride is
 //   a multiple of 8 elements (all 16-byte cp.async).
 //
-// Roles. The launch gives every thread 168 registers (65536 / 384, rounded down to 8); the producer then
-// gives registers back with setmaxnreg.dec (40) and the consumers take them (setmaxnreg.inc, 232), which
-// is what lets the consumers hold S (BLOCK_N / 2 fp32), O (HEAD_DIM / 2 fp32) and P (BLOCK_N / 4) at
-// once. 128 * 40 + 256 * 232 = 64512 = 384 * 168, so the increase never waits for registers. ptxas
-// allocates each role within its limit (without the setmaxnreg pair the consumers spill at 168); the
-// consumers need at most 216 (D = 256 causal spills at 200), the producer 32.
+// Roles. The launch gives every thread 65536 / threads registers (rounded down to 8: 168 with two
+// consumers, 128 with three); the producer then gives registers back with setmaxnreg.dec (40; 32) and the
+// consumers take them (setmaxnreg.inc, 232; 160), which is what lets the consumers hold S (BLOCK_N / 2
+// fp32), O (HEAD_DIM / 2 fp32) and P (BLOCK_N / 4) at once. 128 * 40 + 256 * 232 = 64512 = 384 * 168 and
+// 128 * 32 + 384 * 160 = 65536 = 512 * 128, so the increase never waits for registers. ptxas allocates each
+// role within its limit (without the setmaxnreg pair the consumers spill at 168); with two consumers they
+// need at most 216 (D = 256 causal spills at 200), the producer 32. Three consumers fit D = 64 only
+// (D = 128 spills at 160).
 //
 // Producer: all 128 threads issue cp.async into the 128-byte swizzle that wgmma reads (a 1-D bulk copy
 // cannot produce it; TMA would need a tensor map encoded per call on the host with the driver's
@@ -52,12 +54,12 @@
 //                       rounded to 16 bits in place of the A fragments (the m64nN accumulator layout of
 //                       n8 blocks 2k, 2k+1 is the register A layout of k16 step k).
 // Consumers wait on a tile's "full" mbarrier before its GEMMs and, once the wgmma reading a stage has
-// completed, arrive once per warp on its "empty" mbarrier (expected count 8 = 2 warpgroups x 4 warps).
-// PINGPONG: the two consumers take turns to issue their GEMMs: warpgroup c waits on named barrier 1 + c
-// (bar.sync, 256 threads: its own 128 plus the other's 128 bar.arrive) before issuing, and arrives on
-// the other's barrier right after, so while one consumer does its softmax the other's GEMMs own the
-// tensor cores. Consumer 1 arrives once at the start (consumer 0 goes first) and skips its last arrive,
-// so every named barrier ends balanced.
+// completed, arrive once per warp on its "empty" mbarrier (expected count 4 per consumer warpgroup).
+// PINGPONG: the consumers take turns, round robin, to issue their GEMMs: warpgroup c waits on named
+// barrier 1 + c (bar.sync, 256 threads: its own 128 plus the previous consumer's 128 bar.arrive) before
+// issuing, and arrives on the next one's barrier right after, so while one consumer does its softmax the
+// others' GEMMs own the tensor cores. The last consumer arrives once at the start (consumer 0 goes first)
+// and skips its last arrive, so every named barrier ends balanced.
 // Epilogue: O / l staged through the consumer's own (dead) Q rows, 16-byte row-contiguous stores.
 
 #include "wgmma_sm90.cuh"
@@ -89,7 +91,7 @@ __device__ __forceinline__ void producer_load_tile(unsigned smem, const T* gmem,
 }  // namespace adaattn
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
-__global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
+__global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm90_ws(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     T* __restrict__ out, float* __restrict__ lse,
     long long q_stride_b, long long q_stride_h, long long q_stride_s,
@@ -99,15 +101,21 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
     const int* __restrict__ head_index, int num_heads_launch,
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
-    constexpr int NTHREADS = 384;
+    constexpr int CONSUMERS = BLOCK_M / 64;  // consumer warpgroups, 64 query rows each
+    constexpr int NTHREADS = 128 * (1 + CONSUMERS);  // the producer warpgroup, then the consumers
+    // setmaxnreg split of the registers the launch gives (65536 / NTHREADS, rounded down to 8).
+    constexpr int LAUNCH_REGS = 65536 / NTHREADS / 8 * 8;
+    constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 40 : 32;
+    constexpr int CONSUMER_REGS = (LAUNCH_REGS * NTHREADS - 128 * PRODUCER_REGS) / (128 * CONSUMERS) / 8 * 8;
     constexpr int NT = BLOCK_N / 8;     // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;    // n8 column blocks of O = 16-byte chunks per row
     constexpr int KD = HEAD_DIM / 16;   // k16 steps of Q K^T
     constexpr int KN = BLOCK_N / 16;    // k16 steps of P V
     constexpr unsigned KV_BYTES = BLOCK_N * HEAD_DIM * 2;
     static_assert(sizeof(T) == 2, "16-bit inputs only");
-    static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows");
-    static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 176 || BLOCK_N == 256, "no wgmma wrapper for BLOCK_N");
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups of 64 rows");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176 || BLOCK_N == 256,
+                  "no wgmma wrapper for BLOCK_N");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "unsupported head dim");
     static_assert(STAGES >= 2, "K tile j + 1 must stream while tile j is read");
 
@@ -159,15 +167,15 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(bar_k_full(s), 128);
             mbar_init(bar_v_full(s), 128);
-            mbar_init(bar_k_empty(s), 8);
-            mbar_init(bar_v_empty(s), 8);
+            mbar_init(bar_k_empty(s), 4 * CONSUMERS);  // one arrival per consumer warp
+            mbar_init(bar_v_empty(s), 4 * CONSUMERS);
         }
     }
     __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
     if (tid < 128) {
         // ---- producer warpgroup ----
-        setmaxnreg_dec<40>();
+        setmaxnreg_dec<PRODUCER_REGS>();
         const T* q_ptr = q + b * q_stride_b + h * q_stride_h;
         const T* k_ptr = k + b * k_stride_b + h_kv * k_stride_h;
         const T* v_ptr = v + b * v_stride_b + h_kv * v_stride_h;
@@ -191,7 +199,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
     }
 
     // ---- consumer warpgroups ----
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<CONSUMER_REGS>();
     const int wg = tid / 128 - 1;     // consumer: query rows [64 wg, 64 wg + 64) of the block
     const int warp = (tid / 32) % 4;  // warp within the warpgroup: its rows 16 warp .. 16 warp + 15
     const int lane = tid % 32;
@@ -293,12 +301,13 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    // Ping-pong turn: wait for ours before issuing GEMMs, hand it over right after.
+    // Ping-pong turn (round robin over the consumers): wait for ours before issuing GEMMs, hand it to the
+    // next consumer right after.
     auto turn_begin = [&]() {
         if (PINGPONG) named_bar_sync(1 + wg, 256);
     };
     auto turn_end = [&](bool last) {
-        if (PINGPONG && !(last && wg == 1)) named_bar_arrive(2 - wg, 256);
+        if (PINGPONG && !(last && wg == CONSUMERS - 1)) named_bar_arrive(1 + (wg + 1) % CONSUMERS, 256);
     };
 
 #pragma unroll
@@ -310,7 +319,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_ws(
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    if (PINGPONG && wg == 1) named_bar_arrive(1, 256);  // consumer 0 takes the first turn
+    if (PINGPONG && wg == CONSUMERS - 1) named_bar_arrive(1, 256);  // consumer 0 takes the first turn
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];

@@ -121,6 +121,11 @@ struct Wgmma;
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 
+#define ADAATTN_WGMMA_DREGS_80 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39"
+
 #define ADAATTN_WGMMA_DREGS_128 \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
@@ -202,6 +207,8 @@ struct Wgmma;
 
 ADAATTN_WGMMA_SHAPE(64, ADAATTN_WGMMA_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37",
                     ADAATTN_ACC32(0))
+ADAATTN_WGMMA_SHAPE(80, ADAATTN_WGMMA_DREGS_80, "%40", "%41", "%42", "{%40, %41, %42, %43}", "%44", "%45",
+                    ADAATTN_ACC32(0), ADAATTN_ACC8(32))
 ADAATTN_WGMMA_SHAPE(128, ADAATTN_WGMMA_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
                     ADAATTN_ACC32(0), ADAATTN_ACC32(32))
 ADAATTN_WGMMA_SHAPE(176, ADAATTN_WGMMA_DREGS_176, "%88", "%89", "%90", "{%88, %89, %90, %91}", "%92", "%93",
@@ -211,6 +218,7 @@ ADAATTN_WGMMA_SHAPE(256, ADAATTN_WGMMA_DREGS_256, "%128", "%129", "%130", "{%128
 
 #undef ADAATTN_WGMMA_SHAPE
 #undef ADAATTN_WGMMA_DREGS_64
+#undef ADAATTN_WGMMA_DREGS_80
 #undef ADAATTN_WGMMA_DREGS_128
 #undef ADAATTN_WGMMA_DREGS_176
 #undef ADAATTN_WGMMA_DREGS_256
