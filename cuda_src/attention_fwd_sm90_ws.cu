@@ -50,7 +50,7 @@
 //   O += P_prev V_prev  BLOCK_N / 16 wgmma m64n{HEAD_DIM}k16 issued right behind, A = P from registers;
 //   softmax             once S has landed (wait_group 1): online, in registers, row max/sum reduced over
 //                       the 4 lanes of a quad, the scale folded into exp2 (one FFMA + ex2 per score);
-//   rescale O           once P_prev V_prev has landed (wait_group 0), by 2^(m_old - m_new); then P is
+//   rescale O           once P_prev V_prev has landed (wait_group 0), by 2^(m_old - m_new) if m moved; then P is
 //                       rounded to 16 bits in place of the A fragments (the m64nN accumulator layout of
 //                       n8 blocks 2k, 2k+1 is the register A layout of k16 step k).
 // Consumers wait on a tile's "full" mbarrier before its GEMMs and, once the wgmma reading a stage has
@@ -230,10 +230,14 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     // Online softmax of key tile n_block on acc_s (scores -> unnormalised probabilities). Row r of the
     // thread (= g + 8 r of its warp) holds elements {4 nt + 2 r, 4 nt + 2 r + 1} of every n8 block and
-    // is spread over the 4 lanes of a quad. p = 2^(s * scale_log2 - max * scale_log2). corr[r] is the
-    // factor 2^(m_old - m_new) that O and the row sum must be rescaled by.
+    // is spread over the 4 lanes of a quad. p = 2^(s * scale_log2 - m) with m the row's reference max
+    // (log2 domain). Lazy rescaling (FlashAttention-4): m moves only when a tile's max exceeds it by more
+    // than RESCALE_LOG2, so p <= 2^RESCALE_LOG2 (exact in fp32, no overflow in 16 bits) and the rescale of
+    // O, a multiply per accumulator, is skipped on most tiles once the first few have set m; the result is
+    // the same softmax, since O and l share m. corr[r] = 2^(m_old - m_new), 1 when m stayed.
+    constexpr float RESCALE_LOG2 = 8.f;
     const int row0 = m_start + wg * 64 + warp * 16 + g;  // the thread's rows row0 and row0 + 8
-    float row_max[2] = {neg_inf(), neg_inf()};          // running max of raw scores (unscaled)
+    float row_max[2] = {neg_inf(), neg_inf()};          // reference max m of scale_log2 * score
     float row_sum[2] = {0.f, 0.f};                      // running sum of exp, partial over the lane
     auto softmax = [&](int n_block, float (&corr)[2]) {
         // Mask only tiles that reach past the ragged key end or (CAUSAL) past the first key hidden from
@@ -252,15 +256,19 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float mx = row_max[r];
+            float mx = neg_inf();
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[4 * nt + 2 * r], acc_s[4 * nt + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row with no admissible key yet keeps max = -inf; use 0 so -inf - -inf never occurs.
-            const float mx_scaled = mx == neg_inf() ? 0.f : mx * scale_log2;
-            corr[r] = fast_exp2(row_max[r] * scale_log2 - mx_scaled);
-            row_max[r] = mx;
+            mx *= scale_log2;  // scale_log2 > 0: -inf stays -inf; the quad agrees on mx, so on the branch
+            corr[r] = 1.f;
+            if (mx > row_max[r] + RESCALE_LOG2) {  // never for a tile with no admissible key (mx = -inf)
+                corr[r] = fast_exp2(row_max[r] - mx);  // 0 on the first admissible tile (O and l are 0)
+                row_max[r] = mx;
+            }
+            // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
+            const float mx_scaled = row_max[r] == neg_inf() ? 0.f : row_max[r];
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
@@ -356,10 +364,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
         release(bar_v_empty(s_prev));
+        if (corr[0] != 1.f || corr[1] != 1.f) {
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
+            for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+                for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+        }
         pack_p();
     }
 
@@ -387,7 +397,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         const int row_local = warp_row + g + r * 8;
         const int row = m_start + row_local;
         if (t == 0 && row < seqlen_q)
-            lse_ptr[row] = sum > 0.f ? (row_max[r] * scale_log2 + fast_log2(sum)) * LN2 : neg_inf();
+            lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum)) * LN2 : neg_inf();
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
             *reinterpret_cast<unsigned*>(q_tile + sw128_offset<BLOCK_M>(row_local, dt) + 4 * t) =
