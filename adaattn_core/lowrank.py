@@ -35,6 +35,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,11 @@ class Geometry:
     def fine(self) -> int:
         """Blocks (fine landmarks) per segment, t."""
         return self.segment // self.block
+
+    @property
+    def pads_keys(self) -> bool:
+        """Whether some grid position holds no key (Lp > Sk): those positions are masked."""
+        return self.padded != self.length - self.k_offset
 
     def keys_per_query(self, sinks: int = 0) -> int:
         """Scores computed per query position: w + t + nc + sinks (the cost relative to dense's Sk)."""
@@ -125,9 +131,9 @@ class _Keys:
 
     kp, vp [B, n, Lp, D]; key_bias [n, Lp] (0 for a key in the near field/landmarks, −inf for padding and
     sinks); kf, vf [B, n, nb, D] and log_nf [n, nb]; kc, vc [B, n, nc, D] and log_nc [n, nc];
-    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding). `masked`: key_bias has a −inf
-    (padding or sinks); when False the forward skips adding it. kp, vp are the inputs converted to ctype
-    (no zero-padded copy) when the grid needs no padding.
+    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding). `masked`: key_bias may have a −inf
+    (grid padding, or some sink column); when False the forward skips adding it. kp, vp are the inputs
+    converted to ctype (no zero-padded copy) when the grid needs no padding.
     """
 
     kp: Any
@@ -152,6 +158,12 @@ class _Keys:
         return _Keys(**{name: x[:, at] if name in per_batch else x[at] for name, x in fields.items()},
                      masked=self.masked)
 
+    def first_sinks(self, count: int, pads_keys: bool) -> _Keys:
+        """These keys with only the first `count` sink columns (views; the dropped columns must be −1 for every
+        head); `pads_keys`: the grid's `Geometry.pads_keys`, the other source of masked positions."""
+        return dataclasses.replace(self, ks=self.ks[:, :, :count], vs=self.vs[:, :, :count],
+                                   sink_pos=self.sink_pos[:, :count], masked=pads_keys or count > 0)
+
 
 def _log_count(xp: Any, count: Any) -> Any:
     """log n, −inf for empty landmarks (they then get zero weight)."""
@@ -164,11 +176,14 @@ def _weighted_mean(x: Any, weight: Any, count: Any) -> Any:
     return total / (count + (count == 0))[..., None]
 
 
-def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: np.ndarray) -> _Keys:
-    """Pad k, v ([B, n, Sk, D] of the selected heads) onto the grid and pool their landmarks."""
+def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: Any) -> _Keys:
+    """Pad k, v ([B, n, Sk, D] of the selected heads) onto the grid and pool their landmarks; `sinks`: [n, ns]
+    int64 key indices on the device, −1 for none (from `sink_table`, or the rank policy's device-side table), so
+    that no host value is needed: every sink entry is handled by comparisons and gathers on the device."""
     B, n, Sk, D = k.shape
     Lp, w, nb, nc, t = geo.padded, geo.block, geo.blocks, geo.segments, geo.fine
-    padded = Lp != Sk
+    ns = sinks.shape[1]
+    padded = geo.pads_keys
     if padded:
         kp = xp.zeros((B, n, Lp, D), dtype=ctype)
         vp = xp.zeros((B, n, Lp, D), dtype=ctype)
@@ -176,24 +191,24 @@ def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: np.ndarray)
         vp[:, :, geo.k_offset: geo.k_offset + Sk] = v
     else:  # one conversion pass each, no zero fill
         kp, vp = (xp.ascontiguousarray(x, dtype=ctype) for x in (k, v))
-    weight = xp.zeros((n, Lp), dtype=ctype)
-    weight[:, geo.k_offset: geo.k_offset + Sk] = 1
-    sink_pos = on_device(xp, np.where(sinks >= 0, sinks + geo.k_offset, -1))
-    used = np.nonzero(sinks >= 0)
-    if used[0].size:
-        weight[on_device(xp, used[0]), on_device(xp, sinks[used] + geo.k_offset)] = 0
+    sink_pos = xp.where(sinks >= 0, sinks + geo.k_offset, -1) if geo.k_offset else sinks
+    positions = xp.arange(Lp)
+    real = (positions >= geo.k_offset) & (positions < geo.k_offset + Sk) if padded else xp.ones(Lp, dtype=bool)
+    if ns:  # a sink is attended exactly: out of its block's landmark and of the near field
+        real = real & (positions[:, None] != sink_pos[:, None, :]).all(axis=-1)  # [n, Lp]
+    weight = xp.ascontiguousarray(xp.broadcast_to(real, (n, Lp)), dtype=ctype)
     count_f = weight.reshape(n, nb, w).sum(axis=-1)
     kf = _weighted_mean(kp.reshape(B, n, nb, w, D), weight.reshape(n, nb, w), count_f)
     vf = _weighted_mean(vp.reshape(B, n, nb, w, D), weight.reshape(n, nb, w), count_f)
     count_c = count_f.reshape(n, nc, t).sum(axis=-1)
     kc = _weighted_mean(kf.reshape(B, n, nc, t, D), count_f.reshape(n, nc, t), count_c)
     vc = _weighted_mean(vf.reshape(B, n, nc, t, D), count_f.reshape(n, nc, t), count_c)
-    head_of = xp.arange(n)[:, None].repeat(sinks.shape[1], axis=1)
-    key_of = on_device(xp, np.maximum(sinks, 0))
+    head_of = on_device(xp, np.arange(n)[:, None].repeat(ns, axis=1))
+    key_of = xp.maximum(sinks, 0)
     ks, vs = (x[:, head_of, key_of].astype(ctype) for x in (k, v))  # [B, n, ns, D]
-    key_bias = xp.where(weight > 0, 0, -xp.inf).astype(ctype)
-    return _Keys(kp, vp, key_bias, kf, vf, _log_count(xp, count_f).astype(ctype), kc, vc,
-                 _log_count(xp, count_c).astype(ctype), ks, vs, sink_pos, padded or bool(used[0].size))
+    key_bias = xp.where(weight > 0, ctype.type(0), ctype.type(-np.inf))
+    return _Keys(kp, vp, key_bias, kf, vf, _log_count(xp, count_f).astype(ctype, copy=False), kc, vc,
+                 _log_count(xp, count_c).astype(ctype, copy=False), ks, vs, sink_pos, padded or ns > 0)
 
 
 def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
@@ -201,6 +216,21 @@ def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
     every other unit without causal, strictly earlier units with causal."""
     ok = key_unit < query_unit if causal else key_unit != query_unit
     return xp.where(ok, 0.0, -xp.inf)
+
+
+@cache
+def _grid_biases(geo: Geometry, causal: bool, ctype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The forward's position masks of a grid, host arrays built once per (grid, causal, dtype) and handed to
+    `on_device` (cached there: no launch per call): (near [w, w]: key j <= query i within a block,
+    fine [g, t]: `_allowed` of a query's block within its segment against each block, coarse [nc, 1, nc]:
+    `_allowed` of segment against segment)."""
+    w, t, nc = geo.block, geo.fine, geo.segments
+    near = np.where(np.arange(w)[None, :] <= np.arange(w)[:, None], 0.0, -np.inf).astype(ctype)
+    fine = _allowed(np, causal, (np.arange(geo.segment) // w)[:, None], np.arange(t)[None, :]).astype(ctype)
+    coarse = _allowed(np, causal, np.arange(nc)[:, None, None], np.arange(nc)[None, None, :]).astype(ctype)
+    for bias in (near, fine, coarse):  # shared by every call (NumPy: `on_device` returns them as they are)
+        bias.flags.writeable = False
+    return near, fine, coarse
 
 
 def _merge(xp: Any, parts: list[tuple[Any, Callable[[Any], Any]]]) -> tuple[Any, Any]:
@@ -251,13 +281,13 @@ def _all_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q: Any, keys: _K
     else:
         qp = xp.zeros((B, n, Lp, D), dtype=ctype)
         qp[:, :, geo.q_offset: geo.q_offset + Sq] = q
-    positions = xp.arange(Lp)
+    near_bias, fine_bias, coarse_bias = (on_device(xp, x) for x in _grid_biases(geo, causal, ctype))
 
     near = qp.reshape(B, n, nb, w, D) @ keys.kp.reshape(B, n, nb, w, D).swapaxes(-1, -2)
     if keys.masked:
         near += keys.key_bias.reshape(n, nb, 1, w)
     if causal:
-        near += xp.where(xp.arange(w)[None, :] <= xp.arange(w)[:, None], 0.0, -xp.inf).astype(ctype)
+        near += near_bias
 
     def stacked(fine: Any, coarse: Any, sink: Any) -> Any:
         """[B, n, nc, K', D]: per segment its t fine landmarks, the nc coarse ones, the ns sinks."""
@@ -267,14 +297,12 @@ def _all_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q: Any, keys: _K
         return xp.concatenate(pieces, axis=3)
 
     far = qp.reshape(B, n, nc, g, D) @ stacked(keys.kf, keys.kc, keys.ks).swapaxes(-1, -2)  # [B, n, nc, g, K']
-    far[..., :t] += keys.log_nf.reshape(n, nc, 1, t) + _allowed(
-        xp, causal, (positions[:g] // w)[:, None], xp.arange(t)[None, :]).astype(ctype)
-    far[..., t: t + nc] += keys.log_nc.reshape(n, 1, 1, nc) + _allowed(
-        xp, causal, xp.arange(nc)[:, None, None], xp.arange(nc)[None, None, :]).astype(ctype)
+    far[..., :t] += keys.log_nf.reshape(n, nc, 1, t) + fine_bias
+    far[..., t: t + nc] += keys.log_nc.reshape(n, 1, 1, nc) + coarse_bias
     if ns:
         sink_ok = keys.sink_pos[:, None, :] >= 0
         if causal:
-            sink_ok = sink_ok & (keys.sink_pos[:, None, :] <= positions[None, :, None])
+            sink_ok = sink_ok & (keys.sink_pos[:, None, :] <= xp.arange(Lp)[None, :, None])
         sink_bias = xp.where(sink_ok, 0.0, -xp.inf).astype(ctype)  # [n, Lp or 1, ns]
         far[..., t + nc:] += sink_bias.reshape((n, nc, g, ns) if causal else (n, 1, 1, ns))
 
@@ -324,6 +352,11 @@ def _some_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q_rows: Any, ro
     ])
 
 
+def _scaled(xp: Any, ctype: Any, problem: AttentionProblem, q: Any) -> Any:
+    """scale · q as a new ctype array: one pass (the inputs converted to ctype, then multiplied in ctype)."""
+    return xp.multiply(q, ctype.type(problem.scale), dtype=ctype)
+
+
 def _select(problem: AttentionProblem, x: Any, heads: Sequence[int], kv: bool) -> Any:
     """[B, n, S, D] of the selected query heads (k/v: their key/value heads h // G): one gather, or `x` itself
     (a view, no copy) when that selects every head in order."""
@@ -344,26 +377,38 @@ class Prepared:
     geometry: Geometry
     keys: _Keys
 
-    def subset(self, xp: Any, heads: Sequence[int]) -> Prepared | None:
-        """The prepared keys of `heads` at the same rank (a gather on the head axis; self when equal), or None
-        when some head is not prepared here."""
-        if tuple(heads) == self.heads:
+    @property
+    def sink_columns(self) -> int:
+        """Sink columns of the keys (the widest head's sinks; −1 pads the others)."""
+        return int(self.keys.ks.shape[2])
+
+    def subset(self, xp: Any, heads: Sequence[int], sink_columns: int | None = None) -> Prepared | None:
+        """The prepared keys of `heads` at the same rank (a gather on the head axis; self when equal and no column
+        is dropped), with only their first `sink_columns` sink columns (default all; the dropped ones must be −1
+        for these heads), or None when some head is not prepared here."""
+        columns = self.sink_columns if sink_columns is None else sink_columns
+        if tuple(heads) == self.heads and columns == self.sink_columns:
             return self
         position = {h: i for i, h in enumerate(self.heads)}
         if any(h not in position for h in heads):
             return None
-        return Prepared(tuple(heads), self.rank, self.geometry,
-                        self.keys.take(xp, [position[h] for h in heads]))
+        keys = self.keys if tuple(heads) == self.heads else self.keys.take(xp, [position[h] for h in heads])
+        if columns < self.sink_columns:
+            keys = keys.first_sinks(columns, self.geometry.pads_keys)
+        return Prepared(tuple(int(h) for h in heads), self.rank, self.geometry, keys)
 
 
 def prepare(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], rank: int,
-            sinks: dict[int, Sequence[int]] | None = None) -> Prepared:
+            sinks: dict[int, Sequence[int]] | Any | None = None) -> Prepared:
     """Pad the keys/values of query `heads` (their key/value heads) onto the grid of `rank` and pool their
-    landmarks; `sinks` maps a query head to key indices attended exactly. Cost O(Sk·D) per head."""
+    landmarks. `sinks`, the key indices attended exactly: {query head: indices}, or already a table of the
+    inputs' array library, [len(heads), ns] int64 with −1 for none (the rank policy's, built on the device:
+    no host value needed). Cost O(Sk·D) per head."""
     xp = namespace(problem.library)
     geo = geometry(problem.seqlen_q, problem.seqlen_k, rank)
+    table = on_device(xp, sink_table(heads, sinks)) if sinks is None or isinstance(sinks, dict) else sinks
     keys = _keys(xp, compute_dtype(problem.dtype), geo, _select(problem, k, heads, True),
-                 _select(problem, v, heads, True), sink_table(heads, sinks))
+                 _select(problem, v, heads, True), table)
     return Prepared(tuple(int(h) for h in heads), rank, geo, keys)
 
 
@@ -402,12 +447,11 @@ def forward(
             prepared = reuse[rank].subset(xp, chunk) if rank in reuse else None
             if prepared is None:
                 prepared = prepare(problem, k, v, chunk, rank, artifacts.get("sinks"))
-            q_sel = _select(problem, q, chunk, False).astype(ctype)  # a copy: scaled in place
-            q_sel *= ctype.type(problem.scale)
+            q_sel = _scaled(xp, ctype, problem, _select(problem, q, chunk, False))
             chunk_out, chunk_lse = _all_rows(xp, ctype, geo, problem.causal, q_sel, prepared.keys)
-            if chunk == list(range(problem.heads_q)):  # every head: plain copies, no scatter
-                out[...] = chunk_out.astype(out.dtype, copy=False)
-                lse[...] = chunk_lse.astype(lse.dtype, copy=False)
+            if chunk == list(range(problem.heads_q)):  # every head: plain copies (cast on the way), no scatter
+                out[...] = chunk_out
+                lse[...] = chunk_lse
             else:
                 index = on_device(xp, chunk, np.int64)
                 out[:, index] = chunk_out.astype(out.dtype)
@@ -420,6 +464,5 @@ def approximate_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepar
     Used by the rank policy to compare with the probe's exact rows."""
     xp = namespace(problem.library)
     ctype = compute_dtype(problem.dtype)
-    q_rows = _select(problem, q, prepared.heads, False)[:, :, on_device(xp, rows)].astype(ctype)
-    return _some_rows(xp, ctype, prepared.geometry, problem.causal, q_rows * ctype.type(problem.scale), rows,
-                      prepared.keys)
+    q_rows = _scaled(xp, ctype, problem, _select(problem, q, prepared.heads, False)[:, :, on_device(xp, rows)])
+    return _some_rows(xp, ctype, prepared.geometry, problem.causal, q_rows, rows, prepared.keys)

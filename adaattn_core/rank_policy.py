@@ -4,11 +4,11 @@ For each call (`RankPolicy.plan`):
 
 1. Too short to pay: when the low-rank path would compute more than `max_cost` · Sk scores per query
    (see `lowrank.Geometry.keys_per_query`), every head is dense and no estimator runs.
-2. Probe (`estimators.probe`, Numba CUDA on CuPy): m = `probe_rows` exact query rows per head →
-   entropy, top-k mass, column mass. Reduced per head on the device (`_head_stats`: entropy ratio, top-k
-   mass, the `max_sinks` largest column shares by repeated argmax) and copied to the host in one transfer.
-   Sinks (attended exactly by the low-rank path): among those keys, the ones whose share of the probe
-   rows' mass is >= min(`sink_share`, `sink_ratio` · a uniform row's share).
+2. Probe (`estimators.probe`, Numba CUDA on CuPy: three launches over all heads): m = `probe_rows` exact
+   query rows per head → entropy, top-k mass, column mass. Reduced per head on the device (`_head_stats`:
+   entropy ratio, top-k mass, the `max_sinks` largest column shares by repeated argmax) into a statistics
+   array and a device sink table. Sinks (attended exactly by the low-rank path): among those keys, the ones
+   whose share of the probe rows' mass is >= min(`sink_share`, `sink_ratio` · a uniform row's share).
 3. Pooled-map spectrum (only with `spectral`, off by default): `estimators.pooled_map` with blocks of at
    least `block` tokens (at most MAP_BLOCKS a side) and `estimators.spectrum` → stable rank and the rank
    holding 95% of the energy, which seeds the starting rank. Host linear algebra after a synchronisation
@@ -17,21 +17,31 @@ For each call (`RankPolicy.plan`):
    mass is not explained by sinks (those >= `sink_share` holding < 50%) is peaked (retrieval-like): dense.
 5. Guard: the other heads start at r = max(balanced rank, energy rank) (clipped to `max_rank`); the
    approximation is evaluated on the probe rows (`lowrank.approximate_rows`) and compared with their
-   exact outputs: relative L2 error over the head's rows (all batch entries), one transfer per try. Above
-   `tolerance` (but within `retry_margin` · tolerance), r doubles (at most `steps` tries, never beyond
-   `max_rank`); a head that never passes stays dense. A diffuse batch costs two transfers in all.
+   exact outputs: relative L2 error over the head's rows (all batch entries). Above `tolerance` (but within
+   `retry_margin` · tolerance), r doubles (at most `steps` tries, never beyond `max_rank`); a head that never
+   passes stays dense. Without `spectral` the first rank is known before the statistics, so the first try runs
+   speculatively on every head (the device sink table, no host value) and its errors travel with the
+   statistics.
+
+Host synchronisations (device-to-host transfers, `_host`; recorded as ``transfers`` in the report): one per
+plan, plus one per retry at a larger rank; `spectral` adds one (the pooled map) and moves the first try after
+the statistics' transfer. Launches: the probe's three Numba kernels, then batched array operations over all
+heads (no per-head loop): the statistics' ~4·max_sinks + 13, `lowrank.prepare` and `lowrank.approximate_rows`
+once per try, each with all its heads stacked on one axis. The speculative try costs a peaked batch its
+`prepare` and guard rows (work a diffuse batch needs anyway) in exchange for the second synchronisation.
 
 Dense heads take the plan of the `then` policy (default "exact"), so this composes with a precision policy.
 Low-rank heads get HeadPlan(path="lowrank", precision=<compute dtype>, rank=r); the plan's artifacts carry
 ``"sinks"``: {query head: key indices} for `lowrank.forward`, and ``"prepared"``: the guard's keys and landmarks
-(a list of `lowrank.Prepared`, one per rank at which heads passed), so the forward does not redo them.
+(a list of `lowrank.Prepared`, one per rank at which heads passed, holding only those heads and their sink
+columns), so the forward does not redo them.
 
 Gradients: the low-rank path has no backward of its own, and the exact backward of the dense softmax is not
 the gradient of the approximation. So when gradients will be taken the policy plans every head dense:
 callers (the framework adapters) use `RankPolicy.for_gradients()`, which returns a copy with
 ``requires_grad=True``.
 
-Report: ``report.estimates["rank"]`` = {"tolerance", "probe_rows", "heads": {h: {entropy, entropy_ratio,
+Report: ``report.estimates["rank"]`` = {"tolerance", "probe_rows", "transfers", "heads": {h: {entropy, entropy_ratio,
 topk_mass, sinks, sink_mass, stable_rank, energy_rank, spectral_norm (with `spectral`), path, rank,
 estimated_error, tries, reason}}}; the measured error against float64 (``report.measure_error``) is the API's
 ``report.measured["error"]`` (`reference.head_errors`).
@@ -62,13 +72,13 @@ def _host(x: Any) -> np.ndarray:
     return np.asarray(estimators.to_host(x), dtype=np.float64)
 
 
-def _rel_l2_per_head(approx: Any, exact: Any) -> np.ndarray:
-    """‖approx − exact‖ / ‖exact‖ per head over (batch, rows, D); inputs [B, n, m, D]; 0/0 gives 0."""
+def _rel_l2_per_head(approx: Any, exact: Any) -> Any:
+    """‖approx − exact‖ / ‖exact‖ per head over (batch, rows, D), on the inputs' device; inputs [B, n, m, D];
+    ‖approx − exact‖ where ‖exact‖ = 0 (so 0/0 gives 0)."""
     xp = namespace(library_name(approx))
     diff = ((approx - exact) ** 2).sum(axis=(0, 2, 3))
     norm = (exact**2).sum(axis=(0, 2, 3))
-    ratio = xp.sqrt(diff / xp.where(norm > 0, norm, 1))
-    return _host(xp.where(norm > 0, ratio, xp.sqrt(diff)))
+    return xp.sqrt(diff / xp.where(norm > 0, norm, 1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -153,10 +163,10 @@ class RankPolicy(Policy):
         if reason is not None:
             for entry in entries:
                 entry["reason"] = reason
-            self._record(report, entries)
+            self._record(report, entries, 0)
             return dense
-        decisions, prepared = self._decide(problem, q, k, v, entries)
-        self._record(report, entries)
+        decisions, prepared, transfers = self._decide(problem, q, k, v, entries)
+        self._record(report, entries, transfers)
         if not decisions:
             return dense
         precision = compute_dtype(problem.dtype).name
@@ -181,34 +191,45 @@ class RankPolicy(Policy):
         return None
 
     def _decide(self, problem: AttentionProblem, q: Any, k: Any, v: Any, entries: list[dict[str, Any]]
-                ) -> tuple[dict[int, int], list[lowrank.Prepared]]:
-        """Fill `entries` with the estimates; return {head: rank} for the heads that go low-rank, and the
-        guard's `lowrank.Prepared` of each rank that passed heads (the forward takes their keys)."""
+                ) -> tuple[dict[int, int], list[lowrank.Prepared], int]:
+        """Fill `entries` with the estimates; return {head: rank} for the heads that go low-rank, the guard's
+        `lowrank.Prepared` of each rank that passed heads (only those heads and sink columns: the forward takes
+        their keys), and the number of device-to-host transfers made (see the module docstring)."""
         xp = namespace(problem.library)
+        heads = list(range(problem.heads_q))
         rows = estimators.probe_rows(problem, self.probe_rows, self.seed)
         probe = estimators.probe(problem, q, k, v, rows)
         limits = estimators.row_limits(problem, rows)
-        stats = self._head_stats(problem, xp, limits, probe)  # the one transfer before the guard
+        stats, sink_keys = self._head_stats(problem, xp, limits, probe)
+        start = lowrank.balanced_rank(problem.seqlen_q, problem.seqlen_k)
         spectral: dict[str, np.ndarray] = {}
-        if self.spectral:
+        transfers = 1
+        if self.spectral:  # the starting rank depends on the screening: the statistics come first
+            stats = _host(stats)
             # Capped at MAP_BLOCKS blocks a side, cheap settings: it only seeds the starting rank.
             block = max(self.block, -(-max(problem.seqlen_q, problem.seqlen_k) // MAP_BLOCKS))
             spec = estimators.spectrum(estimators.pooled_map(problem, q, k, block), max_rank=16, seed=self.seed,
                                        power_iters=10, samples=30)
+            transfers += 1
             shape = (problem.batch, problem.heads_q)
             spectral = {"stable_rank": spec.stable_rank.reshape(shape).max(axis=0),
                         "energy_rank": spec.energy_rank.reshape(shape).max(axis=0),
                         "spectral_norm": spec.spectral_norm.reshape(shape).max(axis=0)}
+            first = None
+        else:  # speculative first try on every head at the starting rank: statistics and errors in one transfer
+            first = lowrank.prepare(problem, k, v, heads, min(self.max_rank, start), sink_keys)
+            packed = _host(xp.concatenate([stats, self._guard_errors(problem, q, rows, probe, first)[:, None]],
+                                          axis=1))
+            stats, first_errors = packed[:, :-1], packed[:, -1]
 
         candidates = []
-        count, threshold = (stats.shape[1] - 4) // 2, self._sink_threshold(limits)
+        count = (stats.shape[1] - 4) // 2
         for h, entry in enumerate(entries):
             ratio, entropy, topk, dominant = (float(x) for x in stats[h, :4])
             shares, keys = stats[h, 4: 4 + count], stats[h, 4 + count:]
-            kept = [i for i in range(count) if shares[i] >= threshold]
-            sinks = sorted(int(keys[i]) for i in kept)
-            entry.update(entropy=entropy, entropy_ratio=ratio, topk_mass=topk, sinks=sinks,
-                         sink_mass=float(shares[kept].sum()) if kept else 0.0,
+            kept = keys >= 0
+            entry.update(entropy=entropy, entropy_ratio=ratio, topk_mass=topk,
+                         sinks=sorted(int(key) for key in keys[kept]), sink_mass=float(shares[kept].sum()),
                          **{name: float(values[h]) for name, values in spectral.items()},
                          estimated_error=None, tries=[])
             # Low entropy is explained (and harmless to the approximation) when sinks hold most of the mass.
@@ -219,7 +240,6 @@ class RankPolicy(Policy):
                 candidates.append(h)
 
         energy = spectral.get("energy_rank")
-        start = lowrank.balanced_rank(problem.seqlen_q, problem.seqlen_k)
         rank = min(self.max_rank, max(start, int(energy[candidates].max()) if energy is not None and candidates
                                       else 1))
         chosen: dict[int, int] = {}
@@ -227,10 +247,13 @@ class RankPolicy(Policy):
         for _ in range(self.steps):
             if not candidates:
                 break
-            prepared = lowrank.prepare(problem, k, v, candidates, rank, {h: entries[h]["sinks"] for h in candidates})
-            approx, _ = lowrank.approximate_rows(problem, q, rows, prepared)
-            exact = probe.out[:, estimators.on_device(xp, candidates, np.int64)].astype(approx.dtype)
-            errors = _rel_l2_per_head(approx, exact)  # one transfer per try
+            if first is not None:  # the speculative try (at this rank: no spectrum) covered every head
+                prepared, errors, first = first, first_errors[candidates], None
+            else:
+                prepared = lowrank.prepare(problem, k, v, candidates, rank,
+                                           {h: entries[h]["sinks"] for h in candidates})
+                errors = _host(self._guard_errors(problem, q, rows, probe, prepared))  # one transfer per try
+                transfers += 1
             retry = []
             for h, error in zip(candidates, errors):
                 entries[h]["tries"].append((rank, float(error)))
@@ -243,15 +266,27 @@ class RankPolicy(Policy):
                 else:
                     entries[h]["reason"] = f"guard failed: error above {self.retry_margin:g} x tolerance " \
                                            f"{self.tolerance:g}, a larger rank would not help"
-            if any(chosen.get(h) == rank for h in prepared.heads):
-                passed.append(prepared)
+            passing = [h for h in prepared.heads if chosen.get(h) == rank]
+            if passing:  # only their keys and sink columns travel to the forward
+                passed.append(prepared.subset(xp, passing, max(len(entries[h]["sinks"]) for h in passing)))
             candidates = retry
             if rank >= self.max_rank:
                 break
             rank = min(self.max_rank, 2 * rank)
         for h in candidates:
             entries[h]["reason"] = f"guard failed: error above tolerance {self.tolerance:g}"
-        return chosen, passed
+        return chosen, passed, transfers
+
+    @staticmethod
+    def _guard_errors(problem: AttentionProblem, q: Any, rows: np.ndarray, probe: estimators.ProbeResult,
+                      prepared: lowrank.Prepared) -> Any:
+        """[n] relative L2 error per prepared head of the approximation on the probe rows against their exact
+        outputs (`_rel_l2_per_head`), on the device: no transfer."""
+        xp = namespace(problem.library)
+        approx, _ = lowrank.approximate_rows(problem, q, rows, prepared)
+        exact = probe.out if prepared.heads == tuple(range(problem.heads_q)) else \
+            probe.out[:, estimators.on_device(xp, prepared.heads, np.int64)]
+        return _rel_l2_per_head(approx, exact.astype(approx.dtype, copy=False))
 
     def _sink_threshold(self, limits: np.ndarray) -> float:
         """Column share from which a key is a sink: min(sink_share, sink_ratio · u), u = mean over the probe
@@ -261,37 +296,40 @@ class RankPolicy(Policy):
         return min(self.sink_share, self.sink_ratio * float(np.mean(1.0 / seen)))
 
     def _head_stats(self, problem: AttentionProblem, xp: Any, limits: np.ndarray, probe: estimators.ProbeResult
-                    ) -> np.ndarray:
-        """Per query head, computed on the probe's device and copied to the host in one transfer: [Hq, 4 + 2c]
-        float64 = (mean normalised entropy H / log(keys seen), mean entropy, mean top-k mass, dominant-sink
-        mass, then the c = min(max_sinks, Sk) largest column shares (max over the batch of the share of the
-        probe rows' mass a key holds) and their key indices). Dominant-sink mass: the summed share of those
-        of the c keys holding >= sink_share. `limits`: the probe rows' `estimators.row_limits`."""
+                    ) -> tuple[Any, Any]:
+        """Per query head, on the probe's device (no transfer): ([Hq, 4 + 2c] float64 statistics, [Hq, c] int64
+        sink table). Statistics: (mean normalised entropy H / log(keys seen), mean entropy, mean top-k mass,
+        dominant-sink mass, then the c = min(max_sinks, Sk) largest column shares in descending order (max over
+        the batch of the share of the probe rows' mass a key holds), then their key indices with −1 where the
+        share is below `_sink_threshold`: the sinks, a prefix since the shares descend). Dominant-sink mass: the
+        summed share of those of the c keys holding >= sink_share. The sink table is the last c columns as int64
+        (`lowrank.prepare` takes it as it is). `limits`: the probe rows' `estimators.row_limits`."""
         seen = np.clip(limits, 1, None)
         log_seen = estimators.on_device(xp, np.maximum(np.log(seen), 1e-12))
         ratio = (probe.entropy / log_seen).mean(axis=(0, 2))
         rows_seen = max(1, int((limits > 0).sum()))
-        share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk]
-        heads = xp.arange(problem.heads_q)
+        share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk], a new array: picked keys are overwritten
+        flat, row_start = share.reshape(-1), estimators.on_device(xp, np.arange(problem.heads_q) * problem.seqlen_k)
         top_share, top_key = [], []
         for _ in range(min(self.max_sinks, problem.seqlen_k)):  # c rounds of argmax: no sort of [Hq, Sk]
             key = share.argmax(axis=-1)
-            top_share.append(share[heads, key])
+            at = key + row_start
+            top_share.append(flat[at])
             top_key.append(key)
-            share[heads, key] = -1
-        tops = xp.stack(top_share, axis=1) if top_share else xp.zeros((problem.heads_q, 0), dtype=share.dtype)
+            flat[at] = -1
+        count = len(top_key)
+        tops = xp.stack(top_share, axis=1) if count else xp.zeros((problem.heads_q, 0), dtype=share.dtype)
+        keys = xp.stack(top_key, axis=1) if count else xp.zeros((problem.heads_q, 0), dtype=xp.int64)
+        sink_keys = xp.where(tops >= self._sink_threshold(limits), keys, -1)
         dominant = xp.where(tops >= self.sink_share, tops, 0).sum(axis=1)
-        packed = xp.stack([ratio, probe.entropy.mean(axis=(0, 2)), probe.topk_mass.mean(axis=(0, 2)), dominant],
-                          axis=1).astype(xp.float64)
-        if top_share:
-            packed = xp.concatenate([packed, tops.astype(xp.float64), xp.stack(top_key, axis=1).astype(xp.float64)],
-                                    axis=1)
-        return _host(packed)
+        columns = [ratio, probe.entropy.mean(axis=(0, 2)), probe.topk_mass.mean(axis=(0, 2)), dominant]
+        stats = xp.concatenate([*(c[:, None] for c in columns), tops, sink_keys], axis=1, dtype=xp.float64)
+        return stats, sink_keys
 
-    def _record(self, report: Report | None, entries: list[dict[str, Any]]) -> None:
+    def _record(self, report: Report | None, entries: list[dict[str, Any]], transfers: int) -> None:
         if report is not None:
             report.estimates["rank"] = {"tolerance": self.tolerance, "probe_rows": self.probe_rows,
-                                        "heads": dict(enumerate(entries))}
+                                        "transfers": transfers, "heads": dict(enumerate(entries))}
 
 
 POLICIES.setdefault("lowrank", RankPolicy())

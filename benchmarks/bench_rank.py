@@ -9,7 +9,8 @@ random inputs rotated over two sets, `adaattn_core.bench` mechanics):
 - lowrank:  `attention(policy=RankPolicy())`, end to end: probe, pooled map, guard, then the dense launch for
             dense heads and `lowrank.forward` for the others;
 - plan:     `RankPolicy().plan` alone (probe + decision overhead, including its host synchronisations; it
-            includes the guard's `lowrank.prepare`, whose keys and landmarks the forward reuses);
+            includes the guard's `lowrank.prepare`, whose keys and landmarks the forward reuses); the row's
+            "plan_transfers" is how many device-to-host transfers (host synchronisations) one plan made;
 - prepare:  `lowrank.prepare` alone for the planned low-rank heads at their first rank (the part of plan that is
             forward work handed on, not decision overhead);
 - lowrank_forward: `lowrank.forward` alone on the planned low-rank heads, given the plan's prepared keys;
@@ -34,7 +35,7 @@ from typing import Any
 
 import cupy
 
-from adaattn_core import attention, bench, estimators, lowrank
+from adaattn_core import Report, attention, bench, estimators, lowrank
 from adaattn_core.problem import describe
 from adaattn_core.rank_policy import RankPolicy
 from adaattn_core.reference import head_errors
@@ -119,9 +120,11 @@ def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Names
     row: dict[str, Any] = {"kind": kind, "seq": seq, "dim": dim, "causal": causal, "batch": args.batch,
                            "heads": args.heads, "dtype": "bfloat16", "ms": {}, "rel_l2_vs_float64_max": {},
                            "lowrank_heads": len(low[0]), "ranks": sorted({r for _, r in low[0]})}
+    report = Report()
     started = time.perf_counter()
-    policy.plan(problem, *sets[0], None)
+    policy.plan(problem, *sets[0], report)
     row["plan_wall_ms"] = (time.perf_counter() - started) * 1e3
+    row["plan_transfers"] = report.estimates["rank"]["transfers"]
     favor = None if args.no_performer else performer(dim, causal)
     impls: dict[str, Callable[[int], Any]] = {"dense": dense, "lowrank": adaptive, "plan": plan,
                                               "lowrank_forward": lowrank_forward}
@@ -208,8 +211,8 @@ def main() -> None:
                                "policy": repr(RankPolicy(spectral=args.spectral)), "rows": []}
     print(f"# {env['gpu']}, driver {env['driver']}, performer {env['performer_pytorch']}")
     print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'prep':>6} "
-          f"{'lr_fwd':>6} {'favor+':>7} | {'speedup':>7} {'ovh':>5} {'dec':>5} | {'err lr':>7} {'err fav':>7} | "
-          "low-rank heads")
+          f"{'lr_fwd':>6} {'favor+':>7} | {'speedup':>7} {'ovh':>5} {'dec':>5} {'syncs':>5} | {'err lr':>7} "
+          f"{'err fav':>7} | low-rank heads")
     with torch_stream:
         for dim in args.dims:
             for causal in causal_values:
@@ -223,7 +226,7 @@ def main() -> None:
                               f"{fmt(ms['lowrank_forward'], '6.3f')} "
                               f"{fmt(ms.get('performer'))} | {fmt(row.get('speedup_vs_dense'), '7.2f')} "
                               f"{fmt(row.get('plan_overhead_vs_dense'), '5.2f')} "
-                              f"{fmt(row.get('decision_overhead_vs_dense'), '5.3f')} | "
+                              f"{fmt(row.get('decision_overhead_vs_dense'), '5.3f')} {row['plan_transfers']:>5} | "
                               f"{fmt(err.get('lowrank'), '7.1e')} "
                               f"{fmt(err.get('performer'), '7.1e')} | {row['lowrank_heads']}/{args.heads} "
                               f"r={row['ranks']}", flush=True)

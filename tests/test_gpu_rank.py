@@ -93,5 +93,6 @@ def test_policy_dispatches_mixed_heads_on_gpu(cp, rng, causal):
     paths = [head.path for head in report.plan.heads]
     heads = report.estimates["rank"]["heads"]
     assert paths == ["lowrank", "dense", "lowrank", "dense"] * 2, heads
+    assert report.estimates["rank"]["transfers"] == 1  # no head retried: the plan synchronised once
     for h, (path, error) in enumerate(zip(paths, report.measured["error"])):
         assert error < (TOLERANCE if path == "lowrank" else 1e-2), (h, error, heads[h])

@@ -219,8 +219,8 @@ def test_forward_reuses_the_guards_prepared_keys(rng, monkeypatch):
     report = aa.Report()
     out = aa.attention(q, k, v, causal=True, policy=RankPolicy(), report=report)
     assert [h.path for h in report.plan.heads] == ["lowrank", "dense", "lowrank"]
-    assert [p.heads for p in report.plan.artifacts["prepared"]] == [(0, 1, 2)]
-    assert len(calls) == 1  # the guard's; the forward took heads 0 and 2 from it (`Prepared.subset`)
+    # The guard's one try prepared every head; the plan hands on the passing heads' keys, the forward takes them.
+    assert calls == [[0, 1, 2]] and [p.heads for p in report.plan.artifacts["prepared"]] == [(0, 2)]
     ref = aa.attention_reference(q, k, v, causal=True)[0]
     assert rel_l2(out[:, [0, 2]], ref[:, [0, 2]]) < TOLERANCE and rel_l2(out[:, 1], ref[:, 1]) < 1e-5
 
@@ -254,15 +254,38 @@ def test_sinks_found_at_long_sequences(rng, causal):
     assert entries[0]["sinks"] == [] and entries[3]["sinks"] == []
 
 
-def test_plan_makes_two_host_transfers_on_a_diffuse_batch(rng, monkeypatch):
-    """Probe statistics in one transfer, the guard's errors in one more (per try): the plan's only host syncs
-    on a GPU when every head passes at the first rank."""
+@pytest.mark.parametrize("kinds", [["diffuse"] * 4, ["peaked"] * 4, ["diffuse", "peaked", "sink", "random"]])
+def test_plan_makes_one_host_transfer(rng, monkeypatch, kinds):
+    """Probe statistics and the guard's first try on every head in one transfer: the plan's only host sync on a
+    GPU whenever no head is retried at a larger rank (diffuse, peaked and mixed batches alike)."""
     from adaattn_core import rank_policy
 
     transfers = []
     original = rank_policy._host
     monkeypatch.setattr(rank_policy, "_host", lambda x: transfers.append(x.shape) or original(x))
-    q, k, v = _heads(rng, ["diffuse"] * 4, seq=2048)
-    plan = RankPolicy().plan(describe(q, k, v, causal=True, scale=None, layout="bhsd"), q, k, v, None)
-    assert all(h.path == "lowrank" for h in plan.heads)
-    assert transfers == [(4, 4 + 2 * 4), (4,)]
+    q, k, v = _heads(rng, kinds, seq=2048)
+    report = aa.Report()
+    plan = RankPolicy().plan(describe(q, k, v, causal=True, scale=None, layout="bhsd"), q, k, v, report)
+    assert [h.path for h in plan.heads] == [{"diffuse": "lowrank", "sink": "lowrank"}.get(kind, "dense")
+                                            for kind in kinds], report.estimates["rank"]
+    assert transfers == [(4, 4 + 2 * 4 + 1)] and report.estimates["rank"]["transfers"] == 1
+
+
+def test_retries_transfer_once_per_try(rng, monkeypatch):
+    """A tolerance below every error with a wide retry margin: each head is tried `steps` times at doubling ranks,
+    the first try with the statistics (one transfer), each retry in one more; no head passes, nothing is handed on."""
+    from adaattn_core import rank_policy
+
+    transfers = []
+    original = rank_policy._host
+    monkeypatch.setattr(rank_policy, "_host", lambda x: transfers.append(x.shape) or original(x))
+    q, k, v = _heads(rng, ["diffuse", "sink"], seq=2048)
+    report = aa.Report()
+    policy = RankPolicy(tolerance=1e-7, retry_margin=1e9, steps=3)
+    plan = policy.plan(describe(q, k, v, causal=False, scale=None, layout="bhsd"), q, k, v, report)
+    entries = report.estimates["rank"]["heads"]
+    start = lowrank.balanced_rank(2048, 2048)
+    assert all(h.path == "dense" for h in plan.heads) and "prepared" not in plan.artifacts
+    assert [[rank for rank, _ in entries[h]["tries"]] for h in (0, 1)] == [[start, 2 * start, 4 * start]] * 2
+    assert entries[1]["sinks"] == [0] and all(error > 1e-7 for _, error in entries[1]["tries"])
+    assert transfers == [(2, 4 + 2 * 4 + 1), (2,), (2,)] and report.estimates["rank"]["transfers"] == 3
