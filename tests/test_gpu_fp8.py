@@ -78,7 +78,9 @@ def test_rmse_against_float64(rng, kind, dim, causal):
         assert rmse <= measured_bound, f"RMSE {rmse:.3e} above the measured {measured_bound:.1e}"
     else:
         assert rmse <= 1.2 * _rmse(emulated, ref) + 5e-4
-    np.testing.assert_allclose(to_host64(lse), to_host64(ref_lse), atol=0.8)
+    # lse follows the row's largest scores, whose e4m3 error is relative (3 mantissa bits: 2^-4): heavy-tailed
+    # inputs give rows with lse ~ 12 that miss by ~1.1 (Student-t, D = 128, causal), hence rtol as well as atol.
+    np.testing.assert_allclose(to_host64(lse), to_host64(ref_lse), atol=0.8, rtol=0.1)
 
 
 def _key_count_rmse(seq_q: int, seq_k: int, causal: bool) -> float:
