@@ -7,11 +7,19 @@ spills) in a float16/bfloat16 instantiation of head dim 64 or 128, forward and b
 instantiation list comes from `adaattn_core.launch_config`, the same tables the launchers use.
 
     python scripts/compile_kernels.py [--json FILE]
+    python scripts/compile_kernels.py --nvrtc       # NVRTC instead (what runs on users' GPUs), sm_90a, no GPU
+
+NVRTC differs from nvcc (no <cmath>, so no INFINITY; different default headers), and the kernels only ever
+run through NVRTC, so `--nvrtc` compiles every instantiation the way the loader does (its source hashing and
+options), from the pip wheels nvidia-cuda-nvrtc (libnvrtc) and nvidia-cuda-runtime (cuda_fp16.h and
+cuda_bf16.h), through ctypes: no GPU and no CuPy needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -22,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from adaattn_core.launch_config import KernelLaunch, all_backward_kernels, all_forward_kernels, all_fp8_kernels
-from adaattn_core.loader import kernel_source_dir
+from adaattn_core.loader import _tagged_source, compile_options, kernel_source_dir
 
 NO_LOCAL_MEMORY_DIMS = (64, 128)
 FORWARD_PARAMS = (
@@ -123,13 +131,70 @@ def parse_ptxas(log: str, arch: str) -> list[dict]:
     return rows
 
 
+def nvrtc_toolkit() -> tuple[Path, Path] | None:
+    """(libnvrtc, include directory with cuda_fp16.h) from the CUDA 13 pip wheels, or None when absent."""
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        lib, include = Path(base) / "cu13" / "lib" / "libnvrtc.so.13", Path(base) / "cu13" / "include"
+        if lib.exists() and (include / "cuda_fp16.h").exists():
+            return lib, include
+    return None
+
+
+def nvrtc_compile(library: Path, include: Path, source: str, kernels: list[KernelLaunch]) -> tuple[int, str]:
+    """One NVRTC program per source file, as the loader builds it (hash-tagged source, its options for sm_90a),
+    with every instantiation as a name expression; (nvrtcResult, log)."""
+    nvrtc = ctypes.CDLL(str(library))
+    program = ctypes.c_void_p()
+    code = _tagged_source(source).encode()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(program), code, source.encode(), 0, None, None):
+        return -1, "nvrtcCreateProgram failed"
+    try:
+        for kernel in kernels:
+            nvrtc.nvrtcAddNameExpression(program, kernel.name.encode())
+        options = [o.encode() for o in compile_options((9, 0))] + [f"-I{include}".encode()]
+        result = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(program, log)
+        return result, log.value.decode(errors="replace")
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def nvrtc_main() -> int:
+    """Compile every instantiation for sm_90a with NVRTC, one program per source file, in parallel."""
+    toolkit = nvrtc_toolkit()
+    if toolkit is None:
+        print("FAIL: no libnvrtc.so.13 with cuda_fp16.h: pip install nvidia-cuda-nvrtc nvidia-cuda-runtime",
+              file=sys.stderr)
+        return 1
+    by_source: dict[str, list[KernelLaunch]] = {}
+    for kernel in all_kernels():
+        if "90a" in kernel.archs:
+            by_source.setdefault(kernel.source, []).append(kernel)
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # ctypes releases the GIL during the compile
+        results = dict(zip(by_source, pool.map(lambda src: nvrtc_compile(*toolkit, src, by_source[src]), by_source)))
+    failures = [f"{source}: NVRTC result {code}, {len(by_source[source])} instantiations\n{log[-3000:]}"
+                for source, (code, log) in results.items() if code != 0 or "warning" in log.lower()]
+    for failure in failures:
+        print("FAIL:", failure, file=sys.stderr)
+    if not failures:
+        print(f"OK: NVRTC compiled {sum(map(len, by_source.values()))} instantiations of {len(by_source)} sources")
+    return 1 if failures else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
     parser.add_argument("--json", help="write the resource table here")
     parser.add_argument("--sass", action="store_true",
                         help="also disassemble the sm_90a builds (needs cuobjdump) and count HGMMA per kernel")
+    parser.add_argument("--nvrtc", action="store_true", help="compile with NVRTC (pip wheels) instead of nvcc")
     args = parser.parse_args()
+    if args.nvrtc:
+        return nvrtc_main()
 
     kernels = all_kernels()
     jobs: dict[tuple[str, str], list[KernelLaunch]] = {}
