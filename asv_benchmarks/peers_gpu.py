@@ -34,3 +34,9 @@ class TorchCudnnForward(_Peer):
     """torch SDPA, CUDNN_ATTENTION backend."""
 
     peer = "torch-cudnn"
+
+
+class SageAttentionForward(_Peer):
+    """SageAttention (INT8 Q·K, fp16 P·V), when the `sageattention` package is installed."""
+
+    peer = "sageattention"
