@@ -29,13 +29,14 @@
 //   for the swizzle pattern, 128 bytes of mbarriers.
 //
 // Warp specialisation, as attention_fwd_sm90_ws.cu (FlashAttention-3 §3.1), whose header explains the roles
-// in full. The launch gives every thread 168 registers; the producer drops to 40 (setmaxnreg.dec) and the
-// consumers rise to 232 (128 * 40 + 256 * 232 = 384 * 168). The producer's 128 threads cp.async Q, then
+// in full; WarpRoles<2> (wgmma_sm90.cuh) gives the producer 40 registers and the consumers 232, and the
+// ping-pong turns. (Three consumers of 160 registers, as the bf16 kernel runs at D = 64, spill 128-148 bytes
+// here at D = 128: S 64 + O 64 + P 16 fp32/packed registers.) The producer's 128 threads cp.async Q, then
 // K_j and V^T_j for j from the last key tile to the first into a STAGES-deep ring of stages, each guarded by
 // a "full" mbarrier (128 cp.async.mbarrier.arrive.noinc: fires when the copies have landed) and an "empty"
 // one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed). The consumers
 // run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG) take turns
-// to issue their GEMMs through named barriers 1 and 2, so one's softmax overlaps the other's wgmmas.
+// to issue their GEMMs, so one's softmax overlaps the other's wgmmas.
 // The quantiser pads every tensor to whole tiles, so the producer's copies are never range-checked.
 // The per-tile scales are read by the consumers from global memory (one float per tile, issued ahead of
 // the mbarrier waits so that the load is off the critical path).
@@ -112,7 +113,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
     int num_heads_list, int num_heads_q, int num_heads_kv, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
-    constexpr int NTHREADS = 384;
+    using Roles = WarpRoles<2>;
+    constexpr int NTHREADS = Roles::THREADS;
     constexpr int NT = BLOCK_N / 8;       // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;      // n8 column blocks of O = 16-byte chunks of a 16-bit output row
     constexpr int KD = HEAD_DIM / 32;     // k32 steps of Q K^T
@@ -187,7 +189,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 
     if (tid < 128) {
         // ---- producer warpgroup ----
-        setmaxnreg_dec<40>();
+        setmaxnreg_dec<Roles::PRODUCER_REGS>();
         const unsigned char* q_ptr = qq + (bhq * seqlen_q_pad + m_start) * HEAD_DIM;
         const unsigned char* k_ptr = kq + bhk * seqlen_k_pad * HEAD_DIM;
         const unsigned char* v_ptr = vt + bhk * HEAD_DIM * seqlen_k_pad;
@@ -212,7 +214,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     }
 
     // ---- consumer warpgroups ----
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<Roles::CONSUMER_REGS>();
     const int wg = tid / 128 - 1;     // consumer: query rows [64 wg, 64 wg + 64) of the block
     const int warp = (tid / 32) % 4;  // warp within the warpgroup: its rows 16 warp .. 16 warp + 15
     const int lane = tid % 32;
@@ -320,10 +322,10 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     };
     // Ping-pong turn: wait for ours before issuing GEMMs, hand it over right after.
     auto turn_begin = [&]() {
-        if (PINGPONG) named_bar_sync(1 + wg, 256);
+        if (PINGPONG) Roles::turn_begin(wg);
     };
     auto turn_end = [&](bool last) {
-        if (PINGPONG && !(last && wg == 1)) named_bar_arrive(2 - wg, 256);
+        if (PINGPONG) Roles::turn_end(wg, last);
     };
 
 #pragma unroll
@@ -335,7 +337,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    if (PINGPONG && wg == 1) named_bar_arrive(1, 256);  // consumer 0 takes the first turn
+    if (PINGPONG) Roles::first_turn(wg);  // consumer 0 takes the first turn
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];

@@ -22,14 +22,12 @@
 //   Strides are in elements, the head-dim stride is 1, pointers are 16-byte aligned and every stride is
 //   a multiple of 8 elements (all 16-byte cp.async).
 //
-// Roles. The launch gives every thread 65536 / threads registers (rounded down to 8: 168 with two
-// consumers, 128 with three); the producer then gives registers back with setmaxnreg.dec (40; 32) and the
-// consumers take them (setmaxnreg.inc, 232; 160), which is what lets the consumers hold S (BLOCK_N / 2
-// fp32), O (HEAD_DIM / 2 fp32) and P (BLOCK_N / 4) at once. 128 * 40 + 256 * 232 = 64512 = 384 * 168 and
-// 128 * 32 + 384 * 160 = 65536 = 512 * 128, so the increase never waits for registers. ptxas allocates each
-// role within its limit (without the setmaxnreg pair the consumers spill at 168); with two consumers they
-// need at most 216 (D = 256 causal spills at 200), the producer 32. Three consumers fit D = 64 only
-// (D = 128 spills at 160).
+// Roles (WarpRoles in wgmma_sm90.cuh): the producer gives registers back with setmaxnreg.dec (40; 32 with
+// three consumers) and the consumers take them (232; 160), which is what lets the consumers hold S
+// (BLOCK_N / 2 fp32), O (HEAD_DIM / 2 fp32) and P (BLOCK_N / 4) at once. ptxas allocates each role within
+// its limit (without the setmaxnreg pair the consumers spill at 168); with two consumers they need at most
+// 216 (D = 256 causal spills at 200), the producer 32. Three consumers fit D = 64 only (D = 128 spills at
+// 160).
 //
 // Producer: all 128 threads issue cp.async into the 128-byte swizzle that wgmma reads (a 1-D bulk copy
 // cannot produce it; TMA would need a tensor map encoded per call on the host with the driver's
@@ -55,11 +53,8 @@
 //                       n8 blocks 2k, 2k+1 is the register A layout of k16 step k).
 // Consumers wait on a tile's "full" mbarrier before its GEMMs and, once the wgmma reading a stage has
 // completed, arrive once per warp on its "empty" mbarrier (expected count 4 per consumer warpgroup).
-// PINGPONG: the consumers take turns, round robin, to issue their GEMMs: warpgroup c waits on named
-// barrier 1 + c (bar.sync, 256 threads: its own 128 plus the previous consumer's 128 bar.arrive) before
-// issuing, and arrives on the next one's barrier right after, so while one consumer does its softmax the
-// others' GEMMs own the tensor cores. The last consumer arrives once at the start (consumer 0 goes first)
-// and skips its last arrive, so every named barrier ends balanced.
+// PINGPONG: the consumers take turns, round robin, to issue their GEMMs (WarpRoles' named barriers), so
+// while one consumer does its softmax the others' GEMMs own the tensor cores.
 // Epilogue: O / l staged through the consumer's own (dead) Q rows, 16-byte row-contiguous stores.
 
 #include "wgmma_sm90.cuh"
@@ -102,18 +97,14 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
     constexpr int CONSUMERS = BLOCK_M / 64;  // consumer warpgroups, 64 query rows each
-    constexpr int NTHREADS = 128 * (1 + CONSUMERS);  // the producer warpgroup, then the consumers
-    // setmaxnreg split of the registers the launch gives (65536 / NTHREADS, rounded down to 8).
-    constexpr int LAUNCH_REGS = 65536 / NTHREADS / 8 * 8;
-    constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 40 : 32;
-    constexpr int CONSUMER_REGS = (LAUNCH_REGS * NTHREADS - 128 * PRODUCER_REGS) / (128 * CONSUMERS) / 8 * 8;
+    using Roles = WarpRoles<CONSUMERS>;
+    constexpr int NTHREADS = Roles::THREADS;
     constexpr int NT = BLOCK_N / 8;     // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;    // n8 column blocks of O = 16-byte chunks per row
     constexpr int KD = HEAD_DIM / 16;   // k16 steps of Q K^T
     constexpr int KN = BLOCK_N / 16;    // k16 steps of P V
     constexpr unsigned KV_BYTES = BLOCK_N * HEAD_DIM * 2;
     static_assert(sizeof(T) == 2, "16-bit inputs only");
-    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups of 64 rows");
     static_assert(BLOCK_N == 64 || BLOCK_N == 80 || BLOCK_N == 128 || BLOCK_N == 176 || BLOCK_N == 256,
                   "no wgmma wrapper for BLOCK_N");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "unsupported head dim");
@@ -175,7 +166,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     if (tid < 128) {
         // ---- producer warpgroup ----
-        setmaxnreg_dec<PRODUCER_REGS>();
+        setmaxnreg_dec<Roles::PRODUCER_REGS>();
         const T* q_ptr = q + b * q_stride_b + h * q_stride_h;
         const T* k_ptr = k + b * k_stride_b + h_kv * k_stride_h;
         const T* v_ptr = v + b * v_stride_b + h_kv * v_stride_h;
@@ -199,7 +190,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     }
 
     // ---- consumer warpgroups ----
-    setmaxnreg_inc<CONSUMER_REGS>();
+    setmaxnreg_inc<Roles::CONSUMER_REGS>();
     const int wg = tid / 128 - 1;     // consumer: query rows [64 wg, 64 wg + 64) of the block
     const int warp = (tid / 32) % 4;  // warp within the warpgroup: its rows 16 warp .. 16 warp + 15
     const int lane = tid % 32;
@@ -313,13 +304,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    // Ping-pong turn (round robin over the consumers): wait for ours before issuing GEMMs, hand it to the
-    // next consumer right after.
+    // Ping-pong turn (WarpRoles): wait for ours before issuing GEMMs, hand it to the next consumer right after.
     auto turn_begin = [&]() {
-        if (PINGPONG) named_bar_sync(1 + wg, 256);
+        if (PINGPONG) Roles::turn_begin(wg);
     };
     auto turn_end = [&](bool last) {
-        if (PINGPONG && !(last && wg == CONSUMERS - 1)) named_bar_arrive(1 + (wg + 1) % CONSUMERS, 256);
+        if (PINGPONG) Roles::turn_end(wg, last);
     };
 
 #pragma unroll
@@ -331,7 +321,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    if (PINGPONG && wg == CONSUMERS - 1) named_bar_arrive(1, 256);  // consumer 0 takes the first turn
+    if (PINGPONG) Roles::first_turn(wg);  // consumer 0 takes the first turn
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];

@@ -276,6 +276,31 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// Roles of a warp-specialised block: warpgroup 0 the producer, warpgroups 1 .. CONSUMERS the consumers.
+// Registers: the launch gives each thread 65536 / THREADS (rounded down to 8: 168 with two consumers, 128
+// with three); the producer drops to PRODUCER_REGS (setmaxnreg.dec) and the consumers rise to CONSUMER_REGS
+// (setmaxnreg.inc): 128 * 40 + 256 * 232 = 64512 <= 384 * 168 and 128 * 32 + 384 * 160 = 65536 = 512 * 128,
+// so the increase never waits for registers.
+// Ping-pong, round robin: consumer c waits on named barrier 1 + c (256 threads: its own 128 plus the previous
+// consumer's 128 bar.arrive) before issuing its GEMMs and hands the turn to the next consumer right after;
+// the last consumer opens the first turn and skips its last hand-over, so every named barrier ends balanced.
+template <int CONSUMERS>
+struct WarpRoles {
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
+    static constexpr int THREADS = 128 * (1 + CONSUMERS);
+    static constexpr int PRODUCER_REGS = CONSUMERS == 2 ? 40 : 32;
+    static constexpr int CONSUMER_REGS =
+        ((65536 / THREADS / 8 * 8) * THREADS - 128 * PRODUCER_REGS) / (128 * CONSUMERS) / 8 * 8;
+
+    static __device__ __forceinline__ void first_turn(int consumer) {
+        if (consumer == CONSUMERS - 1) named_bar_arrive(1, 256);
+    }
+    static __device__ __forceinline__ void turn_begin(int consumer) { named_bar_sync(1 + consumer, 256); }
+    static __device__ __forceinline__ void turn_end(int consumer, bool last) {
+        if (!(last && consumer == CONSUMERS - 1)) named_bar_arrive(1 + (consumer + 1) % CONSUMERS, 256);
+    }
+};
+
 }  // namespace adaattn
 
 // ---- FP8 (e4m3) helpers: attention_fwd_fp8_sm90.cu and quantize_fp8.cu ---------------------------------
