@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
     int num_heads_list, int num_heads_q, int num_heads_kv, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
-    using Roles = WarpRoles<2>;
+    using Roles = WarpRoles<2, PINGPONG>;
     constexpr int NTHREADS = Roles::THREADS;
     constexpr int NT = BLOCK_N / 8;       // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;      // n8 column blocks of O = 16-byte chunks of a 16-bit output row
@@ -301,33 +301,6 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
             }
     };
 
-    // Registers written by ordinary instructions are complete before the wgmmas that read them.
-    auto fence_operands = [&]() {
-        reg_fence(acc_s);
-        reg_fence(acc_o);
-#pragma unroll
-        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        wgmma_fence();
-    };
-    // Waits for a tile the producer wrote with cp.async (generic proxy) and orders it before this thread's
-    // wgmma reads (async proxy).
-    auto wait_full = [&](unsigned bar, int it) {
-        mbar_wait(bar, (it / STAGES) & 1);
-        fence_proxy_async();
-    };
-    // This warp's wgmmas reading a stage have completed: hand the stage back to the producer.
-    auto release = [&](unsigned bar) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar);
-    };
-    // Ping-pong turn: wait for ours before issuing GEMMs, hand it over right after.
-    auto turn_begin = [&]() {
-        if (PINGPONG) Roles::turn_begin(wg);
-    };
-    auto turn_end = [&](bool last) {
-        if (PINGPONG) Roles::turn_end(wg, last);
-    };
-
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) acc_s[i] = 0.f;
 #pragma unroll
@@ -337,45 +310,45 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    if (PINGPONG) Roles::first_turn(wg);  // consumer 0 takes the first turn
+    Roles::first_turn(wg);  // consumer 0 takes the first turn
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];
     float k_scale = sk_ptr[n_blocks - 1];
-    wait_full(bar_q, 0);
-    wait_full(bar_k_full(0), 0);
-    turn_begin();
-    fence_operands();
+    consumer_wait_full(bar_q, 0);
+    consumer_wait_full(bar_k_full(0), 0);
+    Roles::turn_begin(wg);
+    fence_operands(acc_s, acc_o, p);
     issue_qk(0);
     wgmma_commit();
-    turn_end(false);
+    Roles::turn_end(wg, false);
     wgmma_wait<0>();
     reg_fence(acc_s);
-    release(bar_k_empty(0));
+    consumer_release(bar_k_empty(0), lane);
     softmax(n_blocks - 1, k_scale, corr);
     pack_p();
 
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
         k_scale = sk_ptr[n_blocks - 1 - it];
-        wait_full(bar_k_full(s), it);
-        wait_full(bar_v_full(s_prev), it - 1);
-        turn_begin();
-        fence_operands();
+        consumer_wait_full(bar_k_full(s), (it / STAGES) & 1);
+        consumer_wait_full(bar_v_full(s_prev), ((it - 1) / STAGES) & 1);
+        Roles::turn_begin(wg);
+        fence_operands(acc_s, acc_o, p);
         issue_qk(s);
         wgmma_commit();
         issue_pv(s_prev);
         wgmma_commit();
-        turn_end(false);
+        Roles::turn_end(wg, false);
         wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
         reg_fence(acc_s);
-        release(bar_k_empty(s));
+        consumer_release(bar_k_empty(s), lane);
         softmax(n_blocks - 1 - it, k_scale, corr);
         wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
         reg_fence(acc_o);
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        release(bar_v_empty(s_prev));
+        consumer_release(bar_v_empty(s_prev), lane);
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
@@ -384,12 +357,12 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    wait_full(bar_v_full((n_blocks - 1) % STAGES), n_blocks - 1);
-    turn_begin();
-    fence_operands();
+    consumer_wait_full(bar_v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    Roles::turn_begin(wg);
+    fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);
     wgmma_commit();
-    turn_end(true);
+    Roles::turn_end(wg, true);
     wgmma_wait<0>();
     reg_fence(acc_o);
 

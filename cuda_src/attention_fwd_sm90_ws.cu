@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
     using namespace adaattn;
     constexpr int CONSUMERS = BLOCK_M / 64;  // consumer warpgroups, 64 query rows each
-    using Roles = WarpRoles<CONSUMERS>;
+    using Roles = WarpRoles<CONSUMERS, PINGPONG>;
     constexpr int NTHREADS = Roles::THREADS;
     constexpr int NT = BLOCK_N / 8;     // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;    // n8 column blocks of O = 16-byte chunks per row
@@ -285,33 +285,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
             for (int i = 0; i < 4; ++i) p[kn][i] = pack2<T>(acc_s[8 * kn + 2 * i], acc_s[8 * kn + 2 * i + 1]);
     };
 
-    // Registers written by ordinary instructions are complete before the wgmmas that read them.
-    auto fence_operands = [&]() {
-        reg_fence(acc_s);
-        reg_fence(acc_o);
-#pragma unroll
-        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        wgmma_fence();
-    };
-    // Waits for a tile the producer wrote with cp.async (generic proxy) and orders it before this thread's
-    // wgmma reads (async proxy).
-    auto wait_full = [&](unsigned bar, int it) {
-        mbar_wait(bar, (it / STAGES) & 1);
-        fence_proxy_async();
-    };
-    // This warp's wgmmas reading a stage have completed: hand the stage back to the producer.
-    auto release = [&](unsigned bar) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar);
-    };
-    // Ping-pong turn (WarpRoles): wait for ours before issuing GEMMs, hand it to the next consumer right after.
-    auto turn_begin = [&]() {
-        if (PINGPONG) Roles::turn_begin(wg);
-    };
-    auto turn_end = [&](bool last) {
-        if (PINGPONG) Roles::turn_end(wg, last);
-    };
-
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) acc_s[i] = 0.f;
 #pragma unroll
@@ -321,43 +294,43 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    if (PINGPONG) Roles::first_turn(wg);  // consumer 0 takes the first turn
+    Roles::first_turn(wg);  // consumer 0 takes the first turn
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];
-    wait_full(bar_q, 0);
-    wait_full(bar_k_full(0), 0);
-    turn_begin();
-    fence_operands();
+    consumer_wait_full(bar_q, 0);
+    consumer_wait_full(bar_k_full(0), 0);
+    Roles::turn_begin(wg);
+    fence_operands(acc_s, acc_o, p);
     issue_qk(0);
     wgmma_commit();
-    turn_end(false);
+    Roles::turn_end(wg, false);
     wgmma_wait<0>();
     reg_fence(acc_s);
-    release(bar_k_empty(0));
+    consumer_release(bar_k_empty(0), lane);
     softmax(n_blocks - 1, corr);
     pack_p();
 
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
-        wait_full(bar_k_full(s), it);
-        wait_full(bar_v_full(s_prev), it - 1);
-        turn_begin();
-        fence_operands();
+        consumer_wait_full(bar_k_full(s), (it / STAGES) & 1);
+        consumer_wait_full(bar_v_full(s_prev), ((it - 1) / STAGES) & 1);
+        Roles::turn_begin(wg);
+        fence_operands(acc_s, acc_o, p);
         issue_qk(s);
         wgmma_commit();
         issue_pv(s_prev);
         wgmma_commit();
-        turn_end(false);
+        Roles::turn_end(wg, false);
         wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
         reg_fence(acc_s);
-        release(bar_k_empty(s));
+        consumer_release(bar_k_empty(s), lane);
         softmax(n_blocks - 1 - it, corr);
         wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
         reg_fence(acc_o);
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        release(bar_v_empty(s_prev));
+        consumer_release(bar_v_empty(s_prev), lane);
         if (!SKIP_UNCHANGED_RESCALE || corr[0] != 1.f || corr[1] != 1.f) {
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt)
@@ -368,12 +341,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    wait_full(bar_v_full((n_blocks - 1) % STAGES), n_blocks - 1);
-    turn_begin();
-    fence_operands();
+    consumer_wait_full(bar_v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    Roles::turn_begin(wg);
+    fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);
     wgmma_commit();
-    turn_end(true);
+    Roles::turn_end(wg, true);
     wgmma_wait<0>();
     reg_fence(acc_o);
 

@@ -284,7 +284,8 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
 // Ping-pong, round robin: consumer c waits on named barrier 1 + c (256 threads: its own 128 plus the previous
 // consumer's 128 bar.arrive) before issuing its GEMMs and hands the turn to the next consumer right after;
 // the last consumer opens the first turn and skips its last hand-over, so every named barrier ends balanced.
-template <int CONSUMERS>
+// Without PINGPONG the turns are no-ops: every consumer issues its GEMMs as soon as its operands are ready.
+template <int CONSUMERS, bool PINGPONG>
 struct WarpRoles {
     static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three consumer warpgroups");
     static constexpr int THREADS = 128 * (1 + CONSUMERS);
@@ -293,13 +294,38 @@ struct WarpRoles {
         ((65536 / THREADS / 8 * 8) * THREADS - 128 * PRODUCER_REGS) / (128 * CONSUMERS) / 8 * 8;
 
     static __device__ __forceinline__ void first_turn(int consumer) {
-        if (consumer == CONSUMERS - 1) named_bar_arrive(1, 256);
+        if (PINGPONG && consumer == CONSUMERS - 1) named_bar_arrive(1, 256);
     }
-    static __device__ __forceinline__ void turn_begin(int consumer) { named_bar_sync(1 + consumer, 256); }
+    static __device__ __forceinline__ void turn_begin(int consumer) {
+        if (PINGPONG) named_bar_sync(1 + consumer, 256);
+    }
     static __device__ __forceinline__ void turn_end(int consumer, bool last) {
-        if (!(last && consumer == CONSUMERS - 1)) named_bar_arrive(1 + (consumer + 1) % CONSUMERS, 256);
+        if (PINGPONG && !(last && consumer == CONSUMERS - 1)) named_bar_arrive(1 + (consumer + 1) % CONSUMERS, 256);
     }
 };
+
+// The consumers' side of a K/V stage: wait until the producer's cp.async writes to it have landed and order
+// them (generic proxy) before this thread's wgmma reads (async proxy) ...
+__device__ __forceinline__ void consumer_wait_full(unsigned bar, unsigned parity) {
+    mbar_wait(bar, parity);
+    fence_proxy_async();
+}
+
+// ... and, once this warp's wgmmas reading the stage have completed, hand it back (one arrival per warp).
+__device__ __forceinline__ void consumer_release(unsigned bar, int lane) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+}
+
+// Registers written by ordinary instructions (S, O, P fragments) are complete before the wgmmas that read them.
+template <int NS, int NO, int KN>
+__device__ __forceinline__ void fence_operands(float (&s)[NS], float (&o)[NO], unsigned (&p)[KN][4]) {
+    reg_fence(s);
+    reg_fence(o);
+#pragma unroll
+    for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+    wgmma_fence();
+}
 
 }  // namespace adaattn
 
