@@ -133,13 +133,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const unsigned sK = sQ + BLOCK_M * HEAD_DIM;      // STAGES x [BLOCK_N][HEAD_DIM]
     const unsigned sV = sK + STAGES * KV_BYTES;       // STAGES x [HEAD_DIM][BLOCK_N] (V^T, 128-byte lines)
     const unsigned sO = sV + STAGES * KV_BYTES;       // [BLOCK_M][HEAD_DIM] of T: output staging
-    // mbarriers (8 bytes each): Q full, then per stage K full, V full, K empty, V empty.
-    const unsigned bar_q = sO + BLOCK_M * HEAD_DIM * 2;
-    auto bar_k_full = [&](int s) { return bar_q + 8 + 32 * s; };
-    auto bar_v_full = [&](int s) { return bar_q + 16 + 32 * s; };
-    auto bar_k_empty = [&](int s) { return bar_q + 24 + 32 * s; };
-    auto bar_v_empty = [&](int s) { return bar_q + 32 + 32 * s; };
-    static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
+    const StageBarriers<STAGES> bars{sO + BLOCK_M * HEAD_DIM * 2};
 
     const int tid = threadIdx.x;
 
@@ -176,15 +170,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         return;
     }
 
-    if (tid == 0) {
-        mbar_init(bar_q, 128);
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(bar_k_full(s), 128);
-            mbar_init(bar_v_full(s), 128);
-            mbar_init(bar_k_empty(s), 8);
-            mbar_init(bar_v_empty(s), 8);
-        }
-    }
+    if (tid == 0) bars.init(2);
     __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
     if (tid < 128) {
@@ -194,18 +180,18 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         const unsigned char* k_ptr = kq + bhk * seqlen_k_pad * HEAD_DIM;
         const unsigned char* v_ptr = vt + bhk * HEAD_DIM * seqlen_k_pad;
         producer_load_fp8<BLOCK_M, HEAD_DIM>(sQ, q_ptr, HEAD_DIM, tid);
-        mbar_arrive_cp_async(bar_q);
+        mbar_arrive_cp_async(bars.q_full());
         for (int it = 0; it < n_blocks; ++it) {
             const int s = it % STAGES;
             const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
             const int n_block = n_blocks - 1 - it;
-            if (it >= STAGES) mbar_wait(bar_k_empty(s), parity);
+            if (it >= STAGES) mbar_wait(bars.k_empty(s), parity);
             producer_load_fp8<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, k_ptr + (long long)n_block * KV_BYTES, HEAD_DIM,
                                                  tid);
-            mbar_arrive_cp_async(bar_k_full(s));
-            if (it >= STAGES) mbar_wait(bar_v_empty(s), parity);
+            mbar_arrive_cp_async(bars.k_full(s));
+            if (it >= STAGES) mbar_wait(bars.v_empty(s), parity);
             producer_load_fp8<HEAD_DIM, BLOCK_N>(sV + s * KV_BYTES, v_ptr + n_block * BLOCK_N, seqlen_k_pad, tid);
-            mbar_arrive_cp_async(bar_v_full(s));
+            mbar_arrive_cp_async(bars.v_full(s));
         }
         // No copy may outlive its issuing thread (the copies were never committed: close them as a group).
         cp_async_commit();
@@ -315,8 +301,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     // First tile: nothing to accumulate into O yet.
     float corr[2];
     float k_scale = sk_ptr[n_blocks - 1];
-    consumer_wait_full(bar_q, 0);
-    consumer_wait_full(bar_k_full(0), 0);
+    consumer_wait_full(bars.q_full(), 0);
+    consumer_wait_full(bars.k_full(0), 0);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_qk(0);
@@ -324,15 +310,15 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     Roles::turn_end(wg, false);
     wgmma_wait<0>();
     reg_fence(acc_s);
-    consumer_release(bar_k_empty(0), lane);
+    consumer_release(bars.k_empty(0), lane);
     softmax(n_blocks - 1, k_scale, corr);
     pack_p();
 
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
         k_scale = sk_ptr[n_blocks - 1 - it];
-        consumer_wait_full(bar_k_full(s), (it / STAGES) & 1);
-        consumer_wait_full(bar_v_full(s_prev), ((it - 1) / STAGES) & 1);
+        consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
+        consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
         Roles::turn_begin(wg);
         fence_operands(acc_s, acc_o, p);
         issue_qk(s);
@@ -342,13 +328,13 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         Roles::turn_end(wg, false);
         wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
         reg_fence(acc_s);
-        consumer_release(bar_k_empty(s), lane);
+        consumer_release(bars.k_empty(s), lane);
         softmax(n_blocks - 1 - it, k_scale, corr);
         wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
         reg_fence(acc_o);
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        consumer_release(bar_v_empty(s_prev), lane);
+        consumer_release(bars.v_empty(s_prev), lane);
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
@@ -357,7 +343,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    consumer_wait_full(bar_v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);

@@ -304,6 +304,29 @@ struct WarpRoles {
     }
 };
 
+// The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, then per stage
+// K full, V full, K empty, V empty. "full" expects the producer's 128 threads, "empty" one arrival per consumer
+// warp. `init` is for one thread, before a CTA-wide barrier.
+template <int STAGES>
+struct StageBarriers {
+    static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
+    unsigned base;
+    __device__ __forceinline__ unsigned q_full() const { return base; }
+    __device__ __forceinline__ unsigned k_full(int s) const { return base + 8 + 32 * s; }
+    __device__ __forceinline__ unsigned v_full(int s) const { return base + 16 + 32 * s; }
+    __device__ __forceinline__ unsigned k_empty(int s) const { return base + 24 + 32 * s; }
+    __device__ __forceinline__ unsigned v_empty(int s) const { return base + 32 + 32 * s; }
+    __device__ __forceinline__ void init(int consumers) const {
+        mbar_init(q_full(), 128);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(k_full(s), 128);
+            mbar_init(v_full(s), 128);
+            mbar_init(k_empty(s), 4 * consumers);
+            mbar_init(v_empty(s), 4 * consumers);
+        }
+    }
+};
+
 // The consumers' side of a K/V stage: wait until the producer's cp.async writes to it have landed and order
 // them (generic proxy) before this thread's wgmma reads (async proxy) ...
 __device__ __forceinline__ void consumer_wait_full(unsigned bar, unsigned parity) {
