@@ -160,13 +160,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     if (CAUSAL) n_blocks = min(n_blocks, last_key / BLOCK_N + 1);
     if (n_blocks <= 0 || (CAUSAL && last_key < 0)) {
         // Every row of the block is fully masked: out = 0, lse = -inf (uniform per block: no barrier yet).
-        for (int idx = tid; idx < BLOCK_M * DT; idx += NTHREADS) {
-            const int row = m_start + idx / DT;
-            if (row < seqlen_q)
-                *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + (idx % DT) * 8) = make_uint4(0, 0, 0, 0);
-        }
-        for (int r = tid; r < BLOCK_M; r += NTHREADS)
-            if (m_start + r < seqlen_q) lse_ptr[m_start + r] = neg_inf();
+        write_masked_rows<BLOCK_M, HEAD_DIM, NTHREADS>(o_ptr, o_stride_s, lse_ptr, m_start, seqlen_q, tid);
         return;
     }
 

@@ -70,6 +70,21 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const un
 }
 
 // Two fp32 values rounded to one packed 16-bit pair; `lo` lands in the low half (lower column index).
+// Rows [m_start, m_start + BLOCK_M) of one head that see no key: out = 0, lse = -inf, by the block's NTHREADS
+// threads (16-byte stores; rows past seqlen_q untouched). The forwards' exit for a fully masked query block.
+template <int BLOCK_M, int HEAD_DIM, int NTHREADS, typename T>
+__device__ __forceinline__ void write_masked_rows(T* o_ptr, long long o_stride_s, float* lse_ptr, int m_start,
+                                                  int seqlen_q, int tid) {
+    constexpr int DT = HEAD_DIM / 8;  // 16-byte chunks per row
+    for (int idx = tid; idx < BLOCK_M * DT; idx += NTHREADS) {
+        const int row = m_start + idx / DT;
+        if (row < seqlen_q)
+            *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + (idx % DT) * 8) = make_uint4(0, 0, 0, 0);
+    }
+    for (int r = tid; r < BLOCK_M; r += NTHREADS)
+        if (m_start + r < seqlen_q) lse_ptr[m_start + r] = neg_inf();
+}
+
 template <typename T>
 __device__ __forceinline__ unsigned pack2(float lo, float hi);
 
