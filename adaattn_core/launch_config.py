@@ -79,9 +79,10 @@ class Sm90Tile:
 
 
 #: Hopper (sm_90a, wgmma) forward tiles per (head dim, causal); other head dims use the mma.sync kernel.
-#: D=64 runs three consumer warpgroups (192 query rows, 3 stages): +10-18% over 128 rows at S >= 2k, -9% at
-#: causal S = 1k (H200, benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). 176 keys at
-#: D=128 (FlashAttention-3's tile) and 80 keys at D=256 measured within noise of the tiles below (…-v1.json).
+#: D=64 runs three consumer warpgroups (192 query rows, 3 stages): over 128 rows at S >= 2k, +15-18%
+#: non-causal and +4-13% causal, -9% at causal S = 1k (H200,
+#: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). 176 keys at D=128 (FlashAttention-3's
+#: tile) and 80 keys at D=256 measured within noise of the tiles below (…-v1.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
     (64, True): Sm90Tile(128, stages=3, block_m=192),

@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     // O, a multiply per accumulator, is skipped on most tiles once the first few have set m; the result is
     // the same softmax, since O and l share m. corr[r] = 2^(m_old - m_new), 1 when m stayed.
     constexpr float RESCALE_LOG2 = 8.f;
-    // Skipping the multiply is a per-thread branch; it measured +1-6% at D = 64 and 256 but -2.5% at D = 128
+    // Skipping the multiply is a per-thread branch; it measured -1% to +6% at D = 64 and 256 but -2.5% at D = 128
     // non-causal, S = 16k (benchmarks/results/tuning/2026-11-22-H200-fwd-lazy-rescale-*.json), where the
     // rescale otherwise interleaves with the packing of P: D = 128 multiplies by corr = 1 instead.
     constexpr bool SKIP_UNCHANGED_RESCALE = HEAD_DIM != 128;
