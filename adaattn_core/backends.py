@@ -69,7 +69,8 @@ def forward(
     kinds = plan.by_kind
     for kind, indices in kinds.items():
         if kind not in (problem.dtype, FP8, "lowrank"):
-            raise NotImplementedError(f"head {indices[0]}: precision {kind!r} for {problem.dtype} inputs")
+            raise NotImplementedError(f"head {indices[0]}: precision {kind!r} for {problem.dtype} inputs; "
+                                      f"expected one of {problem.dtype!r}, {FP8!r}, 'lowrank'")
     dense, fp8, lowrank = (kinds.get(kind) for kind in (problem.dtype, FP8, "lowrank"))
     if dense:
         heads = None if len(dense) == problem.heads_q else dense

@@ -147,7 +147,8 @@ def probe(
     if not 1 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be in [1, {MAX_TOPK}], got {topk}")
     if len(rows) == 0 or rows.min() < 0 or rows.max() >= problem.seqlen_q:
-        raise ValueError(f"rows must be non-empty indices in [0, {problem.seqlen_q}), got {rows!r}")
+        got = f"{len(rows)} rows in [{rows.min()}, {rows.max()}]" if len(rows) else "no rows"
+        raise ValueError(f"rows must be non-empty indices in [0, {problem.seqlen_q}), got {got}")
     use_kernel = problem.library == "cupy" if kernel is None else kernel
     if use_kernel and (problem.head_dim > MAX_D or len(rows) > MAX_ROWS):
         raise ValueError(f"the probe kernels take D <= {MAX_D} and <= {MAX_ROWS} rows, got D = "

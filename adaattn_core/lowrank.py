@@ -94,6 +94,7 @@ def geometry(seq_q: int, seq_k: int, rank: int, block: int = BLOCK) -> Geometry:
     return Geometry(length, padded, block, segment, length - seq_q, length - seq_k)
 
 
+@cache  # a Python loop over divisors, asked twice per plan with the same lengths
 def balanced_rank(seq_q: int, seq_k: int, block: int = BLOCK) -> int:
     """The rank r ≈ sqrt(L / w) that balances fine and coarse landmarks (t ≈ nc), minimising the cost.
 
