@@ -132,8 +132,8 @@ class _Keys:
 
     kp, vp [B, n, Lp, D]; key_bias [n, Lp] (0 for a key in the near field/landmarks, −inf for padding and
     sinks); kf, vf [B, n, nb, D] and log_nf [n, nb]; kc, vc [B, n, nc, D] and log_nc [n, nc];
-    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding). `masked`: key_bias may have a −inf
-    (grid padding, or some sink column); when False the forward skips adding it. kp, vp are the inputs
+    ks, vs [B, n, ns, D] and sink_pos [n, ns] (position, or −1 for padding). key_bias has a −inf only where the
+    grid pads keys (`Geometry.pads_keys`) or ns > 0; otherwise the forward skips adding it. kp, vp are the inputs
     converted to ctype (no zero-padded copy) when the grid needs no padding.
     """
 
@@ -149,21 +149,19 @@ class _Keys:
     ks: Any
     vs: Any
     sink_pos: Any
-    masked: bool
 
     def take(self, xp: Any, index: Sequence[int]) -> _Keys:
         """The keys of heads `index` (positions in the head axis n), gathered on the head axis."""
         at = on_device(xp, list(index), np.int64)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "masked"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         per_batch = {"kp", "vp", "kf", "vf", "kc", "vc", "ks", "vs"}  # [B, n, ...]; the others [n, ...]
-        return _Keys(**{name: x[:, at] if name in per_batch else x[at] for name, x in fields.items()},
-                     masked=self.masked)
+        return _Keys(**{name: x[:, at] if name in per_batch else x[at] for name, x in fields.items()})
 
-    def first_sinks(self, count: int, pads_keys: bool) -> _Keys:
+    def first_sinks(self, count: int) -> _Keys:
         """These keys with only the first `count` sink columns (views; the dropped columns must be −1 for every
-        head); `pads_keys`: the grid's `Geometry.pads_keys`, the other source of masked positions."""
+        head)."""
         return dataclasses.replace(self, ks=self.ks[:, :, :count], vs=self.vs[:, :, :count],
-                                   sink_pos=self.sink_pos[:, :count], masked=pads_keys or count > 0)
+                                   sink_pos=self.sink_pos[:, :count])
 
 
 def _log_count(xp: Any, count: Any) -> Any:
@@ -209,7 +207,7 @@ def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: Any) -> _Ke
     ks, vs = (x[:, head_of, key_of].astype(ctype) for x in (k, v))  # [B, n, ns, D]
     key_bias = xp.where(weight > 0, ctype.type(0), ctype.type(-np.inf))
     return _Keys(kp, vp, key_bias, kf, vf, _log_count(xp, count_f).astype(ctype, copy=False), kc, vc,
-                 _log_count(xp, count_c).astype(ctype, copy=False), ks, vs, sink_pos, padded or ns > 0)
+                 _log_count(xp, count_c).astype(ctype, copy=False), ks, vs, sink_pos)
 
 
 def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
@@ -285,7 +283,7 @@ def _all_rows(xp: Any, ctype: Any, geo: Geometry, causal: bool, q: Any, keys: _K
     near_bias, fine_bias, coarse_bias = (on_device(xp, x) for x in _grid_biases(geo, causal, ctype))
 
     near = qp.reshape(B, n, nb, w, D) @ keys.kp.reshape(B, n, nb, w, D).swapaxes(-1, -2)
-    if keys.masked:
+    if geo.pads_keys or keys.ks.shape[2]:  # else key_bias is all 0
         near += keys.key_bias.reshape(n, nb, 1, w)
     if causal:
         near += near_bias
@@ -395,7 +393,7 @@ class Prepared:
             return None
         keys = self.keys if tuple(heads) == self.heads else self.keys.take(xp, [position[h] for h in heads])
         if columns < self.sink_columns:
-            keys = keys.first_sinks(columns, self.geometry.pads_keys)
+            keys = keys.first_sinks(columns)
         return Prepared(tuple(int(h) for h in heads), self.rank, self.geometry, keys)
 
 
