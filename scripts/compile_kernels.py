@@ -147,11 +147,14 @@ def nvrtc_compile(library: Path, include: Path, source: str, kernels: list[Kerne
     nvrtc = ctypes.CDLL(str(library))
     program = ctypes.c_void_p()
     code = _tagged_source(source).encode()
-    if nvrtc.nvrtcCreateProgram(ctypes.byref(program), code, source.encode(), 0, None, None):
-        return -1, "nvrtcCreateProgram failed"
+    created = nvrtc.nvrtcCreateProgram(ctypes.byref(program), code, source.encode(), 0, None, None)
+    if created:
+        return created, f"nvrtcCreateProgram failed with nvrtcResult {created}"
     try:
         for kernel in kernels:
-            nvrtc.nvrtcAddNameExpression(program, kernel.name.encode())
+            added = nvrtc.nvrtcAddNameExpression(program, kernel.name.encode())
+            if added:
+                return added, f"nvrtcAddNameExpression({kernel.name}) failed with nvrtcResult {added}"
         options = [o.encode() for o in compile_options((9, 0))] + [f"-I{include}".encode()]
         result = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
         size = ctypes.c_size_t()
