@@ -30,8 +30,10 @@ def element_strides(x: Any) -> tuple[int, ...]:
 
 
 def kernel_ready(x: Any, strides: tuple[int, ...]) -> bool:
-    """Innermost stride 1, other strides multiples of 8 elements, 16-byte aligned base (16-byte cp.async)."""
-    return strides[-1] == 1 and all(s % 8 == 0 for s in strides[:-1]) and x.data.ptr % 16 == 0
+    """Innermost stride 1, other strides multiples of 8 elements (16-byte cp.async and TMA), no broadcast (stride 0
+    over an extent > 1: a TMA tensor map cannot express it), 16-byte aligned base."""
+    return (strides[-1] == 1 and all(s % 8 == 0 and (s != 0 or n == 1) for s, n in zip(strides[:-1], x.shape))
+            and x.data.ptr % 16 == 0)
 
 
 def readable(x: Any) -> tuple[Any, tuple[int, ...]]:

@@ -19,6 +19,7 @@ from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, rea
 from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch
 from .loader import get_kernel
 from .problem import AttentionProblem
+from .tma import tile_map
 
 #: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the warp-specialised wgmma
 #: kernel (attention_fwd_sm90_ws.cu) on Hopper (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K, the
@@ -64,15 +65,29 @@ def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
 
 
 @lru_cache(maxsize=512)
-def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[Any, int, int, int]:
-    """(kernel, grid, threads, dynamic smem bytes) for `num_heads` query heads of a problem, built once."""
+def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[Any, int, KernelLaunch]:
+    """(kernel, grid, launch shape) for `num_heads` query heads of a problem, built once."""
     launch = _select(problem, device_id)
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     grid = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
     if grid >= 2**31:
         raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
-    return kernel, grid, launch.threads, launch.smem_bytes
+    return kernel, grid, launch
+
+
+def _tensor_args(launch: KernelLaunch, inputs: Sequence[tuple[Any, tuple[int, ...]]], out: Any, lse: Any,
+                 out_strides: tuple[int, ...]) -> tuple[Any, ...]:
+    """The kernel's tensor arguments: Q, K, V as TMA tensor maps (the wgmma kernel) or as pointers with their (b, h, s)
+    strides (the mma.sync kernel), and out, lse with out's (b, h, s) strides."""
+    o_strides = tuple(map(np.int64, out_strides[:3]))
+    if launch.tma_rows is not None:
+        q_rows, kv_rows = launch.tma_rows
+        maps = (tile_map(x.data.ptr, x.shape, strides[:3], rows)
+                for (x, strides), rows in zip(inputs, (q_rows, kv_rows, kv_rows)))
+        return (*maps, out, lse, *o_strides)
+    return (*(x for x, _ in inputs), out, lse, *(np.int64(s) for _, strides in inputs for s in strides[:3]),
+            *o_strides)
 
 
 def forward(
@@ -90,22 +105,20 @@ def forward(
     device_id = cupy.cuda.runtime.getDevice()
     head_index = None if heads is None else head_index_array(tuple(heads), device_id)
     num_heads = problem.heads_q if heads is None else len(heads)
-    kernel, grid, threads, smem = _launch(problem, device_id, num_heads)
-    (q, q_strides), (k, k_strides), (v, v_strides) = (readable(x) for x in (q, k, v))
+    kernel, grid, launch = _launch(problem, device_id, num_heads)
+    inputs = [readable(x) for x in (q, k, v)]
     target, out_strides = writable(out)
     kernel(
         (grid,),
-        (threads,),
+        (launch.threads,),
         (
-            q, k, v, target, lse,
-            *map(np.int64, q_strides[:3]), *map(np.int64, k_strides[:3]), *map(np.int64, v_strides[:3]),
-            *map(np.int64, out_strides[:3]),
+            *_tensor_args(launch, inputs, target, lse, out_strides),
             head_index, np.int32(num_heads),
             np.int32(problem.heads_q), np.int32(problem.group_size),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
             np.float32(problem.scale * LOG2E),
         ),
-        shared_mem=smem,
+        shared_mem=launch.smem_bytes,
     )
     if target is not out:
         if heads is None:

@@ -103,7 +103,9 @@ SM90_ARCHS = ("90a",)
 
 @dataclass(frozen=True)
 class KernelLaunch:
-    """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks)."""
+    """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks). `tma_rows`: for a
+    kernel that loads Q and K/V through TMA tensor maps (adaattn_core/tma.py), the rows of a Q box and of a K/V box;
+    None for kernels that take pointers and strides."""
 
     source: str
     name: str
@@ -111,6 +113,7 @@ class KernelLaunch:
     smem_bytes: int
     block_m: int
     archs: tuple[str, ...]
+    tma_rows: tuple[int, int] | None = None
 
 
 def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:
@@ -129,6 +132,7 @@ def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, ping
             smem_bytes=sm90.smem_bytes(head_dim),
             block_m=sm90.block_m,
             archs=SM90_ARCHS,
+            tma_rows=(sm90.block_m, sm90.block_n),
         )
     tile = FORWARD_TILES[(head_dim, causal)]
     return KernelLaunch(

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         return;
     }
 
-    if (tid == 0) bars.init(2);
+    if (tid == 0) bars.init(128, 2);
     __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
     if (tid < 128) {
@@ -295,8 +295,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     // First tile: nothing to accumulate into O yet.
     float corr[2];
     float k_scale = sk_ptr[n_blocks - 1];
-    consumer_wait_full(bars.q_full(), 0);
-    consumer_wait_full(bars.k_full(0), 0);
+    consumer_wait_full<true>(bars.q_full(), 0);
+    consumer_wait_full<true>(bars.k_full(0), 0);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_qk(0);
@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
         k_scale = sk_ptr[n_blocks - 1 - it];
-        consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
-        consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
+        consumer_wait_full<true>(bars.k_full(s), (it / STAGES) & 1);
+        consumer_wait_full<true>(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
         Roles::turn_begin(wg);
         fence_operands(acc_s, acc_o, p);
         issue_qk(s);
@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    consumer_wait_full<true>(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);

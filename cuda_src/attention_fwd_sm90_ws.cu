@@ -1,11 +1,12 @@
-// Fused attention forward on Hopper, warp-specialised (sm_90a only): one producer warpgroup streams K/V
-// tiles into shared memory on mbarriers, two or three consumer warpgroups run the wgmma GEMMs and the
-// softmax, optionally ping-ponged so one consumer's softmax overlaps the others' GEMMs (FlashAttention-3, §3.1).
+// Fused attention forward on Hopper, warp-specialised (sm_90a only): one producer thread streams K/V
+// tiles into shared memory with TMA copies on mbarriers, two or three consumer warpgroups run the wgmma GEMMs
+// and the softmax, optionally ping-ponged so one consumer's softmax overlaps the others' GEMMs (FlashAttention-3, §3.1).
 //
 // Computes, for batch b, query head h, query row i (g = num_heads_q / num_heads_kv = group_size):
 //     out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h/g,j,:]) * v[b,h/g,j,:]
 //     lse[b,h,i]   = log(sum_j exp(scale * q[b,h,i,:] . k[b,h/g,j,:]))        (natural log, fp32)
-// Same semantics, parameters and launch grid as attention_fwd.cu (the mma.sync kernel): GQA/MQA
+// Same semantics and launch grid as attention_fwd.cu (the mma.sync kernel), with Q, K and V passed as tensor
+// maps instead of pointers and strides (below): GQA/MQA
 // read the shared K/V head in place, causal is bottom-right aligned (row i attends keys j <= i + Sk - Sq),
 // rows with no admissible key get out = 0 and lse = -inf, K/V rows past seqlen_k are zero-filled and
 // their scores -inf, Q rows past seqlen_q are computed on zeros and never stored.
@@ -19,8 +20,10 @@
 //   dynamic shared memory bytes = (BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM * 2 + 1024 + 128
 //             (Q tile, STAGES K and STAGES V tiles of 16-bit elements, 1024 bytes to round the base up to
 //             the 1024-byte alignment of the swizzle, 128 bytes of mbarriers; no static shared memory).
-//   Strides are in elements, the head-dim stride is 1, pointers are 16-byte aligned and every stride is
-//   a multiple of 8 elements (all 16-byte cp.async).
+//   q_map, k_map, v_map = tensor maps (TmaMap, wgmma_sm90.cuh; encoded by adaattn_core/tma.py) of the
+//             [B][Hq][Sq][D], [B][Hkv][Sk][D] and [B][Hkv][Sk][D] inputs with any strides the TMA unit takes
+//             (multiples of 16 bytes; head-dim stride 1), boxes of 64 columns by BLOCK_M (Q) and BLOCK_N (K, V)
+//             rows, 128-byte swizzle. Out strides are in elements, head-dim stride 1, 16-byte aligned rows.
 //
 // Roles (WarpRoles in wgmma_sm90.cuh): the producer gives registers back with setmaxnreg.dec (40; 32 with
 // three consumers) and the consumers take them (232; 160), which is what lets the consumers hold S
@@ -29,19 +32,18 @@
 // 216 (D = 256 causal spills at 200), the producer 32. Three consumers fit D = 64 only (D = 128 spills at
 // 160).
 //
-// Producer: all 128 threads issue cp.async into the 128-byte swizzle that wgmma reads (a 1-D bulk copy
-// cannot produce it; TMA would need a tensor map encoded per call on the host with the driver's
-// cuTensorMapEncodeTiled, not wired up yet), in order Q, K_0, V_0, K_1, V_1, ... (key tiles from last to
-// first, as the consumers visit them). Before refilling stage s it waits on the stage's "empty" mbarrier;
-// after issuing a tile each thread does cp.async.mbarrier.arrive.noinc on the stage's "full" mbarrier
-// (expected count 128), which fires once that thread's copies have landed, so the producer never blocks
-// on its own loads. A consumer that has waited on a "full" barrier fences the generic proxy (cp.async
-// writes) against the async proxy (wgmma reads) before its GEMMs.
+// Producer: one thread issues the TMA copies (tma_load_tile: D / 64 per tile), which write the 128-byte swizzle
+// that wgmma reads and zero-fill rows past the sequence end, in order Q, K_0, V_0, K_1, V_1, ... (key tiles
+// from last to first, as the consumers visit them). Before refilling stage s it waits on the stage's "empty"
+// mbarrier; each tile arms its "full" mbarrier with its byte count (expected count 1 arrival), which
+// completes once the bytes have landed, so the producer never blocks on its own loads. The other 127
+// producer threads leave after setmaxnreg: the address arithmetic and issue of 128-thread cp.async are gone
+// from the consumers' schedulers.
 // Tiling. Consumer warpgroup w owns query rows [64 w, 64 w + 64) and all HEAD_DIM output columns, so every
 // MMA is one m64 wgmma. Shared tiles ([rows][HEAD_DIM]) are stored as HEAD_DIM / 64 column blocks of
 // [rows][64] with the 128-byte swizzle, the canonical layout wgmma reads through a matrix descriptor:
 // K-major for Q and K (operands of Q K^T), N-major for V (B operand of P V, transposed by the instruction),
-// so cp.async copies rows as they are in memory. Key tiles are visited from last to first (the masked
+// so the TMA copies rows as they are in memory. Key tiles are visited from last to first (the masked
 // tiles come first). Per tile and consumer, software-pipelined so that P V of the previous tile overlaps
 // this tile's softmax:
 //   S = Q K^T           HEAD_DIM / 16 wgmma m64n{BLOCK_N}k16, A and B from shared memory;
@@ -59,39 +61,10 @@
 
 #include "wgmma_sm90.cuh"
 
-namespace adaattn {
-
-// cp.async of a [ROWS][D] tile (first global row row0, rows >= row_end zero-filled) into the swizzled
-// layout of load_tile_sw128, by the 128 producer threads. Unlike load_tile_sw128 it allows a row step
-// that is not a multiple of 8 (D = 256: 32 chunks per row, 4 rows per pass), and it is not unrolled so
-// the producer fits in its 40 registers.
-template <int ROWS, int D, typename T>
-__device__ __forceinline__ void producer_load_tile(unsigned smem, const T* gmem, long long row_stride, int row0,
-                                                  int row_end, int tid) {
-    constexpr int CHUNKS = D / 8;
-    constexpr int ROW_STEP = 128 / CHUNKS;
-    static_assert(128 % CHUNKS == 0 && ROWS % ROW_STEP == 0, "unsupported tile for the producer");
-    const int c = tid % CHUNKS;
-    int row = tid / CHUNKS;
-    const T* src = gmem + (long long)(row0 + row) * row_stride + c * 8;
-#pragma unroll 4
-    for (int i = 0; i < ROWS / ROW_STEP; ++i) {
-        const bool in_range = row0 + row < row_end;
-        cp_async_16(smem + sw128_offset<ROWS>(row, c), in_range ? src : gmem, in_range ? 16 : 0);
-        row += ROW_STEP;
-        src += ROW_STEP * row_stride;
-    }
-}
-
-}  // namespace adaattn
-
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm90_ws(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    T* __restrict__ out, float* __restrict__ lse,
-    long long q_stride_b, long long q_stride_h, long long q_stride_s,
-    long long k_stride_b, long long k_stride_h, long long k_stride_s,
-    long long v_stride_b, long long v_stride_h, long long v_stride_s,
+    const __grid_constant__ adaattn::TmaMap q_map, const __grid_constant__ adaattn::TmaMap k_map,
+    const __grid_constant__ adaattn::TmaMap v_map, T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
     const int* __restrict__ head_index, int num_heads_launch,
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
@@ -141,31 +114,28 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         return;
     }
 
-    if (tid == 0) bars.init(CONSUMERS);
+    if (tid == 0) {
+        bars.init(1, CONSUMERS);
+        tma_prefetch_map(&q_map);
+        tma_prefetch_map(&k_map);
+        tma_prefetch_map(&v_map);
+    }
     __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
     if (tid < 128) {
         // ---- producer warpgroup ----
         setmaxnreg_dec<Roles::PRODUCER_REGS>();
-        const T* q_ptr = q + b * q_stride_b + h * q_stride_h;
-        const T* k_ptr = k + b * k_stride_b + h_kv * k_stride_h;
-        const T* v_ptr = v + b * v_stride_b + h_kv * v_stride_h;
-        producer_load_tile<BLOCK_M, HEAD_DIM>(sQ, q_ptr, q_stride_s, m_start, seqlen_q, tid);
-        mbar_arrive_cp_async(bars.q_full());
+        if (tid != 0) return;
+        tma_load_tile<BLOCK_M, HEAD_DIM>(sQ, &q_map, bars.q_full(), m_start, h, b);
         for (int it = 0; it < n_blocks; ++it) {
             const int s = it % STAGES;
             const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
             const int key0 = (n_blocks - 1 - it) * BLOCK_N;
             if (it >= STAGES) mbar_wait(bars.k_empty(s), parity);
-            producer_load_tile<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, k_ptr, k_stride_s, key0, seqlen_k, tid);
-            mbar_arrive_cp_async(bars.k_full(s));
+            tma_load_tile<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, &k_map, bars.k_full(s), key0, h_kv, b);
             if (it >= STAGES) mbar_wait(bars.v_empty(s), parity);
-            producer_load_tile<BLOCK_N, HEAD_DIM>(sV + s * KV_BYTES, v_ptr, v_stride_s, key0, seqlen_k, tid);
-            mbar_arrive_cp_async(bars.v_full(s));
+            tma_load_tile<BLOCK_N, HEAD_DIM>(sV + s * KV_BYTES, &v_map, bars.v_full(s), key0, h_kv, b);
         }
-        // No copy may outlive its issuing thread (the copies were never committed: close them as a group).
-        cp_async_commit();
-        cp_async_wait<0>();
         return;
     }
 
@@ -278,8 +248,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];
-    consumer_wait_full(bars.q_full(), 0);
-    consumer_wait_full(bars.k_full(0), 0);
+    consumer_wait_full<false>(bars.q_full(), 0);
+    consumer_wait_full<false>(bars.k_full(0), 0);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_qk(0);
@@ -293,8 +263,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
-        consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
-        consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
+        consumer_wait_full<false>(bars.k_full(s), (it / STAGES) & 1);
+        consumer_wait_full<false>(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
         Roles::turn_begin(wg);
         fence_operands(acc_s, acc_o, p);
         issue_qk(s);
@@ -321,7 +291,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    consumer_wait_full<false>(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);

@@ -246,6 +246,12 @@ __device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
+// Arrives on `bar` (one of its expected arrivals) and adds `bytes` to the transaction count its phase waits
+// for: the phase completes once the TMA copies signalling `bar` have written that many bytes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
 // Blocks until the phase of `bar` with parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
     unsigned done;
@@ -305,8 +311,9 @@ struct WarpRoles {
 };
 
 // The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, then per stage
-// K full, V full, K empty, V empty. "full" expects the producer's 128 threads, "empty" one arrival per consumer
-// warp. `init` is for one thread, before a CTA-wide barrier.
+// K full, V full, K empty, V empty. "full" expects `producer_arrivals` (the 128 threads of a cp.async producer,
+// the one thread of a TMA producer), "empty" one arrival per consumer warp. `init` is for one thread, before a
+// CTA-wide barrier.
 template <int STAGES>
 struct StageBarriers {
     static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
@@ -316,22 +323,24 @@ struct StageBarriers {
     __device__ __forceinline__ unsigned v_full(int s) const { return base + 16 + 32 * s; }
     __device__ __forceinline__ unsigned k_empty(int s) const { return base + 24 + 32 * s; }
     __device__ __forceinline__ unsigned v_empty(int s) const { return base + 32 + 32 * s; }
-    __device__ __forceinline__ void init(int consumers) const {
-        mbar_init(q_full(), 128);
+    __device__ __forceinline__ void init(int producer_arrivals, int consumers) const {
+        mbar_init(q_full(), producer_arrivals);
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(k_full(s), 128);
-            mbar_init(v_full(s), 128);
+            mbar_init(k_full(s), producer_arrivals);
+            mbar_init(v_full(s), producer_arrivals);
             mbar_init(k_empty(s), 4 * consumers);
             mbar_init(v_empty(s), 4 * consumers);
         }
     }
 };
 
-// The consumers' side of a K/V stage: wait until the producer's cp.async writes to it have landed and order
-// them (generic proxy) before this thread's wgmma reads (async proxy) ...
+// The consumers' side of a K/V stage: wait until the producer's writes to it have landed; cp.async writes
+// (generic proxy) must also be ordered before this thread's wgmma reads (async proxy), TMA writes are in the
+// async proxy already ...
+template <bool CP_ASYNC_PRODUCER>
 __device__ __forceinline__ void consumer_wait_full(unsigned bar, unsigned parity) {
     mbar_wait(bar, parity);
-    fence_proxy_async();
+    if (CP_ASYNC_PRODUCER) fence_proxy_async();
 }
 
 // ... and, once this warp's wgmmas reading the stage have completed, hand it back (one arrival per warp).
@@ -348,6 +357,44 @@ __device__ __forceinline__ void fence_operands(float (&s)[NS], float (&o)[NO], u
 #pragma unroll
     for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
     wgmma_fence();
+}
+
+}  // namespace adaattn
+
+// ---- TMA: tile loads through a tensor map (cp.async.bulk.tensor) ---------------------------------------
+
+namespace adaattn {
+
+// The driver's CUtensorMap (cuda.h, which NVRTC does not ship) as an opaque 128-byte, 64-byte-aligned
+// value. adaattn_core/tma.py encodes it on the host with cuTensorMapEncodeTiled; kernels take it by value as a
+// `const __grid_constant__` parameter, so the TMA unit reads it straight from parameter space.
+struct alignas(64) TmaMap {
+    unsigned long long words[16];
+};
+
+// Pulls a tensor map into the TMA unit's descriptor cache ahead of its first copy.
+__device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
+}
+
+// Copies the [ROWS][D] tile at rows row0 .. row0 + ROWS - 1 of head `head`, batch `batch` of a 16-bit
+// [B][H][S][D] tensor into the layout of sw128_offset<ROWS> at `smem` (1024-byte aligned): `map` is 4-D
+// (D, S, H, B, innermost first) with a box of 64 columns by ROWS rows and the 128-byte swizzle, so each of
+// the D / 64 copies writes one [ROWS][64] column block exactly as wgmma's descriptors read it; rows past S
+// are zero-filled by the TMA unit. One thread issues it; the copies complete on `bar`, which this call arms
+// (one arrival plus the tile's bytes).
+template <int ROWS, int D>
+__device__ __forceinline__ void tma_load_tile(unsigned smem, const TmaMap* map, unsigned bar, int row0, int head,
+                                              int batch) {
+    mbar_arrive_expect_tx(bar, ROWS * D * 2);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb)
+        asm volatile(
+            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+            " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem + cb * ROWS * 128),
+            "l"(reinterpret_cast<unsigned long long>(map)), "r"(cb * 64), "r"(row0), "r"(head), "r"(batch),
+            "r"(bar)
+            : "memory");
 }
 
 }  // namespace adaattn

@@ -70,6 +70,17 @@ def test_gqa_layouts_strides(cp, rng, group, layout, strides, dim, causal):
     _check(cp, q, k, v, causal=causal, layout=layout)
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_broadcast_strides(cp, rng, dim):
+    """K and V broadcast over heads and Q over the batch (stride 0): a TMA tensor map cannot step by 0, so the
+    launcher must copy such inputs, not misread them."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=1, seq_q=1000, seq_k=777, dim=dim, dtype="bfloat16", xp=cp)
+    q = cp.broadcast_to(q, (3,) + q.shape[1:])
+    k, v = (cp.broadcast_to(x, (3, 4) + x.shape[2:]) for x in (k, v))
+    assert 0 in q.strides and 0 in k.strides
+    _check(cp, q, k, v, causal=True, layout="bhsd")
+
+
 def test_many_heads_and_batches(cp, rng):
     q, k, v = make_qkv(rng, batch=16, heads_q=32, heads_kv=8, seq_q=77, seq_k=140, dim=64,
                        dtype="float16", layout="bshd", xp=cp)

@@ -1,0 +1,74 @@
+"""Tensor maps for the Hopper kernels' TMA loads (`cp.async.bulk.tensor`), encoded on the host by the CUDA
+driver's `cuTensorMapEncodeTiled` through ctypes (CuPy does not wrap it; the driver library is present wherever
+a kernel can run).
+
+A map describes one [B, H, S, D] tensor of 16-bit elements (any strides that are multiples of 16 bytes, head-dim
+stride 1) as 4-D (D, S, H, B, innermost first) with a box of 64 columns by `box_rows` rows and the 128-byte
+swizzle, which is the layout `tma_load_tile` (cuda_src/wgmma_sm90.cuh) writes for the wgmma descriptors; rows
+past S read as zeros. It is passed to a kernel by value (`const __grid_constant__ TmaMap`) as the 128-byte NumPy
+structured scalar returned here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache, lru_cache
+
+import numpy as np
+
+#: The kernels' TmaMap: 128 opaque bytes (CUtensorMap), passed by value.
+TMA_MAP_DTYPE = np.dtype([("words", np.uint64, (16,))])
+
+# CUtensorMap* enums (cuda.h, CUDA 12+).
+_DATA_TYPE_UINT16 = 1  # the TMA only copies bytes: bf16 and fp16 alike
+_INTERLEAVE_NONE = 0
+_SWIZZLE_128B = 3
+_L2_PROMOTION_256B = 3
+_OOB_FILL_ZEROS = 0  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: out-of-bounds elements read as zero
+
+_BOX_COLS = 64  # 128 bytes of 16-bit elements: the widest box the 128-byte swizzle takes
+_MAX_BOX_ROWS = 256
+
+
+@cache
+def _encode_tiled() -> ctypes._CFuncPtr:
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+@lru_cache(maxsize=1024)
+def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int, int], box_rows: int) -> np.void:
+    """The TmaMap of a 16-bit [B, H, S, D] tensor at device address `ptr` with element strides (batch, head, row)
+    (head-dim stride 1), for tiles of `box_rows` rows by all D columns (D / 64 copies of 64 columns).
+
+    Raises ValueError for a shape or stride the TMA unit cannot take (the launchers check strides with
+    `cuda_common.kernel_ready` first, so this only fires on a broken invariant) and RuntimeError with the driver's
+    code if the driver refuses the map.
+    """
+    batch, heads, rows, head_dim = shape
+    if head_dim % _BOX_COLS or not 0 < box_rows <= _MAX_BOX_ROWS or ptr % 16:
+        raise ValueError(f"TMA tile map: head dim {head_dim} must be a multiple of {_BOX_COLS}, box rows {box_rows} "
+                         f"in 1..{_MAX_BOX_ROWS}, address {ptr:#x} 16-byte aligned")
+    dims = (head_dim, rows, heads, batch)
+    # A dimension of extent 1 is never stepped, so its stride is free: give it a legal one (its real stride may
+    # be 0 or unaligned, e.g. a broadcast batch of 1).
+    byte_strides = tuple(2 * s if n > 1 else 16 for s, n in zip(strides[::-1], dims[1:]))
+    if any(s <= 0 or s % 16 or s >= 2**40 for s in byte_strides):
+        raise ValueError(f"TMA tile map: strides {strides} (elements) must be positive multiples of 8 below 2**39")
+    buffer = np.zeros(1 + 64 // 8 + 16, dtype=np.uint64)  # room to align the 128-byte map to 64 bytes
+    start = (-buffer.ctypes.data % 64) // 8
+    tensor_map = buffer[start:start + 16]
+    code = _encode_tiled()(
+        tensor_map.ctypes.data, _DATA_TYPE_UINT16, 4, ptr,
+        (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*byte_strides),
+        (ctypes.c_uint32 * 4)(_BOX_COLS, box_rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1),
+        _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS,
+    )
+    if code != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled returned CUresult {code} for shape {shape}, element strides "
+                           f"{strides}, box rows {box_rows}")
+    return tensor_map.view(TMA_MAP_DTYPE)[0]
