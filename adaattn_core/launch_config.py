@@ -82,12 +82,13 @@ class Sm90Tile:
 #: D=64 runs three consumer warpgroups (192 query rows, 3 stages): over 128 rows at S >= 2k, +15-18%
 #: non-causal and +4-13% causal, -9% at causal S = 1k (H200,
 #: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). 176 keys at D=128 (FlashAttention-3's
-#: tile) and 80 keys at D=256 measured within noise of the tiles below (…-v1.json).
+#: tile) and 80 keys at D=256 measured within noise of the tiles below (…-v1.json). D=128 takes 3 K/V stages
+#: (225 KB of shared memory) since the loads moved to TMA: +1-6% over 2 (…/2026-12-03-H200-fwd-d128-*.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
     (64, True): Sm90Tile(128, stages=3, block_m=192),
-    (128, False): Sm90Tile(128),
-    (128, True): Sm90Tile(128),
+    (128, False): Sm90Tile(128, stages=3),
+    (128, True): Sm90Tile(128, stages=3),
     (256, False): Sm90Tile(64),
     (256, True): Sm90Tile(64),
 }

@@ -177,10 +177,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     // O, a multiply per accumulator, is skipped on most tiles once the first few have set m; the result is
     // the same softmax, since O and l share m. corr[r] = 2^(m_old - m_new), 1 when m stayed.
     constexpr float RESCALE_LOG2 = 8.f;
-    // Skipping the multiply is a per-thread branch; it measured -1% to +6% at D = 64 and 256 but -2.5% at D = 128
-    // non-causal, S = 16k (benchmarks/results/tuning/2026-11-22-H200-fwd-lazy-rescale-*.json), where the
-    // rescale otherwise interleaves with the packing of P: D = 128 multiplies by corr = 1 instead.
-    constexpr bool SKIP_UNCHANGED_RESCALE = HEAD_DIM != 128;
+    // The skip is a per-thread branch: with cp.async loads it measured -1% to +6% at D = 64 and 256 but -2.5% at
+    // D = 128; with TMA loads D = 128 gains too, -2% to +7% (benchmarks/results/tuning/2026-12-03-H200-fwd-d128-*).
     const int row0 = m_start + wg * 64 + warp * 16 + g;  // the thread's rows row0 and row0 + 8
     float row_max[2] = {neg_inf(), neg_inf()};          // reference max m of scale_log2 * score
     float row_sum[2] = {0.f, 0.f};                      // running sum of exp, partial over the lane
@@ -281,7 +279,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
         consumer_release(bars.v_empty(s_prev), lane);
-        if (!SKIP_UNCHANGED_RESCALE || corr[0] != 1.f || corr[1] != 1.f) {
+        if (corr[0] != 1.f || corr[1] != 1.f) {
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
