@@ -1,4 +1,5 @@
-"""Which array library an input belongs to, without importing CuPy unless the input is CuPy's.
+"""Which array library an input belongs to, without importing CuPy unless the input is CuPy's, and the
+host/device transfers of the core (`on_device`, `to_host`, `to_host64`), in one place.
 
 The core accepts NumPy arrays (CPU backend) and CuPy arrays (GPU backend). Detection goes by the
 array type's module so that `import adaattn_core` never imports CuPy, torch or jax.
@@ -7,6 +8,7 @@ array type's module so that `import adaattn_core` never imports CuPy, torch or j
 from __future__ import annotations
 
 import types
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -58,3 +60,48 @@ def compute_dtype(dtype_name: str) -> np.dtype:
 def lse_dtype(dtype_name: str) -> np.dtype:
     """lse is float32, except for float64 inputs where float32 would cap backward accuracy at 1e-7."""
     return compute_dtype(dtype_name)
+
+
+#: Host arrays kept on the device by `on_device` (least recently used dropped first).
+DEVICE_CACHE_SIZE = 256
+_device_cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+
+def on_device(xp: Any, values: Any, dtype: Any = None) -> Any:
+    """Small host values (indices, row limits) as an array of `xp` (NumPy: the NumPy array itself).
+
+    CuPy: cached per device by content (the DEVICE_CACHE_SIZE most recent), so that repeated calls with the
+    same rows/heads make no host→device copy: a copy from pageable host memory first waits for the stream to
+    drain, which would serialise the host's launches with the GPU's work several times per call. The cached
+    arrays are shared: callers only read them (indexing), never write.
+    """
+    host = np.asarray(values, dtype=dtype)
+    if xp is np:
+        return host
+    key = (xp.cuda.Device().id, host.dtype.str, host.shape, host.tobytes())
+    cached = _device_cache.get(key)
+    if cached is None:
+        cached = _device_cache[key] = xp.asarray(host)
+        if len(_device_cache) > DEVICE_CACHE_SIZE:
+            _device_cache.popitem(last=False)
+    else:
+        _device_cache.move_to_end(key)
+    return cached
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of a CuPy array (one device-to-host transfer), or a NumPy array as it is."""
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def to_host64(x: Any) -> np.ndarray:
+    """float64 NumPy copy of a NumPy, CuPy or torch array (device arrays: one device-to-host transfer).
+
+    CuPy arrays of 32 or 64 bits travel as they are and are widened on the host; narrower ones (float16,
+    bfloat16, which NumPy alone cannot hold) are widened on the device first. Either way the values are exact.
+    """
+    if hasattr(x, "detach"):  # torch
+        return x.detach().double().cpu().numpy()
+    if hasattr(x, "get") and x.dtype.itemsize < 4:  # CuPy
+        x = x.astype(np.float64)
+    return np.asarray(to_host(x), dtype=np.float64)

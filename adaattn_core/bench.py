@@ -4,14 +4,16 @@
   module imports neither CuPy nor torch; functions import what they need when called.
 - `time_calls` / `median_ms`: warm-up calls, then one timing per call: CUDA events recorded on CuPy's
   current stream on the GPU, `time.perf_counter` on the CPU; the median is what gets reported.
-- `make_input_sets`: fresh random q, k, v, rotated among enough sets that the sets together are larger
-  than the last-level cache, so no timed call finds its inputs there from the call before.
+- `make_input_sets`: fresh random q, k, v (and more arrays, e.g. dout, on request), rotated among enough sets
+  that the sets together are larger than the last-level cache, so no timed call finds its inputs there from
+  the call before. `paper_case` / `case_seed`: the FlashAttention papers' problem shapes and the seed the GPU
+  scripts draw them with.
 - `run_case` / `sweep`: one forward problem (or a sweep over S, D, causal, dtype and policy) timed for
   AdaAttn and for every available peer (torch SDPA flash / cuDNN / efficient when torch imports,
   SageAttention when installed), with TFLOP/s = 4·B·H·Sq·Sk·D / t (half of that when causal) and the
   relative L2 error of each output against float64.
-- `format_table`, `write_json`, `plot_results`: what a person reads. ``python -m adaattn_core.bench FILE.json``
-  prints a results file's table and writes its PNG next to it.
+- `format_table`, `format_number`, `write_json`, `plot_results`: what a person reads.
+  ``python -m adaattn_core.bench FILE.json`` prints a results file's table and writes its PNG next to it.
 
 Result files (JSON) keep the layout of `benchmarks/results/*-fwd.json`: ``{"env", "setup", "rows": [{"seq",
 "dim", "causal", "batch", "heads", "tflops": {impl: ...}, "ms": {impl: ...}, "ratio": {peer: ...}, ...}]}``;
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -42,12 +45,16 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import to_host64
+
 #: An implementation under test: called with the call's index (to pick the input set), returns the output.
 Impl = Callable[[int], Any]
 
 SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 FALLBACK_CACHE_BYTES = 64 << 20  # when the cache size cannot be read: larger than any GPU's L2 so far
 MAX_INPUT_SETS = 64
+#: The FlashAttention papers' problem sizes: B·S = 16k tokens, H·D = 2048 (B = tokens // S, H = hidden // D).
+PAPER_TOKENS, PAPER_HIDDEN = 16384, 2048
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,6 +91,17 @@ class Case:
         return forward_flops(self.batch, self.heads, self.seq, self.seq, self.dim, self.causal)
 
 
+def paper_case(seq: int, dim: int, causal: bool, dtype: str = "bfloat16") -> Case:
+    """The FlashAttention papers' problem of sequence length `seq` and head dim `dim`: B = 16k // S, H = 2048 // D."""
+    return Case(seq=seq, dim=dim, causal=causal, batch=max(1, PAPER_TOKENS // seq),
+                heads=max(1, PAPER_HIDDEN // dim), dtype=dtype)
+
+
+def case_seed(case: Case) -> int:
+    """The seed the GPU benchmarks draw `case`'s inputs with: the same inputs for the same (S, D, causal)."""
+    return case.seq * 1000 + case.dim * 2 + case.causal
+
+
 def impl_name(policy: str) -> str:
     """Result key of AdaAttn run under `policy`: "adaattn" for "exact", "adaattn[<policy>]" otherwise."""
     return "adaattn" if policy == "exact" else f"adaattn[{policy}]"
@@ -116,10 +134,10 @@ class SweepConfig:
         """
         if device == "gpu":
             if quick:
-                return cls(device="gpu", seqs=(1024, 4096), dims=(64, 128), dtypes=("bfloat16",), tokens=16384,
-                           hidden=2048, warmup=3, repeat=10)
+                return cls(device="gpu", seqs=(1024, 4096), dims=(64, 128), dtypes=("bfloat16",),
+                           tokens=PAPER_TOKENS, hidden=PAPER_HIDDEN, warmup=3, repeat=10)
             return cls(device="gpu", seqs=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128, 256),
-                       dtypes=("bfloat16",), tokens=16384, hidden=2048, warmup=5, repeat=30)
+                       dtypes=("bfloat16",), tokens=PAPER_TOKENS, hidden=PAPER_HIDDEN, warmup=5, repeat=30)
         if quick:
             return cls(device="cpu", seqs=(32, 64), dims=(32, 64), tokens=128, hidden=128, warmup=1, repeat=3)
         return cls(device="cpu", seqs=(128, 256, 512, 1024), dims=(64,), tokens=2048, hidden=256, warmup=1,
@@ -298,6 +316,17 @@ def torch_stream() -> Any:
     return torch.cuda.stream(torch.cuda.ExternalStream(ptr))
 
 
+def cupy_on_torch_stream() -> Any:
+    """The converse of `torch_stream`: a context that makes CuPy (and `time_calls`' events) use torch's current
+    stream, for scripts that run torch work outside `torch_stream`; a no-op when torch is not installed."""
+    if not _have("torch"):
+        return nullcontext()
+    import cupy
+    import torch
+
+    return cupy.cuda.Stream.from_external(torch.cuda.current_stream())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -334,27 +363,28 @@ def _numpy_dtype(dtype: str) -> Any:
 
 
 def make_input_sets(
-    case: Case, device: str, *, sets: int | None = None, seed: int | None = None
-) -> list[tuple[Any, Any, Any]]:
+    case: Case, device: str, *, sets: int | None = None, seed: int | None = None, arrays: int = 3
+) -> list[tuple[Any, ...]]:
     """Standard-normal (q, k, v) sets of `case` on `device` (NumPy on "cpu", CuPy on "gpu").
 
     `sets` defaults to `input_set_count` for this device's cache. `seed` None draws fresh entropy.
+    `arrays`: how many arrays of `case.shape` a set holds (4: q, k, v and the backward's dout).
     """
     itemsize = 2 if case.dtype in ("bfloat16", "float16") else np.dtype(case.dtype).itemsize
-    set_bytes = 3 * math.prod(case.shape) * itemsize
+    set_bytes = arrays * math.prod(case.shape) * itemsize
     count = sets if sets is not None else input_set_count(set_bytes, cache_bytes(device))
     if device == "gpu":
         import cupy
 
         rng = cupy.random.default_rng(seed)
         return [
-            tuple(rng.standard_normal(case.shape, dtype=cupy.float32).astype(case.dtype) for _ in range(3))
+            tuple(rng.standard_normal(case.shape, dtype=cupy.float32).astype(case.dtype) for _ in range(arrays))
             for _ in range(count)
         ]
     generator = np.random.default_rng(seed)
     target = _numpy_dtype(case.dtype)
     return [
-        tuple(generator.standard_normal(case.shape, dtype=np.float32).astype(target) for _ in range(3))
+        tuple(generator.standard_normal(case.shape, dtype=np.float32).astype(target) for _ in range(arrays))
         for _ in range(count)
     ]
 
@@ -519,15 +549,6 @@ def resolve_peers(requested: bool | Iterable[str], device: str, dtypes: Iterable
 # Errors
 
 
-def to_host64(x: Any) -> np.ndarray:
-    """float64 NumPy copy of a NumPy, CuPy or torch array."""
-    if hasattr(x, "detach"):  # torch
-        return x.detach().double().cpu().numpy()
-    if hasattr(x, "get"):  # CuPy
-        return x.astype("float64").get()
-    return np.asarray(x, dtype=np.float64)
-
-
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     """||a − b|| / ||b|| (0 when both are 0)."""
     norm = float(np.linalg.norm(b))
@@ -548,7 +569,7 @@ def float64_error(out: Any, q: Any, k: Any, v: Any, causal: bool, rows: int) -> 
     return rel_l2(to_host64(out[0:1, 0:1, seq_q - rows:]), ref)
 
 
-def _device_rel_l2(a: Any, b: Any) -> float:
+def device_rel_l2(a: Any, b: Any) -> float:
     """||a − b|| / ||b|| in float32 on the arrays' device (CuPy, NumPy or torch outputs)."""
     if hasattr(a, "detach") or hasattr(b, "detach"):
         a32 = (a if hasattr(a, "detach") else to_torch(a)).float()
@@ -563,7 +584,8 @@ def _device_rel_l2(a: Any, b: Any) -> float:
 # Measuring
 
 
-def _short_error(error: BaseException) -> str:
+def short_error(error: BaseException) -> str:
+    """"Type: first line of the message", at most 200 characters: why an implementation has no timing."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return f"{type(error).__name__}: {text}"[:200]
 
@@ -618,7 +640,7 @@ def run_case(
             ms = median_ms(fn, warmup=warmup, repeat=repeat, device=device)
         except Exception as error:  # a backend that does not take this shape/dtype: record it, go on
             row["ms"][name] = row["tflops"][name] = None
-            row.setdefault("unsupported", {})[name] = _short_error(error)
+            row.setdefault("unsupported", {})[name] = short_error(error)
             firsts.pop(name, None)
             continue
         row["ms"][name] = ms
@@ -627,7 +649,7 @@ def run_case(
         if name in backends:
             row["backend"][name] = backends[name]
     if "adaattn" in firsts and "torch-flash" in firsts:
-        row["rel_l2_vs_torch_flash"] = _device_rel_l2(firsts["adaattn"], firsts["torch-flash"])
+        row["rel_l2_vs_torch_flash"] = device_rel_l2(firsts["adaattn"], firsts["torch-flash"])
     ours_name = next((impl_name(p) for p in policies if row["tflops"].get(impl_name(p))), None)
     if ours_name is not None:
         ours_tflops = row["tflops"][ours_name]
@@ -694,8 +716,12 @@ def implementations(results: dict[str, Any]) -> list[str]:
     return sorted(names, key=lambda n: (not n.startswith("adaattn"), names.index(n)))
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
+def format_number(x: float | None, spec: str) -> str:
+    """`x` formatted by `spec`, or "n/a" (a missing timing or ratio) right-aligned to the spec's width."""
+    if x is None:
+        width = re.match(r"\d*", spec).group()
+        return "n/a".rjust(int(width or 0))
+    return format(x, spec)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -716,12 +742,12 @@ def format_table(results: dict[str, Any]) -> str:
         t = row["tflops"]
         dtype = _row_dtype(results, row)
         cells = [str(row["dim"]), str(row["seq"]), "yes" if row["causal"] else "no", SHORT_DTYPE.get(dtype, dtype)]
-        cells += [_fmt(t.get(n), ".3g" if (t.get(n) or 0) < 10 else ".1f") for n in names]
+        cells += [format_number(t.get(n), ".3g" if (t.get(n) or 0) < 10 else ".1f") for n in names]
         if reference:
-            cells += [_fmt(row.get("ratio", {}).get(p), ".2f") for p in peers]
-            cells.append(_fmt(row.get("rel_l2_vs_float64", {}).get(reference), ".1e"))
+            cells += [format_number(row.get("ratio", {}).get(p), ".2f") for p in peers]
+            cells.append(format_number(row.get("rel_l2_vs_float64", {}).get(reference), ".1e"))
         if vs_flash:
-            cells.append(_fmt(row.get("rel_l2_vs_torch_flash"), ".1e"))
+            cells.append(format_number(row.get("rel_l2_vs_torch_flash"), ".1e"))
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
@@ -863,9 +889,15 @@ __all__ = [
     "Impl",
     "Peer",
     "SweepConfig",
+    "PAPER_HIDDEN",
+    "PAPER_TOKENS",
     "adaattn_impl",
+    "case_seed",
+    "cupy_on_torch_stream",
+    "device_rel_l2",
     "environment",
     "float64_error",
+    "format_number",
     "format_table",
     "forward_flops",
     "implementations",
@@ -874,9 +906,11 @@ __all__ = [
     "make_input_sets",
     "median_ms",
     "output_stem",
+    "paper_case",
     "plot_results",
     "resolve_peers",
     "run_case",
+    "short_error",
     "sweep",
     "tflops",
     "time_calls",

@@ -24,15 +24,15 @@ stable rank = ‖A‖_F² / σ₁²; energy rank = the fewest singular values ho
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
 
-from ._arrays import compute_dtype, library_name, namespace
+from ._arrays import compute_dtype, library_name, namespace, on_device, to_host
 from .problem import AttentionProblem
+from .reference import masked_softmax
 
 #: Threads per probe block; a power of two (tree reductions in shared memory).
 THREADS = 128
@@ -47,43 +47,11 @@ KEYS_PER_BLOCK = 1024
 D_PER_THREAD = MAX_D // THREADS
 
 
-#: Host arrays kept on the device by `on_device` (least recently used dropped first).
-DEVICE_CACHE_SIZE = 256
-_device_cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-
-
-def on_device(xp: Any, values: Any, dtype: Any = None) -> Any:
-    """Small host values (indices, row limits) as an array of `xp` (NumPy: the NumPy array itself).
-
-    CuPy: cached per device by content (the DEVICE_CACHE_SIZE most recent), so that repeated calls with the
-    same rows/heads make no host→device copy: a copy from pageable host memory first waits for the stream to
-    drain, which would serialise the host's launches with the GPU's work several times per call. The cached
-    arrays are shared: callers only read them (indexing), never write.
-    """
-    host = np.asarray(values, dtype=dtype)
-    if xp is np:
-        return host
-    key = (xp.cuda.Device().id, host.dtype.str, host.shape, host.tobytes())
-    cached = _device_cache.get(key)
-    if cached is None:
-        cached = _device_cache[key] = xp.asarray(host)
-        if len(_device_cache) > DEVICE_CACHE_SIZE:
-            _device_cache.popitem(last=False)
-    else:
-        _device_cache.move_to_end(key)
-    return cached
-
-
-def to_host(x: Any) -> np.ndarray:
-    """A NumPy copy of a CuPy array (one device-to-host transfer), or a NumPy array as it is."""
-    return x.get() if hasattr(x, "get") else np.asarray(x)
-
-
 @dataclass
 class ProbeResult:
-    """Exact statistics of the probe rows; arrays on the inputs' device, float32 (float64 for NumPy float64).
+    """Exact statistics of the m probe rows (the `rows` given to `probe`); arrays on the inputs' device, float32
+    (float64 for NumPy float64).
 
-    rows:      [m] int64 query-row indices (host NumPy)
     out:       [B, Hq, m, D] exact attention output of those rows
     lse:       [B, Hq, m] log-sum-exp (−inf for rows that see no key)
     entropy:   [B, Hq, m] −Σ p log p in nats (0 for rows that see no key)
@@ -91,7 +59,6 @@ class ProbeResult:
     col_mass:  [B, Hq, Sk] Σ over probe rows of each key's probability
     """
 
-    rows: np.ndarray
     out: Any
     lse: Any
     entropy: Any
@@ -120,13 +87,6 @@ def probe_rows(problem: AttentionProblem, count: int, seed: int = 0) -> np.ndarr
     while len(picked) < count:
         picked.add(next(spare))
     return np.array(sorted(picked), dtype=np.int64)
-
-
-def row_limits(problem: AttentionProblem, rows: np.ndarray) -> np.ndarray:
-    """Keys visible to each row: j < limit (all Sk without causal; clipped to [0, Sk])."""
-    if not problem.causal:
-        return np.full(rows.shape, problem.seqlen_k, dtype=np.int64)
-    return np.clip(rows + problem.causal_offset + 1, 0, problem.seqlen_k)
 
 
 def probe(
@@ -168,7 +128,7 @@ def _probe_numpy(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.nda
     ctype = compute_dtype(problem.dtype).type
     B, Hq, G, Sk = problem.batch, problem.heads_q, problem.group_size, problem.seqlen_k
     m = len(rows)
-    limits = on_device(xp, row_limits(problem, rows))
+    limits = on_device(xp, problem.keys_seen(rows))
     visible = xp.arange(Sk)[None, :] < limits[:, None]  # [m, Sk]
     out = xp.zeros((B, Hq, m, problem.head_dim), dtype=ctype)
     lse, entropy, topk_mass = (xp.zeros((B, Hq, m), dtype=ctype) for _ in range(3))
@@ -193,7 +153,7 @@ def _probe_numpy(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.nda
         top = -xp.sort(-probs, axis=-1)[..., :topk] if Sk else xp.zeros((B, m, 0), dtype=ctype)
         topk_mass[:, h] = top.sum(axis=-1)
         col_mass[:, h] = probs.sum(axis=1)
-    return ProbeResult(rows, out, lse, entropy, topk_mass, col_mass)
+    return ProbeResult(out, lse, entropy, topk_mass, col_mass)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -429,7 +389,7 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
     bf16 = problem.dtype == "bfloat16"
     k_in, v_in = (x.view(xp.uint16) if bf16 else x for x in (k, v))
     q_rows = xp.ascontiguousarray(q[:, :, on_device(xp, rows)].astype(xp.float32))
-    limits = on_device(xp, row_limits(problem, rows))
+    limits = on_device(xp, problem.keys_seen(rows))
     scores = xp.empty((B, Hq, m, Sk), dtype=xp.float32)
     out = xp.zeros((B, Hq, m, problem.head_dim), dtype=xp.float32)
     lse, entropy, topk_mass = (xp.empty((B, Hq, m), dtype=xp.float32) for _ in range(3))
@@ -455,7 +415,7 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
     else:
         for kernel, grid, args in launches:
             kernel[grid, THREADS](*args)
-    return ProbeResult(rows, out, lse, entropy, topk_mass, col_mass)
+    return ProbeResult(out, lse, entropy, topk_mass, col_mass)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -490,15 +450,11 @@ def pooled_map(problem: AttentionProblem, q: Any, k: Any, block: int) -> np.ndar
     q_bar = pooled(q, problem.seqlen_q)
     k_bar = xp.repeat(pooled(k, problem.seqlen_k), problem.group_size, axis=1)
     scores = (q_bar @ k_bar.swapaxes(-1, -2)) * ctype(problem.scale)
-    if problem.causal:
+    visible = None
+    if problem.causal:  # key block c for query block i: its first key seen by the block's last row
         last_row = xp.minimum(block * (xp.arange(q_bar.shape[2]) + 1), problem.seqlen_q) - 1
-        first_key = block * xp.arange(k_bar.shape[2])
-        visible = first_key[None, :] <= last_row[:, None] + problem.causal_offset
-        scores = xp.where(visible, scores, -xp.inf)
-    row_max = scores.max(axis=-1, keepdims=True)
-    weights = xp.exp(scores - xp.where(xp.isneginf(row_max), 0, row_max))
-    total = weights.sum(axis=-1, keepdims=True)
-    probs = weights / xp.where(total > 0, total, 1)
+        visible = problem.visible(last_row, block * xp.arange(k_bar.shape[2]))
+    probs, _ = masked_softmax(xp, scores, visible, with_lse=False)
     return np.asarray(to_host(probs), dtype=np.float64).reshape(-1, *probs.shape[2:])
 
 

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import compute_dtype, namespace
-from .estimators import on_device
+from ._arrays import compute_dtype, namespace, on_device
 from .problem import AttentionProblem
 
 #: Near-field block w (positions). 64 keeps the exact band narrow while the landmark grid stays fine.

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._arrays import library_name, namespace
-from .estimators import on_device, to_host
+from ._arrays import library_name, namespace, on_device, to_host
 from .launch_config import FP8_BLOCK_M, FP8_BLOCK_N
 from .policy import POLICIES, HeadPlan, Plan, Policy
 from .problem import AttentionProblem
+from .reference import masked_softmax
 
 if TYPE_CHECKING:
     from .report import Report
@@ -227,8 +227,7 @@ def attend_fp8(problem: AttentionProblem, quant: Quantised, heads: list[int], *,
         raw = q @ k[:, :, start : start + tile].swapaxes(-1, -2)
         factor = row_factor * k_scale[:, :, None, start : start + tile]
         if problem.causal:
-            visible = keys[None, :] <= rows[:, None] + problem.causal_offset
-            raw = xp.where(visible, raw, -xp.inf)
+            raw = xp.where(problem.visible(rows, keys), raw, -xp.inf)
         x = raw * factor
         new_max = xp.maximum(row_max, x.max(axis=-1))
         safe = xp.where(xp.isneginf(new_max), xp.float32(0), new_max)
@@ -287,13 +286,9 @@ def exact_rows(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: Any, hea
     qr = q[:, heads][:, :, rows].astype(dtype)
     kk, vv = k[:, heads_kv].astype(dtype), v[:, heads_kv].astype(dtype)
     scores = (qr @ kk.swapaxes(-1, -2)) * problem.scale
-    if problem.causal:
-        visible = xp.arange(problem.seqlen_k)[None, :] <= rows[:, None] + problem.causal_offset
-        scores = xp.where(visible, scores, -xp.inf)
-    peak = scores.max(axis=-1, keepdims=True)
-    weights = xp.exp(scores - xp.where(xp.isneginf(peak), 0, peak))
-    total = weights.sum(axis=-1, keepdims=True)
-    return (weights / xp.where(total > 0, total, 1)) @ vv
+    visible = problem.visible(rows, xp.arange(problem.seqlen_k)) if problem.causal else None
+    probs, _ = masked_softmax(xp, scores, visible, with_lse=False)
+    return probs @ vv
 
 
 def sample_rows(problem: AttentionProblem, count: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import SUPPORTED_DTYPES, dtype_name, library_name, lse_dtype
+from ._arrays import SUPPORTED_DTYPES, dtype_name, library_name, lse_dtype, namespace
 
 LAYOUTS = ("bhsd", "bshd")
 
@@ -23,7 +23,7 @@ class AttentionProblem:
     """Shapes, dtype and options of one attention call, validated.
 
     `causal_offset = seqlen_k - seqlen_q`: with `causal`, query row i sees keys j <= i + causal_offset
-    (bottom-right alignment, the flash-attn >= 2.1 convention).
+    (bottom-right alignment, the flash-attn >= 2.1 convention); `keys_seen` and `visible` apply that rule.
     """
 
     batch: int
@@ -57,9 +57,16 @@ class AttentionProblem:
         """Forward FLOPs, 4·B·Hq·Sq·Sk·D, counting only the unmasked part when causal."""
         pairs = self.seqlen_q * self.seqlen_k
         if self.causal:
-            keys_seen = np.clip(np.arange(self.seqlen_q) + self.causal_offset + 1, 0, self.seqlen_k)
-            pairs = int(keys_seen.sum())
+            pairs = int(self.keys_seen(np.arange(self.seqlen_q)).sum())
         return 4.0 * self.batch * self.heads_q * pairs * self.head_dim
+
+    def keys_seen(self, rows: Any) -> Any:
+        """The number of keys each query row of `rows` sees (see `keys_seen`)."""
+        return keys_seen(rows, self.seqlen_q, self.seqlen_k, self.causal)
+
+    def visible(self, rows: Any, keys: Any) -> Any:
+        """[len(rows), len(keys)] bool: key j visible to query row i (see `visible`; all True without causal)."""
+        return visible(rows, keys, self.seqlen_q, self.seqlen_k, self.causal)
 
     def output_shape(self) -> tuple[int, int, int, int]:
         """Shape of `out` in the caller's layout."""
@@ -69,6 +76,21 @@ class AttentionProblem:
 
     def lse_shape(self) -> tuple[int, int, int]:
         return (self.batch, self.heads_q, self.seqlen_q)
+
+
+def keys_seen(rows: Any, seqlen_q: int, seqlen_k: int, causal: bool) -> Any:
+    """Keys seen by each query row of `rows` (a NumPy or CuPy integer array; the result is on its library):
+    row i sees keys j < n_i, n_i = clip(i + seqlen_k − seqlen_q + 1, 0, seqlen_k) with `causal` (bottom-right
+    alignment: j <= i + seqlen_k − seqlen_q), else seqlen_k (int64)."""
+    if not causal:
+        return namespace(library_name(rows)).full(rows.shape, seqlen_k, dtype=np.int64)
+    return (rows + (seqlen_k - seqlen_q + 1)).clip(0, seqlen_k)
+
+
+def visible(rows: Any, keys: Any, seqlen_q: int, seqlen_k: int, causal: bool = True) -> Any:
+    """[len(rows), len(keys)] bool: key j (of `keys`, indices in [0, seqlen_k)) visible to query row i (of `rows`),
+    j < `keys_seen`(i): with `causal`, j <= i + seqlen_k − seqlen_q. NumPy or CuPy index arrays, one library."""
+    return keys[None, :] < keys_seen(rows, seqlen_q, seqlen_k, causal)[:, None]
 
 
 def to_bhsd(x: Any, layout: str) -> Any:

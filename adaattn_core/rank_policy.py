@@ -23,7 +23,7 @@ For each call (`RankPolicy.plan`):
    speculatively on every head (the device sink table, no host value) and its errors travel with the
    statistics.
 
-Host synchronisations (device-to-host transfers, `_host`; recorded as ``transfers`` in the report): one per
+Host synchronisations (device-to-host transfers, `to_host64`; recorded as ``transfers`` in the report): one per
 plan, plus one per retry at a larger rank; `spectral` adds one (the pooled map) and moves the first try after
 the statistics' transfer. Launches: the probe's three Numba kernels, then batched array operations over all
 heads (no per-head loop): the statistics' ~4·max_sinks + 13, `lowrank.prepare` and `lowrank.approximate_rows`
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import estimators, lowrank
-from ._arrays import compute_dtype, library_name, namespace
+from ._arrays import compute_dtype, library_name, namespace, on_device, to_host64
 from .policy import POLICIES, HeadPlan, Plan, Policy, resolve_policy
 from .precision import PrecisionPolicy
 from .problem import AttentionProblem
@@ -65,11 +65,6 @@ if TYPE_CHECKING:
 
 #: Largest pooled map side (blocks) the policy estimates the spectrum on.
 MAP_BLOCKS = 32
-
-
-def _host(x: Any) -> np.ndarray:
-    """float64 host copy of a NumPy or CuPy array (the policy's only device-to-host transfers go through here)."""
-    return np.asarray(estimators.to_host(x), dtype=np.float64)
 
 
 def _rel_l2_per_head(approx: Any, exact: Any) -> Any:
@@ -199,13 +194,13 @@ class RankPolicy(Policy):
         heads = list(range(problem.heads_q))
         rows = estimators.probe_rows(problem, self.probe_rows, self.seed)
         probe = estimators.probe(problem, q, k, v, rows)
-        limits = estimators.row_limits(problem, rows)
+        limits = problem.keys_seen(rows)
         stats, sink_keys = self._head_stats(problem, xp, limits, probe)
         start = lowrank.balanced_rank(problem.seqlen_q, problem.seqlen_k)
         spectral: dict[str, np.ndarray] = {}
         transfers = 1
         if self.spectral:  # the starting rank depends on the screening: the statistics come first
-            stats = _host(stats)
+            stats = to_host64(stats)
             # Capped at MAP_BLOCKS blocks a side, cheap settings: it only seeds the starting rank.
             block = max(self.block, -(-max(problem.seqlen_q, problem.seqlen_k) // MAP_BLOCKS))
             spec = estimators.spectrum(estimators.pooled_map(problem, q, k, block), max_rank=16, seed=self.seed,
@@ -218,8 +213,8 @@ class RankPolicy(Policy):
             first = None
         else:  # speculative first try on every head at the starting rank: statistics and errors in one transfer
             first = lowrank.prepare(problem, k, v, heads, min(self.max_rank, start), sink_keys)
-            packed = _host(xp.concatenate([stats, self._guard_errors(problem, q, rows, probe, first)[:, None]],
-                                          axis=1))
+            packed = to_host64(xp.concatenate([stats, self._guard_errors(problem, q, rows, probe, first)[:, None]],
+                                              axis=1))
             stats, first_errors = packed[:, :-1], packed[:, -1]
 
         candidates = []
@@ -252,7 +247,7 @@ class RankPolicy(Policy):
             else:
                 prepared = lowrank.prepare(problem, k, v, candidates, rank,
                                            {h: entries[h]["sinks"] for h in candidates})
-                errors = _host(self._guard_errors(problem, q, rows, probe, prepared))  # one transfer per try
+                errors = to_host64(self._guard_errors(problem, q, rows, probe, prepared))  # one transfer per try
                 transfers += 1
             retry = []
             for h, error in zip(candidates, errors):
@@ -285,13 +280,13 @@ class RankPolicy(Policy):
         xp = namespace(problem.library)
         approx, _ = lowrank.approximate_rows(problem, q, rows, prepared)
         exact = probe.out if prepared.heads == tuple(range(problem.heads_q)) else \
-            probe.out[:, estimators.on_device(xp, prepared.heads, np.int64)]
+            probe.out[:, on_device(xp, prepared.heads, np.int64)]
         return _rel_l2_per_head(approx, exact.astype(approx.dtype, copy=False))
 
     def _sink_threshold(self, limits: np.ndarray) -> float:
         """Column share from which a key is a sink: min(sink_share, sink_ratio · u), u = mean over the probe
-        rows of 1 / (keys the row sees: `limits`, from `estimators.row_limits`), the share the most visible key
-        has when every row is uniform."""
+        rows of 1 / (keys the row sees: `limits`, from `AttentionProblem.keys_seen`), the share the most visible
+        key has when every row is uniform."""
         seen = np.clip(limits, 1, None)
         return min(self.sink_share, self.sink_ratio * float(np.mean(1.0 / seen)))
 
@@ -303,13 +298,13 @@ class RankPolicy(Policy):
         the batch of the share of the probe rows' mass a key holds), then their key indices with −1 where the
         share is below `_sink_threshold`: the sinks, a prefix since the shares descend). Dominant-sink mass: the
         summed share of those of the c keys holding >= sink_share. The sink table is the last c columns as int64
-        (`lowrank.prepare` takes it as it is). `limits`: the probe rows' `estimators.row_limits`."""
+        (`lowrank.prepare` takes it as it is). `limits`: the probe rows' `AttentionProblem.keys_seen`."""
         seen = np.clip(limits, 1, None)
-        log_seen = estimators.on_device(xp, np.maximum(np.log(seen), 1e-12))
+        log_seen = on_device(xp, np.maximum(np.log(seen), 1e-12))
         ratio = (probe.entropy / log_seen).mean(axis=(0, 2))
         rows_seen = max(1, int((limits > 0).sum()))
         share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk], a new array: picked keys are overwritten
-        flat, row_start = share.reshape(-1), estimators.on_device(xp, np.arange(problem.heads_q) * problem.seqlen_k)
+        flat, row_start = share.reshape(-1), on_device(xp, np.arange(problem.heads_q) * problem.seqlen_k)
         top_share, top_key = [], []
         for _ in range(min(self.max_sinks, problem.seqlen_k)):  # c rounds of argmax: no sort of [Hq, Sk]
             key = share.argmax(axis=-1)

@@ -11,27 +11,38 @@ import math
 from typing import Any
 
 from ._arrays import library_name, namespace
-from .problem import to_bhsd
+from .problem import to_bhsd, visible
 
 
-def _scores(xp: Any, qh: Any, kh: Any, scale: float, causal: bool) -> Any:
-    scores = (qh @ kh.T) * scale
-    if causal:
-        sq, sk = scores.shape
-        visible = xp.arange(sk)[None, :] <= xp.arange(sq)[:, None] + (sk - sq)
-        scores = xp.where(visible, scores, -xp.inf)
-    return scores
+def _scores(xp: Any, qh: Any, kh: Any, scale: float) -> Any:
+    return (qh @ kh.T) * scale
 
 
-def _softmax(xp: Any, scores: Any) -> tuple[Any, Any]:
-    """Row softmax and log-sum-exp, with fully masked rows giving P = 0 and lse = -inf."""
-    row_max = scores.max(axis=-1, keepdims=True) if scores.shape[-1] else xp.full((scores.shape[0], 1), -xp.inf)
+def masked_softmax(xp: Any, scores: Any, mask: Any = None, *, with_lse: bool = True) -> tuple[Any, Any]:
+    """(P, lse): the row softmax over the last axis and its log-sum-exp, in the scores' dtype and array library
+    (NumPy or CuPy), the scores where `mask` is False (a bool array broadcasting against them, e.g. from
+    `problem.visible`; None: none) masked first. lse is None unless `with_lse`.
+
+    Stable (shifted by the row max); fully masked rows give P = 0 and lse = −inf, not NaN. The one materialised
+    masked softmax of the core: the reference, `head_errors`, `precision.exact_rows`, `estimators.pooled_map`.
+    """
+    if mask is not None:
+        scores = xp.where(mask, scores, -xp.inf)
+    if scores.shape[-1]:
+        row_max = scores.max(axis=-1, keepdims=True)
+    else:
+        row_max = xp.full((*scores.shape[:-1], 1), -xp.inf, dtype=scores.dtype)
     shift = xp.where(xp.isneginf(row_max), 0.0, row_max)
     weights = xp.exp(scores - shift)
     total = weights.sum(axis=-1, keepdims=True)
     safe = xp.where(total > 0, total, 1.0)
-    lse = xp.where(total > 0, shift + xp.log(safe), -xp.inf)[:, 0]
+    lse = xp.where(total > 0, shift + xp.log(safe), -xp.inf)[..., 0] if with_lse else None
     return weights / safe, lse
+
+
+def _causal(xp: Any, sq: int, sk: int) -> Any:
+    """[sq, sk] bool: the keys each query row sees under the bottom-right causal rule."""
+    return visible(xp.arange(sq), xp.arange(sk), sq, sk)
 
 
 def attention_reference(
@@ -43,11 +54,12 @@ def attention_reference(
     batch, heads_q, seqlen_q, head_dim = qb.shape
     group = heads_q // kb.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    mask = _causal(xp, seqlen_q, kb.shape[2]) if causal else None
     out = xp.zeros(qb.shape, dtype=xp.float64)
     lse = xp.zeros((batch, heads_q, seqlen_q), dtype=xp.float64)
     for b in range(batch):
         for h in range(heads_q):
-            probs, lse[b, h] = _softmax(xp, _scores(xp, qb[b, h], kb[b, h // group], scale, causal))
+            probs, lse[b, h] = masked_softmax(xp, _scores(xp, qb[b, h], kb[b, h // group], scale), mask)
             out[b, h] = probs @ vb[b, h // group]
     return to_bhsd(out, layout), lse
 
@@ -61,11 +73,12 @@ def attention_backward_reference(
     heads_q, head_dim = qb.shape[1], qb.shape[3]
     group = heads_q // kb.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    mask = _causal(xp, qb.shape[2], kb.shape[2]) if causal else None
     dq, dk, dv = xp.zeros_like(qb), xp.zeros_like(kb), xp.zeros_like(vb)
     for b in range(qb.shape[0]):
         for h in range(heads_q):
             kv = h // group
-            probs, _ = _softmax(xp, _scores(xp, qb[b, h], kb[b, kv], scale, causal))
+            probs, _ = masked_softmax(xp, _scores(xp, qb[b, h], kb[b, kv], scale), mask, with_lse=False)
             dv[b, kv] += probs.T @ dob[b, h]
             dprobs = dob[b, h] @ vb[b, kv].T
             dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale
@@ -98,13 +111,9 @@ def head_errors(
         for start in range(0, len(picked), step):
             index = picked[start : start + step]
             scores = (q[:, h][:, index].astype(xp.float64) @ kh.swapaxes(-1, -2)) * scale
-            if causal:
-                visible = xp.arange(seqlen_k)[None, :] <= index[:, None] + (seqlen_k - seqlen_q)
-                scores = xp.where(visible, scores, -xp.inf)
-            row_max = scores.max(axis=-1, keepdims=True) if seqlen_k else xp.zeros(scores.shape[:-1] + (1,))
-            weights = xp.exp(scores - xp.where(xp.isneginf(row_max), 0.0, row_max))
-            total = weights.sum(axis=-1, keepdims=True)
-            ref = (weights / xp.where(total > 0, total, 1.0)) @ vh
+            mask = visible(index, xp.arange(seqlen_k), seqlen_q, seqlen_k) if causal else None
+            probs, _ = masked_softmax(xp, scores, mask, with_lse=False)
+            ref = probs @ vh
             got = out[:, h][:, index].astype(xp.float64)
             diff += float(((got - ref) ** 2).sum())
             norm += float((ref**2).sum())

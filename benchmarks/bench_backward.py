@@ -5,42 +5,32 @@ not. One timed call = forward and backward of one attention: ours through `adaat
 (return_lse=True) and `attention_backward` on CuPy arrays; torch's through `scaled_dot_product_attention`
 on tensors requiring grad, then `torch.autograd.grad(out, (q, k, v), dout)` (no .grad accumulation). TFLOP/s =
 3.5 × forward FLOPs / t (forward 4·B·H·S²·D, backward 2.5× that; halved when causal). Inputs and dout are
-fresh random sets rotated so that they exceed L2; timing is `bench_forward._median_ms` (warm-up calls, then
-the median of CUDA events on torch's current stream). Writes JSON with device, driver and versions.
+fresh random sets rotated so that they exceed L2 (`adaattn_core.bench.make_input_sets`); timing is
+`adaattn_core.bench.median_ms` (warm-up calls, then the median of CUDA events on torch's current stream).
+Writes JSON with device, driver and versions.
 
     python benchmarks/bench_backward.py --out benchmarks/results/<date>-<gpu>-bwd.json
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 from collections.abc import Callable
 from typing import Any
 
-import cupy
 import torch
 import torch.nn.functional as F
-from bench_forward import HIDDEN, TOKENS, _median_ms, environment  # benchmarks/ is the script's directory
+from _common import PAPER_SIZES, environment, headline, run_grid, save, sweep_parser  # benchmarks/: script dir
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adaattn_core as aa
 from adaattn_core import bench
+from adaattn_core.bench import format_number
 from adaattn_core.launch_config import BACKWARD_DQ_TILES, BACKWARD_TILES
 
 #: The torch SDPA backends timed beside AdaAttn (names as in the forward results).
 PEERS = {"torch-flash": SDPBackend.FLASH_ATTENTION, "torch-cudnn": SDPBackend.CUDNN_ATTENTION}
 #: Forward + backward FLOPs per forward FLOP (FlashAttention-2 paper's count: backward = 2.5 × forward).
 FWD_BWD_FLOP_FACTOR = 3.5
-
-
-def _input_sets(case: bench.Case, seed: int) -> list[tuple[Any, Any, Any, Any]]:
-    """(q, k, v, dout) CuPy sets of `case`, enough of them that together they exceed L2."""
-    set_bytes = 4 * math.prod(case.shape) * 2
-    count = bench.input_set_count(set_bytes, bench.cache_bytes("gpu"))
-    rng = cupy.random.default_rng(seed)
-    return [tuple(rng.standard_normal(case.shape, dtype=cupy.float32).astype(case.dtype) for _ in range(4))
-            for _ in range(count)]
 
 
 def _ours(sets: list[tuple[Any, ...]], causal: bool) -> Callable[[int], tuple[Any, ...]]:
@@ -67,20 +57,14 @@ def _peer(sets: list[tuple[Any, ...]], causal: bool, backend: SDPBackend) -> Cal
     return call
 
 
-def _rel_l2(ours: Any, theirs: torch.Tensor) -> float:
-    a = bench.to_torch(ours).float()
-    b = theirs.float()
-    return float((a - b).norm() / b.norm())
-
-
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     """One row: forward + backward of AdaAttn and the torch SDPA backends on B = 16384 // S, H = 2048 // D."""
-    case = bench.Case(seq=seq, dim=dim, causal=causal, batch=TOKENS // seq, heads=HIDDEN // dim, dtype="bfloat16")
-    flops = FWD_BWD_FLOP_FACTOR * bench.forward_flops(case.batch, case.heads, seq, seq, dim, causal)
+    case = bench.paper_case(seq, dim, causal)
+    flops = FWD_BWD_FLOP_FACTOR * case.flops
     row: dict[str, Any] = {"seq": seq, "dim": dim, "causal": causal, "batch": case.batch, "heads": case.heads,
                            "flops": flops, "tflops": {}, "ms": {}}
-    with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):
-        sets = _input_sets(case, seed=seq * 1000 + dim * 2 + causal)
+    with bench.cupy_on_torch_stream():  # (q, k, v, dout) sets that together exceed L2
+        sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case), arrays=4)
         impls = {"adaattn": _ours(sets, causal)}
         impls.update({name: _peer(sets, causal, backend) for name, backend in PEERS.items()})
         reference = None
@@ -90,15 +74,15 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
                 torch.cuda.synchronize()
             except RuntimeError as error:  # backend does not support this shape
                 row["ms"][name] = row["tflops"][name] = None
-                row.setdefault("unsupported", {})[name] = str(error).splitlines()[0][:200]
+                row.setdefault("unsupported", {})[name] = bench.short_error(error)
                 continue
             if name == "adaattn":
                 reference = grads
             elif name == "torch-flash" and reference is not None:
-                row["rel_l2_vs_torch_flash"] = {g: _rel_l2(a, b) for g, a, b in zip(("dq", "dk", "dv"), reference,
-                                                                                      grads)}
+                row["rel_l2_vs_torch_flash"] = {g: bench.device_rel_l2(a, b)
+                                                for g, a, b in zip(("dq", "dk", "dv"), reference, grads)}
             del grads
-            ms = _median_ms(fn, warmup, repeat)
+            ms = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
             row["ms"][name] = ms
             row["tflops"][name] = bench.tflops(flops, ms)
     ours = row["tflops"]["adaattn"]
@@ -108,38 +92,26 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
     return row
 
 
+def _line(row: dict[str, Any]) -> str:
+    t, r = row["tflops"], row["ratio"]
+    errors = " ".join(f"{e:.1e}" for e in row.get("rel_l2_vs_torch_flash", {}).values())
+    return (f"{row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {format_number(t['adaattn'], '6.1f')} "
+            f"{format_number(t['torch-flash'], '6.1f')} {format_number(t['torch-cudnn'], '6.1f')} | "
+            f"{format_number(r['torch-flash'], '6.2f')} {format_number(r['torch-cudnn'], '6.2f')} | {errors}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--out", default=None, help="JSON file to write")
+    parser = sweep_parser(__doc__, seqs=[1024, 2048, 4096, 8192, 16384], dims=[64, 128], repeat=20)
     args = parser.parse_args()
 
-    results = {"env": environment(), "setup": f"B*S={TOKENS}, H*D={HIDDEN}, bf16, [B,H,S,D], forward + backward",
-               "rows": [],
+    results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D], forward + backward", "rows": [],
                "tiles": {"dkdv": {d: vars(t) for d, t in BACKWARD_TILES.items() if d in args.dims},
                          "dq": {d: vars(t) for d, t in BACKWARD_DQ_TILES.items() if d in args.dims}}}
-    print(f"# {results['env']['gpu']}, driver {results['env']['driver']}, torch {results['env']['torch']}")
+    print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} | {'/flash':>6} {'/cudnn':>6} | "
           "rel_l2 dq dk dv vs flash")
-
-    def fmt(x: float | None, spec: str) -> str:
-        return "   n/a" if x is None else format(x, spec)
-
-    for dim in args.dims:
-        for causal in (False, True):
-            for seq in args.seqs:
-                row = run_config(seq, dim, causal, args.warmup, args.repeat)
-                results["rows"].append(row)
-                t, r = row["tflops"], row["ratio"]
-                errors = " ".join(f"{e:.1e}" for e in row.get("rel_l2_vs_torch_flash", {}).values())
-                print(f"{dim:>4} {seq:>6} {causal!s:>6} | {fmt(t['adaattn'], '6.1f')} {fmt(t['torch-flash'], '6.1f')} "
-                      f"{fmt(t['torch-cudnn'], '6.1f')} | {fmt(r['torch-flash'], '6.2f')} "
-                      f"{fmt(r['torch-cudnn'], '6.2f')} | {errors}", flush=True)
-    if args.out:
-        print(f"wrote {bench.write_json(results, args.out)}")
+    results["rows"] = run_grid(args, run_config, _line)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

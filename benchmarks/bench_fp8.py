@@ -17,14 +17,12 @@ Writes JSON with device, driver and versions:
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-import cupy
-import torch
-from bench_forward import HIDDEN, TOKENS, environment  # benchmarks/ is the script's directory
+from _common import PAPER_SIZES, environment, headline, run_grid, save, sweep_parser  # benchmarks/: script dir
 
 from adaattn_core import bench, cuda_fp8
+from adaattn_core.bench import format_number
 from adaattn_core.problem import describe
 
 PEERS = ("torch-flash", "torch-cudnn", "sageattention")
@@ -32,6 +30,8 @@ PEERS = ("torch-flash", "torch-cudnn", "sageattention")
 
 def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]:
     """The direct fp8 timings: whole call, quantisation alone, kernel alone (outputs poisoned once)."""
+    import cupy
+
     problem = describe(*sets[0], causal=causal, scale=None, layout="bhsd")
     heads = list(range(problem.heads_q))
     outs = [cupy.full(q.shape, cupy.nan, q.dtype) for q, _, _ in sets]
@@ -59,8 +59,8 @@ def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]
 
 
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
-    case = bench.Case(seq=seq, dim=dim, causal=causal, batch=TOKENS // seq, heads=HIDDEN // dim, dtype="bfloat16")
-    with cupy.cuda.Stream.from_external(torch.cuda.current_stream()):
+    case = bench.paper_case(seq, dim, causal)
+    with bench.cupy_on_torch_stream():
         sets = bench.make_input_sets(case, "gpu", seed=None)
         peers, skipped = bench.resolve_peers(list(PEERS), "gpu", ["bfloat16"])
         row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=peers, warmup=warmup,
@@ -74,7 +74,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
                 row["ms"][name] = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
                 row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
         except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
-            row["unsupported"]["adaattn-fp8-call"] = f"{type(error).__name__}: {error}"[:200]
+            row["unsupported"]["adaattn-fp8-call"] = bench.short_error(error)
     ms = row["ms"]
     fp8 = ms.get("adaattn-fp8-call")
     row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)
@@ -83,36 +83,26 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
     return row
 
 
+def _line(row: dict[str, Any]) -> str:
+    ms, up = row["ms"], row["fp8_speedup"]
+    times = " ".join(format_number(ms.get(name), "7.3f") for name in (
+        "adaattn-fp8-call", "fp8-quantize", "fp8-kernel", "adaattn[fp8]", "adaattn", "torch-cudnn"))
+    return (f"{row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | ms: {times} | "
+            f"{format_number(up['adaattn'], '15.2f')} {format_number(up['torch-flash'], '5.2f')} "
+            f"{format_number(up['torch-cudnn'], '5.2f')} | "
+            f"{row['rel_l2_vs_float64'].get('adaattn-fp8-call', float('nan')):.1e}")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--out", default=None, help="JSON file to write")
+    parser = sweep_parser(__doc__, seqs=[1024, 2048, 4096, 8192, 16384], dims=[64, 128], repeat=30)
     args = parser.parse_args()
 
-    results = {"env": environment(), "setup": f"B*S={TOKENS}, H*D={HIDDEN}, bf16 inputs, [B,H,S,D]", "rows": []}
-    print(f"# {results['env']['gpu']}, driver {results['env']['driver']}, torch {results['env']['torch']}")
+    results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16 inputs, [B,H,S,D]", "rows": []}
+    print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | ms: {'fp8':>7} {'quant':>7} {'kernel':>7} {'api-fp8':>7} {'bf16':>7} "
           f"{'cudnn':>7} | fp8 speedup vs: {'bf16':>5} {'flash':>5} {'cudnn':>5} | fp8 rel_l2")
-
-    def fmt(x: float | None, spec: str = "7.3f") -> str:
-        return "n/a".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
-
-    for dim in args.dims:
-        for causal in (False, True):
-            for seq in args.seqs:
-                row = run_config(seq, dim, causal, args.warmup, args.repeat)
-                results["rows"].append(row)
-                ms, up = row["ms"], row["fp8_speedup"]
-                print(f"{dim:>4} {seq:>6} {causal!s:>6} | ms: {fmt(ms.get('adaattn-fp8-call'))} "
-                      f"{fmt(ms.get('fp8-quantize'))} {fmt(ms.get('fp8-kernel'))} {fmt(ms.get('adaattn[fp8]'))} "
-                      f"{fmt(ms.get('adaattn'))} {fmt(ms.get('torch-cudnn'))} | {fmt(up['adaattn'], '15.2f')} "
-                      f"{fmt(up['torch-flash'], '5.2f')} {fmt(up['torch-cudnn'], '5.2f')} | "
-                      f"{row['rel_l2_vs_float64'].get('adaattn-fp8-call', float('nan')):.1e}", flush=True)
-    if args.out:
-        print(f"wrote {bench.write_json(results, args.out)}")
+    results["rows"] = run_grid(args, run_config, _line)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

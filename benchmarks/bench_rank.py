@@ -30,12 +30,12 @@ import importlib.metadata
 import importlib.util
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
-import cupy
+from _common import environment, headline, save, sweep_parser  # benchmarks/ is the script's directory
 
 from adaattn_core import Report, attention, bench, estimators, lowrank
+from adaattn_core.bench import format_number as fmt
 from adaattn_core.problem import describe
 from adaattn_core.rank_policy import RankPolicy
 from adaattn_core.reference import head_errors
@@ -46,6 +46,8 @@ PERFORMER_FEATURES = 256
 
 def make_inputs(kinds: list[str], batch: int, heads: int, seq: int, dim: int, seed: int) -> tuple[Any, Any, Any]:
     """bf16 q, k, v [B, H, S, D] on the GPU; head h of kind kinds[h % len(kinds)] (see the module docstring)."""
+    import cupy
+
     rng = cupy.random.default_rng(seed)
     q, k, v = (rng.standard_normal((batch, heads, seq, dim), dtype=cupy.float32) for _ in range(3))
     for h in range(heads):
@@ -68,6 +70,7 @@ def performer(dim: int, causal: bool) -> Callable[[Any, Any, Any], Any] | None:
     """FAVOR+ from performer-pytorch on torch views of the CuPy inputs, or None when it does not import."""
     if importlib.util.find_spec("performer_pytorch") is None:
         return None
+    import cupy
     import torch
     from performer_pytorch.performer_pytorch import FastAttention
 
@@ -83,6 +86,8 @@ def performer(dim: int, causal: bool) -> Callable[[Any, Any, Any], Any] | None:
 
 def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One row: times, errors, decisions."""
+    import cupy
+
     sets = [make_inputs(KINDS[kind], args.batch, args.heads, seq, dim, seed=seq * 7 + dim * 3 + causal * 2 + i)
             for i in range(2)]
     outs = [cupy.empty_like(s[0]) for s in sets]
@@ -99,7 +104,7 @@ def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Names
             bench.synchronize("gpu")
             return bench.median_ms(fn, warmup=args.warmup, repeat=args.repeat, device="gpu")
         except Exception as error:  # Performer's causal fallback can run out of memory at long S: record it
-            row.setdefault("unsupported", {})[name] = f"{type(error).__name__}: {str(error)[:200]}"
+            row.setdefault("unsupported", {})[name] = bench.short_error(error)
             return None
 
     def dense(i: int) -> Any:
@@ -172,70 +177,54 @@ def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-def fmt(x: float | None, spec: str = "7.3f") -> str:
-    """`x` formatted by `spec`, or "n/a" right-aligned to the spec's width."""
-    return format(x, spec) if x is not None else "n/a".rjust(int(spec.split(".")[0]))
+def _line(row: dict[str, Any]) -> str:
+    ms, err = row["ms"], row["rel_l2_vs_float64_max"]
+    return (f"{row['kind']:>8} {row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {fmt(ms['dense'], '7.3f')} "
+            f"{fmt(ms['lowrank'], '7.3f')} {fmt(ms['plan'], '6.3f')} {fmt(ms.get('prepare'), '6.3f')} "
+            f"{fmt(ms['lowrank_forward'], '6.3f')} {fmt(ms.get('performer'), '7.3f')} | "
+            f"{fmt(row.get('speedup_vs_dense'), '7.2f')} {fmt(row.get('plan_overhead_vs_dense'), '5.2f')} "
+            f"{fmt(row.get('decision_overhead_vs_dense'), '5.3f')} {row['plan_transfers']:>5} | "
+            f"{fmt(err.get('lowrank'), '7.1e')} {fmt(err.get('performer'), '7.1e')} | "
+            f"{row['lowrank_heads']}/{row['heads']} r={row['ranks']}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--dims", type=int, nargs="+", default=[128, 64])
+    parser = sweep_parser(__doc__, seqs=[2048, 4096, 8192, 16384, 32768], dims=[128, 64], warmup=3, repeat=10)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="S 8k and 32k, D 128 only")
     parser.add_argument("--no-performer", action="store_true")
     parser.add_argument("--spectral", action="store_true", help="RankPolicy(spectral=True): the pooled-map "
                         "spectrum (host linear algebra) seeds the guard's starting rank (off by default)")
-    parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
     if args.quick:
         args.seqs, args.dims = [8192, 32768], [128]
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
 
-    torch_stream = nullcontext()
-    env = bench.environment("gpu")
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        torch_stream = cupy.cuda.Stream.from_external(torch.cuda.current_stream())
-        env["torch"] = torch.__version__
+    env = environment(torch_cuda=False)
     env["performer_pytorch"] = (importlib.metadata.version("performer-pytorch")
                                 if importlib.util.find_spec("performer_pytorch") else None)
     results: dict[str, Any] = {"env": env, "setup": f"B={args.batch}, H={args.heads}, bf16, [B,H,S,D]",
                                "performer_features": PERFORMER_FEATURES,
                                "policy": repr(RankPolicy(spectral=args.spectral)), "rows": []}
-    print(f"# {env['gpu']}, driver {env['driver']}, performer {env['performer_pytorch']}")
+    print(headline(env, "performer_pytorch"))
     print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'prep':>6} "
           f"{'lr_fwd':>6} {'favor+':>7} | {'speedup':>7} {'ovh':>5} {'dec':>5} {'syncs':>5} | {'err lr':>7} "
           f"{'err fav':>7} | low-rank heads")
-    with torch_stream:
+    with bench.cupy_on_torch_stream():
         for dim in args.dims:
             for causal in causal_values:
                 for kind in args.kinds:
                     for seq in args.seqs:
                         row = run_config(kind, seq, dim, causal, args)
                         results["rows"].append(row)
-                        ms, err = row["ms"], row["rel_l2_vs_float64_max"]
-                        print(f"{kind:>8} {dim:>4} {seq:>6} {causal!s:>6} | {fmt(ms['dense'])} {fmt(ms['lowrank'])} "
-                              f"{fmt(ms['plan'], '6.3f')} {fmt(ms.get('prepare'), '6.3f')} "
-                              f"{fmt(ms['lowrank_forward'], '6.3f')} "
-                              f"{fmt(ms.get('performer'))} | {fmt(row.get('speedup_vs_dense'), '7.2f')} "
-                              f"{fmt(row.get('plan_overhead_vs_dense'), '5.2f')} "
-                              f"{fmt(row.get('decision_overhead_vs_dense'), '5.3f')} {row['plan_transfers']:>5} | "
-                              f"{fmt(err.get('lowrank'), '7.1e')} "
-                              f"{fmt(err.get('performer'), '7.1e')} | {row['lowrank_heads']}/{args.heads} "
-                              f"r={row['ranks']}", flush=True)
+                        print(_line(row), flush=True)
     results["crossover"] = crossovers(results["rows"])
     for entry in results["crossover"]:
         print(f"crossover {entry['kind']} D={entry['dim']} causal={entry['causal']}: {entry['crossover_seq']}")
-    if args.out:
-        bench.write_json(results, args.out)
-        print(f"wrote {args.out}")
+    save(results, args.out)
 
 
 if __name__ == "__main__":

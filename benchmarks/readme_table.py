@@ -5,7 +5,8 @@
         --update README.md
 
 A table goes between `<!-- MARKER:start -->` and `<!-- MARKER:end -->` (default marker: fwd-table). Columns
-follow the file: TFLOP/s of every implementation it timed, then AdaAttn's ratio to each peer.
+follow the file: TFLOP/s of every implementation it timed, then AdaAttn's ratio to each peer. A row that failed
+(it carries an "error", or no timings) shows as "failed: <reason>"; a number a row lacks shows as "n/a".
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from adaattn_core.bench import format_number as _num
 
 NAMES = {"adaattn": "AdaAttn", "torch-flash": "torch flash (FA2)", "torch-cudnn": "torch cuDNN",
          "torch-efficient": "torch efficient"}
@@ -24,8 +29,39 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def _num(x: float | None, fmt: str) -> str:
-    return "n/a" if x is None else format(x, fmt)
+def failure(row: dict[str, Any]) -> str | None:
+    """Why a results row has no numbers to show (its "error", else what its implementations recorded as
+    unsupported when it has no timings at all); None for a row with timings."""
+    if row.get("error"):
+        return str(row["error"])
+    if row.get("ms"):
+        return None
+    reasons = "; ".join(f"{name}: {why}" for name, why in (row.get("unsupported") or {}).items())
+    return reasons or "no timings"
+
+
+def _markdown(caption: str, header: list[str], rows: list[dict[str, Any]], ids: list[str],
+              cells: Callable[[dict[str, Any]], list[str]]) -> str:
+    """`caption`, then a table of `header` with one line per row: the row's `ids` values ("causal" as yes/no),
+    then ``cells(row)``, or "failed: <reason>" (`failure`) and empty cells."""
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(values) + " |"
+
+    lines = [caption, "", line(header), "|---" * len(header) + "|"]
+    for row in rows:
+        first = [("yes" if row.get(key) else "no") if key == "causal" else str(row.get(key, "?")) for key in ids]
+        reason = failure(row)
+        if reason is None:
+            lines.append(line(first + cells(row)))
+        else:
+            reason = " ".join(reason.split()).replace("|", "\\|")
+            lines.append(line(first + [f"failed: {reason}"] + [""] * (len(header) - len(ids) - 1)))
+    return "\n".join(lines)
+
+
+def _ordered(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """The names under `key` over all rows, in order of first appearance."""
+    return list(dict.fromkeys(name for row in rows for name in row.get(key) or {}))
 
 
 def table(results_path: Path) -> str:
@@ -37,67 +73,46 @@ def table(results_path: Path) -> str:
         f"on one {env['gpu']} (driver {env['driver']}, torch {env['torch']}, CuPy {env['cupy']}, "
         f"{env['date'][:10]}). Source: [`{results_path.as_posix()}`]({results_path.as_posix()})."
     )
-    if "fp8_speedup" in rows[0]:
+    if any("fp8_speedup" in row for row in rows):
         return _fp8_table(caption, rows)
-    if "lowrank_heads" in rows[0]:
+    if any("lowrank_heads" in row for row in rows):
         return _rank_table(caption, rows)
-    impls = list(rows[0]["tflops"])
-    peers = list(rows[0]["ratio"])
-    lines = [
-        caption,
-        "",
-        "| D | S | causal | " + " | ".join(NAMES.get(i, i) for i in impls) + " | "
-        + " | ".join(f"AdaAttn / {SHORT.get(p, p)}" for p in peers) + " |",
-        "|---" * (3 + len(impls) + len(peers)) + "|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['dim']} | {row['seq']} | {'yes' if row['causal'] else 'no'} | "
-            + " | ".join(_num(row["tflops"][i], ".0f") for i in impls) + " | "
-            + " | ".join(_num(row["ratio"][p], ".2f") for p in peers) + " |"
-        )
-    return "\n".join(lines)
+    impls = _ordered(rows, "tflops") or ["adaattn"]
+    peers = _ordered(rows, "ratio")
+    header = ["D", "S", "causal", *(NAMES.get(i, i) for i in impls), *(f"AdaAttn / {SHORT.get(p, p)}" for p in peers)]
+    return _markdown(caption, header, rows, ["dim", "seq", "causal"], lambda row: [
+        *(_num(row.get("tflops", {}).get(i), ".0f") for i in impls),
+        *(_num(row.get("ratio", {}).get(p), ".2f") for p in peers)])
 
 
 def _fp8_table(caption: str, rows: list[dict]) -> str:
     """benchmarks/bench_fp8.py's file: the fp8 path (quantisation included) against our bf16 path and the peers."""
-    lines = [
-        caption,
-        "",
-        "| D | S | causal | AdaAttn bf16 | AdaAttn fp8 | quantisation (ms) | FA2 | cuDNN | fp8 / bf16 | fp8 / cuDNN "
-        "| fp8 rel. L2 vs float64 |",
-        "|---" * 11 + "|",
-    ]
-    for row in rows:
-        tf, speedup = row["tflops"], row["fp8_speedup"]
-        lines.append(
-            f"| {row['dim']} | {row['seq']} | {'yes' if row['causal'] else 'no'} | {_num(tf['adaattn'], '.0f')} | "
-            f"{_num(tf['adaattn[fp8]'], '.0f')} | {_num(row['ms']['fp8-quantize'], '.3f')} | "
-            f"{_num(tf['torch-flash'], '.0f')} | {_num(tf['torch-cudnn'], '.0f')} | "
-            f"{_num(speedup['adaattn'], '.2f')} | {_num(speedup['torch-cudnn'], '.2f')} | "
-            f"{_num(row['rel_l2_vs_float64']['adaattn[fp8]'], '.1e')} |"
-        )
-    return "\n".join(lines)
+    header = ["D", "S", "causal", "AdaAttn bf16", "AdaAttn fp8", "quantisation (ms)", "FA2", "cuDNN", "fp8 / bf16",
+              "fp8 / cuDNN", "fp8 rel. L2 vs float64"]
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        tf, speedup, err = row.get("tflops", {}), row.get("fp8_speedup", {}), row.get("rel_l2_vs_float64", {})
+        return [_num(tf.get("adaattn"), ".0f"), _num(tf.get("adaattn[fp8]"), ".0f"),
+                _num(row["ms"].get("fp8-quantize"), ".3f"), _num(tf.get("torch-flash"), ".0f"),
+                _num(tf.get("torch-cudnn"), ".0f"), _num(speedup.get("adaattn"), ".2f"),
+                _num(speedup.get("torch-cudnn"), ".2f"), _num(err.get("adaattn[fp8]"), ".1e")]
+
+    return _markdown(caption, header, rows, ["dim", "seq", "causal"], cells)
 
 
 def _rank_table(caption: str, rows: list[dict]) -> str:
     """benchmarks/bench_rank.py's file: the "lowrank" policy end to end against the dense path and Performer."""
-    lines = [
-        caption.replace("TFLOP/s (causal: half the FLOPs), ", "milliseconds, "),
-        "",
-        "| heads | S | causal | dense | lowrank policy (all) | of which plan | low-rank heads | speedup | "
-        "rel. L2 lowrank | Performer | rel. L2 Performer |",
-        "|---" * 11 + "|",
-    ]
-    for row in rows:
-        ms, err = row["ms"], row["rel_l2_vs_float64_max"]
-        lines.append(
-            f"| {row['kind']} | {row['seq']} | {'yes' if row['causal'] else 'no'} | {_num(ms['dense'], '.2f')} | "
-            f"{_num(ms['lowrank'], '.2f')} | {_num(ms['plan'], '.2f')} | {row['lowrank_heads']}/{row['heads']} | "
-            f"{_num(row['speedup_vs_dense'], '.2f')} | {_num(err['lowrank'], '.1e')} | "
-            f"{_num(ms.get('performer'), '.2f')} | {_num(err.get('performer'), '.1e')} |"
-        )
-    return "\n".join(lines)
+    header = ["heads", "S", "causal", "dense", "lowrank policy (all)", "of which plan", "low-rank heads", "speedup",
+              "rel. L2 lowrank", "Performer", "rel. L2 Performer"]
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        ms, err = row["ms"], row.get("rel_l2_vs_float64_max", {})
+        return [_num(ms.get("dense"), ".2f"), _num(ms.get("lowrank"), ".2f"), _num(ms.get("plan"), ".2f"),
+                f"{row.get('lowrank_heads', '?')}/{row.get('heads', '?')}", _num(row.get("speedup_vs_dense"), ".2f"),
+                _num(err.get("lowrank"), ".1e"), _num(ms.get("performer"), ".2f"), _num(err.get("performer"), ".1e")]
+
+    return _markdown(caption.replace("TFLOP/s (causal: half the FLOPs), ", "milliseconds, "), header, rows,
+                     ["kind", "seq", "causal"], cells)
 
 
 def update(readme: Path, marker: str, text: str) -> None:
@@ -109,17 +124,26 @@ def update(readme: Path, marker: str, text: str) -> None:
     readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def table_parser(doc: str | None, marker: str) -> argparse.ArgumentParser:
+    """The command line of a README table script: a results file, --marker, --update (see `publish`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--marker", default="fwd-table")
+    parser.add_argument("--marker", default=marker)
     parser.add_argument("--update", type=Path, help="README to rewrite between the markers")
-    args = parser.parse_args()
-    text = table(args.results)
+    return parser
+
+
+def publish(text: str, args: argparse.Namespace) -> None:
+    """Write `text` into the README named by --update between the --marker markers, or print it."""
     if args.update:
         update(args.update, args.marker, text)
     else:
         print(text)
+
+
+def main() -> None:
+    args = table_parser(__doc__, "fwd-table").parse_args()
+    publish(table(args.results), args)
 
 
 if __name__ == "__main__":

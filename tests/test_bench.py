@@ -133,23 +133,95 @@ def test_module_entry_point_plots_a_results_file(tmp_path, capsys):
     assert "NVIDIA H200" in capsys.readouterr().out
 
 
-def test_bench_forward_keeps_the_names_other_scripts_import():
-    """The other benchmark scripts import names from bench_forward.py (which needs torch and CuPy to import,
-    so this reads the sources instead)."""
-    tree = ast.parse((ROOT / "benchmarks/bench_forward.py").read_text())
-    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    defined |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in ast.walk(node)
-                if isinstance(target, ast.Name)}
+def test_benchmark_scripts_import_only_names_their_siblings_define():
+    """The benchmark scripts import shared pieces from sibling modules (`_common.py`); their GPU paths cannot
+    run here, so this reads the sources."""
+    folder = ROOT / "benchmarks"
+    siblings = {path.stem for path in folder.glob("*.py")}
     imported = {
-        (script.name, alias.name)
-        for script in (ROOT / "benchmarks").glob("bench_*.py")
+        (script.name, node.module, alias.name)
+        for script in folder.glob("bench_*.py")
         for node in ast.walk(ast.parse(script.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module == "bench_forward"
+        if isinstance(node, ast.ImportFrom) and node.module in siblings
         for alias in node.names
     }
-    assert imported, "no benchmark script imports from bench_forward.py: drop this test"
-    missing = sorted((script, name) for script, name in imported if name not in defined)
-    assert not missing, f"imported from bench_forward.py but not defined there: {missing}"
+    assert {script for script, _, _ in imported} == {p.name for p in folder.glob("bench_*.py")}
+    missing = []
+    for script, module, name in sorted(imported):
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for target in ast.walk(node) if isinstance(target, ast.Name)}
+        if name not in defined:
+            missing.append((script, module, name))
+    assert not missing, f"imported from a sibling module but not defined there: {missing}"
+
+
+@pytest.mark.parametrize("script", ["bench_forward", "bench_backward", "bench_fp8", "bench_rank"])
+def test_benchmark_scripts_answer_help_without_a_gpu(script):
+    if script == "bench_backward":
+        pytest.importorskip("torch")  # its autograd peers are torch functions
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(option in result.stdout for option in ("--seqs", "--dims", "--warmup", "--repeat", "--out"))
+
+
+def test_format_number_pads_missing_values_to_the_spec_width():
+    assert bench.format_number(3.14159, "6.2f") == "  3.14"
+    assert bench.format_number(None, "6.2f") == "   n/a"
+    assert bench.format_number(None, ".1e") == "n/a"
+    assert bench.format_number(None, "15.2f") == "n/a".rjust(15)
+
+
+def test_paper_case_and_input_sets_with_dout():
+    case = bench.paper_case(4096, 128, True)
+    assert (case.batch, case.heads, case.dtype) == (4, 16, "bfloat16")
+    assert bench.case_seed(case) == 4096 * 1000 + 128 * 2 + 1
+    small = bench.Case(seq=8, dim=4, causal=False, batch=1, heads=2, dtype="float32")
+    sets = bench.make_input_sets(small, "cpu", sets=3, seed=0, arrays=4)
+    assert len(sets) == 3 and all(len(s) == 4 and all(x.shape == small.shape for x in s) for s in sets)
+    # the first three arrays are the q, k, v that the default draws from the same seed
+    assert np.array_equal(bench.make_input_sets(small, "cpu", sets=1, seed=0)[0][2], sets[0][2])
+
+
+_ENV = {"gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.6", "cupy": "13.4", "date": "2026-11-22T00:00:00"}
+_FAILED = {"seq": 16384, "dim": 128, "causal": True, "error": "OutOfMemoryError: out of memory | 2 GiB"}
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fp8", "rank"])
+def test_readme_table_renders_failed_rows(tmp_path, kind):
+    """A row that carries an error instead of timings (or has no timings at all) becomes a visible
+    "failed: <reason>" line of the right width instead of a KeyError; missing numbers are "n/a"."""
+    from benchmarks.readme_table import table
+
+    tflops = {"adaattn": 400.0, "torch-flash": 300.0, "torch-cudnn": None}  # cuDNN failed on this shape: n/a
+    ok: dict = {"seq": 4096, "dim": 128, "causal": False, "tflops": tflops, "ms": {"adaattn": 1.0},
+                "ratio": {"torch-flash": 4 / 3, "torch-cudnn": None}}
+    failed = dict(_FAILED)
+    unsupported = {"seq": 8192, "dim": 128, "causal": False, "tflops": {}, "ms": {},
+                   "unsupported": {"adaattn": "RuntimeError: no kernel"}}
+    if kind == "fp8":
+        ok.update(tflops={**tflops, "adaattn[fp8]": 600.0}, fp8_speedup={"adaattn": 1.5, "torch-cudnn": 1.7},
+                  rel_l2_vs_float64={"adaattn[fp8]": 0.02})  # no "fp8-quantize" time: n/a
+        ok["ms"] = {"adaattn": 1.0, "adaattn[fp8]": 0.7}
+    elif kind == "rank":
+        ok = {"kind": "mixed", "seq": 8192, "dim": 128, "causal": False, "heads": 16, "lowrank_heads": 4,
+              "ms": {"dense": 2.0, "lowrank": 1.0, "plan": 0.1}, "speedup_vs_dense": 2.0,
+              "rel_l2_vs_float64_max": {"lowrank": 0.01}}
+        failed = {"kind": "peaked", **_FAILED}
+        unsupported = {**unsupported, "kind": "diffuse"}
+    path = tmp_path / f"{kind}.json"
+    path.write_text(json.dumps({"env": _ENV, "setup": "B*S=16384, H*D=2048, bf16, [B,H,S,D]",
+                                "rows": [failed, ok, unsupported]}))
+    lines = table(path).splitlines()
+    header, rows = lines[2], lines[4:]
+    assert len(rows) == 3
+    width = header.count(" | ")
+    assert all(line.count(" | ") == width for line in rows), lines  # the "|" in the reason is escaped
+    assert "| 16384 | yes | failed: OutOfMemoryError: out of memory \\| 2 GiB |" in rows[0]
+    assert "failed: adaattn: RuntimeError: no kernel" in rows[2]
+    assert "failed" not in rows[1] and "n/a" in rows[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

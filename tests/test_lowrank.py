@@ -261,8 +261,8 @@ def test_plan_makes_one_host_transfer(rng, monkeypatch, kinds):
     from adaattn_core import rank_policy
 
     transfers = []
-    original = rank_policy._host
-    monkeypatch.setattr(rank_policy, "_host", lambda x: transfers.append(x.shape) or original(x))
+    original = rank_policy.to_host64
+    monkeypatch.setattr(rank_policy, "to_host64", lambda x: transfers.append(x.shape) or original(x))
     q, k, v = _heads(rng, kinds, seq=2048)
     report = aa.Report()
     plan = RankPolicy().plan(describe(q, k, v, causal=True, scale=None, layout="bhsd"), q, k, v, report)
@@ -277,8 +277,8 @@ def test_retries_transfer_once_per_try(rng, monkeypatch):
     from adaattn_core import rank_policy
 
     transfers = []
-    original = rank_policy._host
-    monkeypatch.setattr(rank_policy, "_host", lambda x: transfers.append(x.shape) or original(x))
+    original = rank_policy.to_host64
+    monkeypatch.setattr(rank_policy, "to_host64", lambda x: transfers.append(x.shape) or original(x))
     q, k, v = _heads(rng, ["diffuse", "sink"], seq=2048)
     report = aa.Report()
     policy = RankPolicy(tolerance=1e-7, retry_margin=1e9, steps=3)

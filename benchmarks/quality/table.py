@@ -11,13 +11,12 @@ worst head's measured error).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.readme_table import update
+from benchmarks.readme_table import publish, table_parser
 
 from .train import trailing_mean
 
@@ -126,20 +125,13 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path)
-    parser.add_argument("--marker", default="quality-table")
-    parser.add_argument("--update", type=Path, help="README to rewrite between the markers")
+    parser = table_parser(__doc__, "quality-table")
     parser.add_argument("--plot", type=Path, help="write the training curves to this PNG instead")
     args = parser.parse_args()
     if args.plot:
         print(plot_curves(json.loads(args.results.read_text()), args.plot))
         return
-    text = table(args.results)
-    if args.update:
-        update(args.update, args.marker, text)
-    else:
-        print(text)
+    publish(table(args.results), args)
 
 
 if __name__ == "__main__":
