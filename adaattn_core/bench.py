@@ -66,6 +66,10 @@ def forward_flops(batch: int, heads: int, seq_q: int, seq_k: int, dim: int, caus
     return 4.0 * batch * heads * seq_q * seq_k * dim / (2 if causal else 1)
 
 
+#: FLOPs of forward + backward over the forward's: the backward counts 2.5 × the forward (the FA papers' count).
+FWD_BWD_FLOP_FACTOR = 3.5
+
+
 def tflops(flops: float, ms: float | None) -> float | None:
     """TFLOP/s of `flops` done in `ms` milliseconds (None when there is no time)."""
     return None if not ms else flops / (ms * 1e-3) / 1e12
@@ -886,6 +890,7 @@ __all__ = [
     "LABELS",
     "PEERS",
     "Case",
+    "FWD_BWD_FLOP_FACTOR",
     "Impl",
     "Peer",
     "SweepConfig",

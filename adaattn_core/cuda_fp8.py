@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, readable, writable
+from .cuda_common import (
+    LOG2E,
+    common_unsupported_reason,
+    element_strides,
+    head_index_array,
+    readable,
+    writable,
+)
 from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
@@ -32,6 +39,7 @@ from .launch_config import (
 )
 from .loader import get_kernel
 from .problem import AttentionProblem
+from .tma import tile_map
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,9 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
         (grid,),
         (launch.threads,),
         (
-            tensors.qq, tensors.kq, tensors.vt, tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
+            *(tile_map(x.data.ptr, x.shape, element_strides(x)[:3], rows, itemsize=1)
+              for x, rows in zip((tensors.qq, tensors.kq, tensors.vt), (*launch.tma_rows, problem.head_dim))),
+            tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
             tensors.row_bias,
             head_index_array(tuple(heads), device), target, lse,
             *map(np.int64, o_strides[:3]),

@@ -298,6 +298,7 @@ def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -
             smem_bytes=(3 * FP8_BLOCK_M + 2 * FP8_STAGES * FP8_BLOCK_N) * head_dim + 1024 + 128,
             block_m=FP8_BLOCK_M,
             archs=FP8_ARCHS,
+            tma_rows=(FP8_BLOCK_M, FP8_BLOCK_N),  # V^T's box is 128 key bytes by all head_dim rows
         ),
     }
 

@@ -2,11 +2,12 @@
 driver's `cuTensorMapEncodeTiled` through ctypes (CuPy does not wrap it; the driver library is present wherever
 a kernel can run).
 
-A map describes one [B, H, S, D] tensor of 16-bit elements (any strides that are multiples of 16 bytes, head-dim
-stride 1) as 4-D (D, S, H, B, innermost first) with a box of 64 columns by `box_rows` rows and the 128-byte
-swizzle, which is the layout `tma_load_tile` (cuda_src/wgmma_sm90.cuh) writes for the wgmma descriptors; rows
-past S read as zeros. It is passed to a kernel by value (`const __grid_constant__ TmaMap`) as the 128-byte NumPy
-structured scalar returned here.
+A map describes one [B, H, S, C] tensor of 2-byte (bf16/fp16) or 1-byte (e4m3) elements (any strides that are
+multiples of 16 bytes, innermost stride 1) as 4-D (C, S, H, B, innermost first) with a box of one swizzle line
+(min(C · itemsize, 128) bytes) by `box_rows` rows and the swizzle of that line (64 or 128 bytes), the layout
+`tma_load_tile` (cuda_src/wgmma_sm90.cuh) writes for the wgmma descriptors; rows past S read as zeros. It is
+passed to a kernel by value (`const __grid_constant__ TmaMap`) as the 128-byte NumPy structured scalar returned
+here.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import numpy as np
 #: The kernels' TmaMap: 128 opaque bytes (CUtensorMap), passed by value.
 TMA_MAP_DTYPE = np.dtype([("words", np.uint64, (16,))])
 
-# CUtensorMap* enums (cuda.h, CUDA 12+).
-_DATA_TYPE_UINT16 = 1  # the TMA only copies bytes: bf16 and fp16 alike
+# CUtensorMap* enums (cuda.h, CUDA 12+). The TMA only copies bytes: unsigned types of the element size serve
+# bf16, fp16 and e4m3 alike.
+_DATA_TYPE_BY_ITEMSIZE = {1: 0, 2: 1}  # CU_TENSOR_MAP_DATA_TYPE_UINT8, _UINT16
+_SWIZZLE_BY_LINE = {64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_64B, _128B
 _INTERLEAVE_NONE = 0
-_SWIZZLE_128B = 3
 _L2_PROMOTION_256B = 3
 _OOB_FILL_ZEROS = 0  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: out-of-bounds elements read as zero
-
-_BOX_COLS = 64  # 128 bytes of 16-bit elements: the widest box the 128-byte swizzle takes
 _MAX_BOX_ROWS = 256
 
 
@@ -41,34 +41,39 @@ def _encode_tiled() -> ctypes._CFuncPtr:
 
 
 @lru_cache(maxsize=1024)
-def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int, int], box_rows: int) -> np.void:
-    """The TmaMap of a 16-bit [B, H, S, D] tensor at device address `ptr` with element strides (batch, head, row)
-    (head-dim stride 1), for tiles of `box_rows` rows by all D columns (D / 64 copies of 64 columns).
+def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int, int], box_rows: int,
+             itemsize: int = 2) -> np.void:
+    """The TmaMap of a [B, H, S, C] tensor of `itemsize`-byte elements at device address `ptr` with element strides
+    (batch, head, row) (innermost stride 1), for tiles of `box_rows` rows by all C columns: C · itemsize / line
+    copies of one swizzle line, line = min(C · itemsize, 128) bytes (64 or 128).
 
     Raises ValueError for a shape or stride the TMA unit cannot take (the launchers check strides with
     `cuda_common.kernel_ready` first, so this only fires on a broken invariant) and RuntimeError with the driver's
     code if the driver refuses the map.
     """
-    batch, heads, rows, head_dim = shape
-    if head_dim % _BOX_COLS or not 0 < box_rows <= _MAX_BOX_ROWS or ptr % 16:
-        raise ValueError(f"TMA tile map: head dim {head_dim} must be a multiple of {_BOX_COLS}, box rows {box_rows} "
-                         f"in 1..{_MAX_BOX_ROWS}, address {ptr:#x} 16-byte aligned")
-    dims = (head_dim, rows, heads, batch)
+    batch, heads, rows, cols = shape
+    line = min(cols * itemsize, 128)
+    if (itemsize not in _DATA_TYPE_BY_ITEMSIZE or line not in _SWIZZLE_BY_LINE or cols * itemsize % line
+            or not 0 < box_rows <= _MAX_BOX_ROWS or ptr % 16):
+        raise ValueError(f"TMA tile map: rows of {cols} x {itemsize} bytes must be 64 bytes or a multiple of 128, "
+                         f"box rows {box_rows} in 1..{_MAX_BOX_ROWS}, address {ptr:#x} 16-byte aligned")
+    dims = (cols, rows, heads, batch)
     # A dimension of extent 1 is never stepped, so its stride is free: give it a legal one (its real stride may
     # be 0 or unaligned, e.g. a broadcast batch of 1).
-    byte_strides = tuple(2 * s if n > 1 else 16 for s, n in zip(strides[::-1], dims[1:]))
+    byte_strides = tuple(itemsize * s if n > 1 else 16 for s, n in zip(strides[::-1], dims[1:]))
     if any(s <= 0 or s % 16 or s >= 2**40 for s in byte_strides):
-        raise ValueError(f"TMA tile map: strides {strides} (elements) must be positive multiples of 8 below 2**39")
+        raise ValueError(f"TMA tile map: strides {strides} ({itemsize}-byte elements) must be positive multiples of "
+                         "16 bytes below 2**40 bytes")
     buffer = np.zeros(1 + 64 // 8 + 16, dtype=np.uint64)  # room to align the 128-byte map to 64 bytes
     start = (-buffer.ctypes.data % 64) // 8
     tensor_map = buffer[start:start + 16]
     code = _encode_tiled()(
-        tensor_map.ctypes.data, _DATA_TYPE_UINT16, 4, ptr,
+        tensor_map.ctypes.data, _DATA_TYPE_BY_ITEMSIZE[itemsize], 4, ptr,
         (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*byte_strides),
-        (ctypes.c_uint32 * 4)(_BOX_COLS, box_rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1),
-        _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS,
+        (ctypes.c_uint32 * 4)(line // itemsize, box_rows, 1, 1), (ctypes.c_uint32 * 4)(1, 1, 1, 1),
+        _INTERLEAVE_NONE, _SWIZZLE_BY_LINE[line], _L2_PROMOTION_256B, _OOB_FILL_ZEROS,
     )
     if code != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled returned CUresult {code} for shape {shape}, element strides "
-                           f"{strides}, box rows {box_rows}")
+                           f"{strides}, itemsize {itemsize}, box rows {box_rows}")
     return tensor_map.view(TMA_MAP_DTYPE)[0]

@@ -7,9 +7,8 @@ from typing import Any
 
 from adaattn_core import bench
 
-#: The GPU grid: the FlashAttention-paper shape (B = TOKENS // S, H = HIDDEN // D), kept small so that a
-#: whole `asv run` stays within a few minutes (each parameter set is a fresh process).
-TOKENS, HIDDEN = 16384, 2048
+#: The GPU grid: the FlashAttention-paper shape (`bench.paper_case`: B = 16k // S, H = 2048 // D), kept small so
+#: that a whole `asv run` stays within a few minutes (each parameter set is a fresh process).
 GPU_PARAMS: list[list[Any]] = [[1024, 4096], [64, 128], [False, True]]
 GPU_PARAM_NAMES = ["seq", "dim", "causal"]
 DTYPE = "bfloat16"
@@ -26,11 +25,6 @@ def require_gpu(*, fused: bool = False) -> None:
         raise NotImplementedError(f"no GPU: {caps.backends['cupy-blocked']}")
     if fused and not caps.backends["cuda"].startswith("available"):
         raise NotImplementedError(caps.backends["cuda"])
-
-
-def gpu_case(seq: int, dim: int, causal: bool) -> bench.Case:
-    return bench.Case(seq=seq, dim=dim, causal=causal, batch=max(1, TOKENS // seq), heads=max(1, HIDDEN // dim),
-                      dtype=DTYPE)
 
 
 class _GpuForward:
@@ -52,8 +46,8 @@ class _GpuForward:
 
     def setup(self, seq: int, dim: int, causal: bool) -> None:
         require_gpu()
-        self.case = gpu_case(seq, dim, causal)
-        sets = bench.make_input_sets(self.case, "gpu", seed=seq * 1000 + dim * 2 + causal)
+        self.case = bench.paper_case(seq, dim, causal, DTYPE)
+        sets = bench.make_input_sets(self.case, "gpu", seed=bench.case_seed(self.case))
         try:
             self.fn = self.build(sets, causal)
             for i in range(WARMUP + 1):

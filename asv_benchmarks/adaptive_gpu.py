@@ -12,7 +12,7 @@ from typing import Any
 
 from adaattn_core import bench
 
-from ._common import GPU_PARAM_NAMES, WARMUP, _GpuForward, gpu_case, require_gpu
+from ._common import DTYPE, GPU_PARAM_NAMES, WARMUP, _GpuForward, require_gpu
 
 PRESETS = ["quality", "balanced", "speed", "fp8", "lowrank", "adaptive"]
 #: One long-ish length keeps the grid (2 dims x 2 causal x 6 presets, a process each) within minutes.
@@ -83,7 +83,7 @@ class RankEstimators:
         from adaattn_core import estimators
         from adaattn_core.problem import describe
 
-        self.case = gpu_case(8192, 128, causal)
+        self.case = bench.paper_case(8192, 128, causal, DTYPE)
         (self.qkv,) = bench.make_input_sets(self.case, "gpu", sets=1, seed=11 + causal)
         self.problem = describe(*self.qkv, causal=causal, scale=None, layout="bhsd")
         self.rows = estimators.probe_rows(self.problem, 16)

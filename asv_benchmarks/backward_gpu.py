@@ -1,7 +1,7 @@
 """Forward + backward on the GPU (training step of attention), beside torch SDPA's flash and cuDNN backends.
 
-FLOPs counted as 3.5 × the forward's (backward 2.5×), halved when causal. Same grid and timing as
-`forward_gpu`; dout is drawn once per input set in setup.
+FLOPs counted as 3.5 × the forward's (backward 2.5×; `bench.FWD_BWD_FLOP_FACTOR`), halved when causal. Same
+grid and timing as `forward_gpu`; dout is drawn once per input set in setup.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from typing import Any
 from adaattn_core import bench
 
 from ._common import _GpuForward, require_gpu
-
-FWD_BWD_FLOP_FACTOR = 3.5
 
 
 class _GpuForwardBackward(_GpuForward):
@@ -24,7 +22,7 @@ class _GpuForwardBackward(_GpuForward):
 
     def track_tflops(self, seq: int, dim: int, causal: bool) -> float:
         """TFLOP/s of forward + backward (3.5 × forward FLOPs). Graphs only: asv reads bigger as worse."""
-        return float(bench.tflops(FWD_BWD_FLOP_FACTOR * self.case.flops, self._median_ms()) or 0.0)
+        return float(bench.tflops(bench.FWD_BWD_FLOP_FACTOR * self.case.flops, self._median_ms()) or 0.0)
 
     track_tflops.unit = "TFLOP/s"  # type: ignore[attr-defined]
 
@@ -34,8 +32,6 @@ class ForwardBackward(_GpuForwardBackward):
 
     def build(self, sets: list[tuple[Any, Any, Any]], causal: bool) -> bench.Impl:
         require_gpu(fused=True)
-        import cupy
-
         from adaattn_core import attention, attention_backward
         from adaattn_core.backends import backward_backend
         from adaattn_core.problem import describe
@@ -43,7 +39,7 @@ class ForwardBackward(_GpuForwardBackward):
         backend = backward_backend(describe(*sets[0], causal=causal, scale=None, layout="bhsd"))
         if backend != "cuda":  # keep the history to one kernel: another backend is a different benchmark
             raise NotImplementedError(f"backward backend {backend!r} instead of the fused kernels")
-        douts = [cupy.random.standard_normal(q.shape, dtype=cupy.float32).astype(q.dtype) for q, _, _ in sets]
+        douts = [dout for (dout,) in bench.make_input_sets(self.case, "gpu", sets=len(sets), arrays=1)]
 
         def call(i: int) -> Any:
             j = i % len(sets)

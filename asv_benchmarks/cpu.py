@@ -13,7 +13,7 @@ BATCH, HEADS = 1, 4
 
 def _inputs(seq: int, dim: int, causal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     case = bench.Case(seq=seq, dim=dim, causal=causal, batch=BATCH, heads=HEADS, dtype="float32")
-    (qkv,) = bench.make_input_sets(case, "cpu", sets=1, seed=seq * 1000 + dim * 2 + causal)
+    (qkv,) = bench.make_input_sets(case, "cpu", sets=1, seed=bench.case_seed(case))
     return qkv
 
 

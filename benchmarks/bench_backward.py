@@ -29,8 +29,6 @@ from adaattn_core.launch_config import BACKWARD_DQ_TILES, BACKWARD_TILES
 
 #: The torch SDPA backends timed beside AdaAttn (names as in the forward results).
 PEERS = {"torch-flash": SDPBackend.FLASH_ATTENTION, "torch-cudnn": SDPBackend.CUDNN_ATTENTION}
-#: Forward + backward FLOPs per forward FLOP (FlashAttention-2 paper's count: backward = 2.5 × forward).
-FWD_BWD_FLOP_FACTOR = 3.5
 
 
 def _ours(sets: list[tuple[Any, ...]], causal: bool) -> Callable[[int], tuple[Any, ...]]:
@@ -60,7 +58,7 @@ def _peer(sets: list[tuple[Any, ...]], causal: bool, backend: SDPBackend) -> Cal
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     """One row: forward + backward of AdaAttn and the torch SDPA backends on B = 16384 // S, H = 2048 // D."""
     case = bench.paper_case(seq, dim, causal)
-    flops = FWD_BWD_FLOP_FACTOR * case.flops
+    flops = bench.FWD_BWD_FLOP_FACTOR * case.flops
     row: dict[str, Any] = {"seq": seq, "dim": dim, "causal": causal, "batch": case.batch, "heads": case.heads,
                            "flops": flops, "tflops": {}, "ms": {}}
     with bench.cupy_on_torch_stream():  # (q, k, v, dout) sets that together exceed L2

@@ -31,13 +31,15 @@
 // Warp specialisation, as attention_fwd_sm90_ws.cu (FlashAttention-3 §3.1), whose header explains the roles
 // in full; WarpRoles<2> (wgmma_sm90.cuh) gives the producer 40 registers and the consumers 232, and the
 // ping-pong turns. (Three consumers of 160 registers, as the bf16 kernel runs at D = 64, spill 128-148 bytes
-// here at D = 128: S 64 + O 64 + P 16 fp32/packed registers.) The producer's 128 threads cp.async Q, then
-// K_j and V^T_j for j from the last key tile to the first into a STAGES-deep ring of stages, each guarded by
-// a "full" mbarrier (128 cp.async.mbarrier.arrive.noinc: fires when the copies have landed) and an "empty"
-// one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed). The consumers
+// here at D = 128: S 64 + O 64 + P 16 fp32/packed registers.) One producer thread copies Q, then K_j and
+// V^T_j for j from the last key tile to the first, with TMA (tma_load_tile) into a STAGES-deep ring of
+// stages, each guarded by a "full" mbarrier (armed with the tile's bytes: fires when the copies have landed)
+// and an "empty" one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed). The consumers
 // run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG) take turns
 // to issue their GEMMs, so one's softmax overlaps the other's wgmmas.
-// The quantiser pads every tensor to whole tiles, so the producer's copies are never range-checked.
+// qq_map, kq_map, vt_map: tensor maps (adaattn_core/tma.py) of qq [B][Hq][Sq'][D], kq [B][Hkv][Sk'][D] and
+// vt [B][Hkv][D][Sk'] (bytes, contiguous), boxes of min(D, 128) bytes by BLOCK_M / BLOCK_N rows and of 128 key
+// bytes by D rows, with the swizzle of their lines. The quantiser pads every tensor to whole tiles.
 // The per-tile scales are read by the consumers from global memory (one float per tile, issued ahead of
 // the mbarrier waits so that the load is off the critical path).
 //
@@ -81,33 +83,12 @@ __device__ __forceinline__ unsigned long long wgmma_desc_kmajor(unsigned smem_ad
            (unsigned long long)((8 * LINE) >> 4) << 32 | (LINE == 128 ? 1ull : 2ull) << 62;
 }
 
-// cp.async of a [ROWS][ROW_BYTES] byte tile starting at gmem (rows row_stride bytes apart, all in range:
-// the quantiser pads) into the swizzled tile at `smem`, by the 128 producer threads. Unrolled by 4 only,
-// so that the producer fits in its 40 registers.
-template <int ROWS, int ROW_BYTES>
-__device__ __forceinline__ void producer_load_fp8(unsigned smem, const unsigned char* gmem, long long row_stride,
-                                                  int tid) {
-    constexpr int LINE = ROW_BYTES < 128 ? ROW_BYTES : 128;
-    constexpr int CHUNKS = ROW_BYTES / 16;
-    constexpr int ROW_STEP = 128 / CHUNKS;
-    static_assert(128 % CHUNKS == 0 && ROWS % ROW_STEP == 0, "unsupported tile for the producer");
-    const int c = tid % CHUNKS;
-    int row = tid / CHUNKS;
-    const unsigned char* src = gmem + row * row_stride + c * 16;
-#pragma unroll 4
-    for (int i = 0; i < ROWS / ROW_STEP; ++i) {
-        cp_async_16(smem + swizzle_offset<ROWS, LINE>(row, c), src, 16);
-        row += ROW_STEP;
-        src += ROW_STEP * row_stride;
-    }
-}
-
 }  // namespace adaattn
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
 __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
-    const unsigned char* __restrict__ qq, const unsigned char* __restrict__ kq, const unsigned char* __restrict__ vt,
-    const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
+    const __grid_constant__ adaattn::TmaMap qq_map, const __grid_constant__ adaattn::TmaMap kq_map,
+    const __grid_constant__ adaattn::TmaMap vt_map, const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
     const float* __restrict__ v_mean, const float* __restrict__ row_bias, const int* __restrict__ heads,
     T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
@@ -147,7 +128,6 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const int diag = seqlen_k - seqlen_q;
     const int seqlen_q_pad = num_m_blocks * BLOCK_M;
     const int num_k_blocks = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
-    const int seqlen_k_pad = num_k_blocks * BLOCK_N;
 
     const int h_kv = h / (num_heads_q / num_heads_kv);
     const long long bhq = (long long)b * num_heads_q + h;
@@ -164,32 +144,31 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         return;
     }
 
-    if (tid == 0) bars.init(128, 2);
+    if (tid == 0) {
+        bars.init(2);
+        tma_prefetch_map(&qq_map);
+        tma_prefetch_map(&kq_map);
+        tma_prefetch_map(&vt_map);
+    }
     __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
     if (tid < 128) {
         // ---- producer warpgroup ----
         setmaxnreg_dec<Roles::PRODUCER_REGS>();
-        const unsigned char* q_ptr = qq + (bhq * seqlen_q_pad + m_start) * HEAD_DIM;
-        const unsigned char* k_ptr = kq + bhk * seqlen_k_pad * HEAD_DIM;
-        const unsigned char* v_ptr = vt + bhk * HEAD_DIM * seqlen_k_pad;
-        producer_load_fp8<BLOCK_M, HEAD_DIM>(sQ, q_ptr, HEAD_DIM, tid);
-        mbar_arrive_cp_async(bars.q_full());
+        if (tid != 0) return;
+        tma_load_tile<BLOCK_M, HEAD_DIM, 1>(sQ, &qq_map, bars.q_full(), 0, m_start, h, b);
         for (int it = 0; it < n_blocks; ++it) {
             const int s = it % STAGES;
             const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
             const int n_block = n_blocks - 1 - it;
             if (it >= STAGES) mbar_wait(bars.k_empty(s), parity);
-            producer_load_fp8<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, k_ptr + (long long)n_block * KV_BYTES, HEAD_DIM,
-                                                 tid);
-            mbar_arrive_cp_async(bars.k_full(s));
+            tma_load_tile<BLOCK_N, HEAD_DIM, 1>(sK + s * KV_BYTES, &kq_map, bars.k_full(s), 0, n_block * BLOCK_N,
+                                                h_kv, b);
             if (it >= STAGES) mbar_wait(bars.v_empty(s), parity);
-            producer_load_fp8<HEAD_DIM, BLOCK_N>(sV + s * KV_BYTES, v_ptr + n_block * BLOCK_N, seqlen_k_pad, tid);
-            mbar_arrive_cp_async(bars.v_full(s));
+            // V^T [HEAD_DIM][Sk']: all HEAD_DIM rows, the BLOCK_N (= 128) key columns of tile n_block.
+            tma_load_tile<HEAD_DIM, BLOCK_N, 1>(sV + s * KV_BYTES, &vt_map, bars.v_full(s), n_block * BLOCK_N, 0,
+                                                h_kv, b);
         }
-        // No copy may outlive its issuing thread (the copies were never committed: close them as a group).
-        cp_async_commit();
-        cp_async_wait<0>();
         return;
     }
 
@@ -295,8 +274,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     // First tile: nothing to accumulate into O yet.
     float corr[2];
     float k_scale = sk_ptr[n_blocks - 1];
-    consumer_wait_full<true>(bars.q_full(), 0);
-    consumer_wait_full<true>(bars.k_full(0), 0);
+    consumer_wait_full(bars.q_full(), 0);
+    consumer_wait_full(bars.k_full(0), 0);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_qk(0);
@@ -311,8 +290,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
         k_scale = sk_ptr[n_blocks - 1 - it];
-        consumer_wait_full<true>(bars.k_full(s), (it / STAGES) & 1);
-        consumer_wait_full<true>(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
+        consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
+        consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
         Roles::turn_begin(wg);
         fence_operands(acc_s, acc_o, p);
         issue_qk(s);
@@ -337,7 +316,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    consumer_wait_full<true>(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);

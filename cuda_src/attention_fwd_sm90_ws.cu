@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     }
 
     if (tid == 0) {
-        bars.init(1, CONSUMERS);
+        bars.init(CONSUMERS);
         tma_prefetch_map(&q_map);
         tma_prefetch_map(&k_map);
         tma_prefetch_map(&v_map);
@@ -126,15 +126,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         // ---- producer warpgroup ----
         setmaxnreg_dec<Roles::PRODUCER_REGS>();
         if (tid != 0) return;
-        tma_load_tile<BLOCK_M, HEAD_DIM>(sQ, &q_map, bars.q_full(), m_start, h, b);
+        tma_load_tile<BLOCK_M, HEAD_DIM * 2, 2>(sQ, &q_map, bars.q_full(), 0, m_start, h, b);
         for (int it = 0; it < n_blocks; ++it) {
             const int s = it % STAGES;
             const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
             const int key0 = (n_blocks - 1 - it) * BLOCK_N;
             if (it >= STAGES) mbar_wait(bars.k_empty(s), parity);
-            tma_load_tile<BLOCK_N, HEAD_DIM>(sK + s * KV_BYTES, &k_map, bars.k_full(s), key0, h_kv, b);
+            tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sK + s * KV_BYTES, &k_map, bars.k_full(s), 0, key0, h_kv, b);
             if (it >= STAGES) mbar_wait(bars.v_empty(s), parity);
-            tma_load_tile<BLOCK_N, HEAD_DIM>(sV + s * KV_BYTES, &v_map, bars.v_full(s), key0, h_kv, b);
+            tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sV + s * KV_BYTES, &v_map, bars.v_full(s), 0, key0, h_kv, b);
         }
         return;
     }
@@ -246,8 +246,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];
-    consumer_wait_full<false>(bars.q_full(), 0);
-    consumer_wait_full<false>(bars.k_full(0), 0);
+    consumer_wait_full(bars.q_full(), 0);
+    consumer_wait_full(bars.k_full(0), 0);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_qk(0);
@@ -261,8 +261,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
-        consumer_wait_full<false>(bars.k_full(s), (it / STAGES) & 1);
-        consumer_wait_full<false>(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
+        consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
+        consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
         Roles::turn_begin(wg);
         fence_operands(acc_s, acc_o, p);
         issue_qk(s);
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     }
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    consumer_wait_full<false>(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
+    consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
     Roles::turn_begin(wg);
     fence_operands(acc_s, acc_o, p);
     issue_pv((n_blocks - 1) % STAGES);

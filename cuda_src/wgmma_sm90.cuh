@@ -240,12 +240,6 @@ __device__ __forceinline__ void mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Arrives on `bar` once every cp.async this thread issued before it has completed; the arrival was
-// counted in the barrier's expected count (noinc).
-__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-
 // Arrives on `bar` (one of its expected arrivals) and adds `bytes` to the transaction count its phase waits
 // for: the phase completes once the TMA copies signalling `bar` have written that many bytes.
 __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
@@ -311,9 +305,8 @@ struct WarpRoles {
 };
 
 // The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, then per stage
-// K full, V full, K empty, V empty. "full" expects `producer_arrivals` (the 128 threads of a cp.async producer,
-// the one thread of a TMA producer), "empty" one arrival per consumer warp. `init` is for one thread, before a
-// CTA-wide barrier.
+// K full, V full, K empty, V empty. "full" expects the TMA producer thread's one arrival (plus the tile's bytes),
+// "empty" one arrival per consumer warp. `init` is for one thread, before a CTA-wide barrier.
 template <int STAGES>
 struct StageBarriers {
     static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
@@ -323,25 +316,20 @@ struct StageBarriers {
     __device__ __forceinline__ unsigned v_full(int s) const { return base + 16 + 32 * s; }
     __device__ __forceinline__ unsigned k_empty(int s) const { return base + 24 + 32 * s; }
     __device__ __forceinline__ unsigned v_empty(int s) const { return base + 32 + 32 * s; }
-    __device__ __forceinline__ void init(int producer_arrivals, int consumers) const {
-        mbar_init(q_full(), producer_arrivals);
+    __device__ __forceinline__ void init(int consumers) const {
+        mbar_init(q_full(), 1);
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(k_full(s), producer_arrivals);
-            mbar_init(v_full(s), producer_arrivals);
+            mbar_init(k_full(s), 1);
+            mbar_init(v_full(s), 1);
             mbar_init(k_empty(s), 4 * consumers);
             mbar_init(v_empty(s), 4 * consumers);
         }
     }
 };
 
-// The consumers' side of a K/V stage: wait until the producer's writes to it have landed; cp.async writes
-// (generic proxy) must also be ordered before this thread's wgmma reads (async proxy), TMA writes are in the
-// async proxy already ...
-template <bool CP_ASYNC_PRODUCER>
-__device__ __forceinline__ void consumer_wait_full(unsigned bar, unsigned parity) {
-    mbar_wait(bar, parity);
-    if (CP_ASYNC_PRODUCER) fence_proxy_async();
-}
+// The consumers' side of a K/V stage: wait until the producer's TMA writes to it have landed (they are in the
+// async proxy, like the wgmma reads: no proxy fence) ...
+__device__ __forceinline__ void consumer_wait_full(unsigned bar, unsigned parity) { mbar_wait(bar, parity); }
 
 // ... and, once this warp's wgmmas reading the stage have completed, hand it back (one arrival per warp).
 __device__ __forceinline__ void consumer_release(unsigned bar, int lane) {
@@ -377,23 +365,27 @@ __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
 }
 
-// Copies the [ROWS][D] tile at rows row0 .. row0 + ROWS - 1 of head `head`, batch `batch` of a 16-bit
-// [B][H][S][D] tensor into the layout of sw128_offset<ROWS> at `smem` (1024-byte aligned): `map` is 4-D
-// (D, S, H, B, innermost first) with a box of 64 columns by ROWS rows and the 128-byte swizzle, so each of
-// the D / 64 copies writes one [ROWS][64] column block exactly as wgmma's descriptors read it; rows past S
-// are zero-filled by the TMA unit. One thread issues it; the copies complete on `bar`, which this call arms
-// (one arrival plus the tile's bytes).
-template <int ROWS, int D>
-__device__ __forceinline__ void tma_load_tile(unsigned smem, const TmaMap* map, unsigned bar, int row0, int head,
-                                              int batch) {
-    mbar_arrive_expect_tx(bar, ROWS * D * 2);
+// Copies the [ROWS][ROW_BYTES] tile at rows row0 .. row0 + ROWS - 1, columns from col0 (elements), of head
+// `head`, batch `batch` of a [B][H][S][columns] tensor of ELEM_BYTES-byte elements into the K-major swizzled layout the wgmma descriptors read at `smem`
+// (1024-byte aligned): lines of LINE = min(ROW_BYTES, 128) bytes with the LINE-byte swizzle (16-byte chunk c of
+// row r at c ^ (r % 8) for 128 bytes, c ^ (r / 2 % 4) for 64), rows longer than LINE split in column blocks of
+// [ROWS][LINE] (sw128_offset). `map` is 4-D (S-row elements, S, H, B, innermost first) with a box of LINE bytes
+// by ROWS rows and that swizzle (adaattn_core/tma.py), so each of the ROW_BYTES / LINE copies writes one column
+// block; rows past S are zero-filled by the TMA unit. One thread issues it; the copies complete on `bar`, which
+// this call arms (one arrival plus the tile's bytes).
+template <int ROWS, int ROW_BYTES, int ELEM_BYTES>
+__device__ __forceinline__ void tma_load_tile(unsigned smem, const TmaMap* map, unsigned bar, int col0, int row0,
+                                              int head, int batch) {
+    constexpr int LINE = ROW_BYTES < 128 ? ROW_BYTES : 128;
+    static_assert(LINE == 64 || LINE == 128, "the kernels' tiles use the 64- or 128-byte swizzle");
+    mbar_arrive_expect_tx(bar, ROWS * ROW_BYTES);
 #pragma unroll
-    for (int cb = 0; cb < D / 64; ++cb)
+    for (int cb = 0; cb < ROW_BYTES / LINE; ++cb)
         asm volatile(
             "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-            " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem + cb * ROWS * 128),
-            "l"(reinterpret_cast<unsigned long long>(map)), "r"(cb * 64), "r"(row0), "r"(head), "r"(batch),
-            "r"(bar)
+            " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem + cb * ROWS * LINE),
+            "l"(reinterpret_cast<unsigned long long>(map)), "r"(col0 + cb * LINE / ELEM_BYTES), "r"(row0), "r"(head),
+            "r"(batch), "r"(bar)
             : "memory");
 }
 

@@ -59,7 +59,7 @@ PARAMS = {
     + "const int* __restrict__, int, int, int, int, int, int, const float* __restrict__, "
     + "unsigned char* __restrict__, float* __restrict__, float* __restrict__, "
     + "unsigned char* __restrict__, float* __restrict__, unsigned char* __restrict__",
-    "attention_fwd_fp8_sm90": "const unsigned char* __restrict__, " * 3 + "const float* __restrict__, " * 5
+    "attention_fwd_fp8_sm90": "const __grid_constant__ adaattn::TmaMap, " * 3 + "const float* __restrict__, " * 5
     + "const int* __restrict__, {t}* __restrict__, float* __restrict__, " + "long long, " * 3
     + "int, int, int, int, int, float",
     "attention_bwd_dq_convert": "const float* __restrict__, {t}* __restrict__, " + "long long, " * 3
