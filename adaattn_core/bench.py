@@ -13,6 +13,9 @@
   SageAttention when installed), with TFLOP/s = 4·B·H·Sq·Sk·D / t (half of that when causal) and the
   relative L2 error of each output against float64.
 - `format_table`, `format_number`, `write_json`, `plot_results`: what a person reads.
+
+What only the GPU scripts `benchmarks/bench_*.py` need (their command line, the torch-version environment record,
+the sweep loop and its failed rows) is in `benchmarks/_common.py`, which builds on this module.
   ``python -m adaattn_core.bench FILE.json`` prints a results file's table and writes its PNG next to it.
 
 Result files (JSON) keep the layout of `benchmarks/results/*-fwd.json`: ``{"env", "setup", "rows": [{"seq",
@@ -95,10 +98,14 @@ class Case:
         return forward_flops(self.batch, self.heads, self.seq, self.seq, self.dim, self.causal)
 
 
+def sized_case(seq: int, dim: int, causal: bool, dtype: str, tokens: int, hidden: int) -> Case:
+    """The problem of `tokens` = B·S tokens and `hidden` = H·D channels at sequence length `seq`, head dim `dim`."""
+    return Case(seq=seq, dim=dim, causal=causal, batch=max(1, tokens // seq), heads=max(1, hidden // dim), dtype=dtype)
+
+
 def paper_case(seq: int, dim: int, causal: bool, dtype: str = "bfloat16") -> Case:
     """The FlashAttention papers' problem of sequence length `seq` and head dim `dim`: B = 16k // S, H = 2048 // D."""
-    return Case(seq=seq, dim=dim, causal=causal, batch=max(1, PAPER_TOKENS // seq),
-                heads=max(1, PAPER_HIDDEN // dim), dtype=dtype)
+    return sized_case(seq, dim, causal, dtype, PAPER_TOKENS, PAPER_HIDDEN)
 
 
 def case_seed(case: Case) -> int:
@@ -148,8 +155,7 @@ class SweepConfig:
                    repeat=5)
 
     def case(self, seq: int, dim: int, causal: bool, dtype: str) -> Case:
-        return Case(seq=seq, dim=dim, causal=causal, batch=max(1, self.tokens // seq),
-                    heads=max(1, self.hidden // dim), dtype=dtype)
+        return sized_case(seq, dim, causal, dtype, self.tokens, self.hidden)
 
     def cases(self) -> list[Case]:
         """In table order: head dim, then causal, then sequence length, then dtype."""

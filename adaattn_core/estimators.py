@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import compute_dtype, library_name, namespace, on_device, to_host
+from ._arrays import compute_dtype, library_name, namespace, on_device, to_host64
 from .problem import AttentionProblem
 from .reference import masked_softmax
 
@@ -455,7 +455,7 @@ def pooled_map(problem: AttentionProblem, q: Any, k: Any, block: int) -> np.ndar
         last_row = xp.minimum(block * (xp.arange(q_bar.shape[2]) + 1), problem.seqlen_q) - 1
         visible = problem.visible(last_row, block * xp.arange(k_bar.shape[2]))
     probs, _ = masked_softmax(xp, scores, visible, with_lse=False)
-    return np.asarray(to_host(probs), dtype=np.float64).reshape(-1, *probs.shape[2:])
+    return to_host64(probs).reshape(-1, *probs.shape[2:])
 
 
 def power_iteration(a: np.ndarray, iters: int, rng: np.random.Generator) -> np.ndarray:

@@ -286,8 +286,7 @@ def exact_rows(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: Any, hea
     qr = q[:, heads][:, :, rows].astype(dtype)
     kk, vv = k[:, heads_kv].astype(dtype), v[:, heads_kv].astype(dtype)
     scores = (qr @ kk.swapaxes(-1, -2)) * problem.scale
-    visible = problem.visible(rows, xp.arange(problem.seqlen_k)) if problem.causal else None
-    probs, _ = masked_softmax(xp, scores, visible, with_lse=False)
+    probs, _ = masked_softmax(xp, scores, problem.visible(rows, xp.arange(problem.seqlen_k)), with_lse=False)
     return probs @ vv
 
 

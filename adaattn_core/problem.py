@@ -65,8 +65,9 @@ class AttentionProblem:
         return keys_seen(rows, self.seqlen_q, self.seqlen_k, self.causal)
 
     def visible(self, rows: Any, keys: Any) -> Any:
-        """[len(rows), len(keys)] bool: key j visible to query row i (see `visible`; all True without causal)."""
-        return visible(rows, keys, self.seqlen_q, self.seqlen_k, self.causal)
+        """[len(rows), len(keys)] bool: key j visible to query row i (see `visible`); None without causal (every key
+        is visible: no mask to apply)."""
+        return visible(rows, keys, self.seqlen_q, self.seqlen_k) if self.causal else None
 
     def output_shape(self) -> tuple[int, int, int, int]:
         """Shape of `out` in the caller's layout."""
@@ -87,10 +88,11 @@ def keys_seen(rows: Any, seqlen_q: int, seqlen_k: int, causal: bool) -> Any:
     return (rows + (seqlen_k - seqlen_q + 1)).clip(0, seqlen_k)
 
 
-def visible(rows: Any, keys: Any, seqlen_q: int, seqlen_k: int, causal: bool = True) -> Any:
-    """[len(rows), len(keys)] bool: key j (of `keys`, indices in [0, seqlen_k)) visible to query row i (of `rows`),
-    j < `keys_seen`(i): with `causal`, j <= i + seqlen_k − seqlen_q. NumPy or CuPy index arrays, one library."""
-    return keys[None, :] < keys_seen(rows, seqlen_q, seqlen_k, causal)[:, None]
+def visible(rows: Any, keys: Any, seqlen_q: int, seqlen_k: int) -> Any:
+    """[len(rows), len(keys)] bool, the causal mask: key j (of `keys`, indices in [0, seqlen_k)) visible to query
+    row i (of `rows`) iff j <= i + seqlen_k − seqlen_q, i.e. j < `keys_seen`(i) (the clip there does not matter
+    for keys in range). NumPy or CuPy index arrays, one library."""
+    return keys[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
 
 
 def to_bhsd(x: Any, layout: str) -> Any:

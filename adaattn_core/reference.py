@@ -14,17 +14,14 @@ from ._arrays import library_name, namespace
 from .problem import to_bhsd, visible
 
 
-def _scores(xp: Any, qh: Any, kh: Any, scale: float) -> Any:
-    return (qh @ kh.T) * scale
-
-
 def masked_softmax(xp: Any, scores: Any, mask: Any = None, *, with_lse: bool = True) -> tuple[Any, Any]:
     """(P, lse): the row softmax over the last axis and its log-sum-exp, in the scores' dtype and array library
     (NumPy or CuPy), the scores where `mask` is False (a bool array broadcasting against them, e.g. from
     `problem.visible`; None: none) masked first. lse is None unless `with_lse`.
 
-    Stable (shifted by the row max); fully masked rows give P = 0 and lse = −inf, not NaN. The one materialised
-    masked softmax of the core: the reference, `head_errors`, `precision.exact_rows`, `estimators.pooled_map`.
+    Stable (shifted by the row max); fully masked rows give P = 0 and lse = −inf, not NaN. Serves the reference,
+    `head_errors`, `precision.exact_rows` and `estimators.pooled_map`; the probe (`estimators._probe_numpy`) keeps
+    its own, since its entropy needs the shifted scores and weights.
     """
     if mask is not None:
         scores = xp.where(mask, scores, -xp.inf)
@@ -40,11 +37,6 @@ def masked_softmax(xp: Any, scores: Any, mask: Any = None, *, with_lse: bool = T
     return weights / safe, lse
 
 
-def _causal(xp: Any, sq: int, sk: int) -> Any:
-    """[sq, sk] bool: the keys each query row sees under the bottom-right causal rule."""
-    return visible(xp.arange(sq), xp.arange(sk), sq, sk)
-
-
 def attention_reference(
     q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
 ) -> tuple[Any, Any]:
@@ -54,12 +46,12 @@ def attention_reference(
     batch, heads_q, seqlen_q, head_dim = qb.shape
     group = heads_q // kb.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = _causal(xp, seqlen_q, kb.shape[2]) if causal else None
+    mask = visible(xp.arange(seqlen_q), xp.arange(kb.shape[2]), seqlen_q, kb.shape[2]) if causal else None
     out = xp.zeros(qb.shape, dtype=xp.float64)
     lse = xp.zeros((batch, heads_q, seqlen_q), dtype=xp.float64)
     for b in range(batch):
         for h in range(heads_q):
-            probs, lse[b, h] = masked_softmax(xp, _scores(xp, qb[b, h], kb[b, h // group], scale), mask)
+            probs, lse[b, h] = masked_softmax(xp, (qb[b, h] @ kb[b, h // group].T) * scale, mask)
             out[b, h] = probs @ vb[b, h // group]
     return to_bhsd(out, layout), lse
 
@@ -73,12 +65,12 @@ def attention_backward_reference(
     heads_q, head_dim = qb.shape[1], qb.shape[3]
     group = heads_q // kb.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = _causal(xp, qb.shape[2], kb.shape[2]) if causal else None
+    mask = visible(xp.arange(qb.shape[2]), xp.arange(kb.shape[2]), qb.shape[2], kb.shape[2]) if causal else None
     dq, dk, dv = xp.zeros_like(qb), xp.zeros_like(kb), xp.zeros_like(vb)
     for b in range(qb.shape[0]):
         for h in range(heads_q):
             kv = h // group
-            probs, _ = masked_softmax(xp, _scores(xp, qb[b, h], kb[b, kv], scale), mask, with_lse=False)
+            probs, _ = masked_softmax(xp, (qb[b, h] @ kb[b, kv].T) * scale, mask, with_lse=False)
             dv[b, kv] += probs.T @ dob[b, h]
             dprobs = dob[b, h] @ vb[b, kv].T
             dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)) * scale
@@ -104,6 +96,7 @@ def head_errors(
     group = heads_q // max(k.shape[1], 1)
     picked = xp.arange(seqlen_q) if rows is None else xp.asarray(rows)
     step = max(1, chunk_elements // max(1, batch * seqlen_k))
+    keys = xp.arange(seqlen_k)
     errors = []
     for h in range(heads_q):
         kh, vh = k[:, h // group].astype(xp.float64), v[:, h // group].astype(xp.float64)
@@ -111,7 +104,7 @@ def head_errors(
         for start in range(0, len(picked), step):
             index = picked[start : start + step]
             scores = (q[:, h][:, index].astype(xp.float64) @ kh.swapaxes(-1, -2)) * scale
-            mask = visible(index, xp.arange(seqlen_k), seqlen_q, seqlen_k) if causal else None
+            mask = visible(index, keys, seqlen_q, seqlen_k) if causal else None
             probs, _ = masked_softmax(xp, scores, mask, with_lse=False)
             ref = probs @ vh
             got = out[:, h][:, index].astype(xp.float64)

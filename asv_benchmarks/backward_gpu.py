@@ -39,7 +39,8 @@ class ForwardBackward(_GpuForwardBackward):
         backend = backward_backend(describe(*sets[0], causal=causal, scale=None, layout="bhsd"))
         if backend != "cuda":  # keep the history to one kernel: another backend is a different benchmark
             raise NotImplementedError(f"backward backend {backend!r} instead of the fused kernels")
-        douts = [dout for (dout,) in bench.make_input_sets(self.case, "gpu", sets=len(sets), arrays=1)]
+        douts = [dout for (dout,) in bench.make_input_sets(self.case, "gpu", sets=len(sets),
+                                                           seed=bench.case_seed(self.case) + 1, arrays=1)]
 
         def call(i: int) -> Any:
             j = i % len(sets)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,15 +22,12 @@ PAPER_SIZES = f"B*S={bench.PAPER_TOKENS}, H*D={bench.PAPER_HIDDEN}"
 
 
 def environment(*, torch_cuda: bool = True) -> dict[str, Any]:
-    """`adaattn_core.bench.environment` for the GPU, plus the version of torch when it is installed and, with
-    `torch_cuda`, the CUDA version torch was built with (key ``torch_cuda``)."""
-    if importlib.util.find_spec("torch") is None:
-        return bench.environment("gpu")
-    import torch
-
+    """`adaattn_core.bench.environment` for the GPU (which records torch's version) plus, with `torch_cuda` and torch
+    installed, the CUDA version torch was built with (key ``torch_cuda``)."""
     env = bench.environment("gpu")
-    env["torch"] = torch.__version__
-    if torch_cuda:
+    if torch_cuda and importlib.util.find_spec("torch") is not None:
+        import torch
+
         env["torch_cuda"] = torch.version.cuda
     return env
 
@@ -54,14 +52,19 @@ def sweep_parser(doc: str | None, *, seqs: Sequence[int], dims: Sequence[int], r
 def run_grid(args: argparse.Namespace, run_config: Callable[[int, int, bool, int, int], Row],
              line: Callable[[Row], str]) -> list[Row]:
     """``run_config(seq, dim, causal, warmup, repeat)`` for every D, then causal (no, yes), then S of `args`
-    (table order); prints ``line(row)`` as each row arrives."""
+    (table order); prints ``line(row)`` as each row arrives. A configuration that raises (out of memory at the
+    largest S, say) becomes a row with its "error" (README's tables show it as failed) and the sweep goes on."""
     rows = []
-    for dim in args.dims:
-        for causal in (False, True):
-            for seq in args.seqs:
-                row = run_config(seq, dim, causal, args.warmup, args.repeat)
-                rows.append(row)
-                print(line(row), flush=True)
+    for dim, causal, seq in itertools.product(args.dims, (False, True), args.seqs):
+        try:
+            row = run_config(seq, dim, causal, args.warmup, args.repeat)
+        except Exception as error:  # noqa: BLE001 - recorded in the results file, not swallowed
+            bench.free_memory("gpu")
+            row = {"seq": seq, "dim": dim, "causal": causal, "error": bench.short_error(error)}
+            print(f"{dim:4d} {seq:6d} {causal!s:>6} | failed: {row['error']}", flush=True)
+        else:
+            print(line(row), flush=True)
+        rows.append(row)
     return rows
 
 

@@ -35,7 +35,7 @@ from typing import Any
 from _common import environment, headline, save, sweep_parser  # benchmarks/ is the script's directory
 
 from adaattn_core import Report, attention, bench, estimators, lowrank
-from adaattn_core.bench import format_number as fmt
+from adaattn_core.bench import format_number
 from adaattn_core.problem import describe
 from adaattn_core.rank_policy import RankPolicy
 from adaattn_core.reference import head_errors
@@ -178,13 +178,13 @@ def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _line(row: dict[str, Any]) -> str:
-    ms, err = row["ms"], row["rel_l2_vs_float64_max"]
-    return (f"{row['kind']:>8} {row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {fmt(ms['dense'], '7.3f')} "
-            f"{fmt(ms['lowrank'], '7.3f')} {fmt(ms['plan'], '6.3f')} {fmt(ms.get('prepare'), '6.3f')} "
-            f"{fmt(ms['lowrank_forward'], '6.3f')} {fmt(ms.get('performer'), '7.3f')} | "
-            f"{fmt(row.get('speedup_vs_dense'), '7.2f')} {fmt(row.get('plan_overhead_vs_dense'), '5.2f')} "
-            f"{fmt(row.get('decision_overhead_vs_dense'), '5.3f')} {row['plan_transfers']:>5} | "
-            f"{fmt(err.get('lowrank'), '7.1e')} {fmt(err.get('performer'), '7.1e')} | "
+    ms, err, num = row["ms"], row["rel_l2_vs_float64_max"], format_number
+    return (f"{row['kind']:>8} {row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {num(ms['dense'], '7.3f')} "
+            f"{num(ms['lowrank'], '7.3f')} {num(ms['plan'], '6.3f')} {num(ms.get('prepare'), '6.3f')} "
+            f"{num(ms['lowrank_forward'], '6.3f')} {num(ms.get('performer'), '7.3f')} | "
+            f"{num(row.get('speedup_vs_dense'), '7.2f')} {num(row.get('plan_overhead_vs_dense'), '5.2f')} "
+            f"{num(row.get('decision_overhead_vs_dense'), '5.3f')} {row['plan_transfers']:>5} | "
+            f"{num(err.get('lowrank'), '7.1e')} {num(err.get('performer'), '7.1e')} | "
             f"{row['lowrank_heads']}/{row['heads']} r={row['ranks']}")
 
 

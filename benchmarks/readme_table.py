@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adaattn_core.bench import format_number as _num
+from adaattn_core.bench import format_number
 
 NAMES = {"adaattn": "AdaAttn", "torch-flash": "torch flash (FA2)", "torch-cudnn": "torch cuDNN",
          "torch-efficient": "torch efficient"}
@@ -31,10 +31,11 @@ def markers(name: str) -> tuple[str, str]:
 
 def failure(row: dict[str, Any]) -> str | None:
     """Why a results row has no numbers to show (its "error", else what its implementations recorded as
-    unsupported when it has no timings at all); None for a row with timings."""
+    unsupported when none of them has a timing: the scripts write such rows as ``"ms": {name: None, ...}``);
+    None for a row with a timing."""
     if row.get("error"):
         return str(row["error"])
-    if row.get("ms"):
+    if any(ms is not None for ms in (row.get("ms") or {}).values()):
         return None
     reasons = "; ".join(f"{name}: {why}" for name, why in (row.get("unsupported") or {}).items())
     return reasons or "no timings"
@@ -81,8 +82,8 @@ def table(results_path: Path) -> str:
     peers = _ordered(rows, "ratio")
     header = ["D", "S", "causal", *(NAMES.get(i, i) for i in impls), *(f"AdaAttn / {SHORT.get(p, p)}" for p in peers)]
     return _markdown(caption, header, rows, ["dim", "seq", "causal"], lambda row: [
-        *(_num(row.get("tflops", {}).get(i), ".0f") for i in impls),
-        *(_num(row.get("ratio", {}).get(p), ".2f") for p in peers)])
+        *(format_number(row.get("tflops", {}).get(i), ".0f") for i in impls),
+        *(format_number(row.get("ratio", {}).get(p), ".2f") for p in peers)])
 
 
 def _fp8_table(caption: str, rows: list[dict]) -> str:
@@ -92,10 +93,10 @@ def _fp8_table(caption: str, rows: list[dict]) -> str:
 
     def cells(row: dict[str, Any]) -> list[str]:
         tf, speedup, err = row.get("tflops", {}), row.get("fp8_speedup", {}), row.get("rel_l2_vs_float64", {})
-        return [_num(tf.get("adaattn"), ".0f"), _num(tf.get("adaattn[fp8]"), ".0f"),
-                _num(row["ms"].get("fp8-quantize"), ".3f"), _num(tf.get("torch-flash"), ".0f"),
-                _num(tf.get("torch-cudnn"), ".0f"), _num(speedup.get("adaattn"), ".2f"),
-                _num(speedup.get("torch-cudnn"), ".2f"), _num(err.get("adaattn[fp8]"), ".1e")]
+        return [format_number(tf.get("adaattn"), ".0f"), format_number(tf.get("adaattn[fp8]"), ".0f"),
+                format_number(row["ms"].get("fp8-quantize"), ".3f"), format_number(tf.get("torch-flash"), ".0f"),
+                format_number(tf.get("torch-cudnn"), ".0f"), format_number(speedup.get("adaattn"), ".2f"),
+                format_number(speedup.get("torch-cudnn"), ".2f"), format_number(err.get("adaattn[fp8]"), ".1e")]
 
     return _markdown(caption, header, rows, ["dim", "seq", "causal"], cells)
 
@@ -107,9 +108,10 @@ def _rank_table(caption: str, rows: list[dict]) -> str:
 
     def cells(row: dict[str, Any]) -> list[str]:
         ms, err = row["ms"], row.get("rel_l2_vs_float64_max", {})
-        return [_num(ms.get("dense"), ".2f"), _num(ms.get("lowrank"), ".2f"), _num(ms.get("plan"), ".2f"),
-                f"{row.get('lowrank_heads', '?')}/{row.get('heads', '?')}", _num(row.get("speedup_vs_dense"), ".2f"),
-                _num(err.get("lowrank"), ".1e"), _num(ms.get("performer"), ".2f"), _num(err.get("performer"), ".1e")]
+        num = format_number
+        return [num(ms.get("dense"), ".2f"), num(ms.get("lowrank"), ".2f"), num(ms.get("plan"), ".2f"),
+                f"{row.get('lowrank_heads', '?')}/{row.get('heads', '?')}", num(row.get("speedup_vs_dense"), ".2f"),
+                num(err.get("lowrank"), ".1e"), num(ms.get("performer"), ".2f"), num(err.get("performer"), ".1e")]
 
     return _markdown(caption.replace("TFLOP/s (causal: half the FLOPs), ", "milliseconds, "), header, rows,
                      ["kind", "seq", "causal"], cells)

@@ -34,9 +34,9 @@
 // here at D = 128: S 64 + O 64 + P 16 fp32/packed registers.) One producer thread copies Q, then K_j and
 // V^T_j for j from the last key tile to the first, with TMA (tma_load_tile) into a STAGES-deep ring of
 // stages, each guarded by a "full" mbarrier (armed with the tile's bytes: fires when the copies have landed)
-// and an "empty" one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed). The consumers
-// run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG) take turns
-// to issue their GEMMs, so one's softmax overlaps the other's wgmmas.
+// and an "empty" one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed).
+// The consumers run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG)
+// take turns to issue their GEMMs, so one's softmax overlaps the other's wgmmas.
 // qq_map, kq_map, vt_map: tensor maps (adaattn_core/tma.py) of qq [B][Hq][Sq'][D], kq [B][Hkv][Sk'][D] and
 // vt [B][Hkv][D][Sk'] (bytes, contiguous), boxes of min(D, 128) bytes by BLOCK_M / BLOCK_N rows and of 128 key
 // bytes by D rows, with the swizzle of their lines. The quantiser pads every tensor to whole tiles.
@@ -65,16 +65,6 @@
 
 namespace adaattn {
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a K-major tile of LINE-byte rows (LINE = 128 or 64,
-// the 128/64-byte swizzle: chunk c of row r at c ^ (r % 8) or c ^ ((r / 2) % 4), given aligned tiles) whose
-// rows are longer than LINE bytes are split in column blocks of [ROWS][LINE].
-template <int ROWS, int LINE>
-__device__ __forceinline__ int swizzle_offset(int row, int chunk) {
-    constexpr int CHUNKS = LINE / 16;
-    const int key = LINE == 128 ? row : row >> 1;
-    return (chunk / CHUNKS) * (ROWS * LINE) + row * LINE + ((chunk ^ key) & (CHUNKS - 1)) * 16;
-}
-
 // Shared-memory matrix descriptor of a K-major operand with the LINE-byte swizzle: start address >> 4,
 // stride byte offset = 8 rows (one swizzle atom), layout type 1 (128-byte) or 2 (64-byte).
 template <int LINE>
@@ -88,7 +78,8 @@ __device__ __forceinline__ unsigned long long wgmma_desc_kmajor(unsigned smem_ad
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
 __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const __grid_constant__ adaattn::TmaMap qq_map, const __grid_constant__ adaattn::TmaMap kq_map,
-    const __grid_constant__ adaattn::TmaMap vt_map, const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
+    const __grid_constant__ adaattn::TmaMap vt_map,
+    const float* __restrict__ sq, const float* __restrict__ sk, const float* __restrict__ sv,
     const float* __restrict__ v_mean, const float* __restrict__ row_bias, const int* __restrict__ heads,
     T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
@@ -351,7 +342,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         for (int dt = 0; dt < DT; ++dt) {
             const float2 s = *reinterpret_cast<const float2*>(sv_ptr + 8 * dt);
             const float2 m = *reinterpret_cast<const float2*>(vm_ptr + 8 * dt);
-            *reinterpret_cast<unsigned*>(o_tile + swizzle_offset<64, 128>(row_wg, dt) + 4 * t) =
+            *reinterpret_cast<unsigned*>(o_tile + sw128_offset<64>(row_wg, dt) + 4 * t) =
                 pack2<T>(fmaf(acc_o[4 * dt + 2 * r] * inv, s.x, seen * m.x),
                          fmaf(acc_o[4 * dt + 2 * r + 1] * inv, s.y, seen * m.y));
         }
@@ -365,6 +356,6 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         const int row = m_start + wg * 64 + row_wg;
         if (row < seqlen_q)
             *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + c * 8) =
-                *reinterpret_cast<const uint4*>(o_tile + swizzle_offset<64, 128>(row_wg, c));
+                *reinterpret_cast<const uint4*>(o_tile + sw128_offset<64>(row_wg, c));
     }
 }

@@ -1,6 +1,7 @@
-// Fused attention forward on Hopper, warp-specialised (sm_90a only): one producer thread streams K/V
+// Fused attention forward on Hopper, warp-specialised (sm_90a only): one producer thread streams Q and K/V
 // tiles into shared memory with TMA copies on mbarriers, two or three consumer warpgroups run the wgmma GEMMs
-// and the softmax, optionally ping-ponged so one consumer's softmax overlaps the others' GEMMs (FlashAttention-3, §3.1).
+// and the softmax, optionally ping-ponged so one consumer's softmax overlaps the others' GEMMs
+// (FlashAttention-3, §3.1).
 //
 // Computes, for batch b, query head h, query row i (g = num_heads_q / num_heads_kv = group_size):
 //     out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h/g,j,:]) * v[b,h/g,j,:]

@@ -366,13 +366,13 @@ __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
 }
 
 // Copies the [ROWS][ROW_BYTES] tile at rows row0 .. row0 + ROWS - 1, columns from col0 (elements), of head
-// `head`, batch `batch` of a [B][H][S][columns] tensor of ELEM_BYTES-byte elements into the K-major swizzled layout the wgmma descriptors read at `smem`
-// (1024-byte aligned): lines of LINE = min(ROW_BYTES, 128) bytes with the LINE-byte swizzle (16-byte chunk c of
-// row r at c ^ (r % 8) for 128 bytes, c ^ (r / 2 % 4) for 64), rows longer than LINE split in column blocks of
-// [ROWS][LINE] (sw128_offset). `map` is 4-D (S-row elements, S, H, B, innermost first) with a box of LINE bytes
-// by ROWS rows and that swizzle (adaattn_core/tma.py), so each of the ROW_BYTES / LINE copies writes one column
-// block; rows past S are zero-filled by the TMA unit. One thread issues it; the copies complete on `bar`, which
-// this call arms (one arrival plus the tile's bytes).
+// `head`, batch `batch` of a [B][H][S][columns] tensor of ELEM_BYTES-byte elements into the K-major swizzled
+// layout the wgmma descriptors read at `smem` (1024-byte aligned): lines of LINE = min(ROW_BYTES, 128) bytes
+// with the LINE-byte swizzle (16-byte chunk c of row r at c ^ (r % 8) for 128 bytes, c ^ (r / 2 % 4) for 64),
+// rows longer than LINE split in column blocks of [ROWS][LINE] (sw128_offset). `map` is 4-D (columns, S, H, B,
+// innermost first) with a box of LINE bytes by ROWS rows and that swizzle (adaattn_core/tma.py), so each of the
+// ROW_BYTES / LINE copies writes one column block; rows past S are zero-filled by the TMA unit. One thread
+// issues it; the copies complete on `bar`, which this call arms (one arrival plus the tile's bytes).
 template <int ROWS, int ROW_BYTES, int ELEM_BYTES>
 __device__ __forceinline__ void tma_load_tile(unsigned smem, const TmaMap* map, unsigned bar, int col0, int row0,
                                               int head, int batch) {

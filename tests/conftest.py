@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from adaattn_core._arrays import to_host64  # noqa: F401 - the tests import it from here
+
 SEED = int(os.environ.get("ADAATTN_TEST_SEED", np.random.SeedSequence().entropy % (1 << 32)))
 
 
@@ -79,13 +81,6 @@ def make_qkv(
 
     dtype_of = np_dtype if xp is np else (lambda name: name)
     return one(heads_q, seq_q), one(heads_kv, seq_k), one(heads_kv, seq_k)
-
-
-def to_host64(x: Any) -> np.ndarray:
-    """float64 NumPy copy of a NumPy or CuPy array (CuPy: converted on the device first)."""
-    if hasattr(x, "get"):
-        return x.astype("float64").get()
-    return np.asarray(x, dtype=np.float64)
 
 
 def naive_same_dtype(q: Any, k: Any, v: Any, *, causal: bool, layout: str) -> Any:

@@ -164,7 +164,9 @@ def test_benchmark_scripts_answer_help_without_a_gpu(script):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert all(option in result.stdout for option in ("--seqs", "--dims", "--warmup", "--repeat", "--out"))
+    missing = [option for option in ("--seqs", "--dims", "--warmup", "--repeat", "--out")
+               if option not in result.stdout]
+    assert not missing, f"{script} --help lacks {missing}"
 
 
 def test_format_number_pads_missing_values_to_the_spec_width():
@@ -180,9 +182,13 @@ def test_paper_case_and_input_sets_with_dout():
     assert bench.case_seed(case) == 4096 * 1000 + 128 * 2 + 1
     small = bench.Case(seq=8, dim=4, causal=False, batch=1, heads=2, dtype="float32")
     sets = bench.make_input_sets(small, "cpu", sets=3, seed=0, arrays=4)
-    assert len(sets) == 3 and all(len(s) == 4 and all(x.shape == small.shape for x in s) for s in sets)
+    assert len(sets) == 3, f"{len(sets)} sets"
+    assert [len(s) for s in sets] == [4, 4, 4]
+    assert all(x.shape == small.shape for s in sets for x in s)
     # the first three arrays are the q, k, v that the default draws from the same seed
-    assert np.array_equal(bench.make_input_sets(small, "cpu", sets=1, seed=0)[0][2], sets[0][2])
+    qkv = bench.make_input_sets(small, "cpu", sets=1, seed=0)[0]
+    for name, default, with_dout in zip("qkv", qkv, sets[0][:3]):
+        assert np.array_equal(default, with_dout), name
 
 
 _ENV = {"gpu": "NVIDIA H200", "driver": "570.1", "torch": "2.6", "cupy": "13.4", "date": "2026-11-22T00:00:00"}
@@ -199,7 +205,8 @@ def test_readme_table_renders_failed_rows(tmp_path, kind):
     ok: dict = {"seq": 4096, "dim": 128, "causal": False, "tflops": tflops, "ms": {"adaattn": 1.0},
                 "ratio": {"torch-flash": 4 / 3, "torch-cudnn": None}}
     failed = dict(_FAILED)
-    unsupported = {"seq": 8192, "dim": 128, "causal": False, "tflops": {}, "ms": {},
+    # as the scripts write a row no implementation could run: every timing None
+    unsupported = {"seq": 8192, "dim": 128, "causal": False, "tflops": {"adaattn": None}, "ms": {"adaattn": None},
                    "unsupported": {"adaattn": "RuntimeError: no kernel"}}
     if kind == "fp8":
         ok.update(tflops={**tflops, "adaattn[fp8]": 600.0}, fp8_speedup={"adaattn": 1.5, "torch-cudnn": 1.7},
@@ -222,6 +229,30 @@ def test_readme_table_renders_failed_rows(tmp_path, kind):
     assert "| 16384 | yes | failed: OutOfMemoryError: out of memory \\| 2 GiB |" in rows[0]
     assert "failed: adaattn: RuntimeError: no kernel" in rows[2]
     assert "failed" not in rows[1] and "n/a" in rows[1]
+
+
+def test_sweep_records_a_failed_configuration_and_goes_on(monkeypatch, capsys):
+    """A configuration that raises becomes an "error" row (what README's tables show as failed) and the
+    configurations after it still run."""
+    import argparse
+
+    from benchmarks import _common
+
+    freed = []
+    monkeypatch.setattr(_common.bench, "free_memory", freed.append)
+
+    def run_config(seq, dim, causal, warmup, repeat):
+        if seq == 2048 and causal:
+            raise MemoryError("out of memory allocating 2 GiB")
+        return {"seq": seq, "dim": dim, "causal": causal, "ms": {"adaattn": 1.0}}
+
+    args = argparse.Namespace(dims=[64], seqs=[1024, 2048], warmup=1, repeat=1)
+    rows = _common.run_grid(args, run_config, lambda row: "ok")
+    assert [(r["seq"], r["causal"]) for r in rows] == [(1024, False), (2048, False), (1024, True), (2048, True)]
+    assert rows[3]["error"].startswith("MemoryError: out of memory"), rows[3]
+    assert all("error" not in r for r in rows[:3])
+    assert freed == ["gpu"]
+    assert "failed: MemoryError" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------
