@@ -66,3 +66,22 @@ def head_index_array(heads: tuple[int, ...], device_id: int) -> Any:
 
     with cupy.cuda.Device(device_id):
         return cupy.asarray(heads, dtype=cupy.int32)
+
+
+@lru_cache(maxsize=64)
+def tile_counter(device_id: int, stream_ptr: int) -> Any:
+    """The int32[2] work-tile counter of persistent kernels for one (device, stream): zeroed once here, and
+    zeroed again by each launch's last block, so launches in order on that stream share it. Keyed by stream
+    because launches running concurrently must not."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.zeros(2, dtype=cupy.int32)
+
+
+@lru_cache(maxsize=16)
+def sm_count(device_id: int) -> int:
+    """Streaming multiprocessors of a device."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])

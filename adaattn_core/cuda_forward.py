@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, readable, writable
-from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch
+from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, readable, sm_count, tile_counter, writable
+from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, persistent_grid
 from .loader import get_kernel
 from .problem import AttentionProblem
 from .tma import tile_map
@@ -70,9 +70,10 @@ def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[
     launch = _select(problem, device_id)
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
-    grid = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
-    if grid >= 2**31:
-        raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
+    tiles = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
+    if tiles >= 2**31:
+        raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1)")
+    grid = persistent_grid(tiles, sm_count(device_id)) if launch.persistent else tiles
     return kernel, grid, launch
 
 
@@ -113,10 +114,11 @@ def forward(
         (launch.threads,),
         (
             *_tensor_args(launch, inputs, target, lse, out_strides),
-            head_index, np.int32(num_heads),
+            head_index, np.int32(num_heads), *((np.int32(problem.batch),) if launch.persistent else ()),
             np.int32(problem.heads_q), np.int32(problem.group_size),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
             np.float32(problem.scale * LOG2E),
+            *((tile_counter(device_id, cupy.cuda.get_current_stream().ptr),) if launch.persistent else ()),
         ),
         shared_mem=launch.smem_bytes,
     )

@@ -106,7 +106,8 @@ SM90_ARCHS = ("90a",)
 class KernelLaunch:
     """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks). `tma_rows`: for a
     kernel that loads Q and K/V through TMA tensor maps (adaattn_core/tma.py), the rows of a Q box and of a K/V box;
-    None for kernels that take pointers and strides."""
+    None for kernels that take pointers and strides. `persistent`: the kernel loops over its ceil(Sq / block_m) · Hq
+    · B work tiles from a grid of at most one block per SM, handed out by a tile counter (`persistent_grid`)."""
 
     source: str
     name: str
@@ -115,6 +116,13 @@ class KernelLaunch:
     block_m: int
     archs: tuple[str, ...]
     tma_rows: tuple[int, int] | None = None
+    persistent: bool = False
+
+
+def persistent_grid(work_tiles: int, sm_count: int) -> int:
+    """Blocks of a persistent kernel: one per SM (its tiles use most of an SM's shared memory and registers),
+    fewer when there are fewer work tiles."""
+    return max(1, min(work_tiles, sm_count))
 
 
 def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:
@@ -134,6 +142,7 @@ def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, ping
             block_m=sm90.block_m,
             archs=SM90_ARCHS,
             tma_rows=(sm90.block_m, sm90.block_n),
+            persistent=True,
         )
     tile = FORWARD_TILES[(head_dim, causal)]
     return KernelLaunch(

@@ -12,15 +12,21 @@
 // rows with no admissible key get out = 0 and lse = -inf, K/V rows past seqlen_k are zero-filled and
 // their scores -inf, Q rows past seqlen_q are computed on zeros and never stored.
 //
-// Launch.
-//   grid.x  = ceil(seqlen_q / BLOCK_M) * num_heads_launch * batch, m-block fastest; CAUSAL visits
-//             m-blocks in reverse so the longest rows start first.
+// Launch (persistent).
+//   grid.x  = min(work tiles, SMs): each block loops over work tiles (one m-block of BLOCK_M query rows of one
+//             head) that a dynamic scheduler hands out in order: tile t is m-block t % num_m_blocks of head
+//             t / num_m_blocks (batch-major), CAUSAL visiting m-blocks in reverse so the longest rows go
+//             first and the last tiles handed out are the shortest.
 //   block.x = 128 + 2 * BLOCK_M: warpgroup 0 is the producer, warpgroup 1 + c the consumer of query rows
 //             [64 c, 64 c + 64) (BLOCK_M = 128: two consumers; 192: three).
+//   tile_counter = int32[2], zero before the first launch: the next tile to hand out, and the blocks that have
+//             taken their last one; the last such block zeroes both, so consecutive launches on one stream
+//             can share it (concurrent launches cannot).
 //   head_index = int32[num_heads_launch] query heads to compute, or nullptr for all heads in order.
 //   dynamic shared memory bytes = (BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM * 2 + 1024 + 128
 //             (Q tile, STAGES K and STAGES V tiles of 16-bit elements, 1024 bytes to round the base up to
-//             the 1024-byte alignment of the swizzle, 128 bytes of mbarriers; no static shared memory).
+//             the 1024-byte alignment of the swizzle, 128 bytes of mbarriers and the scheduler's tile slot; no
+//             static shared memory).
 //   q_map, k_map, v_map = tensor maps (TmaMap, wgmma_sm90.cuh; encoded by adaattn_core/tma.py) of the
 //             [B][Hq][Sq][D], [B][Hkv][Sk][D] and [B][Hkv][Sk][D] inputs with any strides the TMA unit takes
 //             (multiples of 16 bytes; head-dim stride 1), boxes of 64 columns by BLOCK_M (Q) and BLOCK_N (K, V)
@@ -33,13 +39,17 @@
 // 216 (D = 256 causal spills at 200), the producer 32. Three consumers fit D = 64 only (D = 128 spills at
 // 160).
 //
-// Producer: one thread issues the TMA copies (tma_load_tile: D / 64 per tile), which write the 128-byte swizzle
-// that wgmma reads and zero-fill rows past the sequence end, in order Q, K_0, V_0, K_1, V_1, ... (key tiles
-// from last to first, as the consumers visit them). Before refilling stage s it waits on the stage's "empty"
-// mbarrier; each tile arms its "full" mbarrier with its byte count (expected count 1 arrival), which
-// completes once the bytes have landed, so the producer never blocks on its own loads. The other 127
-// producer threads leave after setmaxnreg: the address arithmetic and issue of 128-thread cp.async are gone
-// from the consumers' schedulers.
+// Producer: one thread takes work tiles (atomicAdd on tile_counter), posts each in the shared tile slot and issues
+// its TMA copies (tma_load_tile: D / 64 per tile), which write the 128-byte swizzle that wgmma reads and
+// zero-fill rows past the sequence end, in order Q, K_0, V_0, K_1, V_1, ... (key tiles from last to first, as
+// the consumers visit them). Before refilling stage s it waits on the stage's "empty" mbarrier, before the next
+// work tile's Q on "Q empty" (all consumers past the tile's last Q K^T); each tile arms its "full" mbarrier
+// with its byte count (expected count 1 arrival), which completes once the bytes have landed, so the producer
+// never blocks on its own loads. The K/V ring runs on across work tiles, so the next tile's Q and first K/V
+// tiles load while the consumers finish the last P V and the epilogue of the previous one. A fully masked
+// tile or the end (slot -1) is posted by a plain arrival on "Q full". The other 127 producer threads leave
+// after setmaxnreg: the address arithmetic and issue of 128-thread cp.async are gone from the consumers'
+// schedulers.
 // Tiling. Consumer warpgroup w owns query rows [64 w, 64 w + 64) and all HEAD_DIM output columns, so every
 // MMA is one m64 wgmma. Shared tiles ([rows][HEAD_DIM]) are stored as HEAD_DIM / 64 column blocks of
 // [rows][64] with the 128-byte swizzle, the canonical layout wgmma reads through a matrix descriptor:
@@ -58,7 +68,8 @@
 // completed, arrive once per warp on its "empty" mbarrier (expected count 4 per consumer warpgroup).
 // PINGPONG: the consumers take turns, round robin, to issue their GEMMs (WarpRoles' named barriers), so
 // while one consumer does its softmax the others' GEMMs own the tensor cores.
-// Epilogue: O / l staged through the consumer's own (dead) Q rows, 16-byte row-contiguous stores.
+// Epilogue: O / l stored straight from the accumulators (4 bytes per thread and n8 block; a quad writes 16
+// contiguous bytes), since the Q tile already holds the next work tile's rows.
 
 #include "wgmma_sm90.cuh"
 
@@ -67,8 +78,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     const __grid_constant__ adaattn::TmaMap q_map, const __grid_constant__ adaattn::TmaMap k_map,
     const __grid_constant__ adaattn::TmaMap v_map, T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
-    const int* __restrict__ head_index, int num_heads_launch,
-    int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2) {
+    const int* __restrict__ head_index, int num_heads_launch, int batch,
+    int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2, int* __restrict__ tile_counter) {
     using namespace adaattn;
     constexpr int CONSUMERS = BLOCK_M / 64;  // consumer warpgroups, 64 query rows each
     using Roles = WarpRoles<CONSUMERS, PINGPONG>;
@@ -92,28 +103,27 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     const StageBarriers<STAGES> bars{sV + STAGES * KV_BYTES};
 
     const int tid = threadIdx.x;
-
-    const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
-    const int bh = blockIdx.x / num_m_blocks;
-    const int b = bh / num_heads_launch;
-    const int h = head_index ? head_index[bh % num_heads_launch] : bh % num_heads_launch;
-    int m_block = blockIdx.x % num_m_blocks;
-    if (CAUSAL) m_block = num_m_blocks - 1 - m_block;
-    const int m_start = m_block * BLOCK_M;
     const int diag = seqlen_k - seqlen_q;  // row i may attend keys j <= i + diag
+    const int num_m_blocks = (seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int num_tiles = num_m_blocks * num_heads_launch * batch;
 
-    const int h_kv = h / group_size;
-    T* o_ptr = out + b * o_stride_b + h * o_stride_h;
-    float* lse_ptr = lse + ((long long)b * num_heads_q + h) * seqlen_q;
-
-    int n_blocks = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
-    const int last_key = min(m_start + BLOCK_M, seqlen_q) - 1 + diag;
-    if (CAUSAL) n_blocks = min(n_blocks, last_key / BLOCK_N + 1);
-    if (n_blocks <= 0 || (CAUSAL && last_key < 0)) {
-        // Every row of the block is fully masked: out = 0, lse = -inf (uniform per block: no barrier yet).
-        write_masked_rows<BLOCK_M, HEAD_DIM, NTHREADS>(o_ptr, o_stride_s, lse_ptr, m_start, seqlen_q, tid);
-        return;
-    }
+    // Work tile t: batch, query head, first row and key tiles (0 when every row is masked).
+    struct WorkTile {
+        int b, h, m_start, n_blocks;
+    };
+    auto work_tile = [&](int tile) {
+        const int bh = tile / num_m_blocks;
+        const int m_block = CAUSAL ? num_m_blocks - 1 - tile % num_m_blocks : tile % num_m_blocks;
+        WorkTile w;
+        w.b = bh / num_heads_launch;
+        w.h = head_index ? head_index[bh % num_heads_launch] : bh % num_heads_launch;
+        w.m_start = m_block * BLOCK_M;
+        const int last_key = min(w.m_start + BLOCK_M, seqlen_q) - 1 + diag;
+        w.n_blocks = (seqlen_k + BLOCK_N - 1) / BLOCK_N;
+        if (CAUSAL) w.n_blocks = last_key < 0 ? 0 : min(w.n_blocks, last_key / BLOCK_N + 1);
+        return w;
+    };
+    volatile int* tile_slot = reinterpret_cast<volatile int*>(smem_raw + (bars.tile_slot() - smem_u32(smem_raw)));
 
     if (tid == 0) {
         bars.init(CONSUMERS);
@@ -127,15 +137,34 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         // ---- producer warpgroup ----
         setmaxnreg_dec<Roles::PRODUCER_REGS>();
         if (tid != 0) return;
-        tma_load_tile<BLOCK_M, HEAD_DIM * 2, 2>(sQ, &q_map, bars.q_full(), 0, m_start, h, b);
-        for (int it = 0; it < n_blocks; ++it) {
-            const int s = it % STAGES;
-            const unsigned parity = ((it / STAGES) & 1) ^ 1;  // the consumers' release of use it / STAGES - 1
-            const int key0 = (n_blocks - 1 - it) * BLOCK_N;
-            if (it >= STAGES) mbar_wait(bars.k_empty(s), parity);
-            tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sK + s * KV_BYTES, &k_map, bars.k_full(s), 0, key0, h_kv, b);
-            if (it >= STAGES) mbar_wait(bars.v_empty(s), parity);
-            tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sV + s * KV_BYTES, &v_map, bars.v_full(s), 0, key0, h_kv, b);
+        int kv = 0;  // K/V tiles loaded so far, over this block's work tiles: ring stage kv % STAGES
+        for (int local = 0;; ++local) {
+            const int tile = atomicAdd(tile_counter, 1);
+            if (local > 0) mbar_wait(bars.q_empty(), (local - 1) & 1);  // consumers done with the slot and Q
+            *tile_slot = tile < num_tiles ? tile : -1;
+            const WorkTile w = work_tile(min(tile, num_tiles - 1));
+            if (tile >= num_tiles || w.n_blocks == 0) {
+                mbar_arrive(bars.q_full());  // the end, or a masked tile: nothing to load
+                if (tile >= num_tiles) break;
+                continue;
+            }
+            const int h_kv = w.h / group_size;
+            tma_load_tile<BLOCK_M, HEAD_DIM * 2, 2>(sQ, &q_map, bars.q_full(), 0, w.m_start, w.h, w.b);
+            for (int it = 0; it < w.n_blocks; ++it, ++kv) {
+                const int s = kv % STAGES;
+                const unsigned parity = ((kv / STAGES) & 1) ^ 1;  // the consumers' release of use kv / STAGES - 1
+                const int key0 = (w.n_blocks - 1 - it) * BLOCK_N;
+                if (kv >= STAGES) mbar_wait(bars.k_empty(s), parity);
+                tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sK + s * KV_BYTES, &k_map, bars.k_full(s), 0, key0, h_kv, w.b);
+                if (kv >= STAGES) mbar_wait(bars.v_empty(s), parity);
+                tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sV + s * KV_BYTES, &v_map, bars.v_full(s), 0, key0, h_kv, w.b);
+            }
+        }
+        // Every block takes one tile past the end; the last to do so zeroes the scheduler for the next launch.
+        __threadfence();
+        if (atomicAdd(tile_counter + 1, 1) == (int)gridDim.x - 1) {
+            tile_counter[0] = 0;
+            tile_counter[1] = 0;
         }
         return;
     }
@@ -180,9 +209,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     constexpr float RESCALE_LOG2 = 8.f;
     // The skip is a per-thread branch: with cp.async loads it measured -1% to +6% at D = 64 and 256 but -2.5% at
     // D = 128; with TMA loads D = 128 gains too, -2% to +7% (benchmarks/results/tuning/2026-12-03-H200-fwd-d128-*).
-    const int row0 = m_start + wg * 64 + warp * 16 + g;  // the thread's rows row0 and row0 + 8
-    float row_max[2] = {neg_inf(), neg_inf()};          // reference max m of scale_log2 * score
-    float row_sum[2] = {0.f, 0.f};                      // running sum of exp, partial over the lane
+    int m_start = 0;  // the current work tile's first query row
+    int row0 = 0;     // the thread's rows row0 and row0 + 8 of the current work tile
+    float row_max[2];  // reference max m of scale_log2 * score
+    float row_sum[2];  // running sum of exp, partial over the lane
     auto softmax = [&](int n_block, float (&corr)[2]) {
         // Mask only tiles that reach past the ragged key end or (CAUSAL) past the first key hidden from
         // this warpgroup's first row.
@@ -237,97 +267,113 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) acc_s[i] = 0.f;
 #pragma unroll
-    for (int i = 0; i < HEAD_DIM / 2; ++i) acc_o[i] = 0.f;
-#pragma unroll
     for (int kn = 0; kn < KN; ++kn)
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    Roles::first_turn(wg);  // consumer 0 takes the first turn
+    constexpr float LN2 = 0.693147180559945309f;
+    int kv = 0;  // K/V tiles consumed so far, over this block's work tiles (the producer's count)
+    for (int local = 0;; ++local) {
+        consumer_wait_full(bars.q_full(), local & 1);
+        const int tile = *tile_slot;
+        if (tile < 0) return;
+        const WorkTile w = work_tile(tile);
+        T* o_ptr = out + w.b * o_stride_b + w.h * o_stride_h;
+        float* lse_ptr = lse + ((long long)w.b * num_heads_q + w.h) * seqlen_q;
+        if (w.n_blocks == 0) {
+            // Every row of the tile is fully masked: out = 0, lse = -inf.
+            write_masked_rows<BLOCK_M, HEAD_DIM, NTHREADS - 128>(o_ptr, o_stride_s, lse_ptr, w.m_start, seqlen_q,
+                                                                 tid - 128);
+            consumer_release(bars.q_empty(), lane);
+            continue;
+        }
+        const int n_blocks = w.n_blocks;
+        m_start = w.m_start;
+        row0 = m_start + wg * 64 + warp * 16 + g;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_max[r] = neg_inf();
+            row_sum[r] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < HEAD_DIM / 2; ++i) acc_o[i] = 0.f;
 
-    // First tile: nothing to accumulate into O yet.
-    float corr[2];
-    consumer_wait_full(bars.q_full(), 0);
-    consumer_wait_full(bars.k_full(0), 0);
-    Roles::turn_begin(wg);
-    fence_operands(acc_s, acc_o, p);
-    issue_qk(0);
-    wgmma_commit();
-    Roles::turn_end(wg, false);
-    wgmma_wait<0>();
-    reg_fence(acc_s);
-    consumer_release(bars.k_empty(0), lane);
-    softmax(n_blocks - 1, corr);
-    pack_p();
+        Roles::first_turn(wg);  // consumer 0 takes the tile's first turn
 
-    for (int it = 1; it < n_blocks; ++it) {
-        const int s = it % STAGES, s_prev = (it - 1) % STAGES;
-        consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
-        consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
+        // First key tile: nothing to accumulate into O yet.
+        float corr[2];
+        int s = kv % STAGES;
+        consumer_wait_full(bars.k_full(s), (kv / STAGES) & 1);
         Roles::turn_begin(wg);
         fence_operands(acc_s, acc_o, p);
         issue_qk(s);
         wgmma_commit();
-        issue_pv(s_prev);
-        wgmma_commit();
         Roles::turn_end(wg, false);
-        wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
+        wgmma_wait<0>();
         reg_fence(acc_s);
         consumer_release(bars.k_empty(s), lane);
-        softmax(n_blocks - 1 - it, corr);
-        wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
-        reg_fence(acc_o);
+        if (n_blocks == 1) consumer_release(bars.q_empty(), lane);
+        softmax(n_blocks - 1, corr);
+        pack_p();
+
+        for (int it = 1; it < n_blocks; ++it) {
+            const int s_prev = s;
+            s = (kv + it) % STAGES;
+            consumer_wait_full(bars.k_full(s), ((kv + it) / STAGES) & 1);
+            consumer_wait_full(bars.v_full(s_prev), ((kv + it - 1) / STAGES) & 1);
+            Roles::turn_begin(wg);
+            fence_operands(acc_s, acc_o, p);
+            issue_qk(s);
+            wgmma_commit();
+            issue_pv(s_prev);
+            wgmma_commit();
+            Roles::turn_end(wg, false);
+            wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
+            reg_fence(acc_s);
+            consumer_release(bars.k_empty(s), lane);
+            if (it == n_blocks - 1) consumer_release(bars.q_empty(), lane);  // the tile's last read of Q
+            softmax(n_blocks - 1 - it, corr);
+            wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
+            reg_fence(acc_o);
 #pragma unroll
-        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        consumer_release(bars.v_empty(s_prev), lane);
-        if (corr[0] != 1.f || corr[1] != 1.f) {
+            for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+            consumer_release(bars.v_empty(s_prev), lane);
+            if (corr[0] != 1.f || corr[1] != 1.f) {
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+            }
+            pack_p();
+        }
+
+        // The last key tile's P V.
+        consumer_wait_full(bars.v_full(s), ((kv + n_blocks - 1) / STAGES) & 1);
+        Roles::turn_begin(wg);
+        fence_operands(acc_s, acc_o, p);
+        issue_pv(s);
+        wgmma_commit();
+        Roles::turn_end(wg, true);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        consumer_release(bars.v_empty(s), lane);
+        kv += n_blocks;
+
+        // Epilogue: lse and O / l, straight from the accumulators.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
+            const int row = row0 + r * 8;
+            if (row >= seqlen_q) continue;
+            if (t == 0) lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum)) * LN2 : neg_inf();
+            T* o_row = o_ptr + row * o_stride_s + 2 * t;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+                *reinterpret_cast<unsigned*>(o_row + 8 * dt) =
+                    pack2<T>(acc_o[4 * dt + 2 * r] * inv, acc_o[4 * dt + 2 * r + 1] * inv);
         }
-        pack_p();
-    }
-
-    // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
-    consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
-    Roles::turn_begin(wg);
-    fence_operands(acc_s, acc_o, p);
-    issue_pv((n_blocks - 1) % STAGES);
-    wgmma_commit();
-    Roles::turn_end(wg, true);
-    wgmma_wait<0>();
-    reg_fence(acc_o);
-
-    // Epilogue: lse, O / l staged in this warp's own (dead) Q rows so the global stores are 16-byte and
-    // row-contiguous.
-    constexpr float LN2 = 0.693147180559945309f;
-    unsigned char* q_tile = smem_raw + (sQ - smem_u32(smem_raw));
-    const int warp_row = wg * 64 + warp * 16;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
-        const int row_local = warp_row + g + r * 8;
-        const int row = m_start + row_local;
-        if (t == 0 && row < seqlen_q)
-            lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum)) * LN2 : neg_inf();
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-            *reinterpret_cast<unsigned*>(q_tile + sw128_offset<BLOCK_M>(row_local, dt) + 4 * t) =
-                pack2<T>(acc_o[4 * dt + 2 * r] * inv, acc_o[4 * dt + 2 * r + 1] * inv);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < 16 * DT / 32; ++i) {
-        const int idx = lane + i * 32;
-        const int row_local = warp_row + idx / DT;
-        const int c = idx % DT;
-        const int row = m_start + row_local;
-        if (row < seqlen_q)
-            *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + c * 8) =
-                *reinterpret_cast<const uint4*>(q_tile + sw128_offset<BLOCK_M>(row_local, c));
     }
 }

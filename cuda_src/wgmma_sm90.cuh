@@ -304,20 +304,24 @@ struct WarpRoles {
     }
 };
 
-// The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, then per stage
-// K full, V full, K empty, V empty. "full" expects the TMA producer thread's one arrival (plus the tile's bytes),
-// "empty" one arrival per consumer warp. `init` is for one thread, before a CTA-wide barrier.
+// The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, Q empty, then per
+// stage K full, V full, K empty, V empty; after them the 4-byte slot where a persistent kernel's producer posts
+// the next work tile. "full" expects the TMA producer thread's one arrival (plus the tile's bytes), "empty" one
+// arrival per consumer warp. `init` is for one thread, before a CTA-wide barrier.
 template <int STAGES>
 struct StageBarriers {
-    static_assert(8 + 32 * STAGES <= 128, "mbarriers overflow their 128 bytes");
+    static_assert(16 + 32 * STAGES + 4 <= 128, "mbarriers overflow their 128 bytes");
     unsigned base;
     __device__ __forceinline__ unsigned q_full() const { return base; }
-    __device__ __forceinline__ unsigned k_full(int s) const { return base + 8 + 32 * s; }
-    __device__ __forceinline__ unsigned v_full(int s) const { return base + 16 + 32 * s; }
-    __device__ __forceinline__ unsigned k_empty(int s) const { return base + 24 + 32 * s; }
-    __device__ __forceinline__ unsigned v_empty(int s) const { return base + 32 + 32 * s; }
+    __device__ __forceinline__ unsigned q_empty() const { return base + 8; }
+    __device__ __forceinline__ unsigned k_full(int s) const { return base + 16 + 32 * s; }
+    __device__ __forceinline__ unsigned v_full(int s) const { return base + 24 + 32 * s; }
+    __device__ __forceinline__ unsigned k_empty(int s) const { return base + 32 + 32 * s; }
+    __device__ __forceinline__ unsigned v_empty(int s) const { return base + 40 + 32 * s; }
+    __device__ __forceinline__ unsigned tile_slot() const { return base + 16 + 32 * STAGES; }
     __device__ __forceinline__ void init(int consumers) const {
         mbar_init(q_full(), 1);
+        mbar_init(q_empty(), 4 * consumers);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);

@@ -1,7 +1,8 @@
 """Small-shape matrix of the fused forward kernels, for compute-sanitizer (memcheck / racecheck).
 
 Every instantiation — the mma.sync kernel (ADAATTN_FORWARD_KERNEL=sm80) and, on Hopper, the
-warp-specialised wgmma kernel (=sm90) — on ragged sizes, GQA and Sq ≠ Sk both ways.
+warp-specialised wgmma kernel (=sm90) — on ragged sizes, GQA and Sq ≠ Sk both ways, plus one batch with more
+query tiles than SMs, so that the persistent wgmma kernel's blocks each take several work tiles.
 `python3 scripts/sanitize_forward.py [CHOICE ...]` limits the run to some kernel choices.
 """
 
@@ -14,7 +15,7 @@ import adaattn_core as aa
 from adaattn_core import cuda_forward
 from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES
 
-SHAPES = [(1, 1), (17, 33), (129, 65), (65, 129), (200, 200)]
+SHAPES = [(1, 1, 1), (1, 17, 33), (1, 129, 65), (1, 65, 129), (1, 200, 200), (40, 200, 170)]  # batch, Sq, Sk
 
 launches = 0
 for choice in sys.argv[1:] or ("sm80", "sm90"):
@@ -22,10 +23,10 @@ for choice in sys.argv[1:] or ("sm80", "sm90"):
     cuda_forward._launch.cache_clear()
     for dtype in CUDA_TYPES:
         for dim, causal in FORWARD_TILES:
-            for seq_q, seq_k in SHAPES:
-                q = cp.random.standard_normal((1, 4, seq_q, dim), dtype=cp.float32).astype(dtype)
-                k = cp.random.standard_normal((1, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
-                v = cp.random.standard_normal((1, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
+            for batch, seq_q, seq_k in SHAPES:
+                q = cp.random.standard_normal((batch, 4, seq_q, dim), dtype=cp.float32).astype(dtype)
+                k = cp.random.standard_normal((batch, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
+                v = cp.random.standard_normal((batch, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
                 report = aa.Report()
                 aa.attention(q, k, v, causal=causal, report=report)
                 assert report.backend == "cuda"

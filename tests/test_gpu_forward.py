@@ -201,3 +201,36 @@ def test_head_subset_launch(cp, rng, causal, layout):
     assert bool(cp.isnan(out[:, others].astype(cp.float32)).all()) and bool(cp.isnan(lse[:, others]).all())
     assert max_abs(out[:, heads], full[:, heads]) == 0.0
     assert max_abs(lse[:, heads], full_lse[:, heads]) == 0.0
+
+
+def test_persistent_schedule(cp, rng):
+    """The wgmma kernel is persistent: its blocks take work tiles from a per-stream counter that each launch's
+    last block zeroes. Launches back to back and on two streams at once, with fewer and more tiles than SMs and
+    fully masked tiles (causal, Sq > Sk), must each compute every tile and leave the counters at zero."""
+    from adaattn_core.cuda_common import tile_counter
+
+    shapes = [  # batch, heads_q, heads_kv, seq_q, seq_k, dim, causal
+        (1, 2, 1, 600, 600, 64, False),
+        (4, 16, 4, 2000, 2000, 128, True),
+        (1, 3, 1, 1000, 600, 256, True),
+        (1, 4, 2, 4097, 4097, 64, True),
+        (3, 8, 8, 1500, 1700, 128, False),
+    ]
+    cases = [make_qkv(rng, batch=b, heads_q=hq, heads_kv=hkv, seq_q=sq, seq_k=sk, dim=d, dtype="bfloat16", xp=cp)
+             + (causal,) for b, hq, hkv, sq, sk, d, causal in shapes * 2]
+    cp.cuda.Device().synchronize()  # inputs were written on the default stream
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    outs = []
+    for i, (q, k, v, causal) in enumerate(cases):
+        with streams[i % 2]:
+            outs.append(aa.attention(q, k, v, causal=causal))
+    for stream in streams:
+        stream.synchronize()
+    for (q, k, v, causal), out in zip(cases, outs):
+        ref, _ = aa.attention_reference(q, k, v, causal=causal)
+        naive = naive_same_dtype(q, k, v, causal=causal, layout="bhsd")
+        err, naive_err = max_abs(out, ref), max_abs(naive, ref)
+        assert err <= 2 * naive_err + 1e-5, f"{q.shape} causal={causal}: error {err:.3e} vs naive {naive_err:.3e}"
+    device = cp.cuda.Device().id
+    for stream in streams:
+        assert to_host64(tile_counter(device, stream.ptr)).tolist() == [0, 0]
