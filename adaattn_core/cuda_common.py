@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -68,11 +69,22 @@ def head_index_array(heads: tuple[int, ...], device_id: int) -> Any:
         return cupy.asarray(heads, dtype=cupy.int32)
 
 
-@lru_cache(maxsize=64)
+#: cudaStreamPerThread: one handle that names a different stream in every host thread.
+_PER_THREAD_STREAM = 2
+
+
 def tile_counter(device_id: int, stream_ptr: int) -> Any:
-    """The int32[2] work-tile counter of persistent kernels for one (device, stream): zeroed once here, and
-    zeroed again by each launch's last block, so launches in order on that stream share it. Keyed by stream
-    because launches running concurrently must not."""
+    """The int32[2] work-tile counter of persistent kernels for launches on one (device, stream): zeroed once,
+    then zeroed again by each launch's last block, so launches in order on that stream share it. Launches that
+    may run concurrently must not share one, hence one per stream (and per host thread for the per-thread
+    default stream). A CUDA graph keeps the counter of the stream it was captured on: replay it on that
+    stream, or not concurrently with launches on it."""
+    thread = threading.get_ident() if stream_ptr == _PER_THREAD_STREAM else 0
+    return _tile_counter(device_id, stream_ptr, thread)
+
+
+@lru_cache(maxsize=64)
+def _tile_counter(device_id: int, stream_ptr: int, thread: int) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_id):

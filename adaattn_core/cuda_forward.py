@@ -71,8 +71,9 @@ def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     tiles = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
-    if tiles >= 2**31:
-        raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1)")
+    # A persistent kernel's tile counter runs up to tiles + grid - 1.
+    if tiles + sm_count(device_id) >= 2**31:
+        raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1 - SMs)")
     grid = persistent_grid(tiles, sm_count(device_id)) if launch.persistent else tiles
     return kernel, grid, launch
 
@@ -103,6 +104,8 @@ def forward(
     """
     import cupy
 
+    if problem.seqlen_q == 0 or problem.batch == 0 or (heads is not None and len(heads) == 0):
+        return  # nothing to write (the kernels assume at least one query tile)
     device_id = cupy.cuda.runtime.getDevice()
     head_index = None if heads is None else head_index_array(tuple(heads), device_id)
     num_heads = problem.heads_q if heads is None else len(heads)

@@ -122,7 +122,7 @@ class KernelLaunch:
 def persistent_grid(work_tiles: int, sm_count: int) -> int:
     """Blocks of a persistent kernel: one per SM (its tiles use most of an SM's shared memory and registers),
     fewer when there are fewer work tiles."""
-    return max(1, min(work_tiles, sm_count))
+    return min(work_tiles, sm_count)
 
 
 def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:

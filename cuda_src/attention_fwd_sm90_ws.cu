@@ -68,8 +68,9 @@
 // completed, arrive once per warp on its "empty" mbarrier (expected count 4 per consumer warpgroup).
 // PINGPONG: the consumers take turns, round robin, to issue their GEMMs (WarpRoles' named barriers), so
 // while one consumer does its softmax the others' GEMMs own the tensor cores.
-// Epilogue: O / l stored straight from the accumulators (4 bytes per thread and n8 block; a quad writes 16
-// contiguous bytes), since the Q tile already holds the next work tile's rows.
+// Epilogue: O / l stored straight from the accumulators, since the Q tile already holds the next work tile's
+// rows: each quad transposes its 4 x 4 words of four n8 blocks (quad_transpose) so that every lane stores 16
+// bytes and the quad 64 contiguous bytes of the row.
 
 #include "wgmma_sm90.cuh"
 
@@ -141,11 +142,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         for (int local = 0;; ++local) {
             const int tile = atomicAdd(tile_counter, 1);
             if (local > 0) mbar_wait(bars.q_empty(), (local - 1) & 1);  // consumers done with the slot and Q
-            *tile_slot = tile < num_tiles ? tile : -1;
-            const WorkTile w = work_tile(min(tile, num_tiles - 1));
-            if (tile >= num_tiles || w.n_blocks == 0) {
-                mbar_arrive(bars.q_full());  // the end, or a masked tile: nothing to load
-                if (tile >= num_tiles) break;
+            if (tile >= num_tiles) {
+                *tile_slot = -1;
+                mbar_arrive(bars.q_full());  // the end: nothing to load
+                break;
+            }
+            *tile_slot = tile;
+            const WorkTile w = work_tile(tile);
+            if (w.n_blocks == 0) {
+                mbar_arrive(bars.q_full());  // a masked tile: nothing to load
                 continue;
             }
             const int h_kv = w.h / group_size;
@@ -367,13 +372,18 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
             const int row = row0 + r * 8;
-            if (row >= seqlen_q) continue;
-            if (t == 0) lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum)) * LN2 : neg_inf();
-            T* o_row = o_ptr + row * o_stride_s + 2 * t;
+            const bool in_range = row < seqlen_q;  // only the stores may depend on it: the quad shuffles
+            if (t == 0 && in_range) lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum)) * LN2 : neg_inf();
+            T* o_row = o_ptr + row * o_stride_s + 8 * t;
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt)
-                *reinterpret_cast<unsigned*>(o_row + 8 * dt) =
-                    pack2<T>(acc_o[4 * dt + 2 * r] * inv, acc_o[4 * dt + 2 * r + 1] * inv);
+            for (int j = 0; j < DT / 4; ++j) {  // n8 blocks 4j .. 4j + 3: lane t stores block 4j + t
+                unsigned x[4];
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    x[c] = pack2<T>(acc_o[4 * (4 * j + c) + 2 * r] * inv, acc_o[4 * (4 * j + c) + 2 * r + 1] * inv);
+                quad_transpose(x, t);
+                if (in_range) *reinterpret_cast<uint4*>(o_row + 32 * j) = make_uint4(x[0], x[1], x[2], x[3]);
+            }
         }
     }
 }

@@ -304,6 +304,25 @@ struct WarpRoles {
     }
 };
 
+// Transposes a 4 x 4 block of 32-bit words over the 4 lanes of a quad (lane t = lane % 4): word c of lane t
+// becomes word t of lane c. Two xor exchanges (lanes t ^ 1, then t ^ 2), each swapping one bit of the lane
+// with one bit of the word; 4 shuffles. An m64nN accumulator holds columns 2t, 2t + 1 of each n8 block in lane t:
+// after the transpose, packed in 16-bit pairs, lane t holds all 8 columns of n8 block 4j + t, a 16-byte store.
+__device__ __forceinline__ void quad_transpose(unsigned (&x)[4], int t) {
+#pragma unroll
+    for (int bit = 0; bit < 2; ++bit) {
+        const bool upper = (t >> bit) & 1;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            // the pair of words (differing in `bit`) at position i of the other bits
+            const int lo = bit == 0 ? 2 * i : i, hi = lo + (1 << bit);
+            const unsigned got = __shfl_xor_sync(0xffffffffu, upper ? x[lo] : x[hi], 1 << bit);
+            if (upper) x[lo] = got;
+            else x[hi] = got;
+        }
+    }
+}
+
 // The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, Q empty, then per
 // stage K full, V full, K empty, V empty; after them the 4-byte slot where a persistent kernel's producer posts
 // the next work tile. "full" expects the TMA producer thread's one arrival (plus the tile's bytes), "empty" one

@@ -203,6 +203,19 @@ def test_head_subset_launch(cp, rng, causal, layout):
     assert max_abs(lse[:, heads], full_lse[:, heads]) == 0.0
 
 
+def test_empty_head_list_launches_nothing(cp, rng):
+    """An empty head group (a policy that sends every head elsewhere) writes nothing and launches no kernel."""
+    from adaattn_core import cuda_forward
+    from adaattn_core.problem import describe
+
+    q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=2, seq_q=600, seq_k=700, dim=64, dtype="bfloat16", xp=cp)
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    out = cp.full(q.shape, cp.nan, dtype=q.dtype)
+    lse = cp.full(q.shape[:-1], cp.nan, dtype=cp.float32)
+    cuda_forward.forward(problem, q, k, v, out, lse, heads=[])
+    assert bool(cp.isnan(out.astype(cp.float32)).all()) and bool(cp.isnan(lse).all())
+
+
 def test_persistent_schedule(cp, rng):
     """The wgmma kernel is persistent: its blocks take work tiles from a per-stream counter that each launch's
     last block zeroes. Launches back to back and on two streams at once, with fewer and more tiles than SMs and
