@@ -71,6 +71,11 @@ def head_index_array(heads: tuple[int, ...], device_id: int) -> Any:
 
 #: cudaStreamPerThread: one handle that names a different stream in every host thread.
 _PER_THREAD_STREAM = 2
+#: Tile counters allocated at once per device, so that a stream first seen during CUDA graph capture (where
+#: cudaMalloc is not allowed) takes a counter without allocating, once any launch has run on the device.
+_COUNTERS_PER_BLOCK = 256
+_counters: dict[int, tuple[list[Any], dict[tuple[int, int], Any]]] = {}
+_counters_lock = threading.Lock()
 
 
 def tile_counter(device_id: int, stream_ptr: int) -> Any:
@@ -80,15 +85,30 @@ def tile_counter(device_id: int, stream_ptr: int) -> Any:
     default stream). A CUDA graph keeps the counter of the stream it was captured on: replay it on that
     stream, or not concurrently with launches on it."""
     thread = threading.get_ident() if stream_ptr == _PER_THREAD_STREAM else 0
-    return _tile_counter(device_id, stream_ptr, thread)
+    with _counters_lock:
+        blocks, assigned = _counters.setdefault(device_id, ([], {}))
+        counter = assigned.get((stream_ptr, thread))
+        if counter is None:
+            index = len(assigned)
+            if index == len(blocks) * _COUNTERS_PER_BLOCK:
+                blocks.append(_zeroed_counters(device_id))
+            counter = blocks[-1][2 * (index % _COUNTERS_PER_BLOCK):][:2]
+            assigned[(stream_ptr, thread)] = counter
+        return counter
 
 
-@lru_cache(maxsize=64)
-def _tile_counter(device_id: int, stream_ptr: int, thread: int) -> Any:
+def _zeroed_counters(device_id: int) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return cupy.zeros(2, dtype=cupy.int32)
+        try:
+            block = cupy.zeros(2 * _COUNTERS_PER_BLOCK, dtype=cupy.int32)
+            cupy.cuda.Device(device_id).synchronize()  # zero before any stream reads it
+        except cupy.cuda.runtime.CUDARuntimeError as error:
+            raise RuntimeError(
+                f"could not allocate the forward kernel's tile counters on device {device_id} ({error}); under CUDA "
+                "graph capture, run one attention call on this device before capturing") from error
+    return block
 
 
 @lru_cache(maxsize=16)

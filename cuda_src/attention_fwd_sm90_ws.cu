@@ -280,7 +280,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     int kv = 0;  // K/V tiles consumed so far, over this block's work tiles (the producer's count)
     for (int local = 0;; ++local) {
         consumer_wait_full(bars.q_full(), local & 1);
-        const int tile = *tile_slot;
+        // Lane 0 reads the slot for its warp: it is the lane whose "Q empty" arrival later hands the slot back.
+        const int tile = __shfl_sync(0xffffffffu, lane == 0 ? *tile_slot : 0, 0);
         if (tile < 0) return;
         const WorkTile w = work_tile(tile);
         T* o_ptr = out + w.b * o_stride_b + w.h * o_stride_h;
