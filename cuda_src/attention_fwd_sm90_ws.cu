@@ -6,8 +6,8 @@
 // Computes, for batch b, query head h, query row i (g = num_heads_q / num_heads_kv = group_size):
 //     out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h/g,j,:]) * v[b,h/g,j,:]
 //     lse[b,h,i]   = log(sum_j exp(scale * q[b,h,i,:] . k[b,h/g,j,:]))        (natural log, fp32)
-// Same semantics and launch grid as attention_fwd.cu (the mma.sync kernel), with Q, K and V passed as tensor
-// maps instead of pointers and strides (below): GQA/MQA
+// Same semantics as attention_fwd.cu (the mma.sync kernel), with Q, K and V passed as tensor maps instead of
+// pointers and strides and a persistent grid (below): GQA/MQA
 // read the shared K/V head in place, causal is bottom-right aligned (row i attends keys j <= i + Sk - Sq),
 // rows with no admissible key get out = 0 and lse = -inf, K/V rows past seqlen_k are zero-filled and
 // their scores -inf, Q rows past seqlen_q are computed on zeros and never stored.
