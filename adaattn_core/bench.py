@@ -12,11 +12,11 @@
   AdaAttn and for every available peer (torch SDPA flash / cuDNN / efficient when torch imports,
   SageAttention when installed), with TFLOP/s = 4·B·H·Sq·Sk·D / t (half of that when causal) and the
   relative L2 error of each output against float64.
-- `format_table`, `format_number`, `write_json`, `plot_results`: what a person reads.
+- `format_table`, `format_number`, `write_json`, `plot_results`: what a person reads;
+  ``python -m adaattn_core.bench FILE.json`` prints a results file's table and writes its PNG next to it.
 
 What only the GPU scripts `benchmarks/bench_*.py` need (their command line, the torch-version environment record,
 the sweep loop and its failed rows) is in `benchmarks/_common.py`, which builds on this module.
-  ``python -m adaattn_core.bench FILE.json`` prints a results file's table and writes its PNG next to it.
 
 Result files (JSON) keep the layout of `benchmarks/results/*-fwd.json`: ``{"env", "setup", "rows": [{"seq",
 "dim", "causal", "batch", "heads", "tflops": {impl: ...}, "ms": {impl: ...}, "ratio": {peer: ...}, ...}]}``;

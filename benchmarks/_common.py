@@ -1,6 +1,6 @@
 """What the GPU benchmark scripts (`bench_*.py`) share beyond `adaattn_core.bench` (inputs, timing, problem
 shapes, number formatting): the environment record with torch's versions, the sweep's command line, the
-D × causal × S loop that prints a line per row, and writing the results file.
+loop over configurations that prints a line per row, and writing the results file.
 
 Imports neither CuPy nor torch (functions import them when called), so `bench_forward.py`, `bench_fp8.py`
 and `bench_rank.py` answer ``--help`` without them; `bench_backward.py` needs torch.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from adaattn_core import bench
@@ -21,11 +21,11 @@ Row = dict[str, Any]
 PAPER_SIZES = f"B*S={bench.PAPER_TOKENS}, H*D={bench.PAPER_HIDDEN}"
 
 
-def environment(*, torch_cuda: bool = True) -> dict[str, Any]:
-    """`adaattn_core.bench.environment` for the GPU (which records torch's version) plus, with `torch_cuda` and torch
-    installed, the CUDA version torch was built with (key ``torch_cuda``)."""
+def environment() -> dict[str, Any]:
+    """`adaattn_core.bench.environment` for the GPU (which records torch's version) plus, with torch installed,
+    the CUDA version torch was built with (key ``torch_cuda``)."""
     env = bench.environment("gpu")
-    if torch_cuda and importlib.util.find_spec("torch") is not None:
+    if importlib.util.find_spec("torch") is not None:
         import torch
 
         env["torch_cuda"] = torch.version.cuda
@@ -49,22 +49,37 @@ def sweep_parser(doc: str | None, *, seqs: Sequence[int], dims: Sequence[int], r
     return parser
 
 
-def run_grid(args: argparse.Namespace, run_config: Callable[[int, int, bool, int, int], Row],
-             line: Callable[[Row], str]) -> list[Row]:
-    """``run_config(seq, dim, causal, warmup, repeat)`` for every D, then causal (no, yes), then S of `args`
-    (table order); prints ``line(row)`` as each row arrives. A configuration that raises (out of memory at the
-    largest S, say) becomes a row with its "error" (README's tables show it as failed) and the sweep goes on."""
-    rows = []
+def paper_grid(args: argparse.Namespace) -> Iterator[Row]:
+    """The sweep's configurations in table order: every D of `args`, then causal (no, yes), then every S."""
     for dim, causal, seq in itertools.product(args.dims, (False, True), args.seqs):
-        try:
-            row = run_config(seq, dim, causal, args.warmup, args.repeat)
-        except Exception as error:  # noqa: BLE001 - recorded in the results file, not swallowed
-            bench.free_memory("gpu")
-            row = {"seq": seq, "dim": dim, "causal": causal, "error": bench.short_error(error)}
-            print(f"{dim:4d} {seq:6d} {causal!s:>6} | failed: {row['error']}", flush=True)
-        else:
-            print(line(row), flush=True)
-        rows.append(row)
+        yield {"seq": seq, "dim": dim, "causal": causal}
+
+
+def prefix(row: Row) -> str:
+    """The columns a printed line starts with: kind (rank rows), D, S, causal."""
+    kind = f"{row['kind']:>8} " if "kind" in row else ""
+    return f"{kind}{row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6}"
+
+
+def run_grid(configs: Iterable[Row], run_config: Callable[..., Row], line: Callable[[Row], str],
+             **fixed: Any) -> list[Row]:
+    """``run_config(**config, **fixed)`` for every configuration, with CuPy on torch's current stream, printing
+    ``line(row)`` as each row arrives and giving GPU memory back after each. A configuration that raises (out of
+    memory at the largest S, say) becomes ``{**config, "error": ...}`` (README's tables show it as failed) and
+    the sweep goes on."""
+    rows = []
+    with bench.cupy_on_torch_stream():
+        for config in configs:
+            try:
+                row = run_config(**config, **fixed)
+            except Exception as error:  # noqa: BLE001 - recorded in the results file, not swallowed
+                row = {**config, "error": bench.short_error(error)}
+                print(f"{prefix(row)} | failed: {row['error']}", flush=True)
+            else:
+                print(line(row), flush=True)
+            finally:
+                bench.free_memory("gpu")  # CuPy's pool and torch's cache, once the row's arrays are gone
+            rows.append(row)
     return rows
 
 

@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import PAPER_SIZES, environment, headline, run_grid, save, sweep_parser  # benchmarks/: script dir
+from _common import (  # benchmarks/: script dir
+    PAPER_SIZES,
+    environment,
+    headline,
+    paper_grid,
+    prefix,
+    run_grid,
+    save,
+    sweep_parser,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adaattn_core as aa
@@ -61,39 +70,37 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
     flops = bench.FWD_BWD_FLOP_FACTOR * case.flops
     row: dict[str, Any] = {"seq": seq, "dim": dim, "causal": causal, "batch": case.batch, "heads": case.heads,
                            "flops": flops, "tflops": {}, "ms": {}}
-    with bench.cupy_on_torch_stream():  # (q, k, v, dout) sets that together exceed L2
-        sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case), arrays=4)
-        impls = {"adaattn": _ours(sets, causal)}
-        impls.update({name: _peer(sets, causal, backend) for name, backend in PEERS.items()})
-        reference = None
-        for name, fn in impls.items():
-            try:
-                grads = fn(0)
-                torch.cuda.synchronize()
-            except RuntimeError as error:  # backend does not support this shape
-                row["ms"][name] = row["tflops"][name] = None
-                row.setdefault("unsupported", {})[name] = bench.short_error(error)
-                continue
-            if name == "adaattn":
-                reference = grads
-            elif name == "torch-flash" and reference is not None:
-                row["rel_l2_vs_torch_flash"] = {g: bench.device_rel_l2(a, b)
-                                                for g, a, b in zip(("dq", "dk", "dv"), reference, grads)}
-            del grads
-            ms = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
-            row["ms"][name] = ms
-            row["tflops"][name] = bench.tflops(flops, ms)
+    # (q, k, v, dout) sets that together exceed L2
+    sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case), arrays=4)
+    impls = {"adaattn": _ours(sets, causal)}
+    impls.update({name: _peer(sets, causal, backend) for name, backend in PEERS.items()})
+    reference = None
+    for name, fn in impls.items():
+        try:
+            grads = fn(0)
+            torch.cuda.synchronize()
+        except RuntimeError as error:  # backend does not support this shape
+            row["ms"][name] = row["tflops"][name] = None
+            row.setdefault("unsupported", {})[name] = bench.short_error(error)
+            continue
+        if name == "adaattn":
+            reference = grads
+        elif name == "torch-flash" and reference is not None:
+            row["rel_l2_vs_torch_flash"] = {g: bench.device_rel_l2(a, b)
+                                            for g, a, b in zip(("dq", "dk", "dv"), reference, grads)}
+        del grads
+        ms = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
+        row["ms"][name] = ms
+        row["tflops"][name] = bench.tflops(flops, ms)
     ours = row["tflops"]["adaattn"]
     row["ratio"] = {name: (ours / t if t and ours else None) for name, t in row["tflops"].items() if name != "adaattn"}
-    del sets, impls, reference
-    bench.free_memory("gpu")  # CuPy's pool and torch's cache
     return row
 
 
 def _line(row: dict[str, Any]) -> str:
     t, r = row["tflops"], row["ratio"]
     errors = " ".join(f"{e:.1e}" for e in row.get("rel_l2_vs_torch_flash", {}).values())
-    return (f"{row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {format_number(t['adaattn'], '6.1f')} "
+    return (f"{prefix(row)} | {format_number(t['adaattn'], '6.1f')} "
             f"{format_number(t['torch-flash'], '6.1f')} {format_number(t['torch-cudnn'], '6.1f')} | "
             f"{format_number(r['torch-flash'], '6.2f')} {format_number(r['torch-cudnn'], '6.2f')} | {errors}")
 
@@ -108,7 +115,7 @@ def main() -> None:
     print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} | {'/flash':>6} {'/cudnn':>6} | "
           "rel_l2 dq dk dv vs flash")
-    results["rows"] = run_grid(args, run_config, _line)
+    results["rows"] = run_grid(paper_grid(args), run_config, _line, warmup=args.warmup, repeat=args.repeat)
     save(results, args.out)
 
 

@@ -17,7 +17,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from _common import PAPER_SIZES, environment, headline, run_grid, save, sweep_parser  # benchmarks/: script dir
+from _common import (  # benchmarks/: script dir
+    PAPER_SIZES,
+    environment,
+    headline,
+    paper_grid,
+    prefix,
+    run_grid,
+    save,
+    sweep_parser,
+)
 
 from adaattn_core import bench, cuda_forward
 from adaattn_core.bench import format_number
@@ -30,16 +39,13 @@ PEERS = ("torch-flash", "torch-cudnn", "torch-efficient")
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     """One row: AdaAttn and the torch SDPA backends on B = 16384 // S, H = 2048 // D, bf16 inputs."""
     case = bench.paper_case(seq, dim, causal)
-    with bench.cupy_on_torch_stream():
-        row = bench.run_case(case, device="gpu", peers=[bench.PEERS[name] for name in PEERS], warmup=warmup,
-                             repeat=repeat, seed=bench.case_seed(case))
-    bench.free_memory("gpu")
-    return row
+    return bench.run_case(case, device="gpu", peers=[bench.PEERS[name] for name in PEERS], warmup=warmup,
+                          repeat=repeat, seed=bench.case_seed(case))
 
 
 def _line(row: dict[str, Any]) -> str:
     t, r = row["tflops"], row.get("ratio", {})
-    return (f"{row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {format_number(t.get('adaattn'), '6.1f')} "
+    return (f"{prefix(row)} | {format_number(t.get('adaattn'), '6.1f')} "
             f"{format_number(t.get('torch-flash'), '6.1f')} {format_number(t.get('torch-cudnn'), '6.1f')} "
             f"{format_number(t.get('torch-efficient'), '6.1f')} | {format_number(r.get('torch-flash'), '6.2f')} "
             f"{format_number(r.get('torch-cudnn'), '6.2f')} | {row.get('rel_l2_vs_torch_flash', float('nan')):.1e}")
@@ -75,7 +81,7 @@ def main() -> None:
     print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} {'effic':>6} | "
           f"{'/flash':>6} {'/cudnn':>6} | rel_l2")
-    results["rows"] = run_grid(args, run_config, _line)
+    results["rows"] = run_grid(paper_grid(args), run_config, _line, warmup=args.warmup, repeat=args.repeat)
     save(results, args.out)
     if args.out and args.plot:
         bench.plot_results(results, Path(args.out).with_suffix(".png"))

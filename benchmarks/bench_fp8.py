@@ -19,7 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import PAPER_SIZES, environment, headline, run_grid, save, sweep_parser  # benchmarks/: script dir
+from _common import (  # benchmarks/: script dir
+    PAPER_SIZES,
+    environment,
+    headline,
+    paper_grid,
+    prefix,
+    run_grid,
+    save,
+    sweep_parser,
+)
 
 from adaattn_core import bench, cuda_fp8
 from adaattn_core.bench import format_number
@@ -60,26 +69,23 @@ def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]
 
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     case = bench.paper_case(seq, dim, causal)
-    with bench.cupy_on_torch_stream():
-        sets = bench.make_input_sets(case, "gpu", seed=None)
-        peers, skipped = bench.resolve_peers(list(PEERS), "gpu", ["bfloat16"])
-        row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=peers, warmup=warmup,
-                             repeat=repeat, sets=sets)
-        row.setdefault("unsupported", {}).update(skipped)
-        try:
-            impls = _fp8_impls(sets, causal)
-            row["rel_l2_vs_float64"]["adaattn-fp8-call"] = bench.float64_error(impls.pop("_out"), *sets[0], causal,
-                                                                                256)
-            for name, fn in impls.items():
-                row["ms"][name] = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
-                row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
-        except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
-            row["unsupported"]["adaattn-fp8-call"] = bench.short_error(error)
+    sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case))
+    peers, skipped = bench.resolve_peers(list(PEERS), "gpu", ["bfloat16"])
+    row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=peers, warmup=warmup,
+                         repeat=repeat, sets=sets)
+    row.setdefault("unsupported", {}).update(skipped)
+    try:
+        impls = _fp8_impls(sets, causal)
+        row["rel_l2_vs_float64"]["adaattn-fp8-call"] = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256)
+        for name, fn in impls.items():
+            row["ms"][name] = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
+            row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
+    except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
+        row["unsupported"]["adaattn-fp8-call"] = bench.short_error(error)
     ms = row["ms"]
     fp8 = ms.get("adaattn-fp8-call")
     row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)
                           for name in ("adaattn", *PEERS)}
-    bench.free_memory("gpu")
     return row
 
 
@@ -87,7 +93,7 @@ def _line(row: dict[str, Any]) -> str:
     ms, up = row["ms"], row["fp8_speedup"]
     times = " ".join(format_number(ms.get(name), "7.3f") for name in (
         "adaattn-fp8-call", "fp8-quantize", "fp8-kernel", "adaattn[fp8]", "adaattn", "torch-cudnn"))
-    return (f"{row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | ms: {times} | "
+    return (f"{prefix(row)} | ms: {times} | "
             f"{format_number(up['adaattn'], '15.2f')} {format_number(up['torch-flash'], '5.2f')} "
             f"{format_number(up['torch-cudnn'], '5.2f')} | "
             f"{row['rel_l2_vs_float64'].get('adaattn-fp8-call', float('nan')):.1e}")
@@ -101,7 +107,7 @@ def main() -> None:
     print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | ms: {'fp8':>7} {'quant':>7} {'kernel':>7} {'api-fp8':>7} {'bf16':>7} "
           f"{'cudnn':>7} | fp8 speedup vs: {'bf16':>5} {'flash':>5} {'cudnn':>5} | fp8 rel_l2")
-    results["rows"] = run_grid(args, run_config, _line)
+    results["rows"] = run_grid(paper_grid(args), run_config, _line, warmup=args.warmup, repeat=args.repeat)
     save(results, args.out)
 
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import environment, headline, save, sweep_parser  # benchmarks/ is the script's directory
+from _common import environment, headline, prefix, run_grid, save, sweep_parser  # benchmarks/ is the script's directory
 
 from adaattn_core import Report, attention, bench, estimators, lowrank
 from adaattn_core.bench import format_number
@@ -158,7 +159,6 @@ def run_config(kind: str, seq: int, dim: int, causal: bool, args: argparse.Names
     if ms["dense"] and ms["plan"]:
         row["plan_overhead_vs_dense"] = ms["plan"] / ms["dense"]
         row["decision_overhead_vs_dense"] = (ms["plan"] - (ms.get("prepare") or 0.0)) / ms["dense"]
-    bench.free_memory("gpu")
     return row
 
 
@@ -179,7 +179,7 @@ def crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _line(row: dict[str, Any]) -> str:
     ms, err, num = row["ms"], row["rel_l2_vs_float64_max"], format_number
-    return (f"{row['kind']:>8} {row['dim']:>4} {row['seq']:>6} {row['causal']!s:>6} | {num(ms['dense'], '7.3f')} "
+    return (f"{prefix(row)} | {num(ms['dense'], '7.3f')} "
             f"{num(ms['lowrank'], '7.3f')} {num(ms['plan'], '6.3f')} {num(ms.get('prepare'), '6.3f')} "
             f"{num(ms['lowrank_forward'], '6.3f')} {num(ms.get('performer'), '7.3f')} | "
             f"{num(row.get('speedup_vs_dense'), '7.2f')} {num(row.get('plan_overhead_vs_dense'), '5.2f')} "
@@ -203,7 +203,7 @@ def main() -> None:
         args.seqs, args.dims = [8192, 32768], [128]
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
 
-    env = environment(torch_cuda=False)
+    env = environment()
     env["performer_pytorch"] = (importlib.metadata.version("performer-pytorch")
                                 if importlib.util.find_spec("performer_pytorch") else None)
     results: dict[str, Any] = {"env": env, "setup": f"B={args.batch}, H={args.heads}, bf16, [B,H,S,D]",
@@ -213,14 +213,9 @@ def main() -> None:
     print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'prep':>6} "
           f"{'lr_fwd':>6} {'favor+':>7} | {'speedup':>7} {'ovh':>5} {'dec':>5} {'syncs':>5} | {'err lr':>7} "
           f"{'err fav':>7} | low-rank heads")
-    with bench.cupy_on_torch_stream():
-        for dim in args.dims:
-            for causal in causal_values:
-                for kind in args.kinds:
-                    for seq in args.seqs:
-                        row = run_config(kind, seq, dim, causal, args)
-                        results["rows"].append(row)
-                        print(_line(row), flush=True)
+    configs = ({"kind": kind, "seq": seq, "dim": dim, "causal": causal}
+               for dim, causal, kind, seq in itertools.product(args.dims, causal_values, args.kinds, args.seqs))
+    results["rows"] = run_grid(configs, run_config, _line, args=args)
     results["crossover"] = crossovers(results["rows"])
     for entry in results["crossover"]:
         print(f"crossover {entry['kind']} D={entry['dim']} causal={entry['causal']}: {entry['crossover_seq']}")

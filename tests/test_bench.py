@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import itertools
 import json
+import os
 import pkgutil
 import re
 import subprocess
@@ -161,8 +163,11 @@ def test_benchmark_scripts_import_only_names_their_siblings_define():
 def test_benchmark_scripts_answer_help_without_a_gpu(script):
     if script == "bench_backward":
         pytest.importorskip("torch")  # its autograd peers are torch functions
+    # pyproject's pytest pythonpath does not reach a subprocess: without an editable install the script needs
+    # the checkout on its path to import adaattn_core.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     missing = [option for option in ("--seqs", "--dims", "--warmup", "--repeat", "--out")
                if option not in result.stdout]
@@ -179,7 +184,11 @@ def test_format_number_pads_missing_values_to_the_spec_width():
 def test_paper_case_and_input_sets_with_dout():
     case = bench.paper_case(4096, 128, True)
     assert (case.batch, case.heads, case.dtype) == (4, 16, "bfloat16")
-    assert bench.case_seed(case) == 4096 * 1000 + 128 * 2 + 1
+    cases = [bench.paper_case(seq, dim, causal)
+             for seq in (1024, 4096) for dim in (64, 128) for causal in (False, True)]
+    seeds = [bench.case_seed(c) for c in cases]
+    assert len(set(seeds)) == len(cases), seeds  # a different draw for every (S, D, causal)
+    assert seeds == [bench.case_seed(c) for c in cases]  # and the same one on every run
     small = bench.Case(seq=8, dim=4, causal=False, batch=1, heads=2, dtype="float32")
     sets = bench.make_input_sets(small, "cpu", sets=3, seed=0, arrays=4)
     assert len(sets) == 3, f"{len(sets)} sets"
@@ -240,18 +249,21 @@ def test_sweep_records_a_failed_configuration_and_goes_on(monkeypatch, capsys):
 
     freed = []
     monkeypatch.setattr(_common.bench, "free_memory", freed.append)
+    monkeypatch.setattr(_common.bench, "cupy_on_torch_stream", contextlib.nullcontext)  # no GPU here
 
     def run_config(seq, dim, causal, warmup, repeat):
+        assert (warmup, repeat) == (1, 3)
         if seq == 2048 and causal:
             raise MemoryError("out of memory allocating 2 GiB")
         return {"seq": seq, "dim": dim, "causal": causal, "ms": {"adaattn": 1.0}}
 
-    args = argparse.Namespace(dims=[64], seqs=[1024, 2048], warmup=1, repeat=1)
-    rows = _common.run_grid(args, run_config, lambda row: "ok")
+    args = argparse.Namespace(dims=[64], seqs=[1024, 2048], warmup=1, repeat=3)
+    rows = _common.run_grid(_common.paper_grid(args), run_config, lambda row: "ok", warmup=1, repeat=3)
     assert [(r["seq"], r["causal"]) for r in rows] == [(1024, False), (2048, False), (1024, True), (2048, True)]
     assert rows[3]["error"].startswith("MemoryError: out of memory"), rows[3]
+    assert rows[3]["dim"] == 64, rows[3]
     assert all("error" not in r for r in rows[:3])
-    assert freed == ["gpu"]
+    assert freed == ["gpu"] * 4, freed  # after every configuration, failed or not
     assert "failed: MemoryError" in capsys.readouterr().out
 
 
