@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 from .device import capabilities
 from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY
 from .problem import AttentionProblem
+from .tma import tile_map
 
 LOG2E = 1.4426950408889634
 
@@ -31,18 +33,23 @@ def element_strides(x: Any) -> tuple[int, ...]:
 
 
 def kernel_ready(x: Any, strides: tuple[int, ...]) -> bool:
-    """Innermost stride 1, other strides multiples of 8 elements (16-byte cp.async and TMA), no broadcast (stride 0
-    over an extent > 1: a TMA tensor map cannot express it), 16-byte aligned base."""
-    return (strides[-1] == 1 and all(s % 8 == 0 and (s != 0 or n == 1) for s, n in zip(strides[:-1], x.shape))
-            and x.data.ptr % 16 == 0)
+    """Innermost stride 1, other strides multiples of 8 elements (16-byte cp.async and TMA), 16-byte aligned base."""
+    return strides[-1] == 1 and all(s % 8 == 0 for s in strides[:-1]) and x.data.ptr % 16 == 0
 
 
-def readable(x: Any) -> tuple[Any, tuple[int, ...]]:
-    """`x` and its element strides if the kernels can read it, else a contiguous copy (one copy)."""
+def is_broadcast(x: Any, strides: tuple[int, ...]) -> bool:
+    """Some dimension of extent > 1 has stride 0 (a `broadcast_to` view): kernels can read it in place through
+    pointers, but a TMA tensor map cannot step by 0, and no kernel may write it."""
+    return any(s == 0 and n > 1 for s, n in zip(strides, x.shape))
+
+
+def readable(x: Any, *, tma: bool = False) -> tuple[Any, tuple[int, ...]]:
+    """`x` and its element strides if the kernels can read it (`tma`: through a TMA tensor map, so not broadcast),
+    else a contiguous copy (one copy)."""
     import cupy
 
     strides = element_strides(x)
-    if kernel_ready(x, strides):
+    if kernel_ready(x, strides) and not (tma and is_broadcast(x, strides)):
         return x, strides
     x = cupy.ascontiguousarray(x)
     return x, element_strides(x)
@@ -53,20 +60,16 @@ def writable(x: Any) -> tuple[Any, tuple[int, ...]]:
     import cupy
 
     strides = element_strides(x)
-    if kernel_ready(x, strides):
+    if kernel_ready(x, strides) and not is_broadcast(x, strides):
         return x, strides
     target = cupy.empty(x.shape, dtype=x.dtype)
     return target, element_strides(target)
 
 
-@lru_cache(maxsize=256)
-def head_index_array(heads: tuple[int, ...], device_id: int) -> Any:
-    """int32 device array of query-head indices for a head-index launch, uploaded once per (heads, device) so
-    that repeated launches of one policy group add no host-to-device copy. Read-only by convention."""
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.asarray(heads, dtype=cupy.int32)
+def tma_maps(arrays: Sequence[tuple[Any, tuple[int, ...]]], box_rows: Sequence[int], itemsize: int) -> list[Any]:
+    """The TMA tensor maps (`tma.tile_map`) of [B, H, S, C] arrays given with their element strides (as `readable(...,
+    tma=True)` returns them), for boxes of `box_rows` rows each."""
+    return [tile_map(x.data.ptr, x.shape, strides[:3], rows, itemsize) for (x, strides), rows in zip(arrays, box_rows)]
 
 
 #: cudaStreamPerThread: one handle that names a different stream in every host thread.
@@ -82,18 +85,21 @@ def tile_counter(device_id: int, stream_ptr: int) -> Any:
     """The int32[2] work-tile counter of persistent kernels for launches on one (device, stream): zeroed once,
     then zeroed again by each launch's last block, so launches in order on that stream share it. Launches that
     may run concurrently must not share one, hence one per stream (and per host thread for the per-thread
-    default stream). A CUDA graph keeps the counter of the stream it was captured on: replay it on that
-    stream, or not concurrently with launches on it."""
-    thread = threading.get_ident() if stream_ptr == _PER_THREAD_STREAM else 0
+    default stream; 8 bytes stay allocated for every stream ever used). A CUDA graph keeps the counter of the
+    stream it was captured on: replay it on that stream, or not concurrently with launches on it."""
+    key = (stream_ptr, threading.get_ident() if stream_ptr == _PER_THREAD_STREAM else 0)
+    counter = _counters.get(device_id, ((), {}))[1].get(key)  # dict reads are atomic: lock only to add
+    if counter is not None:
+        return counter
     with _counters_lock:
         blocks, assigned = _counters.setdefault(device_id, ([], {}))
-        counter = assigned.get((stream_ptr, thread))
+        counter = assigned.get(key)
         if counter is None:
             index = len(assigned)
             if index == len(blocks) * _COUNTERS_PER_BLOCK:
                 blocks.append(_zeroed_counters(device_id))
             counter = blocks[-1][2 * (index % _COUNTERS_PER_BLOCK):][:2]
-            assigned[(stream_ptr, thread)] = counter
+            assigned[key] = counter
         return counter
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import LOG2E, common_unsupported_reason, head_index_array, readable, sm_count, tile_counter, writable
+from ._arrays import on_device
+from .cuda_common import LOG2E, common_unsupported_reason, readable, sm_count, tile_counter, tma_maps, writable
 from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, persistent_grid
 from .loader import get_kernel
 from .problem import AttentionProblem
-from .tma import tile_map
 
 #: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the warp-specialised wgmma
 #: kernel (attention_fwd_sm90_ws.cu) on Hopper (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K, the
@@ -71,10 +71,10 @@ def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     tiles = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
-    # A persistent kernel's tile counter runs up to tiles + grid - 1.
-    if tiles + sm_count(device_id) >= 2**31:
-        raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1 - SMs)")
-    grid = persistent_grid(tiles, sm_count(device_id)) if launch.persistent else tiles
+    sms = sm_count(device_id)
+    if tiles + sms >= 2**31:  # a persistent kernel's tile counter runs up to tiles + grid - 1
+        raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1 - {sms} SMs)")
+    grid = persistent_grid(tiles, sms) if launch.persistent else tiles
     return kernel, grid, launch
 
 
@@ -84,10 +84,7 @@ def _tensor_args(launch: KernelLaunch, inputs: Sequence[tuple[Any, tuple[int, ..
     strides (the mma.sync kernel), and out, lse with out's (b, h, s) strides."""
     o_strides = tuple(map(np.int64, out_strides[:3]))
     if launch.tma_rows is not None:
-        q_rows, kv_rows = launch.tma_rows
-        maps = (tile_map(x.data.ptr, x.shape, strides[:3], rows)
-                for (x, strides), rows in zip(inputs, (q_rows, kv_rows, kv_rows)))
-        return (*maps, out, lse, *o_strides)
+        return (*tma_maps(inputs, launch.tma_rows, itemsize=2), out, lse, *o_strides)
     return (*(x for x, _ in inputs), out, lse, *(np.int64(s) for _, strides in inputs for s in strides[:3]),
             *o_strides)
 
@@ -104,13 +101,13 @@ def forward(
     """
     import cupy
 
-    if problem.seqlen_q == 0 or problem.batch == 0 or (heads is not None and len(heads) == 0):
-        return  # nothing to write (the kernels assume at least one query tile)
-    device_id = cupy.cuda.runtime.getDevice()
-    head_index = None if heads is None else head_index_array(tuple(heads), device_id)
+    if problem.is_empty or (heads is not None and not heads):
+        return  # nothing to write (a launch needs at least one query tile)
     num_heads = problem.heads_q if heads is None else len(heads)
+    device_id = cupy.cuda.runtime.getDevice()
+    head_index = None if heads is None else on_device(cupy, heads, np.int32)
     kernel, grid, launch = _launch(problem, device_id, num_heads)
-    inputs = [readable(x) for x in (q, k, v)]
+    inputs = [readable(x, tma=launch.tma_rows is not None) for x in (q, k, v)]
     target, out_strides = writable(out)
     kernel(
         (grid,),

@@ -19,14 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import (
-    LOG2E,
-    common_unsupported_reason,
-    element_strides,
-    head_index_array,
-    readable,
-    writable,
-)
+from ._arrays import on_device
+from .cuda_common import LOG2E, common_unsupported_reason, element_strides, readable, tma_maps, writable
 from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
@@ -39,7 +33,6 @@ from .launch_config import (
 )
 from .loader import get_kernel
 from .problem import AttentionProblem
-from .tma import tile_map
 
 
 @dataclass(frozen=True)
@@ -152,7 +145,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // FP8_BLOCK_N * hkv * b
             + -(-sk_pad // v_keys) * hkv * b)
     kernel((_check_grid(grid),), (launch.threads,),
-           (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), head_index_array(tuple(heads), device),
+           (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), on_device(cupy, heads, np.int32),
             i32(len(heads)), i32(hq), i32(hkv), i32(b), i32(problem.seqlen_q), i32(problem.seqlen_k), stats,
             qq, sq, row_bias, kq, sk, vt))
     return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, stats[2], stats[1], row_bias)
@@ -187,11 +180,11 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
         (grid,),
         (launch.threads,),
         (
-            *(tile_map(x.data.ptr, x.shape, element_strides(x)[:3], rows, itemsize=1)
-              for x, rows in zip((tensors.qq, tensors.kq, tensors.vt), (*launch.tma_rows, problem.head_dim))),
+            *tma_maps([(x, element_strides(x)) for x in (tensors.qq, tensors.kq, tensors.vt)], launch.tma_rows,
+                      itemsize=1),
             tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
             tensors.row_bias,
-            head_index_array(tuple(heads), device), target, lse,
+            on_device(cupy, heads, np.int32), target, lse,
             *map(np.int64, o_strides[:3]),
             np.int32(len(heads)), np.int32(problem.heads_q), np.int32(problem.heads_kv),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k), np.float32(problem.scale * LOG2E),

@@ -105,7 +105,7 @@ SM90_ARCHS = ("90a",)
 @dataclass(frozen=True)
 class KernelLaunch:
     """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks). `tma_rows`: for a
-    kernel that loads Q and K/V through TMA tensor maps (adaattn_core/tma.py), the rows of a Q box and of a K/V box;
+    kernel that loads its three inputs through TMA tensor maps (adaattn_core/tma.py), the rows of each one's box;
     None for kernels that take pointers and strides. `persistent`: the kernel loops over its ceil(Sq / block_m) · Hq
     · B work tiles from a grid of at most one block per SM, handed out by a tile counter (`persistent_grid`)."""
 
@@ -115,7 +115,7 @@ class KernelLaunch:
     smem_bytes: int
     block_m: int
     archs: tuple[str, ...]
-    tma_rows: tuple[int, int] | None = None
+    tma_rows: tuple[int, int, int] | None = None
     persistent: bool = False
 
 
@@ -141,7 +141,7 @@ def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, ping
             smem_bytes=sm90.smem_bytes(head_dim),
             block_m=sm90.block_m,
             archs=SM90_ARCHS,
-            tma_rows=(sm90.block_m, sm90.block_n),
+            tma_rows=(sm90.block_m, sm90.block_n, sm90.block_n),  # Q, K, V
             persistent=True,
         )
     tile = FORWARD_TILES[(head_dim, causal)]
@@ -307,7 +307,7 @@ def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -
             smem_bytes=(3 * FP8_BLOCK_M + 2 * FP8_STAGES * FP8_BLOCK_N) * head_dim + 1024 + 128,
             block_m=FP8_BLOCK_M,
             archs=FP8_ARCHS,
-            tma_rows=(FP8_BLOCK_M, FP8_BLOCK_N),  # V^T's box is 128 key bytes by all head_dim rows
+            tma_rows=(FP8_BLOCK_M, FP8_BLOCK_N, head_dim),  # Q, K, and V^T: 128 key bytes by all head_dim rows
         ),
     }
 

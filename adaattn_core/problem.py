@@ -65,9 +65,8 @@ class AttentionProblem:
         return keys_seen(rows, self.seqlen_q, self.seqlen_k, self.causal)
 
     def visible(self, rows: Any, keys: Any) -> Any:
-        """[len(rows), len(keys)] bool: key j visible to query row i (see `visible`); None without causal (every key
-        is visible: no mask to apply)."""
-        return visible(rows, keys, self.seqlen_q, self.seqlen_k) if self.causal else None
+        """The causal mask of `rows` × `keys` (see `visible`); None without causal."""
+        return visible(rows, keys, self.seqlen_q, self.seqlen_k, self.causal)
 
     def output_shape(self) -> tuple[int, int, int, int]:
         """Shape of `out` in the caller's layout."""
@@ -88,11 +87,12 @@ def keys_seen(rows: Any, seqlen_q: int, seqlen_k: int, causal: bool) -> Any:
     return (rows + (seqlen_k - seqlen_q + 1)).clip(0, seqlen_k)
 
 
-def visible(rows: Any, keys: Any, seqlen_q: int, seqlen_k: int) -> Any:
+def visible(rows: Any, keys: Any, seqlen_q: int, seqlen_k: int, causal: bool) -> Any:
     """[len(rows), len(keys)] bool, the causal mask: key j (of `keys`, indices in [0, seqlen_k)) visible to query
     row i (of `rows`) iff j <= i + seqlen_k − seqlen_q, i.e. j < `keys_seen`(i) (the clip there does not matter
-    for keys in range). NumPy or CuPy index arrays, one library."""
-    return keys[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
+    for keys in range). NumPy or CuPy index arrays, one library. None without `causal` (every key is visible:
+    no mask to apply)."""
+    return keys[None, :] <= rows[:, None] + (seqlen_k - seqlen_q) if causal else None
 
 
 def to_bhsd(x: Any, layout: str) -> Any:

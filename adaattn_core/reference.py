@@ -46,7 +46,7 @@ def attention_reference(
     batch, heads_q, seqlen_q, head_dim = qb.shape
     group = heads_q // kb.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = visible(xp.arange(seqlen_q), xp.arange(kb.shape[2]), seqlen_q, kb.shape[2]) if causal else None
+    mask = visible(xp.arange(seqlen_q), xp.arange(kb.shape[2]), seqlen_q, kb.shape[2], causal)
     out = xp.zeros(qb.shape, dtype=xp.float64)
     lse = xp.zeros((batch, heads_q, seqlen_q), dtype=xp.float64)
     for b in range(batch):
@@ -65,7 +65,7 @@ def attention_backward_reference(
     heads_q, head_dim = qb.shape[1], qb.shape[3]
     group = heads_q // kb.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = visible(xp.arange(qb.shape[2]), xp.arange(kb.shape[2]), qb.shape[2], kb.shape[2]) if causal else None
+    mask = visible(xp.arange(qb.shape[2]), xp.arange(kb.shape[2]), qb.shape[2], kb.shape[2], causal)
     dq, dk, dv = xp.zeros_like(qb), xp.zeros_like(kb), xp.zeros_like(vb)
     for b in range(qb.shape[0]):
         for h in range(heads_q):
@@ -104,7 +104,9 @@ def head_errors(
         for start in range(0, len(picked), step):
             index = picked[start : start + step]
             scores = (q[:, h][:, index].astype(xp.float64) @ kh.swapaxes(-1, -2)) * scale
-            mask = visible(index, keys, seqlen_q, seqlen_k) if causal else None
+            # Rebuilt per head: a [chunk, Sk] compare beside a [B, chunk, D] x [D, Sk] product, where keeping every
+            # chunk's mask would hold len(rows) x Sk bytes at once.
+            mask = visible(index, keys, seqlen_q, seqlen_k, causal)
             probs, _ = masked_softmax(xp, scores, mask, with_lse=False)
             ref = probs @ vh
             got = out[:, h][:, index].astype(xp.float64)

@@ -47,16 +47,21 @@ def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int
     (batch, head, row) (innermost stride 1), for tiles of `box_rows` rows by all C columns: C · itemsize / line
     copies of one swizzle line, line = min(C · itemsize, 128) bytes (64 or 128).
 
-    Raises ValueError for a shape or stride the TMA unit cannot take (the launchers check strides with
-    `cuda_common.kernel_ready` first, so this only fires on a broken invariant) and RuntimeError with the driver's
-    code if the driver refuses the map.
+    Raises ValueError naming the argument the TMA unit cannot take (the launchers pass arrays through
+    `cuda_common.readable(..., tma=True)` first, so this only fires on a broken invariant) and RuntimeError with the
+    driver's code if the driver refuses the map.
     """
     batch, heads, rows, cols = shape
+    if itemsize not in _DATA_TYPE_BY_ITEMSIZE:
+        raise ValueError(f"TMA tile map: itemsize {itemsize}, expected one of {sorted(_DATA_TYPE_BY_ITEMSIZE)}")
     line = min(cols * itemsize, 128)
-    if (itemsize not in _DATA_TYPE_BY_ITEMSIZE or line not in _SWIZZLE_BY_LINE or cols * itemsize % line
-            or not 0 < box_rows <= _MAX_BOX_ROWS or ptr % 16):
-        raise ValueError(f"TMA tile map: rows of {cols} x {itemsize} bytes must be 64 bytes or a multiple of 128, "
-                         f"box rows {box_rows} in 1..{_MAX_BOX_ROWS}, address {ptr:#x} 16-byte aligned")
+    if line not in _SWIZZLE_BY_LINE or cols * itemsize % line:
+        raise ValueError(f"TMA tile map: rows of {cols} x {itemsize} bytes (shape {shape}), expected 64 bytes or a "
+                         "multiple of 128")
+    if not 0 < box_rows <= _MAX_BOX_ROWS:
+        raise ValueError(f"TMA tile map: box_rows {box_rows}, expected 1..{_MAX_BOX_ROWS}")
+    if ptr % 16:
+        raise ValueError(f"TMA tile map: address {ptr:#x}, expected a multiple of 16 bytes")
     dims = (cols, rows, heads, batch)
     # A dimension of extent 1 is never stepped, so its stride is free: give it a legal one (its real stride may
     # be 0 or unaligned, e.g. a broadcast batch of 1).

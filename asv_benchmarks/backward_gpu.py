@@ -26,6 +26,11 @@ class _GpuForwardBackward(_GpuForward):
 
     track_tflops.unit = "TFLOP/s"  # type: ignore[attr-defined]
 
+    def douts(self, count: int) -> list[Any]:
+        """One seeded dout (CuPy) per input set: the same gradients for AdaAttn and every peer."""
+        return [dout for (dout,) in bench.make_input_sets(self.case, "gpu", sets=count,
+                                                          seed=bench.case_seed(self.case) + 1, arrays=1)]
+
 
 class ForwardBackward(_GpuForwardBackward):
     """AdaAttn's fused forward and fused backward (dq by atomics), policy "exact", bf16, [B, H, S, D]."""
@@ -39,8 +44,7 @@ class ForwardBackward(_GpuForwardBackward):
         backend = backward_backend(describe(*sets[0], causal=causal, scale=None, layout="bhsd"))
         if backend != "cuda":  # keep the history to one kernel: another backend is a different benchmark
             raise NotImplementedError(f"backward backend {backend!r} instead of the fused kernels")
-        douts = [dout for (dout,) in bench.make_input_sets(self.case, "gpu", sets=len(sets),
-                                                           seed=bench.case_seed(self.case) + 1, arrays=1)]
+        douts = self.douts(len(sets))
 
         def call(i: int) -> Any:
             j = i % len(sets)
@@ -63,7 +67,7 @@ class _TorchForwardBackward(_GpuForwardBackward):
             raise NotImplementedError(f"torch is not installed: {error}") from error
         backend = getattr(SDPBackend, self.backend)
         tensors = [[bench.to_torch(x).detach().requires_grad_() for x in qkv] for qkv in sets]
-        douts = [torch.randn_like(q) for q, _, _ in tensors]
+        douts = [bench.to_torch(dout) for dout in self.douts(len(sets))]
 
         def call(i: int) -> Any:
             j = i % len(tensors)

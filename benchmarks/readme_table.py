@@ -71,7 +71,7 @@ def table(results_path: Path) -> str:
     env, rows = results["env"], results["rows"]
     caption = (
         f"{results['setup']}; TFLOP/s (causal: half the FLOPs), median of CUDA-event timings, all in one process "
-        f"on one {env['gpu']} (driver {env['driver']}, torch {env['torch']}, CuPy {env['cupy']}, "
+        f"on one {env['gpu']} (driver {env['driver']}, torch {_torch_version(env)}, CuPy {env['cupy']}, "
         f"{env['date'][:10]}). Source: [`{results_path.as_posix()}`]({results_path.as_posix()})."
     )
     if any("fp8_speedup" in row for row in rows):
@@ -84,6 +84,13 @@ def table(results_path: Path) -> str:
     return _markdown(caption, header, rows, ["dim", "seq", "causal"], lambda row: [
         *(format_number(row.get("tflops", {}).get(i), ".0f") for i in impls),
         *(format_number(row.get("ratio", {}).get(p), ".2f") for p in peers)])
+
+
+def _torch_version(env: dict[str, Any]) -> str:
+    """torch's version with the CUDA it was built for, however the file recorded it ("2.11.0+cu130", or "2.11.0"
+    beside ``torch_cuda``)."""
+    version, cuda = str(env.get("torch")), env.get("torch_cuda")
+    return f"{version} (CUDA {cuda})" if cuda and "+" not in version else version
 
 
 def _fp8_table(caption: str, rows: list[dict]) -> str:

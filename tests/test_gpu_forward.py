@@ -72,8 +72,8 @@ def test_gqa_layouts_strides(cp, rng, group, layout, strides, dim, causal):
 
 @pytest.mark.parametrize("dim", [64, 128])
 def test_broadcast_strides(cp, rng, dim):
-    """K and V broadcast over heads and Q over the batch (stride 0): a TMA tensor map cannot step by 0, so the
-    launcher must copy such inputs, not misread them."""
+    """K and V broadcast over heads and Q over the batch (stride 0): the mma.sync kernel reads them in place, and
+    a TMA tensor map cannot step by 0, so the wgmma launcher must copy them, not misread them."""
     q, k, v = make_qkv(rng, batch=1, heads_q=4, heads_kv=1, seq_q=1000, seq_k=777, dim=dim, dtype="bfloat16", xp=cp)
     q = cp.broadcast_to(q, (3,) + q.shape[1:])
     k, v = (cp.broadcast_to(x, (3, 4) + x.shape[2:]) for x in (k, v))
@@ -220,8 +220,12 @@ def test_persistent_schedule(cp, rng):
     """The wgmma kernel is persistent: its blocks take work tiles from a per-stream counter that each launch's
     last block zeroes. Launches back to back and on two streams at once, with fewer and more tiles than SMs and
     fully masked tiles (causal, Sq > Sk), must each compute every tile and leave the counters at zero."""
-    from adaattn_core.cuda_common import tile_counter
+    from adaattn_core import cuda_common, cuda_forward
 
+    probe = aa.AttentionProblem(batch=1, heads_q=2, heads_kv=2, seqlen_q=600, seqlen_k=600, head_dim=64,
+                                dtype="bfloat16", library="cupy", layout="bhsd", causal=False, scale=0.125)
+    if not cuda_forward._launch(probe, cp.cuda.Device().id, 2)[2].persistent:
+        pytest.skip("the forward kernel forced here is not persistent")
     shapes = [  # batch, heads_q, heads_kv, seq_q, seq_k, dim, causal
         (1, 2, 1, 600, 600, 64, False),
         (4, 16, 4, 2000, 2000, 128, True),
@@ -246,4 +250,5 @@ def test_persistent_schedule(cp, rng):
         assert err <= 2 * naive_err + 1e-5, f"{q.shape} causal={causal}: error {err:.3e} vs naive {naive_err:.3e}"
     device = cp.cuda.Device().id
     for stream in streams:
-        assert to_host64(tile_counter(device, stream.ptr)).tolist() == [0, 0]
+        assert (stream.ptr, 0) in cuda_common._counters[device][1], "the launches took no counter of their stream"
+        assert to_host64(cuda_common.tile_counter(device, stream.ptr)).tolist() == [0, 0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import make_qkv
@@ -181,3 +183,21 @@ def test_bad_deterministic(qkv, seq_q):
     out, lse = aa.attention(q, k, v, return_lse=True)
     with pytest.raises(TypeError, match=r"deterministic must be a bool, got int"):
         aa.attention_backward(out, q, k, v, out, lse, deterministic=1)
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"itemsize": 4}, "itemsize 4"),
+    ({"shape": (1, 2, 64, 24)}, "rows of 24 x 2 bytes"),
+    ({"box_rows": 0}, "box_rows 0"),
+    ({"box_rows": 257}, "box_rows 257"),
+    ({"ptr": 0x1008}, "address 0x1008"),
+    ({"strides": (4096, 2048, 4)}, "strides (4096, 2048, 4)"),
+])
+def test_tma_tile_map_names_the_argument_it_cannot_take(kwargs, named):
+    """The host-side checks run before the driver is asked (no GPU needed) and say which argument is wrong."""
+    from adaattn_core.tma import tile_map
+
+    args = {"ptr": 0x1000, "shape": (1, 2, 64, 64), "strides": (8192, 4096, 64), "box_rows": 128, "itemsize": 2,
+            **kwargs}
+    with pytest.raises(ValueError, match=re.escape(named)):
+        tile_map(**args)
