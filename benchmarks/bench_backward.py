@@ -19,16 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import (  # benchmarks/: script dir
-    PAPER_SIZES,
-    environment,
-    headline,
-    paper_grid,
-    prefix,
-    run_grid,
-    save,
-    sweep_parser,
-)
+from _common import PAPER_SIZES, environment, headline, paper_grid, prefix, run_grid, save, sweep_parser
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import adaattn_core as aa

@@ -17,16 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from _common import (  # benchmarks/: script dir
-    PAPER_SIZES,
-    environment,
-    headline,
-    paper_grid,
-    prefix,
-    run_grid,
-    save,
-    sweep_parser,
-)
+from _common import PAPER_SIZES, environment, headline, paper_grid, prefix, run_grid, save, sweep_parser
 
 from adaattn_core import bench, cuda_forward
 from adaattn_core.bench import format_number

@@ -19,16 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import (  # benchmarks/: script dir
-    PAPER_SIZES,
-    environment,
-    headline,
-    paper_grid,
-    prefix,
-    run_grid,
-    save,
-    sweep_parser,
-)
+from _common import PAPER_SIZES, environment, headline, paper_grid, prefix, run_grid, save, sweep_parser
 
 from adaattn_core import bench, cuda_fp8
 from adaattn_core.bench import format_number
