@@ -94,9 +94,11 @@ FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
 }
 
 #: The wgmma kernel runs one large CTA per SM; with few key tiles per CTA its prologue and epilogue
-#: dominate, and at Sk = 512 the mma.sync kernel was faster (H200, D=64/128: 299 vs 254/215 TFLOP/s
-#: non-causal, notes/bench-sm90-v1.log). Hopper uses the wgmma kernel only above this key length.
-SM90_MIN_SEQLEN_K = 513
+#: dominate. Since it became persistent (the next tile's loads overlap the epilogue) it wins from Sk = 384 on at
+#: every head dim and causal setting (+11% to +79% at 384, and at 512), while at 256 the mma.sync kernel still
+#: wins at D = 64 (H200, Sq = Sk, benchmarks/results/tuning/2026-12-03-H200-fwd-short-{sm80,sm90}.json and
+#: …-minseq-{sm80,sm90}.json). Hopper uses the wgmma kernel from this key length on.
+SM90_MIN_SEQLEN_K = 257
 
 SM80_ARCHS = ("80", "90a")
 SM90_ARCHS = ("90a",)

@@ -37,12 +37,19 @@ def headline(env: dict[str, Any], package: str = "torch") -> str:
     return f"# {env['gpu']}, driver {env['driver']}, {package} {env.get(package)}"
 
 
+#: --causal: which causal settings a sweep runs.
+CAUSAL_CHOICES = {"both": (False, True), "no": (False,), "yes": (True,)}
+
+
 def sweep_parser(doc: str | None, *, seqs: Sequence[int], dims: Sequence[int], repeat: int,
                  warmup: int = 5) -> argparse.ArgumentParser:
-    """The options every sweep takes (--seqs, --dims, --warmup, --repeat, --out); scripts add their own."""
+    """The options every sweep takes (--seqs, --dims, --causal, --warmup, --repeat, --out); scripts add their
+    own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=list(seqs))
     parser.add_argument("--dims", type=int, nargs="+", default=list(dims))
+    parser.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both",
+                        help="non-causal rows, causal rows or both (default)")
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--repeat", type=int, default=repeat)
     parser.add_argument("--out", default=None, help="JSON file to write")
@@ -50,8 +57,9 @@ def sweep_parser(doc: str | None, *, seqs: Sequence[int], dims: Sequence[int], r
 
 
 def paper_grid(args: argparse.Namespace) -> Iterator[Row]:
-    """The sweep's configurations in table order: every D of `args`, then causal (no, yes), then every S."""
-    for dim, causal, seq in itertools.product(args.dims, (False, True), args.seqs):
+    """The sweep's configurations in table order: every D of `args`, then causal (no, yes; `args.causal` may keep
+    one), then every S."""
+    for dim, causal, seq in itertools.product(args.dims, CAUSAL_CHOICES[args.causal], args.seqs):
         yield {"seq": seq, "dim": dim, "causal": causal}
 
 

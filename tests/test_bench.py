@@ -257,7 +257,7 @@ def test_sweep_records_a_failed_configuration_and_goes_on(monkeypatch, capsys):
             raise MemoryError("out of memory allocating 2 GiB")
         return {"seq": seq, "dim": dim, "causal": causal, "ms": {"adaattn": 1.0}}
 
-    args = argparse.Namespace(dims=[64], seqs=[1024, 2048], warmup=1, repeat=3)
+    args = argparse.Namespace(dims=[64], seqs=[1024, 2048], causal="both", warmup=1, repeat=3)
     rows = _common.run_grid(_common.paper_grid(args), run_config, lambda row: "ok", warmup=1, repeat=3)
     assert [(r["seq"], r["causal"]) for r in rows] == [(1024, False), (2048, False), (1024, True), (2048, True)]
     assert rows[3]["error"].startswith("MemoryError: out of memory"), rows[3]
@@ -265,6 +265,16 @@ def test_sweep_records_a_failed_configuration_and_goes_on(monkeypatch, capsys):
     assert all("error" not in r for r in rows[:3])
     assert freed == ["gpu"] * 4, freed  # after every configuration, failed or not
     assert "failed: MemoryError" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("causal,expected", [("no", [False]), ("yes", [True]), ("both", [False, True])])
+def test_sweep_causal_option(causal, expected):
+    """--causal keeps the non-causal rows, the causal rows, or both, in table order."""
+    from benchmarks import _common
+
+    args = _common.sweep_parser(None, seqs=[512], dims=[64, 128], repeat=1).parse_args(["--causal", causal])
+    rows = list(_common.paper_grid(args))
+    assert [(r["dim"], r["causal"]) for r in rows] == [(d, c) for d in (64, 128) for c in expected]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """GPU fused backward (cuda_src/attention_bwd_*.cu through `adaattn_core.cuda_backward`) against float64.
 
-Rule (flash-attention's): per gradient, max |grad − ref| ≤ 2 × max |naive same-dtype − ref| + 1e-5, with ref
-from `attention_backward_reference` in float64 on the GPU and the naive baseline below (every intermediate
-rounded to the input dtype). The launcher is called directly with NaN-poisoned output buffers, so an
+Rule (flash-attention's, `conftest.assert_close_to_naive`): per gradient, max |grad − ref| ≤ 3 × max |naive
+same-dtype − ref| + 1e-5 (3×, not the output's 2×, as in FlashAttention-2's tests), with ref from
+`attention_backward_reference` in float64 on the GPU and the naive baseline below (every intermediate rounded to
+the input dtype). The launcher is called directly with NaN-poisoned output buffers, so an
 unwritten element fails the test; both dQ paths (atomic default, deterministic) are covered, the atomic one
 with each dK/dV kernel forced in turn (mma.sync, and on Hopper the wgmma kernel where it has tiles).
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import forced_kernel, make_qkv, max_abs, to_host64
+from conftest import GRADIENT_FACTOR, assert_close_to_naive, forced_kernel, make_qkv, max_abs, to_host64
 
 import adaattn_core as aa
 from adaattn_core.problem import describe_backward, to_bhsd
@@ -127,8 +128,7 @@ def _check(cp: Any, rng: np.random.Generator, q: Any, k: Any, v: Any, *, causal:
     naives = naive_backward_same_dtype(dout, q, k, v, causal=causal, layout=layout)
     for name, grad, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
         assert np.isfinite(to_host64(grad)).all(), f"{name}: unwritten (NaN-poisoned) or non-finite element"
-        err, naive_err = max_abs(grad, ref), max_abs(naive, ref)
-        assert err <= 2 * naive_err + 1e-5, f"{name}: max error {err:.3e} vs naive {naive_err:.3e}"
+        assert_close_to_naive(grad, ref, naive, what=name, factor=GRADIENT_FACTOR)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -259,8 +259,8 @@ def test_public_api(cp, rng):
     grads = aa.attention_backward(dout, q, k, v, out, lse, causal=True, layout="bshd")
     refs = aa.attention_backward_reference(dout, q, k, v, causal=True, layout="bshd")
     naives = naive_backward_same_dtype(dout, q, k, v, causal=True, layout="bshd")
-    for grad, ref, naive in zip(grads, refs, naives):
-        assert max_abs(grad, ref) <= 2 * max_abs(naive, ref) + 1e-5
+    for name, grad, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        assert_close_to_naive(grad, ref, naive, what=name, factor=GRADIENT_FACTOR)
 
 
 @pytest.mark.parametrize("dtype,dim", [("float32", 64), ("bfloat16", 80)])
