@@ -11,15 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import (
-    GRADIENT_FACTOR,
-    OUTPUT_FACTOR,
-    assert_close_to_naive,
-    make_qkv,
-    max_abs,
-    naive_same_dtype,
-    rel_l2,
-)
+from conftest import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_close_to_naive, make_qkv, max_abs, naive_same_dtype, rel_l2
 
 import adaattn_core as aa
 
