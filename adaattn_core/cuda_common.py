@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 from .device import capabilities
-from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY, KernelLaunch
+from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY
 from .problem import AttentionProblem
-from .tma import driver_function, tile_map
+from .tma import tile_map
 
 LOG2E = 1.4426950408889634
 
@@ -124,29 +123,3 @@ def sm_count(device_id: int) -> int:
     import cupy
 
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-
-
-class _LaunchConfig(ctypes.Structure):
-    """The driver's CUlaunchConfig (cuda.h)."""
-
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem_bytes", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
-
-
-@lru_cache(maxsize=64)
-def _max_active_clusters(function_ptr: int, launch: KernelLaunch) -> int:
-    count = ctypes.c_int(0)
-    config = _LaunchConfig((launch.cluster, 1, 1), (launch.threads, 1, 1), launch.smem_bytes, None, None, 0)
-    query = driver_function("cuOccupancyMaxActiveClusters", ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
-                            ctypes.POINTER(_LaunchConfig))
-    code = query(ctypes.byref(count), function_ptr, ctypes.byref(config))
-    if code != 0 or count.value < 1:
-        raise RuntimeError(f"cuOccupancyMaxActiveClusters({launch.name}): CUresult {code}, {count.value} clusters")
-    return count.value
-
-
-def max_active_clusters(kernel: Any, launch: KernelLaunch) -> int:
-    """How many clusters of `launch.cluster` CTAs of `kernel` (compiled with that cluster size) the current device
-    runs at once: fewer than SMs / cluster where a GPC has an odd number of SMs. A persistent grid of clusters must
-    not exceed it, since a cluster that cannot start waits for another to finish."""
-    return _max_active_clusters(kernel.kernel.ptr, launch)  # RawKernel.kernel: the compiled Function (CUfunction)

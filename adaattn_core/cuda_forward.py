@@ -16,24 +16,8 @@ from typing import Any
 import numpy as np
 
 from ._arrays import on_device
-from .cuda_common import (
-    LOG2E,
-    common_unsupported_reason,
-    max_active_clusters,
-    readable,
-    sm_count,
-    tile_counter,
-    tma_maps,
-    writable,
-)
-from .launch_config import (
-    FORWARD_HEAD_DIMS,
-    SM90_MIN_SEQLEN_K,
-    KernelLaunch,
-    forward_cluster,
-    forward_launch,
-    persistent_grid,
-)
+from .cuda_common import LOG2E, common_unsupported_reason, readable, sm_count, tile_counter, tma_maps, writable
+from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, persistent_grid
 from .loader import get_kernel
 from .problem import AttentionProblem
 
@@ -77,8 +61,7 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
 def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
     """The forward kernel for a problem under $ADAATTN_FORWARD_KERNEL."""
     return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id),
-                          pingpong=_choice() != "sm90_nopp",
-                          cluster=forward_cluster(problem.head_dim, problem.causal, problem.seqlen_q))
+                          pingpong=_choice() != "sm90_nopp")
 
 
 @lru_cache(maxsize=512)
@@ -91,12 +74,7 @@ def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[
     sms = sm_count(device_id)
     if tiles + sms >= 2**31:  # a persistent kernel's tile counter runs up to tiles + grid - 1
         raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1 - {sms} SMs)")
-    if not launch.persistent:
-        grid = tiles
-    elif launch.cluster > 1:
-        grid = persistent_grid(tiles, max_active_clusters(kernel, launch), launch.cluster)
-    else:
-        grid = persistent_grid(tiles, sms)
+    grid = persistent_grid(tiles, sms) if launch.persistent else tiles
     return kernel, grid, launch
 
 

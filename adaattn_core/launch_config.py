@@ -62,13 +62,11 @@ FORWARD_HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in FORWARD_TILES}))
 class Sm90Tile:
     """Tile shape of attention_fwd_sm90_ws.cu (warp-specialised Hopper forward): `block_m` query rows (one
     consumer warpgroup per 64; 128 or 192) plus one producer warpgroup, `block_n` keys per tile, `stages` K and V
-    buffers each; `cluster` CTAs (1 or 2, non-causal only) share each K/V tile through TMA multicast where a
-    head's query tiles pair up (`forward_cluster`)."""
+    buffers each."""
 
     block_n: int
     stages: int = 2
     block_m: int = 128
-    cluster: int = 1
 
     @property
     def threads(self) -> int:
@@ -89,9 +87,9 @@ class Sm90Tile:
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
     (64, True): Sm90Tile(128, stages=3, block_m=192),
-    (128, False): Sm90Tile(128, stages=3, cluster=2),
+    (128, False): Sm90Tile(128, stages=3),
     (128, True): Sm90Tile(128, stages=3),
-    (256, False): Sm90Tile(64, cluster=2),
+    (256, False): Sm90Tile(64),
     (256, True): Sm90Tile(64),
 }
 
@@ -111,9 +109,7 @@ class KernelLaunch:
     """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks). `tma_rows`: for a
     kernel that loads its three inputs through TMA tensor maps (adaattn_core/tma.py), the rows of each one's box;
     None for kernels that take pointers and strides. `persistent`: the kernel loops over its ceil(Sq / block_m) · Hq
-    · B work tiles from a grid of at most one block per SM, handed out by a tile counter (`persistent_grid`).
-    `cluster`: CTAs per cluster (compiled into the kernel); a clustered persistent kernel deals its tiles in
-    pairs round robin instead, over at most as many clusters as fit at once (`cuda_common.max_active_clusters`)."""
+    · B work tiles from a grid of at most one block per SM, handed out by a tile counter (`persistent_grid`)."""
 
     source: str
     name: str
@@ -123,46 +119,32 @@ class KernelLaunch:
     archs: tuple[str, ...]
     tma_rows: tuple[int, int, int] | None = None
     persistent: bool = False
-    cluster: int = 1
 
 
-def persistent_grid(work_tiles: int, resident: int, cluster: int = 1) -> int:
-    """Blocks of a persistent kernel: one per SM (its tiles use most of an SM's shared memory and registers), i.e.
-    `resident` = SMs, or for clusters of `cluster` CTAs (which take `cluster` tiles at a time) `resident` = the
-    clusters that fit at once; fewer when there are fewer work tiles."""
-    return cluster * min(work_tiles // cluster, resident)
+def persistent_grid(work_tiles: int, sm_count: int) -> int:
+    """Blocks of a persistent kernel: one per SM (its tiles use most of an SM's shared memory and registers),
+    fewer when there are fewer work tiles."""
+    return min(work_tiles, sm_count)
 
 
-def forward_cluster(head_dim: int, causal: bool, seqlen_q: int) -> int:
-    """CTAs per cluster of the wgmma forward for a problem: its tile's `cluster` where every head's query tiles
-    pair up (ceil(Sq / block_m) a multiple of it), else 1."""
-    sm90 = FORWARD_TILES_SM90.get((head_dim, causal))
-    if sm90 is None or -(-seqlen_q // sm90.block_m) % sm90.cluster:
-        return 1
-    return sm90.cluster
-
-
-def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True,
-                   cluster: int = 1) -> KernelLaunch:
+def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:
     """The forward kernel for a problem: the warp-specialised wgmma kernel when `use_sm90` (Hopper) and tiled for
-    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores; `cluster`: CTAs sharing
-    K/V tiles, from `forward_cluster`), else the mma.sync kernel."""
+    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores), else the mma.sync
+    kernel."""
     flag = "true" if causal else "false"
     cuda_type = CUDA_TYPES[dtype]
     sm90 = FORWARD_TILES_SM90.get((head_dim, causal))
     if use_sm90 and sm90 is not None:
-        kv_rows = sm90.block_n // cluster  # each CTA of a cluster loads (and multicasts) a slice of the K/V tile
         return KernelLaunch(
             source="attention_fwd_sm90_ws.cu",
             name=(f"attention_fwd_sm90_ws<{cuda_type}, {head_dim}, {sm90.block_m}, {sm90.block_n}, {sm90.stages}, "
-                  f"{flag}, {'true' if pingpong else 'false'}, {cluster}>"),
+                  f"{flag}, {'true' if pingpong else 'false'}>"),
             threads=sm90.threads,
             smem_bytes=sm90.smem_bytes(head_dim),
             block_m=sm90.block_m,
             archs=SM90_ARCHS,
-            tma_rows=(sm90.block_m, kv_rows, kv_rows),  # Q, K, V
+            tma_rows=(sm90.block_m, sm90.block_n, sm90.block_n),  # Q, K, V
             persistent=True,
-            cluster=cluster,
         )
     tile = FORWARD_TILES[(head_dim, causal)]
     return KernelLaunch(
@@ -181,11 +163,9 @@ def all_forward_kernels() -> list[KernelLaunch]:
     for dtype in CUDA_TYPES:
         for head_dim, causal in FORWARD_TILES:
             kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=False))
-        for (head_dim, causal), sm90 in FORWARD_TILES_SM90.items():
+        for head_dim, causal in FORWARD_TILES_SM90:
             for pingpong in (True, False):
-                for cluster in sorted({1, sm90.cluster}):
-                    kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong,
-                                                  cluster=cluster))
+                kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong))
     return kernels
 
 

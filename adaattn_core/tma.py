@@ -31,19 +31,13 @@ _MAX_BOX_ROWS = 256
 
 
 @cache
-def driver_function(name: str, *argtypes: type) -> ctypes._CFuncPtr:
-    """A CUDA driver API function CuPy does not wrap (cuTensorMapEncodeTiled here, cuOccupancyMaxActiveClusters in
-    cuda_common), returning its CUresult as an int."""
-    fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
-    fn.restype = ctypes.c_int
-    fn.argtypes = list(argtypes)
-    return fn
-
-
 def _encode_tiled() -> ctypes._CFuncPtr:
     u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-    return driver_function("cuTensorMapEncodeTiled", ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
-                           u64p, u64p, u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
 
 
 @lru_cache(maxsize=1024)

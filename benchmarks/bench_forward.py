@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out (needs matplotlib)")
     parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
                         help="tuning only: override the forward tiles of head dim D (repeatable)")
-    parser.add_argument("--tile90", action="append", default=[], metavar="D[c|n]:BN[,STAGES[,BM[,CLUSTER]]]",
+    parser.add_argument("--tile90", action="append", default=[], metavar="D[c|n]:BN[,STAGES[,BM]]",
                         help="tuning only: override the sm_90a forward tiles of head dim D, causal (c) or "
                              "non-causal (n) only with a suffix (repeatable)")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,

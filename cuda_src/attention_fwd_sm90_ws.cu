@@ -22,12 +22,6 @@
 //   tile_counter = int32[2], zero before the first launch: the next tile to hand out, and the blocks that have
 //             taken their last one; the last such block zeroes both, so consecutive launches on one stream
 //             can share it (concurrent launches cannot).
-//   CLUSTER = 2 (non-causal, an even number of m-blocks per head): grid.x = 2 * min(tiles / 2, clusters that fit
-//             at once), clusters of two CTAs (compiled in: __cluster_dims__). Cluster c takes the m-block pairs
-//             (tiles 2p, 2p + 1 of one head) p = c, c + grid.x / 2, ... (equal tiles: no counter needed, and
-//             tile_counter is left alone), and its two CTAs share every K/V tile: each loads half of its rows
-//             through TMA multicast into both CTAs' shared memory (FlashAttention-3's cluster for D >= 128), so
-//             each CTA streams half the K/V bytes from L2.
 //   head_index = int32[num_heads_launch] query heads to compute, or nullptr for all heads in order.
 //   dynamic shared memory bytes = (BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM * 2 + 1024 + 128
 //             (Q tile, STAGES K and STAGES V tiles of 16-bit elements, 1024 bytes to round the base up to
@@ -35,9 +29,8 @@
 //             static shared memory).
 //   q_map, k_map, v_map = tensor maps (TmaMap, wgmma_sm90.cuh; encoded by adaattn_core/tma.py) of the
 //             [B][Hq][Sq][D], [B][Hkv][Sk][D] and [B][Hkv][Sk][D] inputs with any strides the TMA unit takes
-//             (multiples of 16 bytes; head-dim stride 1), boxes of 64 columns by BLOCK_M (Q) and
-//             BLOCK_N / CLUSTER (K, V) rows, 128-byte swizzle. Out strides are in elements, head-dim stride 1,
-//             16-byte aligned rows.
+//             (multiples of 16 bytes; head-dim stride 1), boxes of 64 columns by BLOCK_M (Q) and BLOCK_N (K, V)
+//             rows, 128-byte swizzle. Out strides are in elements, head-dim stride 1, 16-byte aligned rows.
 //
 // Roles (WarpRoles in wgmma_sm90.cuh): the producer gives registers back with setmaxnreg.dec (40; 32 with
 // three consumers) and the consumers take them (232; 160), which is what lets the consumers hold S
@@ -52,13 +45,11 @@
 // the consumers visit them). Before refilling stage s it waits on the stage's "empty" mbarrier, before the next
 // work tile's Q on "Q empty" (all consumers past the tile's last Q K^T); each tile arms its "full" mbarrier
 // with its byte count (expected count 1 arrival), which completes once the bytes have landed, so the producer
-// never blocks on its own loads. With CLUSTER = 2 a stage's "empty" barrier counts the consumer warps of both CTAs
-// (each consumer warp arrives on both, since both producers write into every stage), and each producer stays
-// until the other CTA's last arrivals are in before it exits. The K/V ring runs on across work tiles, so the next
-// tile's Q and first K/V tiles load while the consumers finish the last P V and the epilogue of the previous one.
-// A fully masked tile or the end (slot -1) is posted by a plain arrival on "Q full". The other 127 producer
-// threads leave after setmaxnreg: the address arithmetic and issue of 128-thread cp.async are gone from the
-// consumers' schedulers.
+// never blocks on its own loads. The K/V ring runs on across work tiles, so the next tile's Q and first K/V
+// tiles load while the consumers finish the last P V and the epilogue of the previous one. A fully masked
+// tile or the end (slot -1) is posted by a plain arrival on "Q full". The other 127 producer threads leave
+// after setmaxnreg: the address arithmetic and issue of 128-thread cp.async are gone from the consumers'
+// schedulers.
 // Tiling. Consumer warpgroup w owns query rows [64 w, 64 w + 64) and all HEAD_DIM output columns, so every
 // MMA is one m64 wgmma. Shared tiles ([rows][HEAD_DIM]) are stored as HEAD_DIM / 64 column blocks of
 // [rows][64] with the 128-byte swizzle, the canonical layout wgmma reads through a matrix descriptor:
@@ -83,8 +74,8 @@
 
 #include "wgmma_sm90.cuh"
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG, int CLUSTER>
-__global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm90_ws(
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
+__global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm90_ws(
     const __grid_constant__ adaattn::TmaMap q_map, const __grid_constant__ adaattn::TmaMap k_map,
     const __grid_constant__ adaattn::TmaMap v_map, T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
@@ -104,8 +95,6 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
                   "no wgmma wrapper for BLOCK_N");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256, "unsupported head dim");
     static_assert(STAGES >= 2, "K tile j + 1 must stream while tile j is read");
-    static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or a pair sharing K/V");
-    static_assert(CLUSTER == 1 || !CAUSAL, "a cluster's CTAs must visit the same key tiles: non-causal only");
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -138,15 +127,12 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
     volatile int* tile_slot = reinterpret_cast<volatile int*>(smem_raw + (bars.tile_slot() - smem_u32(smem_raw)));
 
     if (tid == 0) {
-        bars.init(CONSUMERS, CLUSTER);
+        bars.init(CONSUMERS);
         tma_prefetch_map(&q_map);
         tma_prefetch_map(&k_map);
         tma_prefetch_map(&v_map);
     }
-    // The last CTA-wide (cluster-wide) barrier: the roles never meet again.
-    if (CLUSTER > 1) cluster_sync_after_init(tid == 0);
-    else __syncthreads();
-    const unsigned rank = CLUSTER > 1 ? cluster_ctarank() : 0u;
+    __syncthreads();  // the last CTA-wide barrier: the roles never meet again
 
     if (tid < 128) {
         // ---- producer warpgroup ----
@@ -154,9 +140,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
         if (tid != 0) return;
         int kv = 0;  // K/V tiles loaded so far, over this block's work tiles: ring stage kv % STAGES
         for (int local = 0;; ++local) {
-            // A cluster's CTAs take the two m-blocks of a pair (num_m_blocks is even), pairs dealt round robin.
-            const int pair = (int)blockIdx.x / CLUSTER + local * ((int)gridDim.x / CLUSTER);
-            const int tile = CLUSTER == 1 ? atomicAdd(tile_counter, 1) : CLUSTER * pair + (int)rank;
+            const int tile = atomicAdd(tile_counter, 1);
             if (local > 0) mbar_wait(bars.q_empty(), (local - 1) & 1);  // consumers done with the slot and Q
             if (tile >= num_tiles) {
                 *tile_slot = -1;
@@ -176,21 +160,10 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
                 const unsigned parity = ((kv / STAGES) & 1) ^ 1;  // the consumers' release of use kv / STAGES - 1
                 const int key0 = (w.n_blocks - 1 - it) * BLOCK_N;
                 if (kv >= STAGES) mbar_wait(bars.k_empty(s), parity);
-                tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2, CLUSTER>(sK + s * KV_BYTES, &k_map, bars.k_full(s), 0, key0,
-                                                                 h_kv, w.b, rank);
+                tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sK + s * KV_BYTES, &k_map, bars.k_full(s), 0, key0, h_kv, w.b);
                 if (kv >= STAGES) mbar_wait(bars.v_empty(s), parity);
-                tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2, CLUSTER>(sV + s * KV_BYTES, &v_map, bars.v_full(s), 0, key0,
-                                                                 h_kv, w.b, rank);
+                tma_load_tile<BLOCK_N, HEAD_DIM * 2, 2>(sV + s * KV_BYTES, &v_map, bars.v_full(s), 0, key0, h_kv, w.b);
             }
-        }
-        if (CLUSTER > 1) {
-            // The other CTA's consumers still arrive on this CTA's "empty" barriers: stay until the last of them has.
-            for (int i = kv; i < kv + STAGES; ++i)
-                if (i >= STAGES) {
-                    mbar_wait(bars.k_empty(i % STAGES), ((i / STAGES) & 1) ^ 1);
-                    mbar_wait(bars.v_empty(i % STAGES), ((i / STAGES) & 1) ^ 1);
-                }
-            return;
         }
         // Every block takes one tile past the end; the last to do so zeroes the scheduler for the next launch.
         __threadfence();
@@ -344,7 +317,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
         Roles::turn_end(wg, false);
         wgmma_wait<0>();
         reg_fence(acc_s);
-        consumer_release_shared<CLUSTER>(bars.k_empty(s), lane);
+        consumer_release(bars.k_empty(s), lane);
         if (n_blocks == 1) consumer_release(bars.q_empty(), lane);
         softmax(n_blocks - 1, corr);
         pack_p();
@@ -363,14 +336,14 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
             Roles::turn_end(wg, false);
             wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
             reg_fence(acc_s);
-            consumer_release_shared<CLUSTER>(bars.k_empty(s), lane);
+            consumer_release(bars.k_empty(s), lane);
             if (it == n_blocks - 1) consumer_release(bars.q_empty(), lane);  // the tile's last read of Q
             softmax(n_blocks - 1 - it, corr);
             wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
             reg_fence(acc_o);
 #pragma unroll
             for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-            consumer_release_shared<CLUSTER>(bars.v_empty(s_prev), lane);
+            consumer_release(bars.v_empty(s_prev), lane);
             if (corr[0] != 1.f || corr[1] != 1.f) {
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt)
@@ -389,7 +362,7 @@ __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(128 * (1 + BLO
         Roles::turn_end(wg, true);
         wgmma_wait<0>();
         reg_fence(acc_o);
-        consumer_release_shared<CLUSTER>(bars.v_empty(s), lane);
+        consumer_release(bars.v_empty(s), lane);
         kv += n_blocks;
 
         // Epilogue: lse and O / l, straight from the accumulators.

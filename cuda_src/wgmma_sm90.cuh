@@ -326,8 +326,7 @@ __device__ __forceinline__ void quad_transpose(unsigned (&x)[4], int t) {
 // The mbarriers of a STAGES-deep K/V pipeline (8 bytes each, in 128 bytes at `base`): Q full, Q empty, then per
 // stage K full, V full, K empty, V empty; after them the 4-byte slot where a persistent kernel's producer posts
 // the next work tile. "full" expects the TMA producer thread's one arrival (plus the tile's bytes), "empty" one
-// arrival per consumer warp (of every CTA of the cluster). `init` is for one thread, before a CTA-wide (cluster-wide)
-// barrier.
+// arrival per consumer warp. `init` is for one thread, before a CTA-wide barrier.
 template <int STAGES>
 struct StageBarriers {
     static_assert(16 + 32 * STAGES + 4 <= 128, "mbarriers overflow their 128 bytes");
@@ -339,15 +338,14 @@ struct StageBarriers {
     __device__ __forceinline__ unsigned k_empty(int s) const { return base + 32 + 32 * s; }
     __device__ __forceinline__ unsigned v_empty(int s) const { return base + 40 + 32 * s; }
     __device__ __forceinline__ unsigned tile_slot() const { return base + 16 + 32 * STAGES; }
-    // `cluster` CTAs share each K/V stage (multicast loads): its "empty" barriers count the consumer warps of all.
-    __device__ __forceinline__ void init(int consumers, int cluster = 1) const {
+    __device__ __forceinline__ void init(int consumers) const {
         mbar_init(q_full(), 1);
         mbar_init(q_empty(), 4 * consumers);
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), 4 * consumers * cluster);
-            mbar_init(v_empty(s), 4 * consumers * cluster);
+            mbar_init(k_empty(s), 4 * consumers);
+            mbar_init(v_empty(s), 4 * consumers);
         }
     }
 };
@@ -360,44 +358,6 @@ __device__ __forceinline__ void consumer_wait_full(unsigned bar, unsigned parity
 __device__ __forceinline__ void consumer_release(unsigned bar, int lane) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
-}
-
-// ---- Clusters of CTAs sharing K/V stages through TMA multicast --------------------------------------------
-
-// This CTA's rank in its cluster.
-__device__ __forceinline__ unsigned cluster_ctarank() {
-    unsigned rank;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-    return rank;
-}
-
-// Every thread of the cluster's CTAs: the mbarriers one thread initialised are visible to the other CTAs' copies
-// and arrivals before any of them starts (replaces __syncthreads after the init).
-__device__ __forceinline__ void cluster_sync_after_init(bool initialised_here) {
-    if (initialised_here) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
-// Arrives on the mbarrier at the same shared-memory offset as `bar` in CTA `rank` of the cluster. A plain arrival
-// (release at CTA scope, as CUTLASS's ClusterBarrier): `.release.cluster` would first order the warp's earlier
-// writes, the previous tile's O stores among them, at cluster scope, and measured ~20% slower.
-__device__ __forceinline__ void mbar_arrive_cluster(unsigned bar, unsigned rank) {
-    asm volatile(
-        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-        "r"(rank)
-        : "memory");
-}
-
-// consumer_release for a stage that CLUSTER CTAs share: the warp's arrival goes to the stage's "empty" barrier in
-// every CTA of the cluster, since every CTA's producer writes its slice of the stage into all of them.
-template <int CLUSTER>
-__device__ __forceinline__ void consumer_release_shared(unsigned bar, int lane) {
-    __syncwarp();
-    if (lane < CLUSTER) {
-        if (CLUSTER == 1) mbar_arrive(bar);
-        else mbar_arrive_cluster(bar, lane);
-    }
 }
 
 // Registers written by ordinary instructions (S, O, P fragments) are complete before the wgmmas that read them.
@@ -433,40 +393,23 @@ __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
 // layout the wgmma descriptors read at `smem` (1024-byte aligned): lines of LINE = min(ROW_BYTES, 128) bytes
 // with the LINE-byte swizzle (16-byte chunk c of row r at c ^ (r % 8) for 128 bytes, c ^ (r / 2 % 4) for 64),
 // rows longer than LINE split in column blocks of [ROWS][LINE] (sw128_offset). `map` is 4-D (columns, S, H, B,
-// innermost first) with a box of LINE bytes by ROWS / CLUSTER rows and that swizzle (adaattn_core/tma.py), so
-// each copy writes one column block (or its slice); rows past S are zero-filled by the TMA unit. One thread
-// issues it; the copies complete on `bar`, which this call arms (one arrival plus the whole tile's bytes).
-// CLUSTER > 1: every CTA of the cluster calls this for the same tile; CTA `rank` copies rows
-// [rank ROWS / CLUSTER, (rank + 1) ROWS / CLUSTER) and multicasts them to the same offset and the same barrier
-// offset in all CTAs, so each CTA reads 1 / CLUSTER of the tile from L2 and receives all of it. (The slice starts
-// on a multiple of 8 rows, where the swizzle pattern restarts.)
-template <int ROWS, int ROW_BYTES, int ELEM_BYTES, int CLUSTER = 1>
+// innermost first) with a box of LINE bytes by ROWS rows and that swizzle (adaattn_core/tma.py), so each of the
+// ROW_BYTES / LINE copies writes one column block; rows past S are zero-filled by the TMA unit. One thread
+// issues it; the copies complete on `bar`, which this call arms (one arrival plus the tile's bytes).
+template <int ROWS, int ROW_BYTES, int ELEM_BYTES>
 __device__ __forceinline__ void tma_load_tile(unsigned smem, const TmaMap* map, unsigned bar, int col0, int row0,
-                                              int head, int batch, unsigned rank = 0) {
+                                              int head, int batch) {
     constexpr int LINE = ROW_BYTES < 128 ? ROW_BYTES : 128;
-    constexpr int SLICE = ROWS / CLUSTER;
     static_assert(LINE == 64 || LINE == 128, "the kernels' tiles use the 64- or 128-byte swizzle");
-    static_assert(SLICE % 8 == 0 && SLICE * CLUSTER == ROWS, "a cluster slice must be whole swizzle patterns");
-    const unsigned short cta_mask = (1 << CLUSTER) - 1;  // multicast to every CTA of the cluster
     mbar_arrive_expect_tx(bar, ROWS * ROW_BYTES);
 #pragma unroll
-    for (int cb = 0; cb < ROW_BYTES / LINE; ++cb) {
-        const unsigned dst = smem + cb * ROWS * LINE + rank * SLICE * LINE;
-        const unsigned long long desc = reinterpret_cast<unsigned long long>(map);
-        const int col = col0 + cb * LINE / ELEM_BYTES, row = row0 + rank * SLICE;
-        if (CLUSTER == 1)
-            asm volatile(
-                "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-                "l"(desc), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar)
-                : "memory");
-        else
-            asm volatile(
-                "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-                " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
-                "l"(desc), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar), "h"(cta_mask)
-                : "memory");
-    }
+    for (int cb = 0; cb < ROW_BYTES / LINE; ++cb)
+        asm volatile(
+            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+            " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem + cb * ROWS * LINE),
+            "l"(reinterpret_cast<unsigned long long>(map)), "r"(col0 + cb * LINE / ELEM_BYTES), "r"(row0), "r"(head),
+            "r"(batch), "r"(bar)
+            : "memory");
 }
 
 }  // namespace adaattn

@@ -203,32 +203,6 @@ def test_head_subset_launch(cp, rng, causal, layout):
     assert max_abs(lse[:, heads], full_lse[:, heads]) == 0.0
 
 
-@pytest.mark.parametrize("dim", [128, 256])
-def test_cluster_pairs(cp, rng, dim):
-    """Non-causal D >= 128 with an even number of query tiles per head runs clusters of two CTAs that share every
-    K/V tile through TMA multicast (launch_config.forward_cluster); an odd number runs single CTAs. More pairs than
-    clusters fit at once, GQA, ragged Sq and Sk (a single key, a last key tile mostly past Sk), both layouts."""
-    from adaattn_core import cuda_forward
-    from adaattn_core.problem import describe
-
-    shapes = [  # batch, heads_q, heads_kv, seq_q, seq_k, layout, clustered
-        (3, 8, 2, 1000, 777, "bhsd", True),
-        (1, 2, 1, 200, 1, "bshd", True),
-        (2, 4, 4, 256, 4097, "bshd", True),
-        (1, 4, 2, 300, 600, "bhsd", False),
-    ]
-    for batch, heads_q, heads_kv, seq_q, seq_k, layout, clustered in shapes:
-        q, k, v = make_qkv(rng, batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=seq_q, seq_k=seq_k, dim=dim,
-                           dtype="bfloat16", layout=layout, xp=cp)
-        problem = describe(q, k, v, causal=False, scale=None, layout=layout)
-        _, grid, launch = cuda_forward._launch(problem, cp.cuda.Device().id, heads_q)
-        if launch.source != "attention_fwd_sm90_ws.cu":
-            pytest.skip("clusters are the wgmma kernel's")
-        assert launch.cluster == (2 if clustered else 1), (q.shape, launch)
-        assert grid % launch.cluster == 0
-        _check(cp, q, k, v, causal=False, layout=layout)
-
-
 def test_empty_head_list_launches_nothing(cp, rng):
     """An empty head group (a policy that sends every head elsewhere) writes nothing and launches no kernel."""
     from adaattn_core import cuda_forward
