@@ -277,6 +277,85 @@ def test_sweep_causal_option(causal, expected):
     assert [(r["dim"], r["causal"]) for r in rows] == [(d, c) for d in (64, 128) for c in expected]
 
 
+def _ab_results(rows: list[tuple[int, int, bool, float | None, float]]) -> dict:
+    """A results file as bench_forward.py writes it: (D, S, causal, AdaAttn TFLOP/s or None if failed, cuDNN)."""
+    out = []
+    for dim, seq, causal, ours, cudnn in rows:
+        row = {"dim": dim, "seq": seq, "causal": causal, "tflops": {"torch-cudnn": cudnn}}
+        if ours is None:
+            row["error"] = "RuntimeError: failed"
+        else:
+            row["tflops"]["adaattn"] = ours
+        out.append(row)
+    return {"rows": out}
+
+
+def test_ab_compare_gains_runs_and_peer(tmp_path):
+    """The A/B table: every run of every variant, gains as ratios of run means, the peer's mean over all runs,
+    variants read back from <prefix>-<variant>-<run>.json, a failed run counted as missing."""
+    from benchmarks import ab_compare
+
+    base = np.random.default_rng().uniform(300, 700, size=2)
+    files = []
+    for run in (1, 2):
+        for name, factor in (("base", 1.0), ("keys176", 1.05)):
+            ours = [b * factor * (1 + 0.01 * run) for b in base]
+            rows = [(128, 4096, False, ours[0], 600.0 + run), (64, 1024, True, ours[1] if run == 1 else None, 340.0)]
+            path = tmp_path / f"2026-01-01-H200-fwd-{name}-{run}.json"
+            path.write_text(json.dumps(_ab_results(rows)))
+            files.append(str(path))
+    runs = ab_compare.load_runs(files)
+    assert list(runs) == ["base", "keys176"] and all(len(r) == 2 for r in runs.values())
+    table = ab_compare.compare(runs)
+    assert [(r["dim"], r["seq"], r["causal"]) for r in table] == [(128, 4096, False), (64, 1024, True)]
+    assert table[0]["gain"]["keys176"] == pytest.approx(0.05)
+    assert table[0]["torch-cudnn"] == pytest.approx(601.5)
+    assert len(table[1]["tflops"]["base"]) == 1 and table[1]["gain"]["keys176"] == pytest.approx(0.05)
+    text = ab_compare.format_table(table, ["base", "keys176"])
+    assert "| 128 | 4096 | no |" in text and "+5.0%" in text
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("base=", ("base", None, [])),
+    ("old@ab_old=--repeat 5", ("old", "ab_old", ["--repeat", "5"])),
+    ("keys176=--tile90 128n:176,2,128", ("keys176", None, ["--tile90", "128n:176,2,128"])),
+])
+def test_ab_compare_variant_syntax(text, expected):
+    from benchmarks import ab_compare
+
+    assert ab_compare.parse_variant(text) == expected
+
+
+@pytest.mark.parametrize("text", ["=--repeat 5", "no-equals", "bad name=--repeat 5"])
+def test_ab_compare_rejects_bad_variants(text):
+    from benchmarks import ab_compare
+
+    with pytest.raises(ValueError, match="NAME"):
+        ab_compare.parse_variant(text)
+
+
+def test_ab_compare_command_line(tmp_path):
+    """`ab_compare.py --compare FILES` prints the table without a GPU; without variants or --out a run is refused."""
+    for name in ("base", "new"):
+        (tmp_path / f"x-{name}-1.json").write_text(json.dumps(_ab_results([(64, 2048, False, 400.0, 450.0)])))
+    script = str(ROOT / "benchmarks" / "ab_compare.py")
+    shown = subprocess.run([sys.executable, script, "--compare", *sorted(map(str, tmp_path.glob("*.json")))],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "| 64 | 2048 | no | 400 | 400 | +0.0% | 450 | 0.89 |" in shown.stdout, shown.stdout
+    refused = subprocess.run([sys.executable, script, "--runs", "2"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--variant" in refused.stderr
+
+
+def test_ab_compare_rejects_misnamed_files(tmp_path):
+    from benchmarks import ab_compare
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="-<variant>-<run>.json"):
+        ab_compare.load_runs([str(path)])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # `adaattn bench` end to end
 

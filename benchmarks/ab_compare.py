@@ -1,0 +1,131 @@
+"""Interleaved A/B of kernel variants: the measurement behind every "tried" and "gain" in notes/forward-tuning.md.
+
+    python3 benchmarks/ab_compare.py --out benchmarks/results/tuning/2026-12-04-H200-fwd-keys176 --runs 2 \\
+        --variant base= --variant keys176="--tile90 128n:176,2,128" --variant old@ab_old= \\
+        -- --dims 128 --causal no --seqs 4096 8192 16384
+
+Runs the benchmark script (`--script`, default bench_forward.py) once per variant and run, in the order run 1:
+A, B, ...; run 2: A, B, ..., so that the GPU's drift between runs falls on every variant alike. A variant is
+NAME[@DIR]=ARGS: ARGS are added to the script's own (after ``--``), DIR runs the script from another source tree
+(e.g. ``git archive HEAD | tar -x -C ab_old`` for the committed kernel). Each run writes <out>-<NAME>-<run>.json.
+Then, per configuration, it prints each variant's TFLOP/s in every run, its gain over the first variant (ratio of
+the means over runs) and cuDNN's mean over all runs (the peers run beside every variant).
+
+`--compare FILE...` only prints the table from result files named <prefix>-<NAME>-<run>.json (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PEER = "torch-cudnn"
+
+
+def parse_variant(text: str) -> tuple[str, str | None, list[str]]:
+    """NAME[@DIR]=ARGS as (name, directory or None, arguments). Raises ValueError naming the malformed part."""
+    head, sep, args = text.partition("=")
+    name, _, directory = head.partition("@")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+        raise ValueError(f"--variant {text!r}: expected NAME[@DIR]=ARGS with NAME of letters, digits, '_' or '.'")
+    return name, directory or None, shlex.split(args)
+
+
+def load_runs(files: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """{variant: [results of run 1, run 2, ...]} from files named <prefix>-<variant>-<run>.json."""
+    runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for file in files:
+        match = re.fullmatch(r".*-([A-Za-z0-9_.]+)-(\d+)\.json", Path(file).name)
+        if match is None:
+            raise ValueError(f"{file}: expected a name ending in -<variant>-<run>.json")
+        runs[match[1]][int(match[2])] = json.loads(Path(file).read_text())
+    return {name: [by_run[r] for r in sorted(by_run)] for name, by_run in runs.items()}
+
+
+def compare(runs: dict[str, list[dict[str, Any]]], order: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per configuration (D, S, causal, in the first variant's row order): each variant's AdaAttn TFLOP/s per run,
+    its gain over the first variant (ratio of run means, minus 1) and the peer's mean over every run of every
+    variant. Rows that failed in a run count as missing there."""
+    names = order or list(runs)
+    keys: list[tuple[Any, ...]] = []
+    tflops: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    peer: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    for name in names:
+        for results in runs[name]:
+            for row in results["rows"]:
+                key = (row["dim"], row["seq"], row["causal"])
+                if key not in keys:
+                    keys.append(key)
+                ours = row.get("tflops", {}).get("adaattn")
+                if ours is not None:
+                    tflops[key][name].append(ours)
+                if row.get("tflops", {}).get(PEER) is not None:
+                    peer[key].append(row["tflops"][PEER])
+    table = []
+    for key in keys:
+        means = {n: sum(v) / len(v) for n, v in tflops[key].items() if v}
+        base = means.get(names[0])
+        table.append({"dim": key[0], "seq": key[1], "causal": key[2],
+                      "tflops": {n: tflops[key][n] for n in names},
+                      "gain": {n: (means[n] / base - 1 if base and n in means else None) for n in names[1:]},
+                      PEER: sum(peer[key]) / len(peer[key]) if peer[key] else None})
+    return table
+
+
+def format_table(table: list[dict[str, Any]], names: list[str]) -> str:
+    """Markdown: D, S, causal, each variant's runs ("a / b"), each later variant's gain, cuDNN, last / cuDNN."""
+    head = ["D", "S", "causal", *names, *(f"{n} gain" for n in names[1:]), "cuDNN", f"{names[-1]} / cuDNN"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        runs = [" / ".join(f"{t:.0f}" for t in row["tflops"][n]) or "failed" for n in names]
+        gains = [f"{row['gain'][n]:+.1%}" if row["gain"][n] is not None else "n/a" for n in names[1:]]
+        last = row["tflops"][names[-1]]
+        peer = row[PEER]
+        ratio = f"{sum(last) / len(last) / peer:.2f}" if last and peer else "n/a"
+        lines.append("| " + " | ".join([str(row["dim"]), str(row["seq"]), "yes" if row["causal"] else "no", *runs,
+                                        *gains, f"{peer:.0f}" if peer else "n/a", ratio]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    script_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME[@DIR]=ARGS")
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--out", help="prefix of the result files: <out>-<NAME>-<run>.json")
+    parser.add_argument("--script", default="bench_forward.py", help="benchmark script in benchmarks/")
+    parser.add_argument("--compare", nargs="+", metavar="FILE", help="only tabulate existing result files")
+    args = parser.parse_args(own)
+    if args.compare:
+        runs = load_runs(args.compare)
+        print(format_table(compare(runs), list(runs)))
+        return
+    if not args.variant or not args.out or args.runs < 1:
+        parser.error("give --variant (at least one), --out and --runs >= 1, or --compare")
+    variants = [parse_variant(v) for v in args.variant]
+    files: list[str] = []
+    for run in range(1, args.runs + 1):
+        for name, directory, extra in variants:
+            out = str(Path(f"{args.out}-{name}-{run}.json").resolve())
+            root = Path(directory).resolve() if directory else HERE.parent
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+            print(f"== {name} run {run}", flush=True)
+            subprocess.run([sys.executable, str(root / "benchmarks" / args.script), *script_args, *extra, "--out", out],
+                           cwd=root, env=env, check=True)
+            files.append(out)
+    print(format_table(compare(load_runs(files), [name for name, _, _ in variants]), [n for n, _, _ in variants]))
+
+
+if __name__ == "__main__":
+    main()
