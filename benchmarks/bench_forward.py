@@ -66,6 +66,7 @@ def main() -> None:
             FORWARD_TILES[(int(dim), causal)] = ForwardTile(*(int(x) for x in tile.split(",")))
 
     results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D]", "rows": [],
+               "kernel": os.environ.get("ADAATTN_FORWARD_KERNEL", "auto"),
                "tiles": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES.items() if d in args.dims},
                "tiles_sm90": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES_SM90.items()
                               if d in args.dims}}
