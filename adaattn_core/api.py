@@ -7,8 +7,8 @@ from typing import Any
 
 from . import backends
 from ._arrays import dtype_name, lse_dtype, namespace
-from .policy import Policy, resolve_policy
-from .problem import check_output, describe, describe_backward, to_bhsd
+from .policy import Policy, check_plan, resolve_policy
+from .problem import check_flag, check_output, describe, describe_backward, to_bhsd
 from .reference import head_errors
 from .report import Report
 
@@ -71,22 +71,26 @@ def attention(
     started = time.perf_counter()
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
     chosen = resolve_policy(policy)
+    check_flag("return_lse", return_lse)
+    if report is not None:
+        if not isinstance(report, Report):
+            raise TypeError(f"report must be a Report instance or None, got {report!r}")
+        report.begin()
     xp = namespace(problem.library)
     if out is None:
         out = xp.empty(problem.output_shape(), dtype=q.dtype)
     else:
-        check_output("out", out, problem, problem.output_shape(), problem.dtype)
+        check_output("out", out, problem, problem.output_shape(), problem.dtype, inputs=(q, k, v))
     if lse_out is None:
         lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype))
     else:
-        check_output(
-            "lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)), contiguous=True
-        )
+        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
+                     contiguous=True, inputs=(q, k, v, out))
         lse = lse_out
 
     qb, kb, vb, ob = (to_bhsd(x, layout) for x in (q, k, v, out))
     planned = time.perf_counter()
-    plan = chosen.plan(problem, qb, kb, vb, report)
+    plan = check_plan(chosen.plan(problem, qb, kb, vb, report), problem, chosen)
     if problem.is_empty:
         backend = backends.forward_backend(problem)
     else:

@@ -101,6 +101,29 @@ def _all_dense(dtype: str, heads: int) -> Plan:
     return Plan(heads=(HeadPlan(path="dense", precision=dtype),) * heads)
 
 
+def check_plan(plan: Any, problem: AttentionProblem, policy: Policy) -> Plan:
+    """`plan` if it is a `Plan` with one `HeadPlan` per query head, each with a known path (PATHS) and a positive
+    int rank exactly when low-rank; else ValueError/TypeError naming the policy and the offending head (a custom
+    policy's plan would otherwise leave heads unwritten or run them on a path they did not ask for). Precisions
+    are the backends' to check (`backends.forward`)."""
+    who = f"policy {policy.name or type(policy).__name__!r}"
+    if not isinstance(plan, Plan):
+        raise TypeError(f"{who}: plan() must return a Plan, got {type(plan).__name__}")
+    if len(plan.heads) != problem.heads_q:
+        raise ValueError(f"{who}: the plan has {len(plan.heads)} head entries, expected one per query head "
+                         f"({problem.heads_q})")
+    for index, head in enumerate(plan.heads):
+        if not isinstance(head, HeadPlan):
+            raise TypeError(f"{who}: plan head {index} must be a HeadPlan, got {type(head).__name__}")
+        if head.path not in PATHS:
+            raise ValueError(f"{who}: plan head {index} has path {head.path!r}, expected one of {PATHS}")
+        lowrank = head.path == "lowrank"
+        if lowrank != (isinstance(head.rank, int) and not isinstance(head.rank, bool) and head.rank >= 1):
+            expected = "a positive int" if lowrank else "None"
+            raise ValueError(f"{who}: plan head {index} ({head.path}) has rank {head.rank!r}, expected {expected}")
+    return plan
+
+
 #: Presets by name. Later policies add themselves here.
 POLICIES: dict[str, Policy] = {"exact": ExactPolicy()}
 

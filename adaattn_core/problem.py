@@ -169,8 +169,7 @@ def _validate(
     """The checks behind `describe`, run once per signature."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_flag("causal", causal)
     library = _check_array("q", q, None)
     _check_array("k", k, library)
     _check_array("v", v, library)
@@ -227,15 +226,49 @@ def _validate(
         dtype=dtype,
         library=library,
         layout=layout,
-        causal=causal,
+        causal=bool(causal),
         scale=float(scale),
     )
 
 
+def check_flag(name: str, value: Any) -> None:
+    """A boolean option: Python's bool or NumPy's (np.True_ from a comparison); TypeError naming it otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        kind = type(value)
+        raise TypeError(f"{name} must be True or False, got {value!r} ({kind.__module__}.{kind.__qualname__})")
+
+
+def _extent(x: Any) -> tuple[int, int]:
+    """[first, last) byte addresses an array's elements can touch (bounds only: strides may leave gaps)."""
+    start = x.data.ptr if library_name(x) == "cupy" else x.__array_interface__["data"][0]
+    low = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s < 0 and n > 0)
+    high = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s > 0 and n > 0)
+    return start + low, start + high + x.itemsize
+
+
+def _overlaps(a: Any, b: Any) -> bool:
+    """Whether two arrays may share memory: a bounds test, then NumPy's exact test where it is cheap (CuPy
+    arrays whose bounds overlap count as overlapping)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if library_name(a) == "numpy":
+        try:
+            return bool(np.shares_memory(a, b, max_work=10**5))
+        except np.exceptions.TooHardError:
+            return True
+    return True
+
+
 def check_output(
-    name: str, x: Any, problem: AttentionProblem, shape: tuple[int, ...], dtype: str, *, contiguous: bool = False
+    name: str, x: Any, problem: AttentionProblem, shape: tuple[int, ...], dtype: str, *, contiguous: bool = False,
+    inputs: tuple[Any, ...] = (),
 ) -> None:
-    """Check a caller-provided output buffer (`out=`, `lse_out=`) or a tensor that must match a forward output."""
+    """Check a caller-provided output buffer (`out=`, `lse_out=`) or a tensor that must match a forward output.
+    With `inputs` (the arrays the call reads, and outputs named before it), `x` is an output the call writes: it
+    must be writable and must not overlap any of them (the blocked algorithm would read what it already wrote)."""
     lib = library_name(x)
     if lib != problem.library:
         raise TypeError(f"{name} must be a {problem.library} array like q, got {lib}")
@@ -250,6 +283,14 @@ def check_output(
 
         if x.device.id != cupy.cuda.Device().id:
             raise ValueError(f"{name} is on GPU {x.device.id} but the inputs are on GPU {cupy.cuda.Device().id}")
+    if inputs:
+        if lib == "numpy" and not x.flags.writeable:
+            raise ValueError(f"{name} must be writable, got a read-only array")
+        names = ("q", "k", "v", "out")
+        for other_name, other in zip(names, inputs):
+            if _overlaps(x, other):
+                raise ValueError(f"{name} must not share memory with {other_name}: the call writes {name} while "
+                                 f"it reads {other_name}")
 
 
 def describe_backward(
@@ -258,8 +299,7 @@ def describe_backward(
 ) -> AttentionProblem:
     """Validate backward inputs: the forward's checks plus dout/out/lse against the problem and the
     `deterministic` option's type."""
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    check_flag("deterministic", deterministic)
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
     check_output("dout", dout, problem, problem.output_shape(), problem.dtype)
     check_output("out", out, problem, problem.output_shape(), problem.dtype)

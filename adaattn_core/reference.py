@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from ._arrays import library_name, namespace
-from .problem import to_bhsd, visible
+from .problem import check_output, describe, to_bhsd, visible
 
 
 def masked_softmax(xp: Any, scores: Any, mask: Any = None, *, with_lse: bool = True) -> tuple[Any, Any]:
@@ -40,13 +40,19 @@ def masked_softmax(xp: Any, scores: Any, mask: Any = None, *, with_lse: bool = T
 def attention_reference(
     q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
 ) -> tuple[Any, Any]:
-    """float64 (out, lse) for NumPy or CuPy inputs; `out` in the caller's layout, `lse` [B, Hq, Sq]."""
-    xp = namespace(library_name(q))
+    """`attention`'s result computed in float64 on the materialised S×S scores (for tests and error studies).
+
+    Same formula, arguments and errors as `attention` (inputs validated by `describe`): out[b, h, i] =
+    Σ_j softmax_j(scale · q[b, h, i] · k[b, h // G, j]) v[b, h // G, j], bottom-right causal, rows that see no key
+    give out = 0 and lse = −inf. Returns float64 (out in the caller's layout, lse [B, Hq, Sq]) on the inputs'
+    library; memory O(Sq · Sk) per head.
+    """
+    problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
+    xp = namespace(problem.library)
     qb, kb, vb = (to_bhsd(x, layout).astype(xp.float64) for x in (q, k, v))
-    batch, heads_q, seqlen_q, head_dim = qb.shape
-    group = heads_q // kb.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask = visible(xp.arange(seqlen_q), xp.arange(kb.shape[2]), seqlen_q, kb.shape[2], causal)
+    batch, heads_q, seqlen_q = problem.batch, problem.heads_q, problem.seqlen_q
+    group, scale = problem.group_size, problem.scale
+    mask = visible(xp.arange(seqlen_q), xp.arange(kb.shape[2]), seqlen_q, kb.shape[2], problem.causal)
     out = xp.zeros(qb.shape, dtype=xp.float64)
     lse = xp.zeros((batch, heads_q, seqlen_q), dtype=xp.float64)
     for b in range(batch):
@@ -59,12 +65,17 @@ def attention_reference(
 def attention_backward_reference(
     dout: Any, q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
 ) -> tuple[Any, Any, Any]:
-    """float64 (dq, dk, dv) by the textbook formulas on the materialised softmax, in the caller's layout."""
-    xp = namespace(library_name(q))
+    """`attention_backward`'s gradients in float64 by the textbook formulas on the materialised softmax P:
+    dV = Pᵀ dout, dS = P ∘ (dout Vᵀ − rowsum(dout ∘ out)), dQ = scale · dS K, dK = scale · dSᵀ Q (dK, dV summed over
+    each K/V head's query heads). q, k, v, causal, scale, layout as for `attention` (validated by `describe`);
+    dout with out's shape and q's dtype and library. Returns float64 (dq, dk, dv) in the caller's layout.
+    """
+    problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)
+    check_output("dout", dout, problem, problem.output_shape(), problem.dtype)
+    xp = namespace(problem.library)
     qb, kb, vb, dob = (to_bhsd(x, layout).astype(xp.float64) for x in (q, k, v, dout))
-    heads_q, head_dim = qb.shape[1], qb.shape[3]
-    group = heads_q // kb.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    heads_q, group, scale = problem.heads_q, problem.group_size, problem.scale
+    causal = problem.causal
     mask = visible(xp.arange(qb.shape[2]), xp.arange(kb.shape[2]), qb.shape[2], kb.shape[2], causal)
     dq, dk, dv = xp.zeros_like(qb), xp.zeros_like(kb), xp.zeros_like(vb)
     for b in range(qb.shape[0]):

@@ -38,6 +38,15 @@ class Report:
     measured: dict[str, Any] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
+    def begin(self) -> None:
+        """Clear what a previous call recorded (`attention` calls this first, so a reused report describes only
+        the latest call); `measure_error` stays as the caller set it."""
+        self.backend = self.device = self.policy = ""
+        self.plan = None
+        self.estimates = {}
+        self.measured = {}
+        self.timings_ms = {}
+
     def decisions(self) -> dict[str, list[int]]:
         """Head indices per decision, as readable strings like 'dense/bfloat16'."""
         if self.plan is None:

@@ -9,6 +9,7 @@ import pytest
 from conftest import make_qkv
 
 import adaattn_core as aa
+from adaattn_core import HeadPlan, Plan
 
 
 @pytest.fixture
@@ -98,9 +99,40 @@ def test_scale_type(qkv):
         aa.attention(*qkv, scale="0.1")
 
 
-def test_causal_type(qkv):
-    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
-        aa.attention(*qkv, causal=1)
+@pytest.mark.parametrize("value", [1, "no", None, 0.0])
+def test_flag_types(qkv, value):
+    """causal and return_lse take True/False only: a truthy string would silently mean True."""
+    with pytest.raises(TypeError, match=rf"causal must be True or False, got {re.escape(repr(value))}"):
+        aa.attention(*qkv, causal=value)
+    with pytest.raises(TypeError, match=rf"return_lse must be True or False, got {re.escape(repr(value))}"):
+        aa.attention(*qkv, return_lse=value)
+
+
+def test_numpy_bools_are_flags(qkv):
+    """np.True_ (what a comparison returns) is as good as True."""
+    q, k, v = qkv
+    out = aa.attention(q, k, v, causal=np.bool_(True))
+    np.testing.assert_array_equal(out, aa.attention(q, k, v, causal=True))
+    assert isinstance(aa.attention(q, k, v, return_lse=np.bool_(True)), tuple)
+
+
+def test_out_may_not_alias_the_inputs(rng):
+    """Writing out while reading q, k or v would feed the blocked algorithm its own output: refused by name."""
+    q, k, v = make_qkv(rng, heads_q=4, heads_kv=4, seq_q=8, seq_k=8, dim=16)  # out's shape fits k and v too
+    for name, alias in (("q", q), ("k", k), ("v", v)):
+        with pytest.raises(ValueError, match=rf"out must not share memory with {name}"):
+            aa.attention(q, k, v, out=alias)
+    packed = rng.standard_normal((2, 4, 8, 16 * 2)).astype(np.float32)
+    q2, out = packed[..., :16], packed[..., 16:]  # interleaved views of one buffer that never overlap
+    np.testing.assert_allclose(aa.attention(q2, k, v, out=out), aa.attention(np.ascontiguousarray(q2), k, v))
+    arena = np.empty(2 * 4 * 8 * 16 + 64, np.float32)
+    out, lse = arena[:1024].reshape(2, 4, 8, 16), arena[1000:1064].reshape(2, 4, 8)  # lse overlaps out's tail
+    with pytest.raises(ValueError, match="lse_out must not share memory with out"):
+        aa.attention(q, k, v, out=out, lse_out=lse, return_lse=True)
+    readonly = np.empty_like(q)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writable"):
+        aa.attention(q, k, v, out=readonly)
 
 
 def test_out_shape(qkv):
@@ -169,7 +201,7 @@ def test_remembered_signatures_still_check_option_types(qkv):
     aa.attention(q, k, v, scale=1, causal=True)
     with pytest.raises(TypeError, match=r"scale must be a float or None, got bool"):
         aa.attention(q, k, v, scale=True, causal=True)
-    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
+    with pytest.raises(TypeError, match=r"causal must be True or False, got 1 \(builtins.int\)"):
         aa.attention(q, k, v, scale=1, causal=1)
     with pytest.raises(ValueError, match=r"k must be 4-D"):
         aa.attention(q, k[0], v)
@@ -181,7 +213,7 @@ def test_bad_deterministic(qkv, seq_q):
     q, k, v = qkv
     q = q[:, :, :seq_q]
     out, lse = aa.attention(q, k, v, return_lse=True)
-    with pytest.raises(TypeError, match=r"deterministic must be a bool, got int"):
+    with pytest.raises(TypeError, match=r"deterministic must be True or False, got 1 \(builtins.int\)"):
         aa.attention_backward(out, q, k, v, out, lse, deterministic=1)
 
 
@@ -201,3 +233,72 @@ def test_tma_tile_map_names_the_argument_it_cannot_take(kwargs, named):
             **kwargs}
     with pytest.raises(ValueError, match=re.escape(named)):
         tile_map(**args)
+
+
+class _FixedPlan(aa.Policy):
+    """A user-defined policy that returns whatever plan it was given."""
+
+    name = "fixed"
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    def plan(self, problem, q, k, v, report):
+        return self._plan
+
+
+@pytest.mark.parametrize("plan,error,message", [
+    (None, TypeError, r"policy 'fixed': plan\(\) must return a Plan, got NoneType"),
+    (Plan(heads=(HeadPlan(precision="float32"),) * 2), ValueError,
+     r"policy 'fixed': the plan has 2 head entries, expected one per query head \(4\)"),
+    (Plan(heads=(HeadPlan(path="sparse", precision="float32"),) * 4), ValueError,
+     r"plan head 0 has path 'sparse', expected one of \('dense', 'lowrank'\)"),
+    (Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan(path="lowrank", precision="float32"),)),
+     ValueError, r"plan head 3 \(lowrank\) has rank None, expected a positive int"),
+    (Plan(heads=(HeadPlan(precision="float32", rank=8),) * 4), ValueError,
+     r"plan head 0 \(dense\) has rank 8, expected None"),
+])
+def test_custom_policy_plans_are_checked(qkv, plan, error, message):
+    """A custom policy's plan must cover every query head with a known path: otherwise heads would go unwritten
+    (out keeps whatever was in it) or run on a path they did not ask for."""
+    out = np.full(qkv[0].shape, 12345.0, np.float32)
+    with pytest.raises(error, match=message):
+        aa.attention(*qkv, policy=_FixedPlan(plan), out=out)
+    assert (out == 12345.0).all(), "nothing may be written before the plan is checked"
+
+
+def test_report_type_and_reuse(qkv):
+    """report= takes a Report (checked before any work), and a reused Report describes only the latest call."""
+    with pytest.raises(TypeError, match=r"report must be a Report instance or None, got \{\}"):
+        aa.attention(*qkv, report={})
+    with pytest.raises(TypeError, match=r"report must be a Report instance or None, got <class"):
+        aa.attention(*qkv, report=aa.Report)
+    report = aa.Report()
+    aa.attention(*qkv, policy="balanced", report=report)
+    assert "precision" in report.estimates
+    aa.attention(*qkv, report=report)
+    assert report.estimates == {} and report.policy == "exact" and report.plan is not None
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"layout": "BHSD"}, ValueError, r"layout must be one of \('bhsd', 'bshd'\), got 'BHSD'"),
+    ({"causal": "no"}, TypeError, r"causal must be True or False, got 'no'"),
+    ({"scale": float("nan")}, ValueError, r"scale must be finite"),
+])
+def test_references_validate_like_attention(qkv, kwargs, error, message):
+    """The exported float64 references take attention's arguments and refuse what it refuses, instead of reading
+    "BHSD" as "bshd" or "no" as causal."""
+    q, k, v = qkv
+    with pytest.raises(error, match=message):
+        aa.attention_reference(q, k, v, **kwargs)
+    with pytest.raises(error, match=message):
+        aa.attention_backward_reference(np.ones_like(q), q, k, v, **kwargs)
+
+
+def test_references_check_heads_and_dout(rng):
+    q, k, v = make_qkv(rng, heads_q=4, heads_kv=3, seq_q=8, seq_k=6, dim=16)
+    with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of k/v heads \(3\)"):
+        aa.attention_reference(q, k, v)
+    q, k, v = make_qkv(rng, heads_q=4, heads_kv=2, seq_q=8, seq_k=6, dim=16)
+    with pytest.raises(ValueError, match=r"dout must have shape \(2, 4, 8, 16\), got \(2, 4, 8, 15\)"):
+        aa.attention_backward_reference(np.ones((2, 4, 8, 15), np.float32), q, k, v)
