@@ -238,23 +238,15 @@ def check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r} ({kind.__module__}.{kind.__qualname__})")
 
 
-def _extent(x: Any) -> tuple[int, int]:
-    """[first, last) byte addresses an array's elements can touch (bounds only: strides may leave gaps)."""
-    start = x.data.ptr if library_name(x) == "cupy" else x.__array_interface__["data"][0]
-    low = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s < 0 and n > 0)
-    high = sum((n - 1) * s for n, s in zip(x.shape, x.strides) if s > 0 and n > 0)
-    return start + low, start + high + x.itemsize
-
-
 def _overlaps(a: Any, b: Any) -> bool:
-    """Whether two arrays may share memory: a bounds test, then NumPy's exact test where it is cheap (CuPy
-    arrays whose bounds overlap count as overlapping)."""
+    """Whether two arrays of one library may share memory: the library's bounds test (C code in NumPy and CuPy),
+    then for NumPy its exact test where that is cheap; CuPy arrays whose bounds overlap count as overlapping."""
     if a.size == 0 or b.size == 0:
         return False
-    (a0, a1), (b0, b1) = _extent(a), _extent(b)
-    if a1 <= b0 or b1 <= a0:
+    xp = namespace(library_name(a))
+    if not xp.may_share_memory(a, b):
         return False
-    if library_name(a) == "numpy":
+    if xp is np:
         try:
             return bool(np.shares_memory(a, b, max_work=10**5))
         except np.exceptions.TooHardError:
