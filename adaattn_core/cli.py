@@ -90,8 +90,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         xp = np
     dtype = args.dtype or ("bfloat16" if device == "gpu" else "float32")
-    heads_kv = args.kv_heads or args.heads
-    seq_k = args.seq_k or args.seq
+    heads_kv = args.heads if args.kv_heads is None else args.kv_heads
+    seq_k = args.seq if args.seq_k is None else args.seq_k
     q, k, v = _random_inputs(
         xp,
         [(args.batch, args.heads, args.seq, args.dim), (args.batch, heads_kv, seq_k, args.dim),
@@ -165,13 +165,16 @@ class _Progress:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    out_dir = Path(args.out_dir)
+    try:  # before the sweep, not after it: a folder that cannot be written would lose the results
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out-dir {args.out_dir}: cannot create the folder ({error.strerror})") from error
     device = _pick_device(args.device)
     config = bench.SweepConfig.defaults(device, quick=args.quick)
     for name in ("seqs", "dims"):
         values = getattr(args, name)
         if values is not None:
-            if min(values) < 1:
-                raise ValueError(f"--{name} must all be >= 1, got {values}")
             setattr(config, name, tuple(values))
     for name in ("warmup", "repeat", "tokens", "hidden", "seed"):
         if getattr(args, name) is not None:
@@ -181,14 +184,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config.policies = tuple(args.policy or ("exact",))
     config.causal = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
     config.peers = args.peers
-    if config.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {config.warmup}")
 
     results = bench.sweep(config, progress=_Progress(len(config.cases())))
     print(bench.format_table(results), end="")
     for name, reason in results["peers_skipped"].items():
         print(f"peer {name} skipped: {reason}")
-    out_dir = Path(args.out_dir)
     stem = bench.output_stem(results)
     written = [bench.write_json(results, out_dir / f"{stem}.json")]
     try:
@@ -197,6 +197,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print("no PNG: matplotlib is not installed (pip install 'adaattn[bench]')", file=sys.stderr)
     print("wrote " + " and ".join(str(path) for path in written))
     return 0
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= minimum (argparse names the option and the value in its error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,19 +222,19 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_cmd_info)
 
     run = sub.add_parser("run", help="time one attention call and check it against float64")
-    run.add_argument("--batch", type=int, default=1)
-    run.add_argument("--heads", type=int, default=8, help="query heads")
-    run.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default = --heads")
-    run.add_argument("--seq", type=int, default=1024, help="query sequence length")
-    run.add_argument("--seq-k", type=int, default=None, help="key sequence length; default = --seq")
-    run.add_argument("--dim", type=int, default=64, help="head dimension")
+    run.add_argument("--batch", type=_count(1), default=1)
+    run.add_argument("--heads", type=_count(1), default=8, help="query heads")
+    run.add_argument("--kv-heads", type=_count(1), default=None, help="key/value heads (GQA); default = --heads")
+    run.add_argument("--seq", type=_count(1), default=1024, help="query sequence length")
+    run.add_argument("--seq-k", type=_count(0), default=None, help="key sequence length (0: no keys); default = --seq")
+    run.add_argument("--dim", type=_count(1), default=64, help="head dimension")
     run.add_argument("--causal", action="store_true")
     run.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "float64"], default=None,
                      help="default: bfloat16 on a GPU, float32 on the CPU")
     run.add_argument("--policy", choices=sorted(POLICIES), default="exact")
     run.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    run.add_argument("--repeat", type=int, default=5, help="timed calls after one warm-up")
-    run.add_argument("--seed", type=int, default=None, help="input seed; default: fresh inputs each run")
+    run.add_argument("--repeat", type=_count(1), default=5, help="timed calls after one warm-up")
+    run.add_argument("--seed", type=_count(0), default=None, help="input seed; default: fresh inputs each run")
     run.add_argument("--json", action="store_true", help="print JSON instead of text")
     run.set_defaults(handler=_cmd_run)
 
@@ -230,8 +243,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "over sequence lengths and head dims: B = tokens // S, H = hidden // D. "
                                        "GPU: CUDA events; CPU: perf_counter. Prints a table and writes "
                                        "<out-dir>/<date>-<device>-fwd.json and .png.")
-    bench.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default: per device)")
-    bench.add_argument("--dims", type=int, nargs="+", default=None, help="head dims (default: per device)")
+    bench.add_argument("--seqs", type=_count(1), nargs="+", default=None, help="sequence lengths (default: per device)")
+    bench.add_argument("--dims", type=_count(1), nargs="+", default=None, help="head dims (default: per device)")
     bench.add_argument("--causal", choices=["yes", "no", "both"], default="both")
     bench.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32", "float64"], default=None,
                        help="default: bfloat16 on a GPU, float32 on the CPU")
@@ -241,22 +254,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="also time torch SDPA backends / SageAttention where installed (default: yes)")
     bench.add_argument("--out-dir", default="adaattn-bench", help="where the JSON and PNG go (default: %(default)s)")
     bench.add_argument("--quick", action="store_true", help="a small sweep (GPU: S 1k/4k, D 64/128; CPU: tiny)")
-    bench.add_argument("--tokens", type=int, default=None, help="B*S (default: 16384 on a GPU)")
-    bench.add_argument("--hidden", type=int, default=None, help="H*D (default: 2048 on a GPU)")
-    bench.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
-    bench.add_argument("--repeat", type=int, default=None, help="timed calls; the median is reported")
-    bench.add_argument("--seed", type=int, default=None, help="input seed; default: fresh inputs each run")
+    bench.add_argument("--tokens", type=_count(1), default=None, help="B*S (default: 16384 on a GPU)")
+    bench.add_argument("--hidden", type=_count(1), default=None, help="H*D (default: 2048 on a GPU)")
+    bench.add_argument("--warmup", type=_count(0), default=None, help="untimed calls before timing")
+    bench.add_argument("--repeat", type=_count(1), default=None, help="timed calls; the median is reported")
+    bench.add_argument("--seed", type=_count(0), default=None, help="input seed; default: fresh inputs each run")
     bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for name in ("batch", "heads", "seq", "dim", "repeat", "tokens", "hidden"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            print(f"adaattn: --{name} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+    args = _parser().parse_args(argv)  # sizes are checked by their argparse types (_count)
     try:
         return args.handler(args)
     except (TypeError, ValueError) as error:

@@ -396,7 +396,7 @@ def test_cli_bench_flags(tmp_path):
 
 def test_cli_bench_rejects_bad_sizes(tmp_path):
     result = _adaattn("bench", "--device", "cpu", "--seqs", "0", "--out-dir", str(tmp_path))
-    assert result.returncode == 2 and "--seqs must all be >= 1" in result.stderr
+    assert result.returncode == 2 and "argument --seqs: expected an integer >= 1, got 0" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,3 +470,12 @@ def test_numpy_bfloat16_rows_work_on_the_cpu():
     row = bench.run_case(case, device="cpu", warmup=0, repeat=1, seed=0)
     assert row["rel_l2_vs_float64"]["adaattn"] < 1e-2
     assert np.isfinite(row["ms"]["adaattn"])
+
+
+def test_cli_bench_checks_the_output_folder_first(tmp_path):
+    """An --out-dir that cannot be created fails at once, before the sweep runs (its results would be lost)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(blocker / "x"))
+    assert result.returncode == 2 and f"--out-dir {blocker / 'x'}: cannot create the folder" in result.stderr
+    assert "Traceback" not in result.stderr and "TFLOP" not in result.stdout

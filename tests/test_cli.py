@@ -56,13 +56,29 @@ def test_run_default_problem_text():
         assert word in result.stdout
 
 
-def test_run_rejects_bad_sizes():
-    result = _adaattn("run", "--seq", "0")
-    assert result.returncode == 2 and "--seq must be >= 1, got 0" in result.stderr
+@pytest.mark.parametrize("flag,value,message", [
+    ("--seq", "0", "argument --seq: expected an integer >= 1, got 0"),
+    ("--kv-heads", "0", "argument --kv-heads: expected an integer >= 1, got 0"),
+    ("--seq-k", "-1", "argument --seq-k: expected an integer >= 0, got -1"),
+    ("--seed", "-1", "argument --seed: expected an integer >= 0, got -1"),
+    ("--dim", "x", "argument --dim: invalid integer >= 1 value: 'x'"),
+])
+def test_run_rejects_bad_sizes(flag, value, message):
+    result = _adaattn("run", flag, value)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("flag,value,message", [("--tokens", "0", "--tokens must be >= 1, got 0"),
-                                                ("--warmup", "-1", "--warmup must be >= 0, got -1")])
+def test_run_takes_zero_keys_as_given():
+    """--seq-k 0 means no keys (out = 0), not "default to --seq"."""
+    result = _adaattn("run", "--device", "cpu", "--seq", "16", "--seq-k", "0", "--repeat", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["problem"]["seq_k"] == 0
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--tokens", "0", "argument --tokens: expected an integer >= 1, got 0"),
+    ("--warmup", "-1", "argument --warmup: expected an integer >= 0, got -1"),
+])
 def test_bench_rejects_bad_sizes(flag, value, message):
     result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", flag, value)
     assert result.returncode == 2 and message in result.stderr
