@@ -21,12 +21,16 @@ _LIBRARY_BY_TYPE: dict[type, str] = {np.ndarray: "numpy"}
 
 
 def library_name(x: Any) -> str:
-    """'numpy' or 'cupy' for supported arrays, else the type's qualified name (for error messages)."""
+    """'numpy' or 'cupy' for supported arrays, else the type's qualified name (for error messages). NumPy's
+    ndarray subclasses count as NumPy (np.memmap from np.load(..., mmap_mode="r")), except masked arrays, whose
+    mask the computation would ignore."""
     kind = type(x)
     library = _LIBRARY_BY_TYPE.get(kind)
     if library is None:
         if kind.__module__.split(".")[0] == "cupy" and kind.__name__ == "ndarray":
             library = _LIBRARY_BY_TYPE[kind] = "cupy"
+        elif issubclass(kind, np.ndarray) and not issubclass(kind, np.ma.MaskedArray):
+            library = _LIBRARY_BY_TYPE[kind] = "numpy"
         else:
             return f"{kind.__module__}.{kind.__qualname__}"
     return library

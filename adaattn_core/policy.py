@@ -11,10 +11,14 @@ when they land; user-defined policies subclass `Policy`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .problem import AttentionProblem
 
@@ -99,6 +103,19 @@ class ExactPolicy(Policy):
 def _all_dense(dtype: str, heads: int) -> Plan:
     """The exact plan, built once per (dtype, head count): it carries no artifacts, so calls can share it."""
     return Plan(heads=(HeadPlan(path="dense", precision=dtype),) * heads)
+
+
+def check_number(owner: str, name: str, value: Any, kind: type) -> None:
+    """A policy's numeric option: an int (kind=int; not a bool) or a finite real number (kind=float); TypeError or
+    ValueError naming `owner`'s option otherwise (range checks are the caller's)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if kind is int and not is_int:
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
+    if kind is float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
 
 
 def check_plan(plan: Any, problem: AttentionProblem, policy: Policy) -> Plan:

@@ -40,8 +40,8 @@ import numpy as np
 
 from ._arrays import library_name, namespace, on_device, to_host
 from .launch_config import FP8_BLOCK_M, FP8_BLOCK_N
-from .policy import POLICIES, HeadPlan, Plan, Policy
-from .problem import AttentionProblem
+from .policy import POLICIES, HeadPlan, Plan, Policy, check_number
+from .problem import AttentionProblem, check_flag
 from .reference import masked_softmax
 
 if TYPE_CHECKING:
@@ -346,8 +346,16 @@ class PrecisionPolicy(Policy):
                  sample_rows: int = 64, emulate: bool = False, tolerance: float | None = None) -> None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        check_number("PrecisionPolicy", "sample_rows", sample_rows, int)
         if sample_rows < 1:
             raise ValueError(f"sample_rows must be >= 1, got {sample_rows}")
+        if tolerance is not None:
+            check_number("PrecisionPolicy", "tolerance", tolerance, float)
+            if tolerance <= 0:
+                raise ValueError(f"PrecisionPolicy: tolerance must be > 0, got {tolerance!r}")
+        if overrides is not None and not isinstance(overrides, dict):
+            raise TypeError(f"PrecisionPolicy: overrides must be a dict {{query head: precision}}, got {overrides!r}")
+        check_flag("emulate", emulate)
         self.name = preset
         self.preset = preset
         self.tolerance = PRESETS[preset] if tolerance is None else float(tolerance)

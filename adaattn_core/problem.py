@@ -163,6 +163,9 @@ def describe(
     return problem
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _validate(
     q: Any, k: Any, v: Any, *, causal: bool, scale: float | None, layout: str
 ) -> AttentionProblem:
@@ -215,6 +218,8 @@ def _validate(
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if dtype != "float64" and abs(scale) > _FLOAT32_MAX:  # the compute precision of the other dtypes
+        raise ValueError(f"scale must be finite in float32 (the compute precision of {dtype} inputs), got {scale}")
 
     return AttentionProblem(
         batch=batch,

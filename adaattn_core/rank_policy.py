@@ -56,9 +56,9 @@ import numpy as np
 
 from . import estimators, lowrank
 from ._arrays import compute_dtype, library_name, namespace, on_device, to_host64
-from .policy import POLICIES, HeadPlan, Plan, Policy, resolve_policy
+from .policy import POLICIES, HeadPlan, Plan, Policy, check_number, resolve_policy
 from .precision import PrecisionPolicy
-from .problem import AttentionProblem
+from .problem import AttentionProblem, check_flag
 
 if TYPE_CHECKING:
     from .report import Report
@@ -126,6 +126,11 @@ class RankPolicy(Policy):
     name: str = "lowrank"
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if field.type in ("int", "float"):
+                check_number("RankPolicy", field.name, getattr(self, field.name), int if field.type == "int" else float)
+            elif field.type == "bool":
+                check_flag(field.name, getattr(self, field.name))
         checks = {
             "tolerance": (self.tolerance > 0, "> 0"),
             "probe_rows": (1 <= self.probe_rows <= estimators.MAX_ROWS, f"in [1, {estimators.MAX_ROWS}]"),

@@ -302,3 +302,38 @@ def test_references_check_heads_and_dout(rng):
     q, k, v = make_qkv(rng, heads_q=4, heads_kv=2, seq_q=8, seq_k=6, dim=16)
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 4, 8, 16\), got \(2, 4, 8, 15\)"):
         aa.attention_backward_reference(np.ones((2, 4, 8, 15), np.float32), q, k, v)
+
+
+def test_memory_mapped_inputs_work_and_masked_arrays_are_refused(qkv, tmp_path):
+    """np.load(..., mmap_mode="r") gives np.memmap, an ndarray: accepted. A masked array's mask would be ignored:
+    refused by name."""
+    q, k, v = qkv
+    np.save(tmp_path / "q.npy", q)
+    mapped = np.load(tmp_path / "q.npy", mmap_mode="r")
+    np.testing.assert_array_equal(aa.attention(mapped, k, v), aa.attention(q, k, v))
+    with pytest.raises(TypeError, match=r"q must be a numpy.ndarray or cupy.ndarray.*MaskedArray"):
+        aa.attention(np.ma.masked_array(q), k, v)
+
+
+def test_scale_must_fit_the_compute_precision(qkv):
+    """float16/bfloat16/float32 inputs compute in float32: a scale past its range would turn every score into inf."""
+    q, k, v = qkv
+    with pytest.raises(ValueError, match=r"scale must be finite in float32 \(the compute precision of float32"):
+        aa.attention(q, k, v, scale=1e39)
+    aa.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale=1e39)  # fine in float64
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: aa.RankPolicy(tolerance="x"), TypeError, r"RankPolicy: tolerance must be a real number, got 'x'"),
+    (lambda: aa.RankPolicy(probe_rows=2.5), TypeError, r"RankPolicy: probe_rows must be an int, got 2.5"),
+    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError, r"RankPolicy: tolerance must be finite, got nan"),
+    (lambda: aa.RankPolicy(spectral="yes"), TypeError, r"spectral must be True or False, got 'yes'"),
+    (lambda: aa.PrecisionPolicy(tolerance=float("nan")), ValueError, r"PrecisionPolicy: tolerance must be finite"),
+    (lambda: aa.PrecisionPolicy(tolerance=-1), ValueError, r"PrecisionPolicy: tolerance must be > 0, got -1"),
+    (lambda: aa.PrecisionPolicy(sample_rows="4"), TypeError, r"PrecisionPolicy: sample_rows must be an int, got '4'"),
+    (lambda: aa.PrecisionPolicy(overrides=[0]), TypeError, r"PrecisionPolicy: overrides must be a dict"),
+])
+def test_policy_options_are_checked(make, error, message):
+    """Policy options of the wrong type or out of range fail at construction, naming the option."""
+    with pytest.raises(error, match=message):
+        make()
