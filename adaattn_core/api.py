@@ -45,13 +45,17 @@ def attention(
         causal: apply the bottom-right causal mask.
         scale: multiplier of q·k, default 1/sqrt(D); must be finite.
         layout: "bhsd" (torch SDPA order) or "bshd" (flash-attn order), for inputs and outputs alike.
-        policy: "exact" (dense, input precision) or a `Policy` instance. Adaptive presets join later.
+        policy: a preset name or a `Policy` instance. "exact" (default): every head dense at the input
+            precision, no estimation. "quality", "balanced", "speed", "fp8": `PrecisionPolicy` (fp8 per head under
+            an error guard; on NumPy inputs only "fp8" emulates it). "lowrank", "adaptive": `RankPolicy` (dense or
+            low-rank per head under an error guard; "adaptive" adds "balanced" precision for dense heads).
         return_lse: also return lse.
-        out: optional preallocated output (shape and dtype of the result, same library and device);
-            every element is written.
+        out: optional preallocated output (shape and dtype of the result, same library and device, writable,
+            sharing no memory with q, k or v); every element is written.
         lse_out: optional preallocated lse, C-contiguous [B, Hq, Sq] of the lse dtype (same library and
             device); every element is written. Adapters pass buffers their framework allocated.
-        report: optional `Report` to fill with the backend, the per-head plan and host timings.
+        report: optional `Report` to fill with the backend, the per-head plan and host timings (cleared first,
+            so a reused report describes this call only).
 
     Returns:
         out with q's dtype and the caller's layout; with ``return_lse`` the pair (out, lse), lse of shape
@@ -65,8 +69,10 @@ def attention(
         TypeError: inputs are not NumPy/CuPy arrays, mix libraries, have unsupported or differing dtypes,
             or an option has the wrong type.
         ValueError: wrong rank, mismatched batch/heads/sequence/head dims, Hq not a multiple of Hkv,
-            D = 0, unknown layout or policy, non-finite scale, inputs on different GPUs, or an `out` /
-            `lse_out` of the wrong shape (or a non-contiguous `lse_out`).
+            D = 0, unknown layout or policy, non-finite scale (or one past float32's range for inputs that
+            compute in float32), inputs on different GPUs, an `out` / `lse_out` of the wrong shape, read-only or
+            sharing memory with the inputs (or a non-contiguous `lse_out`), or a policy whose plan does not
+            cover every query head with a known path.
     """
     started = time.perf_counter()
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)

@@ -162,8 +162,12 @@ class SweepConfig:
         return [self.case(s, d, c, t) for d in self.dims for c in self.causal for s in self.seqs for t in self.dtypes]
 
     def setup_text(self) -> str:
+        """The table header's problem line; says so when some row's B·S or H·D differs from the requested ones
+        (B = max(1, tokens // S) and H = max(1, hidden // D) round down and never reach 0)."""
         dtypes = "+".join(SHORT_DTYPE.get(d, d) for d in self.dtypes)
-        return f"B*S={self.tokens}, H*D={self.hidden}, {dtypes}, [B,H,S,D]"
+        exact = all(c.batch * c.seq == self.tokens and c.heads * c.dim == self.hidden for c in self.cases())
+        rounding = "" if exact else " (B = max(1, B*S // S), H = max(1, H*D // D): some rows differ)"
+        return f"B*S={self.tokens}, H*D={self.hidden}{rounding}, {dtypes}, [B,H,S,D]"
 
     def as_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}

@@ -47,7 +47,9 @@ def _cupy_device() -> tuple[Any, str | None]:
 
 @lru_cache(maxsize=1)
 def capabilities() -> Capabilities:
-    """Probe once per process."""
+    """What this process can run: the platform, the GPU and its compute capability (None without CuPy or a GPU),
+    each backend and precision with "available (…)" or the reason it is not. Probed once per process (cached);
+    never raises: a missing CuPy or GPU is a reason, not an error. `adaattn info` prints it."""
     import numpy
 
     cupy, reason = _cupy_device()

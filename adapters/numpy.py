@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 import adaattn_core
+from adaattn_core._arrays import dtype_name, lse_dtype
 from adaattn_core.policy import Policy, resolve_policy
-from adaattn_core.problem import check_output, describe, describe_backward
+from adaattn_core.problem import check_flag, check_output, describe, describe_backward
 from adaattn_core.report import Report
 
 __all__ = ["attention", "attention_backward", "gpu_usable"]
@@ -55,23 +56,30 @@ def attention(
     policy: str | Policy = "exact",
     return_lse: bool = False,
     out: np.ndarray | None = None,
+    lse_out: np.ndarray | None = None,
     report: Report | None = None,
 ) -> Any:
-    """`adaattn_core.attention` on host arrays, on the GPU when one is usable (see the module docstring)."""
+    """`adaattn_core.attention` on host arrays, on the GPU when one is usable (see the module docstring): the same
+    arguments, results and errors."""
     options = {"causal": causal, "scale": scale, "layout": layout}
     if not gpu_usable():
         return adaattn_core.attention(
-            q, k, v, policy=policy, return_lse=return_lse, out=out, report=report, **options
+            q, k, v, policy=policy, return_lse=return_lse, out=out, lse_out=lse_out, report=report, **options
         )
     problem = describe(q, k, v, **options)
     policy = resolve_policy(policy)
+    check_flag("return_lse", return_lse)
     if out is not None:
-        check_output("out", out, problem, problem.output_shape(), problem.dtype)
+        check_output("out", out, problem, problem.output_shape(), problem.dtype, inputs=(q, k, v))
+    if lse_out is not None:
+        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
+                     contiguous=True, inputs=(q, k, v) if out is None else (q, k, v, out))
     dev_out, dev_lse = adaattn_core.attention(
         *map(_upload, (q, k, v)), policy=policy, return_lse=True, report=report, **options
     )
     host_out = _download(dev_out, out)
-    return (host_out, _download(dev_lse)) if return_lse else host_out
+    host_lse = _download(dev_lse, lse_out) if return_lse or lse_out is not None else None  # lse_out: always written
+    return (host_out, host_lse) if return_lse else host_out
 
 
 def attention_backward(

@@ -34,6 +34,20 @@ def test_out_and_report(rng):
     assert report.backend in (("cuda", "cupy-blocked") if ada.gpu_usable() else ("cpu",))
 
 
+def test_lse_out_like_the_core(rng):
+    """lse_out takes the core's meaning: written on every call, returned with return_lse."""
+    q, k, v = make_qkv(rng, heads_q=2, seq_q=20, dim=8)
+    lse_out = np.full(q.shape[:-1], np.nan, dtype=np.float32)
+    out, lse = ada.attention(q, k, v, lse_out=lse_out, return_lse=True)
+    assert lse is lse_out and np.isfinite(lse_out).all()
+    np.testing.assert_allclose(lse_out, aa.attention_reference(q, k, v)[1], rtol=1e-5, atol=1e-5)
+    written = np.full(q.shape[:-1], np.nan, dtype=np.float32)
+    ada.attention(q, k, v, lse_out=written)
+    np.testing.assert_array_equal(written, lse_out)
+    with pytest.raises(ValueError, match="out must not share memory with q"):
+        ada.attention(q, k, v, out=q)
+
+
 def test_core_errors_propagate(rng):
     q, k, v = make_qkv(rng, heads_q=3, heads_kv=2, seq_q=6, dim=8)
     with pytest.raises(ValueError, match="multiple"):

@@ -479,3 +479,11 @@ def test_cli_bench_checks_the_output_folder_first(tmp_path):
     result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(blocker / "x"))
     assert result.returncode == 2 and f"--out-dir {blocker / 'x'}: cannot create the folder" in result.stderr
     assert "Traceback" not in result.stderr and "TFLOP" not in result.stdout
+
+
+def test_setup_text_says_when_rows_differ_from_the_requested_sizes():
+    """B and H round down (at least 1): a header that says B*S=8 over rows of S = 64 must say so."""
+    exact = bench.SweepConfig(seqs=(64, 128), dims=(32, 64), tokens=1024, hidden=256)
+    assert exact.setup_text().startswith("B*S=1024, H*D=256, fp32")
+    rounded = bench.SweepConfig(seqs=(64,), dims=(64,), tokens=8, hidden=32)
+    assert "some rows differ" in rounded.setup_text()
