@@ -83,16 +83,14 @@ def attention(
             raise TypeError(f"report must be a Report instance or None, got {report!r}")
         report.begin()
     xp = namespace(problem.library)
+    if lse_out is not None:  # before out is allocated: a fresh out cannot overlap it
+        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
+                     contiguous=True, inputs=(q, k, v) if out is None else (q, k, v, out))
     if out is None:
         out = xp.empty(problem.output_shape(), dtype=q.dtype)
     else:
         check_output("out", out, problem, problem.output_shape(), problem.dtype, inputs=(q, k, v))
-    if lse_out is None:
-        lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype))
-    else:
-        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
-                     contiguous=True, inputs=(q, k, v, out))
-        lse = lse_out
+    lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype)) if lse_out is None else lse_out
 
     qb, kb, vb, ob = (to_bhsd(x, layout) for x in (q, k, v, out))
     planned = time.perf_counter()

@@ -9,10 +9,8 @@ from typing import Any
 
 from .device import capabilities
 from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY
-from .problem import AttentionProblem
+from .problem import LOG2E, AttentionProblem  # noqa: F401 - LOG2E: the launchers import it from here
 from .tma import tile_map
-
-LOG2E = 1.4426950408889634
 
 
 def common_unsupported_reason(problem: AttentionProblem) -> str | None:

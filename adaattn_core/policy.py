@@ -106,16 +106,17 @@ def _all_dense(dtype: str, heads: int) -> Plan:
 
 
 def check_number(owner: str, name: str, value: Any, kind: type) -> None:
-    """A policy's numeric option: an int (kind=int; not a bool) or a finite real number (kind=float); TypeError or
-    ValueError naming `owner`'s option otherwise (range checks are the caller's)."""
+    """A policy's numeric option: an int (kind=int; not a bool) or a real number that is not NaN (kind=float; inf
+    may be meaningful, e.g. the "fp8" preset's tolerance); TypeError or ValueError naming `owner`'s option
+    otherwise (range checks are the caller's)."""
     is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if kind is int and not is_int:
         raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
     if kind is float:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+        if math.isnan(value):
+            raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
 
 
 def check_plan(plan: Any, problem: AttentionProblem, policy: Policy) -> Plan:
@@ -129,16 +130,35 @@ def check_plan(plan: Any, problem: AttentionProblem, policy: Policy) -> Plan:
     if len(plan.heads) != problem.heads_q:
         raise ValueError(f"{who}: the plan has {len(plan.heads)} head entries, expected one per query head "
                          f"({problem.heads_q})")
-    for index, head in enumerate(plan.heads):
-        if not isinstance(head, HeadPlan):
-            raise TypeError(f"{who}: plan head {index} must be a HeadPlan, got {type(head).__name__}")
-        if head.path not in PATHS:
-            raise ValueError(f"{who}: plan head {index} has path {head.path!r}, expected one of {PATHS}")
-        lowrank = head.path == "lowrank"
-        if lowrank != (isinstance(head.rank, int) and not isinstance(head.rank, bool) and head.rank >= 1):
-            expected = "a positive int" if lowrank else "None"
-            raise ValueError(f"{who}: plan head {index} ({head.path}) has rank {head.rank!r}, expected {expected}")
+    try:
+        problem_head = _check_heads(plan.heads)  # cached: the shared exact plans cost a lookup
+    except TypeError:  # an unhashable entry: not a HeadPlan
+        problem_head = _first_bad_head(plan.heads)
+    if problem_head is not None:
+        index, kind, message = problem_head
+        raise kind(f"{who}: plan head {index} {message}")
     return plan
+
+
+@lru_cache(maxsize=1024)
+def _check_heads(heads: tuple[Any, ...]) -> tuple[int, type, str] | None:
+    return _first_bad_head(heads)
+
+
+def _first_bad_head(heads: tuple[Any, ...]) -> tuple[int, type, str] | None:
+    """(index, exception type, message) of the first entry that is not a HeadPlan with a known path and a rank
+    exactly when low-rank (a positive integer), else None."""
+    for index, head in enumerate(heads):
+        if not isinstance(head, HeadPlan):
+            return index, TypeError, f"must be a HeadPlan, got {type(head).__name__}"
+        if head.path not in PATHS:
+            return index, ValueError, f"has path {head.path!r}, expected one of {PATHS}"
+        rank_ok = (isinstance(head.rank, numbers.Integral) and not isinstance(head.rank, (bool, np.bool_))
+                   and head.rank >= 1)
+        if (head.path == "lowrank") != rank_ok:
+            expected = "a positive int" if head.path == "lowrank" else "None"
+            return index, ValueError, f"({head.path}) has rank {head.rank!r}, expected {expected}"
+    return None
 
 
 #: Presets by name. Later policies add themselves here.

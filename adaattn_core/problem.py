@@ -164,6 +164,8 @@ def describe(
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: log2(e): the kernels take scores in the log2 domain (scale · log2 e), in float32.
+LOG2E = 1.4426950408889634
 
 
 def _validate(
@@ -218,8 +220,9 @@ def _validate(
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if dtype != "float64" and abs(scale) > _FLOAT32_MAX:  # the compute precision of the other dtypes
-        raise ValueError(f"scale must be finite in float32 (the compute precision of {dtype} inputs), got {scale}")
+    if dtype != "float64" and abs(scale) > _FLOAT32_MAX / LOG2E:  # kernels take scale · log2(e) in float32
+        raise ValueError(f"scale must stay finite in float32 (the compute precision of {dtype} inputs) after "
+                         f"the kernels' scaling by log2(e): |scale| <= {_FLOAT32_MAX / LOG2E:.3e}, got {scale}")
 
     return AttentionProblem(
         batch=batch,
@@ -243,12 +246,12 @@ def check_flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r} ({kind.__module__}.{kind.__qualname__})")
 
 
-def _overlaps(a: Any, b: Any) -> bool:
-    """Whether two arrays of one library may share memory: the library's bounds test (C code in NumPy and CuPy),
-    then for NumPy its exact test where that is cheap; CuPy arrays whose bounds overlap count as overlapping."""
+def _overlaps(xp: Any, a: Any, b: Any) -> bool:
+    """Whether two arrays of the library `xp` may share memory: its bounds test (C code in NumPy and CuPy), then for
+    NumPy its exact test where that is cheap. CuPy's test only compares arrays of one CuPy allocation: views of
+    one allocation whose bounds overlap count as overlapping, arrays imported separately (DLPack) never do."""
     if a.size == 0 or b.size == 0:
         return False
-    xp = namespace(library_name(a))
     if not xp.may_share_memory(a, b):
         return False
     if xp is np:
@@ -283,9 +286,9 @@ def check_output(
     if inputs:
         if lib == "numpy" and not x.flags.writeable:
             raise ValueError(f"{name} must be writable, got a read-only array")
-        names = ("q", "k", "v", "out")
-        for other_name, other in zip(names, inputs):
-            if _overlaps(x, other):
+        xp = namespace(lib)
+        for other_name, other in zip(("q", "k", "v", "out"), inputs):
+            if _overlaps(xp, x, other):
                 raise ValueError(f"{name} must not share memory with {other_name}: the call writes {name} while "
                                  f"it reads {other_name}")
 

@@ -126,11 +126,14 @@ class RankPolicy(Policy):
     name: str = "lowrank"
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            if field.type in ("int", "float"):
-                check_number("RankPolicy", field.name, getattr(self, field.name), int if field.type == "int" else float)
-            elif field.type == "bool":
+        for field in dataclasses.fields(self):  # annotations are strings here, types in a subclass without
+            kind = {"int": int, "float": float, "bool": bool}.get(field.type, field.type)  # future annotations
+            if kind in (int, float):
+                check_number("RankPolicy", field.name, getattr(self, field.name), kind)
+            elif kind is bool:
                 check_flag(field.name, getattr(self, field.name))
+        if self.then is not None and not isinstance(self.then, Policy):
+            raise TypeError(f"RankPolicy: then must be a Policy or None, got {self.then!r}")
         checks = {
             "tolerance": (self.tolerance > 0, "> 0"),
             "probe_rows": (1 <= self.probe_rows <= estimators.MAX_ROWS, f"in [1, {estimators.MAX_ROWS}]"),

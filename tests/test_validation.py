@@ -318,17 +318,18 @@ def test_memory_mapped_inputs_work_and_masked_arrays_are_refused(qkv, tmp_path):
 def test_scale_must_fit_the_compute_precision(qkv):
     """float16/bfloat16/float32 inputs compute in float32: a scale past its range would turn every score into inf."""
     q, k, v = qkv
-    with pytest.raises(ValueError, match=r"scale must be finite in float32 \(the compute precision of float32"):
-        aa.attention(q, k, v, scale=1e39)
+    with pytest.raises(ValueError, match=r"scale must stay finite in float32 \(the compute precision of float32"):
+        aa.attention(q, k, v, scale=3e38)  # below float32's max, not after the kernels' * log2(e)
     aa.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale=1e39)  # fine in float64
 
 
 @pytest.mark.parametrize("make,error,message", [
     (lambda: aa.RankPolicy(tolerance="x"), TypeError, r"RankPolicy: tolerance must be a real number, got 'x'"),
     (lambda: aa.RankPolicy(probe_rows=2.5), TypeError, r"RankPolicy: probe_rows must be an int, got 2.5"),
-    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError, r"RankPolicy: tolerance must be finite, got nan"),
+    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError, r"RankPolicy: tolerance must be a number, got nan"),
     (lambda: aa.RankPolicy(spectral="yes"), TypeError, r"spectral must be True or False, got 'yes'"),
-    (lambda: aa.PrecisionPolicy(tolerance=float("nan")), ValueError, r"PrecisionPolicy: tolerance must be finite"),
+    (lambda: aa.PrecisionPolicy(tolerance=float("nan")), ValueError, r"PrecisionPolicy: tolerance must be a number"),
+    (lambda: aa.RankPolicy(then="balanced"), TypeError, r"RankPolicy: then must be a Policy or None, got 'balanced'"),
     (lambda: aa.PrecisionPolicy(tolerance=-1), ValueError, r"PrecisionPolicy: tolerance must be > 0, got -1"),
     (lambda: aa.PrecisionPolicy(sample_rows="4"), TypeError, r"PrecisionPolicy: sample_rows must be an int, got '4'"),
     (lambda: aa.PrecisionPolicy(overrides=[0]), TypeError, r"PrecisionPolicy: overrides must be a dict"),
@@ -337,3 +338,15 @@ def test_policy_options_are_checked(make, error, message):
     """Policy options of the wrong type or out of range fail at construction, naming the option."""
     with pytest.raises(error, match=message):
         make()
+
+
+def test_policy_options_keep_their_meaningful_values(qkv):
+    """inf is a meaningful tolerance (the "fp8" preset's: fp8 without estimating) and NumPy integers are integers:
+    both must pass the option checks and the plan check."""
+    import math
+
+    q, k, v = qkv
+    aa.attention(q, k, v, policy=aa.PrecisionPolicy("speed", tolerance=math.inf, emulate=True))
+    aa.RankPolicy(retry_margin=math.inf)
+    plan = Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan("lowrank", "float32", np.int64(2)),))
+    assert aa.attention(q, k, v, policy=_FixedPlan(plan)).shape == q.shape
