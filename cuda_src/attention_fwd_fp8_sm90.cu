@@ -267,11 +267,10 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     float k_scale = sk_ptr[n_blocks - 1];
     consumer_wait_full(bars.q_full(), 0);
     consumer_wait_full(bars.k_full(0), 0);
-    Roles::turn_begin(wg);
-    fence_operands(acc_s, acc_o, p);
-    issue_qk(0);
-    wgmma_commit();
-    Roles::turn_end(wg, false);
+    gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+        issue_qk(0);
+        wgmma_commit();
+    });
     wgmma_wait<0>();
     reg_fence(acc_s);
     consumer_release(bars.k_empty(0), lane);
@@ -283,13 +282,12 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         k_scale = sk_ptr[n_blocks - 1 - it];
         consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
         consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
-        Roles::turn_begin(wg);
-        fence_operands(acc_s, acc_o, p);
-        issue_qk(s);
-        wgmma_commit();
-        issue_pv(s_prev);
-        wgmma_commit();
-        Roles::turn_end(wg, false);
+        gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+            issue_qk(s);
+            wgmma_commit();
+            issue_pv(s_prev);
+            wgmma_commit();
+        });
         wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
         reg_fence(acc_s);
         consumer_release(bars.k_empty(s), lane);
@@ -308,11 +306,10 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
     consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
-    Roles::turn_begin(wg);
-    fence_operands(acc_s, acc_o, p);
-    issue_pv((n_blocks - 1) % STAGES);
-    wgmma_commit();
-    Roles::turn_end(wg, true);
+    gemm_turn<Roles>(wg, true, acc_s, acc_o, p, [&] {
+        issue_pv((n_blocks - 1) % STAGES);
+        wgmma_commit();
+    });
     wgmma_wait<0>();
     reg_fence(acc_o);
 

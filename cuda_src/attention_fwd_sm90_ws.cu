@@ -310,11 +310,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         float corr[2];
         int s = kv % STAGES;
         consumer_wait_full(bars.k_full(s), (kv / STAGES) & 1);
-        Roles::turn_begin(wg);
-        fence_operands(acc_s, acc_o, p);
-        issue_qk(s);
-        wgmma_commit();
-        Roles::turn_end(wg, false);
+        gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+            issue_qk(s);
+            wgmma_commit();
+        });
         wgmma_wait<0>();
         reg_fence(acc_s);
         consumer_release(bars.k_empty(s), lane);
@@ -327,13 +326,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
             s = (kv + it) % STAGES;
             consumer_wait_full(bars.k_full(s), ((kv + it) / STAGES) & 1);
             consumer_wait_full(bars.v_full(s_prev), ((kv + it - 1) / STAGES) & 1);
-            Roles::turn_begin(wg);
-            fence_operands(acc_s, acc_o, p);
-            issue_qk(s);
-            wgmma_commit();
-            issue_pv(s_prev);
-            wgmma_commit();
-            Roles::turn_end(wg, false);
+            gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+                issue_qk(s);
+                wgmma_commit();
+                issue_pv(s_prev);
+                wgmma_commit();
+            });
             wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
             reg_fence(acc_s);
             consumer_release(bars.k_empty(s), lane);
@@ -355,11 +353,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
         // The last key tile's P V.
         consumer_wait_full(bars.v_full(s), ((kv + n_blocks - 1) / STAGES) & 1);
-        Roles::turn_begin(wg);
-        fence_operands(acc_s, acc_o, p);
-        issue_pv(s);
-        wgmma_commit();
-        Roles::turn_end(wg, true);
+        gemm_turn<Roles>(wg, true, acc_s, acc_o, p, [&] {
+            issue_pv(s);
+            wgmma_commit();
+        });
         wgmma_wait<0>();
         reg_fence(acc_o);
         consumer_release(bars.v_empty(s), lane);

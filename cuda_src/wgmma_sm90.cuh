@@ -370,6 +370,18 @@ __device__ __forceinline__ void fence_operands(float (&s)[NS], float (&o)[NO], u
     wgmma_fence();
 }
 
+// One consumer warpgroup's turn on the tensor cores (WarpRoles: waits for it under ping-pong): the register
+// operands are fenced, `issue` issues and commits the turn's wgmma groups, and the turn passes on (`last`: the
+// consumer's final turn of a work tile).
+template <typename Roles, int NS, int NO, int KN, typename Issue>
+__device__ __forceinline__ void gemm_turn(int consumer, bool last, float (&s)[NS], float (&o)[NO],
+                                          unsigned (&p)[KN][4], Issue&& issue) {
+    Roles::turn_begin(consumer);
+    fence_operands(s, o, p);
+    issue();
+    Roles::turn_end(consumer, last);
+}
+
 }  // namespace adaattn
 
 // ---- TMA: tile loads through a tensor map (cp.async.bulk.tensor) ---------------------------------------
