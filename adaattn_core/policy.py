@@ -39,6 +39,17 @@ class HeadPlan:
     precision: str = "float32"
     rank: int | None = None
 
+    def __post_init__(self) -> None:
+        """Raises ValueError for a path not in PATHS, or a rank that is not a positive integer exactly when the
+        path is "lowrank" (a custom policy's plan would otherwise run a head on a path it did not ask for)."""
+        if self.path not in PATHS:
+            raise ValueError(f"HeadPlan: path must be one of {PATHS}, got {self.path!r}")
+        rank_ok = (isinstance(self.rank, numbers.Integral) and not isinstance(self.rank, (bool, np.bool_))
+                   and self.rank >= 1)
+        if (self.path == "lowrank") != rank_ok:
+            expected = "a positive int" if self.path == "lowrank" else "None"
+            raise ValueError(f"HeadPlan: rank of a {self.path} head must be {expected}, got {self.rank!r}")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -50,6 +61,12 @@ class Plan:
 
     heads: tuple[HeadPlan, ...]
     artifacts: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        """Raises TypeError for an entry that is not a HeadPlan (a checked decision)."""
+        for index, head in enumerate(self.heads):
+            if not isinstance(head, HeadPlan):
+                raise TypeError(f"Plan: heads[{index}] must be a HeadPlan, got {type(head).__name__}")
 
     def groups(self) -> dict[HeadPlan, list[int]]:
         """Head indices per distinct decision, in head order: one kernel launch per entry."""
@@ -116,49 +133,19 @@ def check_number(owner: str, name: str, value: Any, kind: type) -> None:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
         if math.isnan(value):
-            raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+            raise ValueError(f"{owner}: {name} must be a number, not NaN, got {value!r}")
 
 
 def check_plan(plan: Any, problem: AttentionProblem, policy: Policy) -> Plan:
-    """`plan` if it is a `Plan` with one `HeadPlan` per query head, each with a known path (PATHS) and a positive
-    int rank exactly when low-rank; else ValueError/TypeError naming the policy and the offending head (a custom
-    policy's plan would otherwise leave heads unwritten or run them on a path they did not ask for). Precisions
-    are the backends' to check (`backends.forward`)."""
+    """`plan` if it is a `Plan` with one entry per query head (each `HeadPlan` checked its path and rank when it
+    was made); else TypeError/ValueError naming the policy (a short plan would leave heads unwritten)."""
     who = f"policy {policy.name or type(policy).__name__!r}"
     if not isinstance(plan, Plan):
         raise TypeError(f"{who}: plan() must return a Plan, got {type(plan).__name__}")
     if len(plan.heads) != problem.heads_q:
         raise ValueError(f"{who}: the plan has {len(plan.heads)} head entries, expected one per query head "
                          f"({problem.heads_q})")
-    try:
-        problem_head = _check_heads(plan.heads)  # cached: the shared exact plans cost a lookup
-    except TypeError:  # an unhashable entry: not a HeadPlan
-        problem_head = _first_bad_head(plan.heads)
-    if problem_head is not None:
-        index, kind, message = problem_head
-        raise kind(f"{who}: plan head {index} {message}")
     return plan
-
-
-@lru_cache(maxsize=1024)
-def _check_heads(heads: tuple[Any, ...]) -> tuple[int, type, str] | None:
-    return _first_bad_head(heads)
-
-
-def _first_bad_head(heads: tuple[Any, ...]) -> tuple[int, type, str] | None:
-    """(index, exception type, message) of the first entry that is not a HeadPlan with a known path and a rank
-    exactly when low-rank (a positive integer), else None."""
-    for index, head in enumerate(heads):
-        if not isinstance(head, HeadPlan):
-            return index, TypeError, f"must be a HeadPlan, got {type(head).__name__}"
-        if head.path not in PATHS:
-            return index, ValueError, f"has path {head.path!r}, expected one of {PATHS}"
-        rank_ok = (isinstance(head.rank, numbers.Integral) and not isinstance(head.rank, (bool, np.bool_))
-                   and head.rank >= 1)
-        if (head.path == "lowrank") != rank_ok:
-            expected = "a positive int" if head.path == "lowrank" else "None"
-            return index, ValueError, f"({head.path}) has rank {head.rank!r}, expected {expected}"
-    return None
 
 
 #: Presets by name. Later policies add themselves here.

@@ -248,22 +248,23 @@ class _FixedPlan(aa.Policy):
 
 
 @pytest.mark.parametrize("plan,error,message", [
-    (None, TypeError, r"policy 'fixed': plan\(\) must return a Plan, got NoneType"),
-    (Plan(heads=(HeadPlan(precision="float32"),) * 2), ValueError,
+    (lambda: None, TypeError, r"policy 'fixed': plan\(\) must return a Plan, got NoneType"),
+    (lambda: Plan(heads=(HeadPlan(precision="float32"),) * 2), ValueError,
      r"policy 'fixed': the plan has 2 head entries, expected one per query head \(4\)"),
-    (Plan(heads=(HeadPlan(path="sparse", precision="float32"),) * 4), ValueError,
-     r"plan head 0 has path 'sparse', expected one of \('dense', 'lowrank'\)"),
-    (Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan(path="lowrank", precision="float32"),)),
-     ValueError, r"plan head 3 \(lowrank\) has rank None, expected a positive int"),
-    (Plan(heads=(HeadPlan(precision="float32", rank=8),) * 4), ValueError,
-     r"plan head 0 \(dense\) has rank 8, expected None"),
+    (lambda: Plan(heads=(HeadPlan(path="sparse", precision="float32"),) * 4), ValueError,
+     r"HeadPlan: path must be one of \('dense', 'lowrank'\), got 'sparse'"),
+    (lambda: Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan(path="lowrank", precision="float32"),)),
+     ValueError, r"HeadPlan: rank of a lowrank head must be a positive int, got None"),
+    (lambda: Plan(heads=(HeadPlan(precision="float32", rank=8),) * 4), ValueError,
+     r"HeadPlan: rank of a dense head must be None, got 8"),
+    (lambda: Plan(heads=("dense",) * 4), TypeError, r"Plan: heads\[0\] must be a HeadPlan, got str"),
 ])
 def test_custom_policy_plans_are_checked(qkv, plan, error, message):
     """A custom policy's plan must cover every query head with a known path: otherwise heads would go unwritten
     (out keeps whatever was in it) or run on a path they did not ask for."""
     out = np.full(qkv[0].shape, 12345.0, np.float32)
     with pytest.raises(error, match=message):
-        aa.attention(*qkv, policy=_FixedPlan(plan), out=out)
+        aa.attention(*qkv, policy=_FixedPlan(plan()), out=out)
     assert (out == 12345.0).all(), "nothing may be written before the plan is checked"
 
 
@@ -326,7 +327,7 @@ def test_scale_must_fit_the_compute_precision(qkv):
 @pytest.mark.parametrize("make,error,message", [
     (lambda: aa.RankPolicy(tolerance="x"), TypeError, r"RankPolicy: tolerance must be a real number, got 'x'"),
     (lambda: aa.RankPolicy(probe_rows=2.5), TypeError, r"RankPolicy: probe_rows must be an int, got 2.5"),
-    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError, r"RankPolicy: tolerance must be a number, got nan"),
+    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError, r"RankPolicy: tolerance must be a number, not NaN"),
     (lambda: aa.RankPolicy(spectral="yes"), TypeError, r"spectral must be True or False, got 'yes'"),
     (lambda: aa.PrecisionPolicy(tolerance=float("nan")), ValueError, r"PrecisionPolicy: tolerance must be a number"),
     (lambda: aa.RankPolicy(then="balanced"), TypeError, r"RankPolicy: then must be a Policy or None, got 'balanced'"),
