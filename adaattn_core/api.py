@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 from . import backends
-from ._arrays import dtype_name, lse_dtype, namespace
+from ._arrays import lse_dtype, namespace
 from .policy import Policy, check_plan, resolve_policy
-from .problem import check_flag, check_output, describe, describe_backward, to_bhsd
+from .problem import check_flag, check_outputs, describe, describe_backward, to_bhsd
 from .reference import head_errors
 from .report import Report
 
@@ -82,14 +82,9 @@ def attention(
         if not isinstance(report, Report):
             raise TypeError(f"report must be a Report instance or None, got {report!r}")
         report.begin()
+    check_outputs(problem, q, k, v, out, lse_out)  # before allocating: fresh buffers overlap nothing
     xp = namespace(problem.library)
-    if lse_out is not None:  # before out is allocated: a fresh out cannot overlap it
-        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
-                     contiguous=True, inputs=(q, k, v) if out is None else (q, k, v, out))
-    if out is None:
-        out = xp.empty(problem.output_shape(), dtype=q.dtype)
-    else:
-        check_output("out", out, problem, problem.output_shape(), problem.dtype, inputs=(q, k, v))
+    out = xp.empty(problem.output_shape(), dtype=q.dtype) if out is None else out
     lse = xp.empty(problem.lse_shape(), dtype=lse_dtype(problem.dtype)) if lse_out is None else lse_out
 
     qb, kb, vb, ob = (to_bhsd(x, layout) for x in (q, k, v, out))

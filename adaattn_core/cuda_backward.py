@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_common import LOG2E, common_unsupported_reason, element_strides, readable, writable
+from .cuda_common import common_unsupported_reason, element_strides, readable, writable
 from .launch_config import (
     BACKWARD_ELEMENTWISE_THREADS,
     BACKWARD_ROW_PAD,
@@ -46,7 +46,7 @@ from .launch_config import (
     backward_sm90_launch,
 )
 from .loader import get_kernel
-from .problem import AttentionProblem
+from .problem import LOG2E, AttentionProblem
 
 _ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 

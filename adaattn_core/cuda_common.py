@@ -9,7 +9,7 @@ from typing import Any
 
 from .device import capabilities
 from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY
-from .problem import LOG2E, AttentionProblem  # noqa: F401 - LOG2E: the launchers import it from here
+from .problem import AttentionProblem
 from .tma import tile_map
 
 
@@ -64,14 +64,13 @@ def writable(x: Any) -> tuple[Any, tuple[int, ...]]:
     return target, element_strides(target)
 
 
-def tma_maps(arrays: Sequence[tuple[Any, tuple[int, ...]]], box_rows: Sequence[int], itemsize: int) -> list[Any]:
+def tma_maps(arrays: Sequence[tuple[Any, tuple[int, ...]]], box_rows: Sequence[int]) -> list[Any]:
     """The TMA tensor maps (`tma.tile_map`) of [B, H, S, C] arrays given with their element strides (as `readable(...,
-    tma=True)` returns them), for boxes of `box_rows` rows each."""
-    return [tile_map(x.data.ptr, x.shape, strides[:3], rows, itemsize) for (x, strides), rows in zip(arrays, box_rows)]
+    tma=True)` returns them), for boxes of `box_rows` rows each, in the arrays' own element size."""
+    return [tile_map(x.data.ptr, x.shape, strides[:3], rows, x.itemsize)
+            for (x, strides), rows in zip(arrays, box_rows)]
 
 
-#: cudaStreamPerThread: one handle that names a different stream in every host thread.
-_PER_THREAD_STREAM = 2
 #: Tile counters allocated at once per device, so that a stream first seen during CUDA graph capture (where
 #: cudaMalloc is not allowed) takes a counter without allocating, once any launch has run on the device.
 _COUNTERS_PER_BLOCK = 256
@@ -85,7 +84,10 @@ def tile_counter(device_id: int, stream_ptr: int) -> Any:
     may run concurrently must not share one, hence one per stream (and per host thread for the per-thread
     default stream; 8 bytes stay allocated for every stream ever used). A CUDA graph keeps the counter of the
     stream it was captured on: replay it on that stream, or not concurrently with launches on it."""
-    key = (stream_ptr, threading.get_ident() if stream_ptr == _PER_THREAD_STREAM else 0)
+    import cupy
+
+    # cudaStreamPerThread: one handle that names a different stream in every host thread.
+    key = (stream_ptr, threading.get_ident() if stream_ptr == cupy.cuda.runtime.streamPerThread else 0)
     counter = _counters.get(device_id, ((), {}))[1].get(key)  # dict reads are atomic: lock only to add
     if counter is not None:
         return counter

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from ._arrays import on_device
-from .cuda_common import LOG2E, common_unsupported_reason, readable, sm_count, tile_counter, tma_maps, writable
+from .cuda_common import common_unsupported_reason, readable, sm_count, tile_counter, tma_maps, writable
 from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, persistent_grid
 from .loader import get_kernel
-from .problem import AttentionProblem
+from .problem import LOG2E, AttentionProblem
 
 #: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the warp-specialised wgmma
 #: kernel (attention_fwd_sm90_ws.cu) on Hopper (sm_90) where it has tiles and Sk >= SM90_MIN_SEQLEN_K, the
@@ -84,7 +84,7 @@ def _tensor_args(launch: KernelLaunch, inputs: Sequence[tuple[Any, tuple[int, ..
     strides (the mma.sync kernel), and out, lse with out's (b, h, s) strides."""
     o_strides = tuple(map(np.int64, out_strides[:3]))
     if launch.tma_rows is not None:
-        return (*tma_maps(inputs, launch.tma_rows, itemsize=2), out, lse, *o_strides)
+        return (*tma_maps(inputs, launch.tma_rows), out, lse, *o_strides)
     return (*(x for x, _ in inputs), out, lse, *(np.int64(s) for _, strides in inputs for s in strides[:3]),
             *o_strides)
 

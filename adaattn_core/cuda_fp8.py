@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import on_device
-from .cuda_common import LOG2E, common_unsupported_reason, element_strides, readable, tma_maps, writable
+from .cuda_common import common_unsupported_reason, element_strides, readable, tma_maps, writable
 from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
@@ -32,7 +32,7 @@ from .launch_config import (
     fp8_launches,
 )
 from .loader import get_kernel
-from .problem import AttentionProblem
+from .problem import LOG2E, AttentionProblem
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
         (grid,),
         (launch.threads,),
         (
-            *tma_maps([(x, element_strides(x)) for x in (tensors.qq, tensors.kq, tensors.vt)], launch.tma_rows,
-                      itemsize=1),
+            *tma_maps([(x, element_strides(x)) for x in (tensors.qq, tensors.kq, tensors.vt)], launch.tma_rows),
             tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
             tensors.row_bias,
             on_device(cupy, heads, np.int32), target, lse,

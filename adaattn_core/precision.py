@@ -41,7 +41,7 @@ import numpy as np
 from ._arrays import library_name, namespace, on_device, to_host
 from .launch_config import FP8_BLOCK_M, FP8_BLOCK_N
 from .policy import POLICIES, HeadPlan, Plan, Policy, check_number
-from .problem import AttentionProblem, check_flag
+from .problem import LOG2E, AttentionProblem, check_flag
 from .reference import masked_softmax
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 FP8 = "float8_e4m3"
 E4M3_MAX = 448.0
-LOG2E = 1.4426950408889634
 #: The K mean subtracted before quantisation is over keys 0, 8, 16, … (K_MEAN_STRIDE in quantize_fp8.cu).
 K_MEAN_STRIDE = 8
 #: Relative-error tolerance of the guard per preset (None: no fp8; inf: fp8 without a guard).
@@ -355,7 +354,7 @@ class PrecisionPolicy(Policy):
                 raise ValueError(f"PrecisionPolicy: tolerance must be > 0, got {tolerance!r}")
         if overrides is not None and not isinstance(overrides, dict):
             raise TypeError(f"PrecisionPolicy: overrides must be a dict {{query head: precision}}, got {overrides!r}")
-        check_flag("emulate", emulate)
+        check_flag("PrecisionPolicy: emulate", emulate)
         self.name = preset
         self.preset = preset
         self.tolerance = PRESETS[preset] if tolerance is None else float(tolerance)

@@ -264,11 +264,12 @@ def _overlaps(xp: Any, a: Any, b: Any) -> bool:
 
 def check_output(
     name: str, x: Any, problem: AttentionProblem, shape: tuple[int, ...], dtype: str, *, contiguous: bool = False,
-    inputs: tuple[Any, ...] = (),
+    inputs: dict[str, Any] | None = None,
 ) -> None:
     """Check a caller-provided output buffer (`out=`, `lse_out=`) or a tensor that must match a forward output.
-    With `inputs` (the arrays the call reads, and outputs named before it), `x` is an output the call writes: it
-    must be writable and must not overlap any of them (the blocked algorithm would read what it already wrote)."""
+    With `inputs` ({name: array} the call reads, and outputs checked before it), `x` is an output the call writes:
+    it must be writable and must not overlap any of them (the blocked algorithm would read what it already
+    wrote)."""
     lib = library_name(x)
     if lib != problem.library:
         raise TypeError(f"{name} must be a {problem.library} array like q, got {lib}")
@@ -287,10 +288,22 @@ def check_output(
         if lib == "numpy" and not x.flags.writeable:
             raise ValueError(f"{name} must be writable, got a read-only array")
         xp = namespace(lib)
-        for other_name, other in zip(("q", "k", "v", "out"), inputs):
+        for other_name, other in inputs.items():
             if _overlaps(xp, x, other):
                 raise ValueError(f"{name} must not share memory with {other_name}: the call writes {name} while "
                                  f"it reads {other_name}")
+
+
+def check_outputs(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any | None, lse_out: Any | None) -> None:
+    """The forward's caller-provided outputs (`check_output`): `out` like the result, `lse_out` a C-contiguous
+    [B, Hq, Sq] of the lse dtype; both writable and sharing no memory with q, k, v or each other. None: not given."""
+    inputs = {"q": q, "k": k, "v": v}
+    if out is not None:
+        check_output("out", out, problem, problem.output_shape(), problem.dtype, inputs=inputs)
+        inputs["out"] = out
+    if lse_out is not None:
+        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
+                     contiguous=True, inputs=inputs)
 
 
 def describe_backward(

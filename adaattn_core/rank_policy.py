@@ -131,7 +131,7 @@ class RankPolicy(Policy):
             if kind in (int, float):
                 check_number("RankPolicy", field.name, getattr(self, field.name), kind)
             elif kind is bool:
-                check_flag(field.name, getattr(self, field.name))
+                check_flag(f"RankPolicy: {field.name}", getattr(self, field.name))
         if self.then is not None and not isinstance(self.then, Policy):
             raise TypeError(f"RankPolicy: then must be a Policy or None, got {self.then!r}")
         checks = {

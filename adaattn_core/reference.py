@@ -52,7 +52,7 @@ def attention_reference(
     qb, kb, vb = (to_bhsd(x, layout).astype(xp.float64) for x in (q, k, v))
     batch, heads_q, seqlen_q = problem.batch, problem.heads_q, problem.seqlen_q
     group, scale = problem.group_size, problem.scale
-    mask = visible(xp.arange(seqlen_q), xp.arange(kb.shape[2]), seqlen_q, kb.shape[2], problem.causal)
+    mask = problem.visible(xp.arange(seqlen_q), xp.arange(problem.seqlen_k))
     out = xp.zeros(qb.shape, dtype=xp.float64)
     lse = xp.zeros((batch, heads_q, seqlen_q), dtype=xp.float64)
     for b in range(batch):
@@ -75,8 +75,7 @@ def attention_backward_reference(
     xp = namespace(problem.library)
     qb, kb, vb, dob = (to_bhsd(x, layout).astype(xp.float64) for x in (q, k, v, dout))
     heads_q, group, scale = problem.heads_q, problem.group_size, problem.scale
-    causal = problem.causal
-    mask = visible(xp.arange(qb.shape[2]), xp.arange(kb.shape[2]), qb.shape[2], kb.shape[2], causal)
+    mask = problem.visible(xp.arange(problem.seqlen_q), xp.arange(problem.seqlen_k))
     dq, dk, dv = xp.zeros_like(qb), xp.zeros_like(kb), xp.zeros_like(vb)
     for b in range(qb.shape[0]):
         for h in range(heads_q):

@@ -6,7 +6,7 @@ that reads a report keeps working.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .policy import Plan
@@ -41,11 +41,9 @@ class Report:
     def begin(self) -> None:
         """Clear what a previous call recorded (`attention` calls this first, so a reused report describes only
         the latest call); `measure_error` stays as the caller set it."""
-        self.backend = self.device = self.policy = ""
-        self.plan = None
-        self.estimates = {}
-        self.measured = {}
-        self.timings_ms = {}
+        for item in fields(self):
+            if item.name != "measure_error":
+                setattr(self, item.name, item.default_factory() if item.default is MISSING else item.default)
 
     def decisions(self) -> dict[str, list[int]]:
         """Head indices per decision, as readable strings like 'dense/bfloat16'."""

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 import adaattn_core
-from adaattn_core._arrays import dtype_name, lse_dtype
 from adaattn_core.policy import Policy, resolve_policy
-from adaattn_core.problem import check_flag, check_output, describe, describe_backward
+from adaattn_core.problem import check_flag, check_outputs, describe, describe_backward
 from adaattn_core.report import Report
 
 __all__ = ["attention", "attention_backward", "gpu_usable"]
@@ -69,11 +68,7 @@ def attention(
     problem = describe(q, k, v, **options)
     policy = resolve_policy(policy)
     check_flag("return_lse", return_lse)
-    if out is not None:
-        check_output("out", out, problem, problem.output_shape(), problem.dtype, inputs=(q, k, v))
-    if lse_out is not None:
-        check_output("lse_out", lse_out, problem, problem.lse_shape(), dtype_name(lse_dtype(problem.dtype)),
-                     contiguous=True, inputs=(q, k, v) if out is None else (q, k, v, out))
+    check_outputs(problem, q, k, v, out, lse_out)
     dev_out, dev_lse = adaattn_core.attention(
         *map(_upload, (q, k, v)), policy=policy, return_lse=True, report=report, **options
     )
