@@ -27,15 +27,19 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from adaattn_core.bench import format_number
+
 HERE = Path(__file__).resolve().parent
 PEER = "torch-cudnn"
+#: A variant's name, as it appears in the result files' names.
+NAME = r"[A-Za-z0-9_.]+"
 
 
 def parse_variant(text: str) -> tuple[str, str | None, list[str]]:
     """NAME[@DIR]=ARGS as (name, directory or None, arguments). Raises ValueError naming the malformed part."""
     head, sep, args = text.partition("=")
     name, _, directory = head.partition("@")
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_.]+", name):
+    if not sep or not re.fullmatch(NAME, name):
         raise ValueError(f"--variant {text!r}: expected NAME[@DIR]=ARGS with NAME of letters, digits, '_' or '.'")
     return name, directory or None, shlex.split(args)
 
@@ -44,56 +48,55 @@ def load_runs(files: list[str]) -> dict[str, list[dict[str, Any]]]:
     """{variant: [results of run 1, run 2, ...]} from files named <prefix>-<variant>-<run>.json."""
     runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
     for file in files:
-        match = re.fullmatch(r".*-([A-Za-z0-9_.]+)-(\d+)\.json", Path(file).name)
+        match = re.fullmatch(rf".*-({NAME})-(\d+)\.json", Path(file).name)
         if match is None:
             raise ValueError(f"{file}: expected a name ending in -<variant>-<run>.json")
         runs[match[1]][int(match[2])] = json.loads(Path(file).read_text())
     return {name: [by_run[r] for r in sorted(by_run)] for name, by_run in runs.items()}
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def compare(runs: dict[str, list[dict[str, Any]]], order: list[str] | None = None) -> list[dict[str, Any]]:
-    """Per configuration (D, S, causal, in the first variant's row order): each variant's AdaAttn TFLOP/s per run,
-    its gain over the first variant (ratio of run means, minus 1) and the peer's mean over every run of every
-    variant. Rows that failed in a run count as missing there."""
+    """Per configuration (D, S, causal, in the first variant's row order): each variant's AdaAttn TFLOP/s per run and
+    their mean, its gain over the first variant (ratio of run means, minus 1) and the peer's mean over every run of
+    every variant. Rows that failed in a run count as missing there."""
     names = order or list(runs)
-    keys: list[tuple[Any, ...]] = []
-    tflops: dict[tuple[Any, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    tflops: dict[tuple[Any, ...], dict[str, list[float]]] = {}  # insertion order: the first variant's rows
     peer: dict[tuple[Any, ...], list[float]] = defaultdict(list)
     for name in names:
         for results in runs[name]:
             for row in results["rows"]:
                 key = (row["dim"], row["seq"], row["causal"])
-                if key not in keys:
-                    keys.append(key)
-                ours = row.get("tflops", {}).get("adaattn")
-                if ours is not None:
-                    tflops[key][name].append(ours)
-                if row.get("tflops", {}).get(PEER) is not None:
-                    peer[key].append(row["tflops"][PEER])
+                measured = row.get("tflops", {})
+                per_variant = tflops.setdefault(key, {n: [] for n in names})
+                if measured.get("adaattn") is not None:
+                    per_variant[name].append(measured["adaattn"])
+                if measured.get(PEER) is not None:
+                    peer[key].append(measured[PEER])
     table = []
-    for key in keys:
-        means = {n: sum(v) / len(v) for n, v in tflops[key].items() if v}
-        base = means.get(names[0])
-        table.append({"dim": key[0], "seq": key[1], "causal": key[2],
-                      "tflops": {n: tflops[key][n] for n in names},
-                      "gain": {n: (means[n] / base - 1 if base and n in means else None) for n in names[1:]},
-                      PEER: sum(peer[key]) / len(peer[key]) if peer[key] else None})
+    for key, per_variant in tflops.items():
+        means = {n: _mean(v) for n, v in per_variant.items()}
+        base = means[names[0]]
+        table.append({"dim": key[0], "seq": key[1], "causal": key[2], "tflops": per_variant, "mean": means,
+                      "gain": {n: means[n] / base - 1 if base and means[n] else None for n in names[1:]},
+                      PEER: _mean(peer[key])})
     return table
 
 
 def format_table(table: list[dict[str, Any]], names: list[str]) -> str:
     """Markdown: D, S, causal, each variant's runs ("a / b"), each later variant's gain, cuDNN, last / cuDNN."""
     head = ["D", "S", "causal", *names, *(f"{n} gain" for n in names[1:]), "cuDNN", f"{names[-1]} / cuDNN"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [head, ["---"] * len(head)]
     for row in table:
-        runs = [" / ".join(f"{t:.0f}" for t in row["tflops"][n]) or "failed" for n in names]
-        gains = [f"{row['gain'][n]:+.1%}" if row["gain"][n] is not None else "n/a" for n in names[1:]]
-        last = row["tflops"][names[-1]]
-        peer = row[PEER]
-        ratio = f"{sum(last) / len(last) / peer:.2f}" if last and peer else "n/a"
-        lines.append("| " + " | ".join([str(row["dim"]), str(row["seq"]), "yes" if row["causal"] else "no", *runs,
-                                        *gains, f"{peer:.0f}" if peer else "n/a", ratio]) + " |")
-    return "\n".join(lines)
+        last, peer = row["mean"][names[-1]], row[PEER]
+        lines.append([str(row["dim"]), str(row["seq"]), "yes" if row["causal"] else "no",
+                      *(" / ".join(f"{t:.0f}" for t in row["tflops"][n]) or "failed" for n in names),
+                      *(format_number(row["gain"][n], "+.1%") for n in names[1:]), format_number(peer, ".0f"),
+                      format_number(last / peer if last and peer else None, ".2f")])
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def main() -> None:
@@ -111,20 +114,28 @@ def main() -> None:
         runs = load_runs(args.compare)
         print(format_table(compare(runs), list(runs)))
         return
-    if not args.variant or not args.out or args.runs < 1:
-        parser.error("give --variant (at least one), --out and --runs >= 1, or --compare")
+    if not args.variant:
+        parser.error("give --variant NAME[@DIR]=ARGS (at least one), or --compare FILES")
+    if not args.out:
+        parser.error("give --out PREFIX (result files <PREFIX>-<NAME>-<run>.json)")
+    if args.runs < 1:
+        parser.error(f"--runs must be >= 1, got {args.runs}")
     variants = [parse_variant(v) for v in args.variant]
-    files: list[str] = []
+    names = [name for name, _, _ in variants]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for run in range(1, args.runs + 1):
         for name, directory, extra in variants:
-            out = str(Path(f"{args.out}-{name}-{run}.json").resolve())
+            out = Path(f"{args.out}-{name}-{run}.json").resolve()
             root = Path(directory).resolve() if directory else HERE.parent
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
             print(f"== {name} run {run}", flush=True)
-            subprocess.run([sys.executable, str(root / "benchmarks" / args.script), *script_args, *extra, "--out", out],
-                           cwd=root, env=env, check=True)
-            files.append(out)
-    print(format_table(compare(load_runs(files), [name for name, _, _ in variants]), [n for n, _, _ in variants]))
+            done = subprocess.run([sys.executable, str(root / "benchmarks" / args.script), *script_args, *extra,
+                                   "--out", str(out)], cwd=root, env=env)
+            if done.returncode:
+                sys.exit(f"ab_compare: --variant {name} run {run} exited with {done.returncode}; its earlier result "
+                         f"files stay under {args.out}-*")
+            runs[name].append(json.loads(out.read_text()))
+    print(format_table(compare(runs, names), names))
 
 
 if __name__ == "__main__":
