@@ -61,7 +61,7 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
 def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
     """The forward kernel for a problem under $ADAATTN_FORWARD_KERNEL."""
     return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id),
-                          pingpong=_choice() != "sm90_nopp")
+                          pingpong=_choice() != "sm90_nopp", seqlen_q=problem.seqlen_q)
 
 
 @lru_cache(maxsize=512)

@@ -81,17 +81,39 @@ class Sm90Tile:
 #: Hopper (sm_90a, wgmma) forward tiles per (head dim, causal); other head dims use the mma.sync kernel.
 #: D=64 runs three consumer warpgroups (192 query rows, 3 stages): over 128 rows at S >= 2k, +15-18%
 #: non-causal and +4-13% causal, -9% at causal S = 1k (H200,
-#: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). 176 keys at D=128 (FlashAttention-3's
-#: tile) and 80 keys at D=256 measured within noise of the tiles below (…-v1.json). D=128 takes 3 K/V stages
-#: (225 KB of shared memory) since the loads moved to TMA: +1-6% over 2 (…/2026-12-03-H200-fwd-d128-*.json).
+#: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). D=128 non-causal takes
+#: FlashAttention-3's 176 keys in 2 stages since the forward became persistent: +1.1%, +3.4%, +3.5% over 128 keys
+#: in 3 stages at S = 4k, 8k, 16k (interleaved runs, …/2026-12-03-H200-fwd-keys176-*.json); causal it was not
+#: tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the loads moved to TMA: +1-6% over 2
+#: (…/2026-12-03-H200-fwd-d128-*.json). 80 keys at D=256 measured within noise of 64 (…-v1.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
     (64, True): Sm90Tile(128, stages=3, block_m=192),
-    (128, False): Sm90Tile(128, stages=3),
+    (128, False): Sm90Tile(176, stages=2),
     (128, True): Sm90Tile(128, stages=3),
     (256, False): Sm90Tile(64),
     (256, True): Sm90Tile(64),
 }
+
+#: Tiles that replace the table's when its last query block would pad more than `MAX_ROW_PADDING` of the rows
+#: (short sequences). Causal D=64 with 128 rows instead of 192: +6.0% at S = 512 and +5.8% at 1k (192 rows pad
+#: 12.5%), -6.7% at 768, -12% at 1536 and -11% at 2048 (no or 3% padding) (H200, interleaved runs,
+#: benchmarks/results/tuning/2026-12-03-H200-fwd-d64c-short-*.json).
+SHORT_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
+    (64, True): Sm90Tile(128, stages=3, block_m=128),
+}
+MAX_ROW_PADDING = 0.1
+
+
+def sm90_tile(head_dim: int, causal: bool, seqlen_q: int) -> Sm90Tile | None:
+    """The wgmma kernel's tile for a problem (None: no tile for this head dim): the table's, or its short
+    alternative where the table tile's last query block would leave more than MAX_ROW_PADDING of Sq idle."""
+    tile = FORWARD_TILES_SM90.get((head_dim, causal))
+    short = SHORT_TILES_SM90.get((head_dim, causal))
+    if tile is None or short is None or seqlen_q == 0:
+        return tile
+    padding = -seqlen_q % tile.block_m
+    return short if padding > MAX_ROW_PADDING * seqlen_q else tile
 
 #: The wgmma kernel runs one large CTA per SM; with few key tiles per CTA its prologue and epilogue
 #: dominate. Since it became persistent (the next tile's loads overlap the epilogue) it wins from Sk = 384 on at
@@ -127,13 +149,14 @@ def persistent_grid(work_tiles: int, sm_count: int) -> int:
     return min(work_tiles, sm_count)
 
 
-def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True) -> KernelLaunch:
+def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True,
+                   seqlen_q: int = 0) -> KernelLaunch:
     """The forward kernel for a problem: the warp-specialised wgmma kernel when `use_sm90` (Hopper) and tiled for
-    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores), else the mma.sync
-    kernel."""
+    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores; `seqlen_q` picks the
+    tile, see `sm90_tile`), else the mma.sync kernel."""
     flag = "true" if causal else "false"
     cuda_type = CUDA_TYPES[dtype]
-    sm90 = FORWARD_TILES_SM90.get((head_dim, causal))
+    sm90 = sm90_tile(head_dim, causal, seqlen_q)
     if use_sm90 and sm90 is not None:
         return KernelLaunch(
             source="attention_fwd_sm90_ws.cu",
@@ -166,6 +189,8 @@ def all_forward_kernels() -> list[KernelLaunch]:
         for head_dim, causal in FORWARD_TILES_SM90:
             for pingpong in (True, False):
                 kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong))
+        for head_dim, causal in SHORT_TILES_SM90:  # a short problem: one query row, pads block_m - 1 rows
+            kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, seqlen_q=1))
     return kernels
 
 

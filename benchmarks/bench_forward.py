@@ -21,7 +21,13 @@ from _common import PAPER_SIZES, environment, headline, paper_grid, prefix, run_
 
 from adaattn_core import bench, cuda_forward
 from adaattn_core.bench import format_number
-from adaattn_core.launch_config import FORWARD_TILES, FORWARD_TILES_SM90, ForwardTile, Sm90Tile
+from adaattn_core.launch_config import (
+    FORWARD_TILES,
+    FORWARD_TILES_SM90,
+    SHORT_TILES_SM90,
+    ForwardTile,
+    Sm90Tile,
+)
 
 #: The torch SDPA backends timed beside AdaAttn (names as in `adaattn_core.bench.PEERS` and the JSON).
 PEERS = ("torch-flash", "torch-cudnn", "torch-efficient")
@@ -58,8 +64,9 @@ def main() -> None:
     for override in args.tile90:
         dim, tile = override.split(":")
         which = {"c": (True,), "n": (False,)}.get(dim[-1], (False, True))
-        for causal in which:
+        for causal in which:  # one tile at every length: the override replaces the short-sequence tile too
             FORWARD_TILES_SM90[(int(dim.rstrip("cn")), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))
+            SHORT_TILES_SM90.pop((int(dim.rstrip("cn")), causal), None)
     for override in args.tile:
         dim, tile = override.split(":")
         for causal in (False, True):
@@ -69,7 +76,9 @@ def main() -> None:
                "kernel": os.environ.get("ADAATTN_FORWARD_KERNEL", "auto"),
                "tiles": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES.items() if d in args.dims},
                "tiles_sm90": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES_SM90.items()
-                              if d in args.dims}}
+                              if d in args.dims},
+               "short_tiles_sm90": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in SHORT_TILES_SM90.items()
+                                    if d in args.dims}}
     print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} {'effic':>6} | "
           f"{'/flash':>6} {'/cudnn':>6} | rel_l2")

@@ -33,3 +33,28 @@ def test_all_instantiations_compile_with_nvrtc():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected = sum("90a" in kernel.archs for kernel in all_kernels())
     assert f"OK: NVRTC compiled {expected} instantiations" in result.stdout
+
+
+def test_sm90_tile_follows_row_padding():
+    """The wgmma forward keeps its table tile unless the last query block would pad more than MAX_ROW_PADDING of
+    the rows; then it takes the short-sequence tile (causal D=64: 192 rows pad 12.5% at S = 512 and 1024)."""
+    from adaattn_core.launch_config import FORWARD_TILES_SM90, MAX_ROW_PADDING, SHORT_TILES_SM90, sm90_tile
+
+    for (head_dim, causal), short in SHORT_TILES_SM90.items():
+        tile = FORWARD_TILES_SM90[(head_dim, causal)]
+        for seqlen_q in (1, 17, 127, 512, 768, 1000, 1024, 1536, 2048, 4097):
+            padding = -seqlen_q % tile.block_m
+            expected = short if padding > MAX_ROW_PADDING * seqlen_q else tile
+            assert sm90_tile(head_dim, causal, seqlen_q) == expected, seqlen_q
+    assert sm90_tile(64, True, 1024).block_m == 128 and sm90_tile(64, True, 2048).block_m == 192
+    assert sm90_tile(64, False, 1024) == FORWARD_TILES_SM90[(64, False)]
+    assert sm90_tile(32, False, 1024) is None
+
+
+def test_sm90_tiles_fit_shared_memory():
+    """Every wgmma forward tile fits Hopper's 227 KB of shared memory per block."""
+    from adaattn_core.launch_config import FORWARD_TILES_SM90, SHORT_TILES_SM90
+
+    for table in (FORWARD_TILES_SM90, SHORT_TILES_SM90):
+        for (head_dim, _), tile in table.items():
+            assert tile.smem_bytes(head_dim) <= 227 * 1024, (head_dim, tile)
