@@ -59,8 +59,9 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def compare(runs: dict[str, list[dict[str, Any]]], order: list[str] | None = None) -> list[dict[str, Any]]:
-    """Per configuration (D, S, causal, in the first variant's row order): each variant's AdaAttn TFLOP/s per run and
+def compare(runs: dict[str, list[dict[str, Any]]], order: list[str] | None = None,
+            impl: str = "adaattn") -> list[dict[str, Any]]:
+    """Per configuration (D, S, causal, in the first variant's row order): each variant's TFLOP/s of `impl` per run and
     their mean, its gain over the first variant (ratio of run means, minus 1) and the peer's mean over every run of
     every variant. Rows that failed in a run count as missing there."""
     names = order or list(runs)
@@ -72,8 +73,8 @@ def compare(runs: dict[str, list[dict[str, Any]]], order: list[str] | None = Non
                 key = (row["dim"], row["seq"], row["causal"])
                 measured = row.get("tflops", {})
                 per_variant = tflops.setdefault(key, {n: [] for n in names})
-                if measured.get("adaattn") is not None:
-                    per_variant[name].append(measured["adaattn"])
+                if measured.get(impl) is not None:
+                    per_variant[name].append(measured[impl])
                 if measured.get(PEER) is not None:
                     peer[key].append(measured[PEER])
     table = []
@@ -108,11 +109,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--out", help="prefix of the result files: <out>-<NAME>-<run>.json")
     parser.add_argument("--script", default="bench_forward.py", help="benchmark script in benchmarks/")
+    parser.add_argument("--impl", default="adaattn",
+                        help="the result key compared (e.g. fp8-kernel with --script bench_fp8.py)")
     parser.add_argument("--compare", nargs="+", metavar="FILE", help="only tabulate existing result files")
     args = parser.parse_args(own)
     if args.compare:
         runs = load_runs(args.compare)
-        print(format_table(compare(runs), list(runs)))
+        print(format_table(compare(runs, impl=args.impl), list(runs)))
         return
     if not args.variant:
         parser.error("give --variant NAME[@DIR]=ARGS (at least one), or --compare FILES")
@@ -135,7 +138,7 @@ def main() -> None:
                 sys.exit(f"ab_compare: --variant {name} run {run} exited with {done.returncode}; its earlier result "
                          f"files stay under {args.out}-*")
             runs[name].append(json.loads(out.read_text()))
-    print(format_table(compare(runs, names), names))
+    print(format_table(compare(runs, names, impl=args.impl), names))
 
 
 if __name__ == "__main__":
