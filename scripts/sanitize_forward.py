@@ -1,8 +1,9 @@
 """Small-shape matrix of the fused forward kernels, for compute-sanitizer (memcheck / racecheck).
 
 Every instantiation — the mma.sync kernel (ADAATTN_FORWARD_KERNEL=sm80) and, on Hopper, the
-warp-specialised wgmma kernel (=sm90), whose tile can depend on Sq — on ragged sizes, GQA and Sq ≠ Sk both ways, plus one batch with more
-query tiles than SMs, so that the persistent wgmma kernel's blocks each take several work tiles.
+warp-specialised wgmma kernel (=sm90), whose tile can depend on Sq — on ragged sizes, GQA and Sq ≠ Sk both
+ways, plus one batch with more query tiles than SMs, so that the persistent wgmma kernel's blocks each take
+several work tiles.
 `python3 scripts/sanitize_forward.py [CHOICE ...]` limits the run to some kernel choices.
 """
 
@@ -15,7 +16,8 @@ import adaattn_core as aa
 from adaattn_core import cuda_forward
 from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES
 
-SHAPES = [(1, 1, 1), (1, 17, 33), (1, 129, 65), (1, 65, 129), (1, 200, 200), (1, 384, 400), (40, 200, 170)]  # batch, Sq, Sk
+# batch, Sq, Sk
+SHAPES = [(1, 1, 1), (1, 17, 33), (1, 129, 65), (1, 65, 129), (1, 200, 200), (1, 384, 400), (40, 200, 170)]
 
 launches = 0
 for choice in sys.argv[1:] or ("sm80", "sm90"):
