@@ -82,9 +82,9 @@ class Sm90Tile:
 #: D=64 runs three consumer warpgroups (192 query rows, 3 stages): over 128 rows at S >= 2k, +15-18%
 #: non-causal and +4-13% causal, -9% at causal S = 1k (H200,
 #: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). D=128 non-causal takes
-#: FlashAttention-3's 176 keys in 2 stages since the forward became persistent: +1.1%, +3.4%, +3.5% over 128 keys
-#: in 3 stages at S = 4k, 8k, 16k (interleaved runs, …/2026-12-03-H200-fwd-keys176-*.json); causal it was not
-#: tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the loads moved to TMA: +1-6% over 2
+#: FlashAttention-3's 176 keys in 2 stages since the forward became persistent: over 128 keys in 3 stages at
+#: S = 4k, 8k, 16k, +1.1%, +7.6%, +4.4% as ratios of two interleaved runs' means, +1.2%, +3.4%, +3.5% in the
+#: second run alone (…/2026-12-03-H200-fwd-keys176-*.json); causal it was not tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the loads moved to TMA: +1-6% over 2
 #: (…/2026-12-03-H200-fwd-d128-*.json). 80 keys at D=256 measured within noise of 64 (…-v1.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
