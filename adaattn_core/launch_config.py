@@ -62,11 +62,12 @@ FORWARD_HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in FORWARD_TILES}))
 class Sm90Tile:
     """Tile shape of attention_fwd_sm90_ws.cu (warp-specialised Hopper forward): `block_m` query rows (one
     consumer warpgroup per 64; 128 or 192) plus one producer warpgroup, `block_n` keys per tile, `stages` K and V
-    buffers each."""
+    buffers each; `pingpong`: the consumers take turns on the tensor cores."""
 
     block_n: int
     stages: int = 2
     block_m: int = 128
+    pingpong: bool = True
 
     @property
     def threads(self) -> int:
@@ -84,8 +85,10 @@ class Sm90Tile:
 #: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). D=128 non-causal takes
 #: FlashAttention-3's 176 keys in 2 stages since the forward became persistent: over 128 keys in 3 stages at
 #: S = 4k, 8k, 16k, +1.1%, +7.6%, +4.4% as ratios of two interleaved runs' means, +1.2%, +3.4%, +3.5% in the
-#: second run alone (…/2026-12-03-H200-fwd-keys176-*.json); causal it was not tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the loads moved to TMA: +1-6% over 2
-#: (…/2026-12-03-H200-fwd-d128-*.json). 80 keys at D=256 measured within noise of 64 (…-v1.json).
+#: second run alone (…/2026-12-03-H200-fwd-keys176-*.json); without ping-pong -5.6% and -8.1% at 4k and 16k
+#: (…-nopp176-*.json); causal it was not tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the
+#: loads moved to TMA: +1-6% over 2 (…/2026-12-03-H200-fwd-d128-*.json). 80 keys at D=256 measured within noise
+#: of 64 (…-v1.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
     (64, True): Sm90Tile(128, stages=3, block_m=192),
@@ -98,9 +101,10 @@ FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
 #: Tiles that replace the table's when its last query block would pad more than `MAX_ROW_PADDING` of the rows
 #: (short sequences). Causal D=64 with 128 rows instead of 192: +6.0% at S = 512 and +5.8% at 1k (192 rows pad
 #: 12.5%), -6.7% at 768, -12% at 1536 and -11% at 2048 (no or 3% padding) (H200, interleaved runs,
-#: benchmarks/results/tuning/2026-12-03-H200-fwd-d64c-short-*.json).
+#: benchmarks/results/tuning/2026-12-03-H200-fwd-d64c-short-*.json); without ping-pong a further +10.2% at 512
+#: and +9.2% at 1k (…-d64c-1k-*.json; 2 stages instead of 3: -1%).
 SHORT_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
-    (64, True): Sm90Tile(128, stages=3, block_m=128),
+    (64, True): Sm90Tile(128, stages=3, block_m=128, pingpong=False),
 }
 MAX_ROW_PADDING = 0.1
 
@@ -152,8 +156,8 @@ def persistent_grid(work_tiles: int, sm_count: int) -> int:
 def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True,
                    seqlen_q: int = 0) -> KernelLaunch:
     """The forward kernel for a problem: the warp-specialised wgmma kernel when `use_sm90` (Hopper) and tiled for
-    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores; `seqlen_q` picks the
-    tile, see `sm90_tile`), else the mma.sync kernel."""
+    this head dim (`pingpong`: its consumer warpgroups take turns on the tensor cores where the tile does;
+    `seqlen_q` picks the tile, see `sm90_tile`), else the mma.sync kernel."""
     flag = "true" if causal else "false"
     cuda_type = CUDA_TYPES[dtype]
     sm90 = sm90_tile(head_dim, causal, seqlen_q)
@@ -161,7 +165,7 @@ def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, ping
         return KernelLaunch(
             source="attention_fwd_sm90_ws.cu",
             name=(f"attention_fwd_sm90_ws<{cuda_type}, {head_dim}, {sm90.block_m}, {sm90.block_n}, {sm90.stages}, "
-                  f"{flag}, {'true' if pingpong else 'false'}>"),
+                  f"{flag}, {'true' if pingpong and sm90.pingpong else 'false'}>"),
             threads=sm90.threads,
             smem_bytes=sm90.smem_bytes(head_dim),
             block_m=sm90.block_m,

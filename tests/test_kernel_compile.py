@@ -49,6 +49,13 @@ def test_sm90_tile_follows_row_padding():
     assert sm90_tile(64, True, 1024).block_m == 128 and sm90_tile(64, True, 2048).block_m == 192
     assert sm90_tile(64, False, 1024) == FORWARD_TILES_SM90[(64, False)]
     assert sm90_tile(32, False, 1024) is None
+    # The tile's ping-pong setting reaches the instantiation (the short causal D=64 tile runs without it).
+    from adaattn_core.launch_config import forward_launch
+
+    for seqlen_q in (1000, 2048):
+        tile = sm90_tile(64, True, seqlen_q)
+        name = forward_launch("bfloat16", 64, True, use_sm90=True, seqlen_q=seqlen_q).name
+        assert name.endswith(f"{str(tile.pingpong).lower()}>") and f", {tile.block_m}, " in name, name
 
 
 def test_sm90_tiles_fit_shared_memory():
