@@ -84,7 +84,7 @@ class Sm90Tile:
 #: non-causal and +4-13% causal, -9% at causal S = 1k (H200,
 #: benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-{base,v2}.json). D=128 non-causal takes
 #: FlashAttention-3's 176 keys in 2 stages since the forward became persistent: over 128 keys in 3 stages at
-#: S = 4k, 8k, 16k, +1.1%, +7.6%, +4.4% as ratios of two interleaved runs' means, +1.2%, +3.4%, +3.5% in the
+#: S = 4k, 8k, 16k, +1.1%, +7.6%, +4.4% as ratios of two interleaved runs' means, +1.1%, +3.4%, +3.4% in the
 #: second run alone (…/2026-12-03-H200-fwd-keys176-*.json); without ping-pong -5.6% and -8.1% at 4k and 16k
 #: (…-nopp176-*.json); causal it was not tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the
 #: loads moved to TMA: +1-6% over 2 (…/2026-12-03-H200-fwd-d128-*.json). 80 keys at D=256 measured within noise
@@ -99,10 +99,11 @@ FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
 }
 
 #: Tiles that replace the table's when its last query block would pad more than `MAX_ROW_PADDING` of the rows
-#: (short sequences). Causal D=64 with 128 rows instead of 192: +6.0% at S = 512 and +5.8% at 1k (192 rows pad
+#: and the replacement pads fewer (short sequences; measured at Sq = Sk = 512-2048 only, elsewhere the rule
+#: extrapolates). Causal D=64 with 128 rows instead of 192: +6.0% at S = 512 and +5.8% at 1k (192 rows pad
 #: 12.5%), -6.7% at 768, -12% at 1536 and -11% at 2048 (no or 3% padding) (H200, interleaved runs,
-#: benchmarks/results/tuning/2026-12-03-H200-fwd-d64c-short-*.json); without ping-pong a further +10.2% at 512
-#: and +9.2% at 1k (…-d64c-1k-*.json; 2 stages instead of 3: -1%).
+#: benchmarks/results/tuning/2026-12-03-H200-fwd-d64c-short-*.json); without ping-pong a further +10.6% at 512
+#: and +9.1% at 1k (…-d64c-nopp-*.json; 2 stages instead of 3: -1%, …-d64c-1k-*.json).
 SHORT_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, True): Sm90Tile(128, stages=3, block_m=128, pingpong=False),
 }
@@ -111,13 +112,14 @@ MAX_ROW_PADDING = 0.1
 
 def sm90_tile(head_dim: int, causal: bool, seqlen_q: int) -> Sm90Tile | None:
     """The wgmma kernel's tile for a problem (None: no tile for this head dim): the table's, or its short
-    alternative where the table tile's last query block would leave more than MAX_ROW_PADDING of Sq idle."""
+    alternative where the table tile's last query block would leave more than MAX_ROW_PADDING of Sq idle and the
+    alternative's would leave fewer rows idle."""
     tile = FORWARD_TILES_SM90.get((head_dim, causal))
     short = SHORT_TILES_SM90.get((head_dim, causal))
     if tile is None or short is None or seqlen_q == 0:
         return tile
     padding = -seqlen_q % tile.block_m
-    return short if padding > MAX_ROW_PADDING * seqlen_q else tile
+    return short if padding > MAX_ROW_PADDING * seqlen_q and -seqlen_q % short.block_m < padding else tile
 
 #: The wgmma kernel runs one large CTA per SM; with few key tiles per CTA its prologue and epilogue
 #: dominate. Since it became persistent (the next tile's loads overlap the epilogue) it wins from Sk = 384 on at
@@ -193,8 +195,9 @@ def all_forward_kernels() -> list[KernelLaunch]:
         for head_dim, causal in FORWARD_TILES_SM90:
             for pingpong in (True, False):
                 kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong))
-        for head_dim, causal in SHORT_TILES_SM90:  # a short problem: one query row, pads block_m - 1 rows
-            kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, seqlen_q=1))
+        for head_dim, causal in SHORT_TILES_SM90:  # Sq = 1 takes the short tile (it pads fewer rows)
+            for pingpong in (True, False):
+                kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong, seqlen_q=1))
     return kernels
 
 

@@ -11,7 +11,8 @@ NAME[@DIR]=ARGS: ARGS are added to the script's own (after ``--``), DIR runs the
 Then, per configuration, it prints each variant's TFLOP/s in every run, its gain over the first variant (ratio of
 the means over runs) and cuDNN's mean over all runs (the peers run beside every variant).
 
-`--compare FILE...` only prints the table from result files named <prefix>-<NAME>-<run>.json (no GPU needed).
+`--compare FILE...` only prints the table from result files named <prefix>-<NAME>-<run>.json (no GPU needed);
+`--variant NAME=` options given with it set the columns' order, the first being the baseline.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def main() -> None:
     args = parser.parse_args(own)
     if args.compare:
         runs = load_runs(args.compare)
-        print(format_table(compare(runs, impl=args.impl), list(runs)))
+        # --variant NAME= (arguments ignored) sets the column order and the baseline; else the files' order
+        order = [parse_variant(v)[0] for v in args.variant] or list(runs)
+        print(format_table(compare(runs, order, impl=args.impl), order))
         return
     if not args.variant:
         parser.error("give --variant NAME[@DIR]=ARGS (at least one), or --compare FILES")

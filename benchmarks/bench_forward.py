@@ -63,6 +63,8 @@ def main() -> None:
         os.environ["ADAATTN_FORWARD_KERNEL"] = args.kernel
     for override in args.tile90:
         dim, tile = override.split(":")
+        if not 1 <= len(tile.split(",")) <= 3:
+            parser.error(f"--tile90 {override!r}: expected D[c|n]:BN[,STAGES[,BM]] (ping-pong: --kernel sm90_nopp)")
         which = {"c": (True,), "n": (False,)}.get(dim[-1], (False, True))
         for causal in which:  # one tile at every length: the override replaces the short-sequence tile too
             FORWARD_TILES_SM90[(int(dim.rstrip("cn")), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))

@@ -337,14 +337,28 @@ def test_ab_compare_rejects_bad_variants(text):
 
 
 def test_ab_compare_command_line(tmp_path):
-    """`ab_compare.py --compare FILES` prints the table without a GPU; without variants or --out a run is refused."""
-    for name in ("base", "new"):
-        (tmp_path / f"x-{name}-1.json").write_text(json.dumps(_ab_results([(64, 2048, False, 400.0, 450.0)])))
+    """`ab_compare.py --compare FILES` prints the table without a GPU, in the files' order or the order of
+    `--variant NAME=` (the first is the baseline), for `--impl`'s result key; a run without variants or --out is
+    refused."""
+    ours = np.random.default_rng().uniform(300, 600)
+    for name, factor in (("new", 1.1), ("old", 1.0)):
+        results = _ab_results([(64, 2048, False, ours * factor, 450.0)])
+        results["rows"][0]["tflops"]["fp8-kernel"] = 2 * ours * factor
+        (tmp_path / f"x-{name}-1.json").write_text(json.dumps(results))
+    files = sorted(map(str, tmp_path.glob("*.json")))
     script = str(ROOT / "benchmarks" / "ab_compare.py")
-    shown = subprocess.run([sys.executable, script, "--compare", *sorted(map(str, tmp_path.glob("*.json")))],
-                           capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    assert "| 64 | 2048 | no | 400 | 400 | +0.0% | 450 | 0.89 |" in shown.stdout, shown.stdout
+
+    def table(*options: str) -> str:
+        shown = subprocess.run([sys.executable, script, "--compare", *files, *options],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout
+
+    assert f"| 64 | 2048 | no | {ours * 1.1:.0f} | {ours:.0f} | -9.1% | 450 |" in table()
+    assert f"| 64 | 2048 | no | {ours:.0f} | {ours * 1.1:.0f} | +10.0% | 450 |" in table("--variant", "old=",
+                                                                                       "--variant", "new=")
+    assert f"| {2 * ours:.0f} | {2.2 * ours:.0f} | +10.0% |" in table("--variant", "old=", "--variant", "new=",
+                                                                     "--impl", "fp8-kernel")
     refused = subprocess.run([sys.executable, script, "--runs", "2"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "error: give --variant" in refused.stderr, refused.stderr
 

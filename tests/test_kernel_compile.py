@@ -36,26 +36,42 @@ def test_all_instantiations_compile_with_nvrtc():
 
 
 def test_sm90_tile_follows_row_padding():
-    """The wgmma forward keeps its table tile unless the last query block would pad more than MAX_ROW_PADDING of
-    the rows; then it takes the short-sequence tile (causal D=64: 192 rows pad 12.5% at S = 512 and 1024)."""
-    from adaattn_core.launch_config import FORWARD_TILES_SM90, MAX_ROW_PADDING, SHORT_TILES_SM90, sm90_tile
+    """Causal D=64 keeps its 192-row tile unless that tile's last query block would pad more than 10% of the rows
+    and the 128-row short tile pads fewer (192 rows pad 12.5% at S = 512 and 1024, 10.8% at 520 where 128 rows
+    would pad 23%); the short tile runs without ping-pong, and the launch carries both choices."""
+    from adaattn_core.launch_config import FORWARD_TILES_SM90, forward_launch, sm90_tile
 
-    for (head_dim, causal), short in SHORT_TILES_SM90.items():
-        tile = FORWARD_TILES_SM90[(head_dim, causal)]
-        for seqlen_q in (1, 17, 127, 512, 768, 1000, 1024, 1536, 2048, 4097):
-            padding = -seqlen_q % tile.block_m
-            expected = short if padding > MAX_ROW_PADDING * seqlen_q else tile
-            assert sm90_tile(head_dim, causal, seqlen_q) == expected, seqlen_q
-    assert sm90_tile(64, True, 1024).block_m == 128 and sm90_tile(64, True, 2048).block_m == 192
-    assert sm90_tile(64, False, 1024) == FORWARD_TILES_SM90[(64, False)]
-    assert sm90_tile(32, False, 1024) is None
-    # The tile's ping-pong setting reaches the instantiation (the short causal D=64 tile runs without it).
-    from adaattn_core.launch_config import forward_launch
-
-    for seqlen_q in (1000, 2048):
+    rows = {0: 192, 1: 128, 17: 128, 127: 128, 130: 192, 200: 128, 512: 128, 520: 192, 768: 192, 1000: 128,
+            1024: 128, 1536: 192, 2048: 192, 4097: 192}
+    for seqlen_q, block_m in rows.items():
         tile = sm90_tile(64, True, seqlen_q)
-        name = forward_launch("bfloat16", 64, True, use_sm90=True, seqlen_q=seqlen_q).name
-        assert name.endswith(f"{str(tile.pingpong).lower()}>") and f", {tile.block_m}, " in name, name
+        assert tile.block_m == block_m, (seqlen_q, tile)
+        assert tile.pingpong is (block_m == 192), (seqlen_q, tile)
+        launch = forward_launch("bfloat16", 64, True, use_sm90=True, seqlen_q=seqlen_q)
+        assert launch.block_m == block_m and launch.tma_rows == (block_m, 128, 128), (seqlen_q, launch)
+        assert launch.name == (f"attention_fwd_sm90_ws<__nv_bfloat16, 64, {block_m}, 128, 3, true, "
+                               f"{'true' if block_m == 192 else 'false'}>"), launch.name
+        nopp = forward_launch("bfloat16", 64, True, use_sm90=True, pingpong=False, seqlen_q=seqlen_q)
+        assert nopp.name.endswith(", true, false>"), nopp.name
+    for seqlen_q in (1, 512, 1024):  # other head dims and non-causal D=64 have no short tile
+        assert sm90_tile(64, False, seqlen_q) == FORWARD_TILES_SM90[(64, False)]
+        assert sm90_tile(128, True, seqlen_q) == FORWARD_TILES_SM90[(128, True)]
+    assert sm90_tile(32, False, 1024) is None
+
+
+def test_every_reachable_forward_launch_is_compiled():
+    """Whatever tile, ping-pong setting and sequence length a launcher asks for, the instantiation is in
+    all_forward_kernels(), which compile_kernels.py (and the compile tests above) build."""
+    from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES, all_forward_kernels, forward_launch
+
+    compiled = {launch.name for launch in all_forward_kernels()}
+    for dtype in CUDA_TYPES:
+        for head_dim, causal in FORWARD_TILES:
+            for use_sm90 in (False, True):
+                for pingpong in (False, True):
+                    for seqlen_q in (0, 1, 17, 129, 200, 512, 520, 768, 1000, 1024, 2048, 4097):
+                        launch = forward_launch(dtype, head_dim, causal, use_sm90, pingpong, seqlen_q)
+                        assert launch.name in compiled, launch.name
 
 
 def test_sm90_tiles_fit_shared_memory():
