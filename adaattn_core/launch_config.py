@@ -198,7 +198,8 @@ def all_forward_kernels() -> list[KernelLaunch]:
         for head_dim, causal in SHORT_TILES_SM90:  # Sq = 1 takes the short tile (it pads fewer rows)
             for pingpong in (True, False):
                 kernels.append(forward_launch(dtype, head_dim, causal, use_sm90=True, pingpong=pingpong, seqlen_q=1))
-    return kernels
+    # A tile without ping-pong instantiates the same kernel whatever the ping-pong choice: list each once.
+    return list({launch.name: launch for launch in kernels}.values())
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,9 @@ def test_every_reachable_forward_launch_is_compiled():
     all_forward_kernels(), which compile_kernels.py (and the compile tests above) build."""
     from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES, all_forward_kernels, forward_launch
 
-    compiled = {launch.name for launch in all_forward_kernels()}
+    kernels = all_forward_kernels()
+    compiled = {launch.name for launch in kernels}
+    assert len(compiled) == len(kernels), "an instantiation listed twice fails to compile (nvcc: instantiated twice)"
     for dtype in CUDA_TYPES:
         for head_dim, causal in FORWARD_TILES:
             for use_sm90 in (False, True):
