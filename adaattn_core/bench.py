@@ -28,6 +28,7 @@ kind through the same functions: `run_case` takes the implementations to time.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.util
 import json
@@ -58,6 +59,22 @@ FALLBACK_CACHE_BYTES = 64 << 20  # when the cache size cannot be read: larger th
 MAX_INPUT_SETS = 64
 #: The FlashAttention papers' problem sizes: B·S = 16k tokens, H·D = 2048 (B = tokens // S, H = hidden // D).
 PAPER_TOKENS, PAPER_HIDDEN = 16384, 2048
+#: --causal of `adaattn bench` and the benchmark scripts: which causal settings a sweep runs.
+CAUSAL_CHOICES = {"both": (False, True), "no": (False,), "yes": (True,)}
+
+
+def count_type(minimum: int) -> Callable[[str], int]:
+    """An argparse type for sizes and counts: an int >= minimum (argparse names the option and the value in its
+    error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,7 +182,8 @@ class SweepConfig:
         """The table header's problem line; says so when some row's B·S or H·D differs from the requested ones
         (B = max(1, tokens // S) and H = max(1, hidden // D) round down and never reach 0)."""
         dtypes = "+".join(SHORT_DTYPE.get(d, d) for d in self.dtypes)
-        exact = all(c.batch * c.seq == self.tokens and c.heads * c.dim == self.hidden for c in self.cases())
+        exact = (all(self.tokens % s == 0 and s <= self.tokens for s in self.seqs)
+                 and all(self.hidden % d == 0 and d <= self.hidden for d in self.dims))
         rounding = "" if exact else " (B = max(1, B*S // S), H = max(1, H*D // D): some rows differ)"
         return f"B*S={self.tokens}, H*D={self.hidden}{rounding}, {dtypes}, [B,H,S,D]"
 

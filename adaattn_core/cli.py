@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -15,6 +16,7 @@ import numpy as np
 
 from . import __version__
 from .api import attention
+from .bench import CAUSAL_CHOICES, count_type
 from .device import capabilities
 from .policy import POLICIES
 from .problem import describe
@@ -165,12 +167,14 @@ class _Progress:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    device = _pick_device(args.device)
     out_dir = Path(args.out_dir)
     try:  # before the sweep, not after it: a folder that cannot be written would lose the results
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--out-dir {args.out_dir}: cannot create the folder ({error.strerror})") from error
-    device = _pick_device(args.device)
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out-dir {args.out_dir}: expected a folder this user can write to")
     config = bench.SweepConfig.defaults(device, quick=args.quick)
     for name in ("seqs", "dims"):
         values = getattr(args, name)
@@ -182,7 +186,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.dtype:
         config.dtypes = tuple(args.dtype)
     config.policies = tuple(args.policy or ("exact",))
-    config.causal = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]
+    config.causal = CAUSAL_CHOICES[args.causal]
     config.peers = args.peers
 
     results = bench.sweep(config, progress=_Progress(len(config.cases())))
@@ -199,19 +203,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= minimum (argparse names the option and the value in its error)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaattn", description="AdaAttn adaptive attention kernels")
     parser.add_argument("--version", action="version", version=f"adaattn {__version__}")
@@ -222,19 +213,20 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_cmd_info)
 
     run = sub.add_parser("run", help="time one attention call and check it against float64")
-    run.add_argument("--batch", type=_count(1), default=1)
-    run.add_argument("--heads", type=_count(1), default=8, help="query heads")
-    run.add_argument("--kv-heads", type=_count(1), default=None, help="key/value heads (GQA); default = --heads")
-    run.add_argument("--seq", type=_count(1), default=1024, help="query sequence length")
-    run.add_argument("--seq-k", type=_count(0), default=None, help="key sequence length (0: no keys); default = --seq")
-    run.add_argument("--dim", type=_count(1), default=64, help="head dimension")
+    run.add_argument("--batch", type=count_type(1), default=1)
+    run.add_argument("--heads", type=count_type(1), default=8, help="query heads")
+    run.add_argument("--kv-heads", type=count_type(1), default=None, help="key/value heads (GQA); default = --heads")
+    run.add_argument("--seq", type=count_type(1), default=1024, help="query sequence length")
+    run.add_argument("--seq-k", type=count_type(0), default=None,
+                     help="key sequence length (0: no keys); default = --seq")
+    run.add_argument("--dim", type=count_type(1), default=64, help="head dimension")
     run.add_argument("--causal", action="store_true")
     run.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "float64"], default=None,
                      help="default: bfloat16 on a GPU, float32 on the CPU")
     run.add_argument("--policy", choices=sorted(POLICIES), default="exact")
     run.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    run.add_argument("--repeat", type=_count(1), default=5, help="timed calls after one warm-up")
-    run.add_argument("--seed", type=_count(0), default=None, help="input seed; default: fresh inputs each run")
+    run.add_argument("--repeat", type=count_type(1), default=5, help="timed calls after one warm-up")
+    run.add_argument("--seed", type=count_type(0), default=None, help="input seed; default: fresh inputs each run")
     run.add_argument("--json", action="store_true", help="print JSON instead of text")
     run.set_defaults(handler=_cmd_run)
 
@@ -243,9 +235,10 @@ def _parser() -> argparse.ArgumentParser:
                                        "over sequence lengths and head dims: B = tokens // S, H = hidden // D. "
                                        "GPU: CUDA events; CPU: perf_counter. Prints a table and writes "
                                        "<out-dir>/<date>-<device>-fwd.json and .png.")
-    bench.add_argument("--seqs", type=_count(1), nargs="+", default=None, help="sequence lengths (default: per device)")
-    bench.add_argument("--dims", type=_count(1), nargs="+", default=None, help="head dims (default: per device)")
-    bench.add_argument("--causal", choices=["yes", "no", "both"], default="both")
+    bench.add_argument("--seqs", type=count_type(1), nargs="+", default=None,
+                       help="sequence lengths (default: per device)")
+    bench.add_argument("--dims", type=count_type(1), nargs="+", default=None, help="head dims (default: per device)")
+    bench.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both")
     bench.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32", "float64"], default=None,
                        help="default: bfloat16 on a GPU, float32 on the CPU")
     bench.add_argument("--policy", nargs="+", choices=sorted(POLICIES), default=None, help="default: exact")
@@ -254,17 +247,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="also time torch SDPA backends / SageAttention where installed (default: yes)")
     bench.add_argument("--out-dir", default="adaattn-bench", help="where the JSON and PNG go (default: %(default)s)")
     bench.add_argument("--quick", action="store_true", help="a small sweep (GPU: S 1k/4k, D 64/128; CPU: tiny)")
-    bench.add_argument("--tokens", type=_count(1), default=None, help="B*S (default: 16384 on a GPU)")
-    bench.add_argument("--hidden", type=_count(1), default=None, help="H*D (default: 2048 on a GPU)")
-    bench.add_argument("--warmup", type=_count(0), default=None, help="untimed calls before timing")
-    bench.add_argument("--repeat", type=_count(1), default=None, help="timed calls; the median is reported")
-    bench.add_argument("--seed", type=_count(0), default=None, help="input seed; default: fresh inputs each run")
+    bench.add_argument("--tokens", type=count_type(1), default=None, help="B*S (default: 16384 on a GPU)")
+    bench.add_argument("--hidden", type=count_type(1), default=None, help="H*D (default: 2048 on a GPU)")
+    bench.add_argument("--warmup", type=count_type(0), default=None, help="untimed calls before timing")
+    bench.add_argument("--repeat", type=count_type(1), default=None, help="timed calls; the median is reported")
+    bench.add_argument("--seed", type=count_type(0), default=None, help="input seed; default: fresh inputs each run")
     bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)  # sizes are checked by their argparse types (_count)
+    args = _parser().parse_args(argv)  # sizes are checked by their argparse types (count_type)
     try:
         return args.handler(args)
     except (TypeError, ValueError) as error:

@@ -44,6 +44,7 @@ from .launch_config import (
     KernelLaunch,
     backward_launches,
     backward_sm90_launch,
+    check_grid,
 )
 from .loader import get_kernel
 from .problem import LOG2E, AttentionProblem
@@ -145,9 +146,8 @@ def _plan(problem: AttentionProblem, device_id: int, deterministic: bool) -> _Pl
     else:
         dq = launches["dq_convert"]
         dq_grid = _ceil_div(B * Hq * Sq * D // 8, BACKWARD_ELEMENTWISE_THREADS)
-    grids = (_ceil_div(rows, _preprocess_rows_per_block(D)), _ceil_div(Sk, block_n) * Hkv * B, dq_grid)
-    if max(grids) >= 2**31:
-        raise ValueError(f"problem too large for one launch: {max(grids)} thread blocks (limit 2**31 - 1)")
+    preprocess_grid = _ceil_div(rows, _preprocess_rows_per_block(D))
+    grids = [check_grid(blocks) for blocks in (preprocess_grid, _ceil_div(Sk, block_n) * Hkv * B, dq_grid)]
     return _Plan(
         preprocess=(_kernel(launches["preprocess"]), grids[0]),
         dkdv=(_kernel(dkdv), grids[1], dkdv.threads, dkdv.smem_bytes),

@@ -17,7 +17,14 @@ import numpy as np
 
 from ._arrays import on_device
 from .cuda_common import common_unsupported_reason, readable, sm_count, tile_counter, tma_maps, writable
-from .launch_config import FORWARD_HEAD_DIMS, SM90_MIN_SEQLEN_K, KernelLaunch, forward_launch, persistent_grid
+from .launch_config import (
+    FORWARD_HEAD_DIMS,
+    SM90_MIN_SEQLEN_K,
+    KernelLaunch,
+    check_grid,
+    forward_launch,
+    persistent_grid,
+)
 from .loader import get_kernel
 from .problem import LOG2E, AttentionProblem
 
@@ -42,7 +49,8 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
     return None
 
 
-def _choice() -> str:
+def kernel_choice() -> str:
+    """$ADAATTN_FORWARD_KERNEL (default "auto"); ValueError naming it and KERNEL_CHOICES for another value."""
     choice = os.environ.get("ADAATTN_FORWARD_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"ADAATTN_FORWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
@@ -52,7 +60,7 @@ def _choice() -> str:
 def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
     import cupy
 
-    choice = _choice()
+    choice = kernel_choice()
     if choice == "sm80" or cupy.cuda.Device(device_id).compute_capability != "90":
         return False
     return choice != "auto" or problem.seqlen_k >= SM90_MIN_SEQLEN_K
@@ -61,7 +69,7 @@ def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
 def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
     """The forward kernel for a problem under $ADAATTN_FORWARD_KERNEL."""
     return forward_launch(problem.dtype, problem.head_dim, problem.causal, _use_sm90(problem, device_id),
-                          pingpong=_choice() != "sm90_nopp", seqlen_q=problem.seqlen_q)
+                          pingpong=kernel_choice() != "sm90_nopp", seqlen_q=problem.seqlen_q)
 
 
 @lru_cache(maxsize=512)
@@ -71,10 +79,7 @@ def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
     tiles = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
-    sms = sm_count(device_id)
-    if tiles + sms >= 2**31:  # a persistent kernel's tile counter runs up to tiles + grid - 1
-        raise ValueError(f"problem too large for one launch: {tiles} query tiles (limit 2**31 - 1 - {sms} SMs)")
-    grid = persistent_grid(tiles, sms) if launch.persistent else tiles
+    grid = persistent_grid(tiles, sm_count(device_id)) if launch.persistent else check_grid(tiles)
     return kernel, grid, launch
 
 

@@ -29,6 +29,7 @@ from .launch_config import (
     FP8_STATS_BLOCKS,
     FP8_STATS_MIN_ROWS,
     KernelLaunch,
+    check_grid,
     fp8_launches,
 )
 from .loader import get_kernel
@@ -98,12 +99,6 @@ def _ceil_to(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def _check_grid(grid: int) -> int:
-    if grid >= 2**31:
-        raise ValueError(f"problem too large for one launch: {grid} thread blocks (limit 2**31 - 1)")
-    return grid
-
-
 def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int], rotate: bool = True) -> Fp8Tensors:
     """Quantise q (query heads `heads`), k and v (every KV head) to e4m3 with the kernel's scales; `rotate`
     applies the Hadamard rotation along the head dim to Q and K first (Q Kᵀ unchanged, outliers spread).
@@ -137,14 +132,14 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     i32, i64 = np.int32, np.int64
 
     kernel, launch = kernels["stats"]
-    kernel((_check_grid(splits * hkv * b),), (launch.threads,),
+    kernel((check_grid(splits * hkv * b),), (launch.threads,),
            (k, v, *map(i64, ks[:3]), *map(i64, vs[:3]), i32(hkv), i32(b), i32(problem.seqlen_k),
             i32(rows_per_split), i32(splits), partial, counters, stats))
     kernel, launch = kernels["quantize"]
     v_keys = 16 * launch.threads // (d // 8)  # keys per V block of quantize_fp8_qkv
     grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // FP8_BLOCK_N * hkv * b
             + -(-sk_pad // v_keys) * hkv * b)
-    kernel((_check_grid(grid),), (launch.threads,),
+    kernel((check_grid(grid),), (launch.threads,),
            (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), on_device(cupy, heads, np.int32),
             i32(len(heads)), i32(hq), i32(hkv), i32(b), i32(problem.seqlen_q), i32(problem.seqlen_k), stats,
             qq, sq, row_bias, kq, sk, vt))
@@ -175,7 +170,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     # The forward kernel does not depend on the rotation (Q Kᵀ is unchanged): the rotate=True set serves both.
     kernel, launch = _kernels(problem, device, True)["forward"]
     target, o_strides = writable(out)
-    grid = _check_grid(-(-problem.seqlen_q // FP8_BLOCK_M) * len(heads) * problem.batch)
+    grid = check_grid(-(-problem.seqlen_q // FP8_BLOCK_M) * len(heads) * problem.batch)
     kernel(
         (grid,),
         (launch.threads,),

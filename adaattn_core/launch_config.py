@@ -149,9 +149,24 @@ class KernelLaunch:
     persistent: bool = False
 
 
+#: CUDA's limit on grid.x, and the int32 range of the kernels' block and tile indices.
+MAX_GRID = 2**31 - 1
+
+
+def check_grid(blocks: int) -> int:
+    """`blocks` if one launch can have that many (grid.x); else ValueError with the count and the limit."""
+    if blocks > MAX_GRID:
+        raise ValueError(f"problem too large for one launch: {blocks} thread blocks, expected at most {MAX_GRID}")
+    return blocks
+
+
 def persistent_grid(work_tiles: int, sm_count: int) -> int:
     """Blocks of a persistent kernel: one per SM (its tiles use most of an SM's shared memory and registers),
-    fewer when there are fewer work tiles."""
+    fewer when there are fewer work tiles. Raises ValueError when its int32 tile counter, which runs up to
+    work_tiles + grid − 1, would overflow."""
+    if work_tiles + sm_count > MAX_GRID:
+        raise ValueError(f"problem too large for one launch: {work_tiles} query tiles, expected at most "
+                         f"{MAX_GRID - sm_count} ({MAX_GRID} less the {sm_count} SMs)")
     return min(work_tiles, sm_count)
 
 

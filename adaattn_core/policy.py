@@ -31,6 +31,11 @@ PATHS = ("dense", "lowrank")
 FP8 = "float8_e4m3"
 
 
+def _is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool (True is an int to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 @dataclass(frozen=True)
 class HeadPlan:
     """How one query head is computed: `path` in PATHS, `precision` a dtype name, `rank` for lowrank."""
@@ -44,8 +49,7 @@ class HeadPlan:
         path is "lowrank" (a custom policy's plan would otherwise run a head on a path it did not ask for)."""
         if self.path not in PATHS:
             raise ValueError(f"HeadPlan: path must be one of {PATHS}, got {self.path!r}")
-        rank_ok = (isinstance(self.rank, numbers.Integral) and not isinstance(self.rank, (bool, np.bool_))
-                   and self.rank >= 1)
+        rank_ok = _is_int(self.rank) and self.rank >= 1
         if (self.path == "lowrank") != rank_ok:
             expected = "a positive int" if self.path == "lowrank" else "None"
             raise ValueError(f"HeadPlan: rank of a {self.path} head must be {expected}, got {self.rank!r}")
@@ -126,8 +130,7 @@ def check_number(owner: str, name: str, value: Any, kind: type) -> None:
     """A policy's numeric option: an int (kind=int; not a bool) or a real number that is not NaN (kind=float; inf
     may be meaningful, e.g. the "fp8" preset's tolerance); TypeError or ValueError naming `owner`'s option
     otherwise (range checks are the caller's)."""
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if kind is int and not is_int:
+    if kind is int and not _is_int(value):
         raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
     if kind is float:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

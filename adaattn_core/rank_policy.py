@@ -126,8 +126,8 @@ class RankPolicy(Policy):
     name: str = "lowrank"
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):  # annotations are strings here, types in a subclass without
-            kind = {"int": int, "float": float, "bool": bool}.get(field.type, field.type)  # future annotations
+        for field in dataclasses.fields(self):  # each option's kind is its default's type
+            kind = type(field.default)
             if kind in (int, float):
                 check_number("RankPolicy", field.name, getattr(self, field.name), kind)
             elif kind is bool:

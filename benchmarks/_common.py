@@ -37,30 +37,27 @@ def headline(env: dict[str, Any], package: str = "torch") -> str:
     return f"# {env['gpu']}, driver {env['driver']}, {package} {env.get(package)}"
 
 
-#: --causal: which causal settings a sweep runs.
-CAUSAL_CHOICES = {"both": (False, True), "no": (False,), "yes": (True,)}
-
-
 def sweep_parser(doc: str | None, *, seqs: Sequence[int], dims: Sequence[int], repeat: int,
                  warmup: int = 5) -> argparse.ArgumentParser:
     """The options every sweep takes (--seqs, --dims, --causal, --warmup, --repeat, --out); scripts add their
     own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqs", type=int, nargs="+", default=list(seqs))
-    parser.add_argument("--dims", type=int, nargs="+", default=list(dims))
-    parser.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both",
+    parser.add_argument("--seqs", type=bench.count_type(1), nargs="+", default=list(seqs))
+    parser.add_argument("--dims", type=bench.count_type(1), nargs="+", default=list(dims))
+    parser.add_argument("--causal", choices=sorted(bench.CAUSAL_CHOICES), default="both",
                         help="non-causal rows, causal rows or both (default)")
-    parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--warmup", type=bench.count_type(0), default=warmup)
+    parser.add_argument("--repeat", type=bench.count_type(1), default=repeat)
     parser.add_argument("--out", default=None, help="JSON file to write")
     return parser
 
 
-def paper_grid(args: argparse.Namespace) -> Iterator[Row]:
+def paper_grid(args: argparse.Namespace, kinds: Sequence[str] = ()) -> Iterator[Row]:
     """The sweep's configurations in table order: every D of `args`, then causal (no, yes; `args.causal` may keep
-    one), then every S."""
-    for dim, causal, seq in itertools.product(args.dims, CAUSAL_CHOICES[args.causal], args.seqs):
-        yield {"seq": seq, "dim": dim, "causal": causal}
+    one), then every input kind of `kinds` if given (rows then carry "kind"), then every S."""
+    for dim, causal, kind, seq in itertools.product(args.dims, bench.CAUSAL_CHOICES[args.causal], kinds or [None],
+                                                    args.seqs):
+        yield {"seq": seq, "dim": dim, "causal": causal, **({"kind": kind} if kind is not None else {})}
 
 
 def prefix(row: Row) -> str:

@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from adaattn_core.bench import format_number
+from adaattn_core.bench import count_type, format_number
 
 HERE = Path(__file__).resolve().parent
 PEER = "torch-cudnn"
@@ -101,38 +101,47 @@ def format_table(table: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+#: The scripts whose rows compare by (D, S, causal) and carry TFLOP/s per implementation.
+SCRIPTS = ("bench_forward.py", "bench_fp8.py", "bench_backward.py")
+
+
 def main() -> None:
     argv = sys.argv[1:]
-    script_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, script_args = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME[@DIR]=ARGS")
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=count_type(1), default=2)
     parser.add_argument("--out", help="prefix of the result files: <out>-<NAME>-<run>.json")
-    parser.add_argument("--script", default="bench_forward.py", help="benchmark script in benchmarks/")
+    parser.add_argument("--script", choices=SCRIPTS, default="bench_forward.py", help="benchmark script in benchmarks/")
     parser.add_argument("--impl", default="adaattn",
                         help="the result key compared (e.g. fp8-kernel with --script bench_fp8.py)")
     parser.add_argument("--compare", nargs="+", metavar="FILE", help="only tabulate existing result files")
     args = parser.parse_args(own)
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+        runs = load_runs(args.compare) if args.compare else {}
+    except ValueError as error:
+        parser.error(str(error))
+    names = [name for name, _, _ in variants]
     if args.compare:
-        runs = load_runs(args.compare)
         # --variant NAME= (arguments ignored) sets the column order and the baseline; else the files' order
-        order = [parse_variant(v)[0] for v in args.variant] or list(runs)
+        missing = [name for name in names if name not in runs]
+        if missing:
+            parser.error(f"--variant {missing[0]}: no result file for it among --compare (found: {', '.join(runs)})")
+        order = names or list(runs)
         print(format_table(compare(runs, order, impl=args.impl), order))
         return
     if not args.variant:
         parser.error("give --variant NAME[@DIR]=ARGS (at least one), or --compare FILES")
     if not args.out:
         parser.error("give --out PREFIX (result files <PREFIX>-<NAME>-<run>.json)")
-    if args.runs < 1:
-        parser.error(f"--runs must be >= 1, got {args.runs}")
-    variants = [parse_variant(v) for v in args.variant]
-    names = [name for name, _, _ in variants]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    roots = {name: Path(directory).resolve() if directory else HERE.parent for name, directory, _ in variants}
+    runs = {name: [] for name in names}
     for run in range(1, args.runs + 1):
-        for name, directory, extra in variants:
+        for name, _, extra in variants:
             out = Path(f"{args.out}-{name}-{run}.json").resolve()
-            root = Path(directory).resolve() if directory else HERE.parent
+            root = roots[name]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
             print(f"== {name} run {run}", flush=True)
             done = subprocess.run([sys.executable, str(root / "benchmarks" / args.script), *script_args, *extra,

@@ -13,6 +13,7 @@ What the scripts share beyond `adaattn_core.bench` (environment, command line, l
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,30 @@ def _line(row: dict[str, Any]) -> str:
             f"{format_number(r.get('torch-cudnn'), '6.2f')} | {row.get('rel_l2_vs_torch_flash', float('nan')):.1e}")
 
 
+def _parse_tile(parser: argparse.ArgumentParser, option: str, text: str, kind: type, syntax: str, least: int,
+                most: int) -> tuple[list[tuple[int, bool]], Any]:
+    """A tile override "D[c|n]:N,N,..." as its (head dim, causal) keys (both unless c or n follows D) and the tile
+    `kind`(*numbers) with `least` to `most` numbers; parser.error naming the option and `syntax` otherwise."""
+    dim, _, numbers = text.partition(":")
+    causal = {"c": (True,), "n": (False,)}.get(dim[-1:], (False, True))
+    fields = numbers.split(",")
+    head_dim = dim.rstrip("cn")
+    if not (head_dim.isdigit() and least <= len(fields) <= most and all(f.isdigit() for f in fields)):
+        parser.error(f"{option} {text!r}: expected {syntax}")
+    return [(int(head_dim), c) for c in causal], kind(*map(int, fields))
+
+
+def _tiles(table: dict[tuple[int, bool], Any], dims: list[int]) -> dict[str, dict[str, Any]]:
+    """A tile table as the results file records it: {"64": {...}, "64c": {...}} for the swept head dims."""
+    return {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in table.items() if d in dims}
+
+
 def main() -> None:
     parser = sweep_parser(__doc__, seqs=[512, 1024, 2048, 4096, 8192, 16384], dims=[64, 128, 256], repeat=30)
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out (needs matplotlib)")
-    parser.add_argument("--tile", action="append", default=[], metavar="D:BM,BN,WARPS",
-                        help="tuning only: override the forward tiles of head dim D (repeatable)")
+    parser.add_argument("--tile", action="append", default=[], metavar="D[c|n]:BM,BN,WARPS",
+                        help="tuning only: override the mma.sync forward tiles of head dim D, causal (c) or "
+                             "non-causal (n) only with a suffix (repeatable)")
     parser.add_argument("--tile90", action="append", default=[], metavar="D[c|n]:BN[,STAGES[,BM]]",
                         help="tuning only: override the sm_90a forward tiles of head dim D, causal (c) or "
                              "non-causal (n) only with a suffix (repeatable)")
@@ -62,25 +82,18 @@ def main() -> None:
     if args.kernel:
         os.environ["ADAATTN_FORWARD_KERNEL"] = args.kernel
     for override in args.tile90:
-        dim, tile = override.split(":")
-        if not 1 <= len(tile.split(",")) <= 3:
-            parser.error(f"--tile90 {override!r}: expected D[c|n]:BN[,STAGES[,BM]] (ping-pong: --kernel sm90_nopp)")
-        which = {"c": (True,), "n": (False,)}.get(dim[-1], (False, True))
-        for causal in which:  # one tile at every length: the override replaces the short-sequence tile too
-            FORWARD_TILES_SM90[(int(dim.rstrip("cn")), causal)] = Sm90Tile(*(int(x) for x in tile.split(",")))
-            SHORT_TILES_SM90.pop((int(dim.rstrip("cn")), causal), None)
+        keys, tile = _parse_tile(parser, "--tile90", override, Sm90Tile, "D[c|n]:BN[,STAGES[,BM]]", 1, 3)
+        for key in keys:  # one tile at every length: the override replaces the short-sequence tile too
+            FORWARD_TILES_SM90[key] = tile
+            SHORT_TILES_SM90.pop(key, None)
     for override in args.tile:
-        dim, tile = override.split(":")
-        for causal in (False, True):
-            FORWARD_TILES[(int(dim), causal)] = ForwardTile(*(int(x) for x in tile.split(",")))
+        keys, tile = _parse_tile(parser, "--tile", override, ForwardTile, "D[c|n]:BM,BN,WARPS", 3, 3)
+        FORWARD_TILES.update(dict.fromkeys(keys, tile))
 
     results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D]", "rows": [],
-               "kernel": os.environ.get("ADAATTN_FORWARD_KERNEL", "auto"),
-               "tiles": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES.items() if d in args.dims},
-               "tiles_sm90": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in FORWARD_TILES_SM90.items()
-                              if d in args.dims},
-               "short_tiles_sm90": {f"{d}{'c' if c else ''}": vars(t) for (d, c), t in SHORT_TILES_SM90.items()
-                                    if d in args.dims}}
+               "kernel": cuda_forward.kernel_choice(), "tiles": _tiles(FORWARD_TILES, args.dims),
+               "tiles_sm90": _tiles(FORWARD_TILES_SM90, args.dims),
+               "short_tiles_sm90": _tiles(SHORT_TILES_SM90, args.dims)}
     print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | {'ours':>6} {'flash':>6} {'cudnn':>6} {'effic':>6} | "
           f"{'/flash':>6} {'/cudnn':>6} | rel_l2")

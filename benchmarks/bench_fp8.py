@@ -61,10 +61,8 @@ def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     case = bench.paper_case(seq, dim, causal)
     sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case))
-    peers, skipped = bench.resolve_peers(list(PEERS), "gpu", ["bfloat16"])
-    row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=peers, warmup=warmup,
-                         repeat=repeat, sets=sets)
-    row.setdefault("unsupported", {}).update(skipped)
+    row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=[bench.PEERS[name] for name in PEERS],
+                         warmup=warmup, repeat=repeat, sets=sets)
     try:
         impls = _fp8_impls(sets, causal)
         row["rel_l2_vs_float64"]["adaattn-fp8-call"] = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256)
@@ -72,7 +70,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
             row["ms"][name] = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
             row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
     except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
-        row["unsupported"]["adaattn-fp8-call"] = bench.short_error(error)
+        row.setdefault("unsupported", {})["adaattn-fp8-call"] = bench.short_error(error)
     ms = row["ms"]
     fp8 = ms.get("adaattn-fp8-call")
     row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)

@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
 # benchmarks/ is the script's directory
-from _common import CAUSAL_CHOICES, environment, headline, prefix, run_grid, save, sweep_parser
+from _common import environment, headline, paper_grid, prefix, run_grid, save, sweep_parser
 
 from adaattn_core import Report, attention, bench, estimators, lowrank
 from adaattn_core.bench import format_number
@@ -192,8 +191,8 @@ def _line(row: dict[str, Any]) -> str:
 def main() -> None:
     parser = sweep_parser(__doc__, seqs=[2048, 4096, 8192, 16384, 32768], dims=[128, 64], warmup=3, repeat=10)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--batch", type=bench.count_type(1), default=1)
+    parser.add_argument("--heads", type=bench.count_type(1), default=16)
     parser.add_argument("--quick", action="store_true", help="S 8k and 32k, D 128 only")
     parser.add_argument("--no-performer", action="store_true")
     parser.add_argument("--spectral", action="store_true", help="RankPolicy(spectral=True): the pooled-map "
@@ -212,9 +211,7 @@ def main() -> None:
     print(f"{'kind':>8} {'D':>4} {'S':>6} {'causal':>6} | {'dense':>7} {'lowrank':>7} {'plan':>6} {'prep':>6} "
           f"{'lr_fwd':>6} {'favor+':>7} | {'speedup':>7} {'ovh':>5} {'dec':>5} {'syncs':>5} | {'err lr':>7} "
           f"{'err fav':>7} | low-rank heads")
-    grid = itertools.product(args.dims, CAUSAL_CHOICES[args.causal], args.kinds, args.seqs)
-    configs = ({"kind": kind, "seq": seq, "dim": dim, "causal": causal} for dim, causal, kind, seq in grid)
-    results["rows"] = run_grid(configs, run_config, _line, args=args)
+    results["rows"] = run_grid(paper_grid(args, kinds=args.kinds), run_config, _line, args=args)
     results["crossover"] = crossovers(results["rows"])
     for entry in results["crossover"]:
         print(f"crossover {entry['kind']} D={entry['dim']} causal={entry['causal']}: {entry['crossover_seq']}")

@@ -351,3 +351,20 @@ def test_policy_options_keep_their_meaningful_values(qkv):
     aa.RankPolicy(retry_margin=math.inf)
     plan = Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan("lowrank", "float32", np.int64(2)),))
     assert aa.attention(q, k, v, policy=_FixedPlan(plan)).shape == q.shape
+
+
+def test_grid_limits_name_the_count_and_the_limit():
+    """One launch takes at most 2**31 - 1 blocks; a persistent kernel's int32 tile counter reaches tiles + grid - 1,
+    so its tiles are limited by that less the SMs. Within the limits the grid is returned (min(tiles, SMs) for a
+    persistent kernel); past them a ValueError names the count and the limit."""
+    from adaattn_core.launch_config import MAX_GRID, check_grid, persistent_grid
+
+    sms = int(np.random.default_rng().integers(1, 200))
+    assert check_grid(MAX_GRID) == MAX_GRID
+    with pytest.raises(ValueError, match=f"{MAX_GRID + 1} thread blocks, expected at most {MAX_GRID}"):
+        check_grid(MAX_GRID + 1)
+    assert persistent_grid(1, sms) == 1
+    assert persistent_grid(10 * sms, sms) == sms
+    assert persistent_grid(MAX_GRID - sms, sms) == sms
+    with pytest.raises(ValueError, match=f"{MAX_GRID - sms + 1} query tiles, expected at most {MAX_GRID - sms}"):
+        persistent_grid(MAX_GRID - sms + 1, sms)
