@@ -30,12 +30,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from .cuda_common import common_unsupported_reason, element_strides, readable, writable
+from .cuda_common import (
+    common_unsupported_reason,
+    element_strides,
+    readable,
+    shared_memory_optin,
+    shared_memory_reason,
+    writable,
+)
 from .launch_config import (
     BACKWARD_ELEMENTWISE_THREADS,
     BACKWARD_ROW_PAD,
@@ -48,8 +55,6 @@ from .launch_config import (
 )
 from .loader import get_kernel
 from .problem import LOG2E, AttentionProblem
-
-_ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 #: $ADAATTN_BACKWARD_KERNEL, read when a launch plan is first built: "auto" and "sm90" use the wgmma dK/dV
 #: kernel on Hopper (sm_90) for the head dims it has tiles for when dq need not be deterministic; "sm80"
@@ -72,21 +77,9 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
         return f"head dim {problem.head_dim} (fused backward takes {sorted(BACKWARD_TILES)})"
     import cupy
 
-    needed = _max_smem(problem.dtype, problem.head_dim, problem.causal)
-    available = _smem_optin(cupy.cuda.runtime.getDevice())
-    if needed > available:
-        return (f"head dim {problem.head_dim} needs {needed} bytes of shared memory per block, "
-                f"this GPU allows {available}")
-    return None
-
-
-@cache
-def _smem_optin(device_id: int) -> int:
-    """The device's opt-in shared memory per block (bytes), queried once per device: every backward call
-    asks `unsupported_reason`."""
-    import cupy
-
-    return cupy.cuda.runtime.deviceGetAttribute(_ATTR_MAX_SMEM_OPTIN, device_id)
+    return shared_memory_reason(f"head dim {problem.head_dim}",
+                                _max_smem(problem.dtype, problem.head_dim, problem.causal),
+                                shared_memory_optin(cupy.cuda.runtime.getDevice()))
 
 
 def _preprocess_rows_per_block(head_dim: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from .device import capabilities
@@ -23,6 +23,26 @@ def common_unsupported_reason(problem: AttentionProblem) -> str | None:
     if problem.seqlen_k == 0:
         return "Sk = 0 (no keys: the blocked path writes zeros and lse = -inf)"
     return None
+
+
+_ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
+@cache
+def shared_memory_optin(device_id: int) -> int:
+    """The device's opt-in dynamic shared memory per block (bytes), queried once per device: the launchers'
+    `unsupported_reason` asks on every call."""
+    import cupy
+
+    return cupy.cuda.runtime.deviceGetAttribute(_ATTR_MAX_SMEM_OPTIN, device_id)
+
+
+def shared_memory_reason(what: str, needed: int, available: int) -> str | None:
+    """Why a kernel needing `needed` bytes of shared memory per block cannot run where `available` are allowed
+    (None when it can): the caller then takes the blocked path instead of a launch that would fail."""
+    if needed <= available:
+        return None
+    return f"{what} needs {needed} bytes of shared memory per block, this GPU allows {available}"
 
 
 def element_strides(x: Any) -> tuple[int, ...]:

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 
 from ._arrays import on_device
-from .cuda_common import common_unsupported_reason, readable, sm_count, tile_counter, tma_maps, writable
+from .cuda_common import (
+    common_unsupported_reason,
+    readable,
+    shared_memory_optin,
+    shared_memory_reason,
+    sm_count,
+    tile_counter,
+    tma_maps,
+    writable,
+)
 from .launch_config import (
     FORWARD_HEAD_DIMS,
     SM90_MIN_SEQLEN_K,
@@ -46,7 +55,18 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
     if problem.scale <= 0:
         # The kernel takes row maxima of raw scores and folds the scale in afterwards: needs scale > 0.
         return f"scale {problem.scale} (fused kernels need scale > 0)"
-    return None
+    import cupy
+
+    return _shared_memory_reason(problem, cupy.cuda.runtime.getDevice(), kernel_choice())
+
+
+@lru_cache(maxsize=512)
+def _shared_memory_reason(problem: AttentionProblem, device_id: int, choice: str) -> str | None:
+    """Whether the kernel chosen for `problem` (under $ADAATTN_FORWARD_KERNEL = `choice`) fits the device's shared
+    memory (e.g. the mma.sync tile of D = 256 needs 192 KB, more than an A100's 163 KB): once per problem."""
+    launch = _select(problem, device_id)
+    return shared_memory_reason(f"head dim {problem.head_dim} ({launch.source})", launch.smem_bytes,
+                                shared_memory_optin(device_id))
 
 
 def kernel_choice() -> str:

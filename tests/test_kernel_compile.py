@@ -83,3 +83,27 @@ def test_sm90_tiles_fit_shared_memory():
     for table in (FORWARD_TILES_SM90, SHORT_TILES_SM90):
         for (head_dim, _), tile in table.items():
             assert tile.smem_bytes(head_dim) <= 227 * 1024, (head_dim, tile)
+
+
+def test_kernels_that_exceed_a_gpus_shared_memory_are_refused():
+    """A tile that needs more shared memory per block than the GPU allows must make the launcher decline (the
+    blocked path then runs) instead of failing at launch: the mma.sync forward at D = 256 needs more than an A100's
+    opt-in 163 KB, and a consumer Ampere/Ada card (99 KB) is short from D = 192."""
+    from adaattn_core.cuda_common import shared_memory_reason
+    from adaattn_core.launch_config import FORWARD_TILES, forward_launch
+
+    a100, consumer = 166_912, 101_376
+    for (head_dim, causal) in FORWARD_TILES:
+        launch = forward_launch("bfloat16", head_dim, causal, use_sm90=False)
+        for available in (a100, consumer):
+            reason = shared_memory_reason(f"head dim {head_dim}", launch.smem_bytes, available)
+            if launch.smem_bytes <= available:
+                assert reason is None
+            else:
+                assert reason == (f"head dim {head_dim} needs {launch.smem_bytes} bytes of shared memory per "
+                                  f"block, this GPU allows {available}")
+    d256 = forward_launch("bfloat16", 256, False, use_sm90=False).smem_bytes
+    assert shared_memory_reason("head dim 256", d256, a100) is not None  # the case this check exists for
+    d192 = forward_launch("bfloat16", 192, False, use_sm90=False).smem_bytes
+    assert shared_memory_reason("head dim 192", d192, a100) is None
+    assert shared_memory_reason("head dim 192", d192, consumer) is not None
