@@ -344,10 +344,10 @@ class PrecisionPolicy(Policy):
     def __init__(self, preset: str = "balanced", *, overrides: dict[int, str] | None = None,
                  sample_rows: int = 64, emulate: bool = False, tolerance: float | None = None) -> None:
         if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+            raise ValueError(f"PrecisionPolicy: preset must be one of {sorted(PRESETS)}, got {preset!r}")
         check_number("PrecisionPolicy", "sample_rows", sample_rows, int)
         if sample_rows < 1:
-            raise ValueError(f"sample_rows must be >= 1, got {sample_rows}")
+            raise ValueError(f"PrecisionPolicy: sample_rows must be >= 1, got {sample_rows}")
         if tolerance is not None:
             check_number("PrecisionPolicy", "tolerance", tolerance, float)
             if tolerance <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import GRADIENT_FACTOR, assert_close_to_naive, make_qkv, max_abs, naive_same_dtype, rel_l2
+from conftest import GRADIENT_FACTOR, assert_close_to_naive, make_qkv, max_abs, naive_same_dtype, rel_l2, to_host64
 
 import adaattn_core as aa
 
@@ -25,10 +25,6 @@ def _tensors(arrays, *, device="cpu", dtype=None, grad=False):
         t = t.to(dtype) if dtype is not None else t.to(getattr(torch, a.dtype.name))
         out.append(t.requires_grad_(grad))
     return out
-
-
-def _host64(t):
-    return t.detach().double().cpu().numpy()
 
 
 def _sdpa(q, k, v, *, causal=False, layout="bhsd"):
@@ -118,7 +114,7 @@ def test_bfloat16_on_cpu(rng):
     assert out.dtype == torch.bfloat16
     ref, _ = aa.attention_reference(*arrays, causal=True)
     naive = naive_same_dtype(*arrays, causal=True, layout="bhsd")
-    assert_close_to_naive(_host64(out), ref, naive)
+    assert_close_to_naive(to_host64(out), ref, naive)
     out.float().sum().backward()
     assert all(x.grad.dtype == torch.bfloat16 and bool(torch.isfinite(x.grad.float()).all()) for x in (q, k, v))
 
@@ -248,19 +244,19 @@ def test_gpu_bf16_forward_and_grads(rng, layout, causal, seq_q, seq_k):
         x.requires_grad_()
     dout = torch.randn(q.shape, device=q.device, dtype=torch.bfloat16)
     out, grads = _grads(lambda *a: ada.attention(*a, causal=causal, layout=layout), (q, k, v), dout)
-    host = [_host64(x) for x in (q, k, v)]
+    host = [to_host64(x) for x in (q, k, v)]
     ref, _ = aa.attention_reference(*host, causal=causal, layout=layout)
     naive = _naive_forward(q, k, v, causal=causal, layout=layout)
-    assert_close_to_naive(_host64(out), ref, naive)
+    assert_close_to_naive(to_host64(out), ref, naive)
     if seq_q == seq_k:  # SDPA's top-left mask equals our bottom-right one here
-        sdpa = _host64(_sdpa(*(x.detach() for x in (q, k, v)), causal=causal, layout=layout))
+        sdpa = to_host64(_sdpa(*(x.detach() for x in (q, k, v)), causal=causal, layout=layout))
         # As accurate as SDPA by the same rule (its agreement with us follows from the naive check above).
-        assert_close_to_naive(_host64(out), ref, sdpa, what="output, against SDPA's error")
-    ref_grads = aa.attention_backward_reference(_host64(dout), *host, causal=causal, layout=layout)
+        assert_close_to_naive(to_host64(out), ref, sdpa, what="output, against SDPA's error")
+    ref_grads = aa.attention_backward_reference(to_host64(dout), *host, causal=causal, layout=layout)
     naive_grads = _naive_grads(q, k, v, dout, causal=causal, layout=layout)
     for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
         assert g.dtype == torch.bfloat16 and g.shape == r.shape, name
-        assert_close_to_naive(_host64(g), r, _host64(n), what=f"d{name}", factor=GRADIENT_FACTOR)
+        assert_close_to_naive(to_host64(g), r, to_host64(n), what=f"d{name}", factor=GRADIENT_FACTOR)
 
 
 def _naive_forward(q, k, v, *, causal, layout):
@@ -283,7 +279,7 @@ def test_gpu_runs_on_callers_stream_without_sync(rng):
         out = ada.attention(q, k, v, causal=True)
         result = out.clone()
     side.synchronize()
-    assert max_abs(_host64(result), _host64(expected)) == 0.0
+    assert max_abs(to_host64(result), to_host64(expected)) == 0.0
 
 
 @pytest.mark.gpu
@@ -299,7 +295,7 @@ def test_gpu_backward_on_callers_stream(rng):
     side.synchronize()
     q3 = q.detach().clone().requires_grad_()
     ada.attention(q3, k, v, causal=True).float().sum().backward()
-    assert rel_l2(_host64(grad), _host64(q3.grad)) <= 1e-2   # the fused backward may accumulate dq atomically
+    assert rel_l2(to_host64(grad), to_host64(q3.grad)) <= 1e-2   # the fused backward may accumulate dq atomically
 
 
 @pytest.mark.gpu
@@ -352,7 +348,7 @@ def test_gpu_compile_fullgraph(rng):
     compiled_grads = torch.autograd.grad(compiled, (q, k, v))
     assert abs(compiled.item() - eager.item()) <= 1e-3 * abs(eager.item())
     for g, e in zip(compiled_grads, eager_grads):
-        assert rel_l2(_host64(g), _host64(e)) <= 1e-2
+        assert rel_l2(to_host64(g), to_host64(e)) <= 1e-2
 
 
 @pytest.mark.parametrize("policy", ["adaptive", "lowrank", "fp8"])

@@ -122,9 +122,15 @@ def test_out_may_not_alias_the_inputs(rng):
     for name, alias in (("q", q), ("k", k), ("v", v)):
         with pytest.raises(ValueError, match=rf"out must not share memory with {name}"):
             aa.attention(q, k, v, out=alias)
+    shifted = np.empty(q.size + 16, np.float32)
+    shifted[:q.size] = q.ravel()
+    with pytest.raises(ValueError, match="out must not share memory with q"):  # a view one row past q's start
+        aa.attention(shifted[:q.size].reshape(q.shape), k, v, out=shifted[16:].reshape(q.shape))
     packed = rng.standard_normal((2, 4, 8, 16 * 2)).astype(np.float32)
     q2, out = packed[..., :16], packed[..., 16:]  # interleaved views of one buffer that never overlap
-    np.testing.assert_allclose(aa.attention(q2, k, v, out=out), aa.attention(np.ascontiguousarray(q2), k, v))
+    result = aa.attention(q2, k, v, out=out)
+    assert result is out
+    np.testing.assert_allclose(packed[..., 16:], aa.attention(np.ascontiguousarray(q2), k, v))
     arena = np.empty(2 * 4 * 8 * 16 + 64, np.float32)
     out, lse = arena[:1024].reshape(2, 4, 8, 16), arena[1000:1064].reshape(2, 4, 8)  # lse overlaps out's tail
     with pytest.raises(ValueError, match="lse_out must not share memory with out"):
@@ -218,11 +224,11 @@ def test_bad_deterministic(qkv, seq_q):
 
 
 @pytest.mark.parametrize("kwargs,named", [
-    ({"itemsize": 4}, "itemsize 4"),
-    ({"shape": (1, 2, 64, 24)}, "rows of 24 x 2 bytes"),
-    ({"box_rows": 0}, "box_rows 0"),
-    ({"box_rows": 257}, "box_rows 257"),
-    ({"ptr": 0x1008}, "address 0x1008"),
+    ({"itemsize": 4}, "itemsize 4, expected one of [1, 2]"),
+    ({"shape": (1, 2, 64, 24)}, "rows of 24 x 2 bytes (shape (1, 2, 64, 24)), expected 64 bytes or a multiple of 128"),
+    ({"box_rows": 0}, "box_rows 0, expected 1..256"),
+    ({"box_rows": 257}, "box_rows 257, expected 1..256"),
+    ({"ptr": 0x1008}, "address 0x1008, expected a multiple of 16 bytes"),
     ({"strides": (4096, 2048, 4)}, "strides (4096, 2048, 4)"),
 ])
 def test_tma_tile_map_names_the_argument_it_cannot_take(kwargs, named):
@@ -248,24 +254,34 @@ class _FixedPlan(aa.Policy):
 
 
 @pytest.mark.parametrize("plan,error,message", [
-    (lambda: None, TypeError, r"policy 'fixed': plan\(\) must return a Plan, got NoneType"),
-    (lambda: Plan(heads=(HeadPlan(precision="float32"),) * 2), ValueError,
+    (None, TypeError, r"policy 'fixed': plan\(\) must return a Plan, got NoneType"),
+    (Plan(heads=(HeadPlan(precision="float32"),) * 2), ValueError,
      r"policy 'fixed': the plan has 2 head entries, expected one per query head \(4\)"),
-    (lambda: Plan(heads=(HeadPlan(path="sparse", precision="float32"),) * 4), ValueError,
-     r"HeadPlan: path must be one of \('dense', 'lowrank'\), got 'sparse'"),
-    (lambda: Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan(path="lowrank", precision="float32"),)),
-     ValueError, r"HeadPlan: rank of a lowrank head must be a positive int, got None"),
-    (lambda: Plan(heads=(HeadPlan(precision="float32", rank=8),) * 4), ValueError,
-     r"HeadPlan: rank of a dense head must be None, got 8"),
-    (lambda: Plan(heads=("dense",) * 4), TypeError, r"Plan: heads\[0\] must be a HeadPlan, got str"),
 ])
 def test_custom_policy_plans_are_checked(qkv, plan, error, message):
-    """A custom policy's plan must cover every query head with a known path: otherwise heads would go unwritten
-    (out keeps whatever was in it) or run on a path they did not ask for."""
+    """A custom policy's plan must cover every query head: otherwise heads would go unwritten (out keeps whatever
+    was in it)."""
     out = np.full(qkv[0].shape, 12345.0, np.float32)
     with pytest.raises(error, match=message):
-        aa.attention(*qkv, policy=_FixedPlan(plan()), out=out)
+        aa.attention(*qkv, policy=_FixedPlan(plan), out=out)
     assert (out == 12345.0).all(), "nothing may be written before the plan is checked"
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: HeadPlan(path="sparse", precision="float32"), ValueError,
+     r"HeadPlan: path must be one of \('dense', 'lowrank'\), got 'sparse'"),
+    (lambda: HeadPlan(path="lowrank", precision="float32"), ValueError,
+     r"HeadPlan: rank of a lowrank head must be a positive int, got None"),
+    (lambda: HeadPlan(path="lowrank", precision="float32", rank=True), ValueError,
+     r"HeadPlan: rank of a lowrank head must be a positive int, got True"),
+    (lambda: HeadPlan(precision="float32", rank=8), ValueError, r"HeadPlan: rank of a dense head must be None, got 8"),
+    (lambda: Plan(heads=("dense",) * 4), TypeError, r"Plan: heads\[0\] must be a HeadPlan, got str"),
+])
+def test_head_plans_check_themselves_when_made(make, error, message):
+    """A plan entry with an unknown path, or a rank that is not a positive int exactly for low-rank heads, cannot
+    be made, so no policy can hand the backends a head on a path it did not ask for."""
+    with pytest.raises(error, match=message):
+        make()
 
 
 def test_report_type_and_reuse(qkv):
@@ -321,19 +337,25 @@ def test_scale_must_fit_the_compute_precision(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match=r"scale must stay finite in float32 \(the compute precision of float32"):
         aa.attention(q, k, v, scale=3e38)  # below float32's max, not after the kernels' * log2(e)
-    aa.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale=1e39)  # fine in float64
+    wide = aa.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale=1e39)
+    assert np.isfinite(wide).all()  # float64 takes it
 
 
 @pytest.mark.parametrize("make,error,message", [
     (lambda: aa.RankPolicy(tolerance="x"), TypeError, r"RankPolicy: tolerance must be a real number, got 'x'"),
     (lambda: aa.RankPolicy(probe_rows=2.5), TypeError, r"RankPolicy: probe_rows must be an int, got 2.5"),
-    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError, r"RankPolicy: tolerance must be a number, not NaN"),
-    (lambda: aa.RankPolicy(spectral="yes"), TypeError, r"spectral must be True or False, got 'yes'"),
-    (lambda: aa.PrecisionPolicy(tolerance=float("nan")), ValueError, r"PrecisionPolicy: tolerance must be a number"),
+    (lambda: aa.RankPolicy(tolerance=float("nan")), ValueError,
+     r"RankPolicy: tolerance must be a number, not NaN, got nan"),
+    (lambda: aa.RankPolicy(spectral="yes"), TypeError, r"RankPolicy: spectral must be True or False, got 'yes'"),
+    (lambda: aa.PrecisionPolicy(tolerance=float("nan")), ValueError,
+     r"PrecisionPolicy: tolerance must be a number, not NaN, got nan"),
+    (lambda: aa.PrecisionPolicy(sample_rows=0), ValueError, r"PrecisionPolicy: sample_rows must be >= 1, got 0"),
+    (lambda: aa.PrecisionPolicy("fast"), ValueError, r"PrecisionPolicy: preset must be one of \[.*\], got 'fast'"),
     (lambda: aa.RankPolicy(then="balanced"), TypeError, r"RankPolicy: then must be a Policy or None, got 'balanced'"),
     (lambda: aa.PrecisionPolicy(tolerance=-1), ValueError, r"PrecisionPolicy: tolerance must be > 0, got -1"),
     (lambda: aa.PrecisionPolicy(sample_rows="4"), TypeError, r"PrecisionPolicy: sample_rows must be an int, got '4'"),
-    (lambda: aa.PrecisionPolicy(overrides=[0]), TypeError, r"PrecisionPolicy: overrides must be a dict"),
+    (lambda: aa.PrecisionPolicy(overrides=[0]), TypeError,
+     r"PrecisionPolicy: overrides must be a dict \{query head: precision\}, got \[0\]"),
 ])
 def test_policy_options_are_checked(make, error, message):
     """Policy options of the wrong type or out of range fail at construction, naming the option."""
@@ -347,19 +369,21 @@ def test_policy_options_keep_their_meaningful_values(qkv):
     import math
 
     q, k, v = qkv
-    aa.attention(q, k, v, policy=aa.PrecisionPolicy("speed", tolerance=math.inf, emulate=True))
-    aa.RankPolicy(retry_margin=math.inf)
+    report = aa.Report()
+    aa.attention(q, k, v, policy=aa.PrecisionPolicy("speed", tolerance=math.inf, emulate=True), report=report)
+    assert set(report.decisions()) == {"dense/float8_e4m3"}, report.decisions()  # inf: fp8 on every head
+    assert aa.RankPolicy(retry_margin=math.inf, seed=np.int64(3)).retry_margin == math.inf
     plan = Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan("lowrank", "float32", np.int64(2)),))
     assert aa.attention(q, k, v, policy=_FixedPlan(plan)).shape == q.shape
 
 
-def test_grid_limits_name_the_count_and_the_limit():
+def test_grid_limits_name_the_count_and_the_limit(rng):
     """One launch takes at most 2**31 - 1 blocks; a persistent kernel's int32 tile counter reaches tiles + grid - 1,
     so its tiles are limited by that less the SMs. Within the limits the grid is returned (min(tiles, SMs) for a
     persistent kernel); past them a ValueError names the count and the limit."""
     from adaattn_core.launch_config import MAX_GRID, check_grid, persistent_grid
 
-    sms = int(np.random.default_rng().integers(1, 200))
+    sms = int(rng.integers(1, 200))
     assert check_grid(MAX_GRID) == MAX_GRID
     with pytest.raises(ValueError, match=f"{MAX_GRID + 1} thread blocks, expected at most {MAX_GRID}"):
         check_grid(MAX_GRID + 1)
