@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -115,7 +117,14 @@ def naive_same_dtype(q: Any, k: Any, v: Any, *, causal: bool, layout: str) -> An
 
 def max_abs(a: Any, b: Any) -> float:
     a64, b64 = to_host64(a), to_host64(b)
+    assert a64.shape == b64.shape, f"compared arrays differ in shape: {a64.shape} vs {b64.shape}"  # no broadcast
     return float(np.abs(a64 - b64).max()) if a64.size else 0.0
+
+
+def run_cli(*args: str, cwd: Any = None) -> subprocess.CompletedProcess:
+    """`adaattn ARGS` in a subprocess (python -m adaattn_core.cli), output captured as text."""
+    return subprocess.run([sys.executable, "-m", "adaattn_core.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
 
 
 OUTPUT_FACTOR = 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from adaattn_core import bench
 
@@ -405,13 +406,8 @@ def test_ab_compare_rejects_misnamed_files(tmp_path):
 # `adaattn bench` end to end
 
 
-def _adaattn(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaattn_core.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
-
-
 def test_cli_bench_cpu_quick(tmp_path):
-    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(tmp_path))
+    result = run_cli("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "Forward TFLOP/s" in result.stdout and "rel_l2" in result.stdout and "adaattn" in result.stdout
     (json_path,) = tmp_path.glob("*-cpu-fwd.json")
@@ -430,7 +426,7 @@ def test_cli_bench_cpu_quick(tmp_path):
 
 
 def test_cli_bench_flags(tmp_path):
-    result = _adaattn("bench", "--device", "cpu", "--seqs", "24", "--dims", "8", "--causal", "no", "--dtype",
+    result = run_cli("bench", "--device", "cpu", "--seqs", "24", "--dims", "8", "--causal", "no", "--dtype",
                       "float64", "--repeat", "2", "--warmup", "0", "--no-peers", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     (json_path,) = tmp_path.glob("*.json")
@@ -440,7 +436,7 @@ def test_cli_bench_flags(tmp_path):
 
 
 def test_cli_bench_rejects_bad_sizes(tmp_path):
-    result = _adaattn("bench", "--device", "cpu", "--seqs", "0", "--out-dir", str(tmp_path))
+    result = run_cli("bench", "--device", "cpu", "--seqs", "0", "--out-dir", str(tmp_path))
     assert result.returncode == 2 and "argument --seqs: expected an integer >= 1, got 0" in result.stderr
 
 
@@ -521,7 +517,7 @@ def test_cli_bench_checks_the_output_folder_first(tmp_path):
     """An --out-dir that cannot be created fails at once, before the sweep runs (its results would be lost)."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(blocker / "x"))
+    result = run_cli("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(blocker / "x"))
     assert result.returncode == 2 and f"--out-dir {blocker / 'x'}: cannot create the folder" in result.stderr
     assert "Traceback" not in result.stderr and "TFLOP" not in result.stdout
 
@@ -531,7 +527,7 @@ def test_cli_bench_refuses_a_read_only_output_folder(tmp_path):
     """An existing --out-dir this user cannot write to fails at once too, naming the option and what it expects."""
     folder = tmp_path / "read-only"
     folder.mkdir(mode=0o555)
-    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(folder))
+    result = run_cli("bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(folder))
     assert result.returncode == 2 and f"--out-dir {folder}: expected a folder this user can write to" in result.stderr
     assert "TFLOP" not in result.stdout
 

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from importlib.metadata import entry_points
 
 import pytest
-
-
-def _adaattn(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaattn_core.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+from conftest import run_cli
 
 
 def test_console_script_is_installed():
@@ -21,14 +15,14 @@ def test_console_script_is_installed():
 
 
 def test_info_text():
-    result = _adaattn("info")
+    result = run_cli("info")
     assert result.returncode == 0, result.stderr
     for word in ("backends", "precisions", "cpu", "policies", "gpu"):
         assert word in result.stdout
 
 
 def test_info_json():
-    result = _adaattn("info", "--json")
+    result = run_cli("info", "--json")
     info = json.loads(result.stdout)
     assert info["backends"]["cpu"].startswith("available")
     assert set(info["precisions"]) == {"float16", "bfloat16", "float32", "float64", "float8_e4m3"}
@@ -37,7 +31,7 @@ def test_info_json():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_run_json_small(dtype):
-    result = _adaattn("run", "--device", "cpu", "--seq", "200", "--seq-k", "150", "--heads", "4",
+    result = run_cli("run", "--device", "cpu", "--seq", "200", "--seq-k", "150", "--heads", "4",
                       "--kv-heads", "2", "--dim", "32", "--causal", "--dtype", dtype, "--repeat", "2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -50,7 +44,7 @@ def test_run_json_small(dtype):
 
 def test_run_default_problem_text():
     """The default job: must print time, TFLOP/s, error and decisions (and finish well within 30 s)."""
-    result = _adaattn("run", "--device", "cpu")
+    result = run_cli("run", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     for word in ("TFLOP/s", "relative L2", "decision", "dense/float32"):
         assert word in result.stdout
@@ -64,13 +58,13 @@ def test_run_default_problem_text():
     ("--dim", "x", "argument --dim: invalid integer >= 1 value: 'x'"),
 ])
 def test_run_rejects_bad_sizes(flag, value, message):
-    result = _adaattn("run", flag, value)
+    result = run_cli("run", flag, value)
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_run_takes_zero_keys_as_given():
     """--seq-k 0 means no keys (out = 0), not "default to --seq"."""
-    result = _adaattn("run", "--device", "cpu", "--seq", "16", "--seq-k", "0", "--repeat", "1", "--json")
+    result = run_cli("run", "--device", "cpu", "--seq", "16", "--seq-k", "0", "--repeat", "1", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["problem"]["seq_k"] == 0
 
@@ -80,12 +74,12 @@ def test_run_takes_zero_keys_as_given():
     ("--warmup", "-1", "argument --warmup: expected an integer >= 0, got -1"),
 ])
 def test_bench_rejects_bad_sizes(flag, value, message):
-    result = _adaattn("bench", "--device", "cpu", "--quick", "--no-peers", flag, value)
+    result = run_cli("bench", "--device", "cpu", "--quick", "--no-peers", flag, value)
     assert result.returncode == 2 and message in result.stderr
 
 
 def test_run_reports_validation_errors_cleanly():
-    result = _adaattn("run", "--device", "cpu", "--heads", "6", "--kv-heads", "4", "--seq", "8")
+    result = run_cli("run", "--device", "cpu", "--heads", "6", "--kv-heads", "4", "--seq", "8")
     assert result.returncode == 2
     assert "q heads (6) must be a multiple of k/v heads (4)" in result.stderr
     assert "Traceback" not in result.stderr
