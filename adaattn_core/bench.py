@@ -2,8 +2,9 @@
 
 - `environment(device)`: what a number was measured on (device, driver, versions, date). Importing this
   module imports neither CuPy nor torch; functions import what they need when called.
-- `time_calls` / `median_ms`: warm-up calls, then one timing per call: CUDA events recorded on CuPy's
-  current stream on the GPU, `time.perf_counter` on the CPU; the median is what gets reported.
+- `time_interleaved` / `time_calls` / `median_ms`: warm-up calls, then one timing per call: CUDA events recorded
+  on CuPy's current stream on the GPU, `time.perf_counter` on the CPU; the median is what gets reported.
+  `run_case` times its implementations in turns, call by call, so that the GPU's clock drift falls on all alike.
 - `make_input_sets`: fresh random q, k, v (and more arrays, e.g. dout, on request), rotated among enough sets
   that the sets together are larger than the last-level cache, so no timed call finds its inputs there from
   the call before. `paper_case` / `case_seed`: the FlashAttention papers' problem shapes and the seed the GPU
@@ -232,6 +233,11 @@ def _cuda_version(encoded: int) -> str:
     return f"{encoded // 1000}.{encoded % 1000 // 10}"
 
 
+#: How `run_case` times its implementations (recorded as ``timing`` in every results file's environment): "turns",
+#: call by call (`time_interleaved`). Files without the key timed each implementation's calls back to back.
+TIMING = "turns"
+
+
 def environment(device: str = "auto") -> dict[str, Any]:
     """What results are measured on: date, device, driver and library versions (JSON-ready).
 
@@ -252,6 +258,7 @@ def environment(device: str = "auto") -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "adaattn": __version__,
+        "timing": TIMING,
     }
     if device == "gpu":
         import cupy
@@ -293,35 +300,47 @@ def _gpu_present() -> bool:
 # Timing
 
 
-def time_calls(fn: Impl, *, warmup: int, repeat: int, device: str) -> list[float]:
-    """Milliseconds of each of `repeat` calls of ``fn(i)``, after `warmup` untimed calls.
+def time_interleaved(fns: dict[str, Impl], *, warmup: int, repeat: int, device: str) -> dict[str, list[float]]:
+    """Milliseconds of each of `repeat` calls of every ``fn(i)`` in `fns`, the implementations taking turns call by
+    call (A, B, C, A, B, C, ...) after `warmup` untimed calls of each.
 
-    GPU: a CUDA event before and after each call, recorded on CuPy's current stream (run torch work on
-    the same stream, see `torch_stream`), one synchronisation at the end: the calls queue back to back as
-    in a training step, and the times are the GPU's. CPU: `time.perf_counter` around each call.
-    ``fn`` gets the call's index (warm-up calls 0…warmup-1, timed calls after), to rotate input sets.
+    Turns, because the GPU's clock moves with its power and temperature by several percent over a second of
+    back-to-back calls: timing A's calls and then B's hands each a different share of that drift, turns give both
+    the same. GPU: a CUDA event before and after each call, recorded on CuPy's current stream (run torch work on
+    the same stream, see `torch_stream`), one synchronisation at the end: the calls queue back to back as in a
+    training step, and the times are the GPU's. CPU: `time.perf_counter` around each call. ``fn`` gets the call's
+    index (warm-up calls 0…warmup-1, timed calls after), to rotate input sets.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
-    for i in range(warmup):
-        fn(i)
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(i)
     if device == "gpu":
         import cupy
 
-        starts = [cupy.cuda.Event() for _ in range(repeat)]
-        stops = [cupy.cuda.Event() for _ in range(repeat)]
+        events = {name: [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(repeat)] for name in fns}
         for i in range(repeat):
-            starts[i].record()
-            fn(warmup + i)
-            stops[i].record()
-        stops[-1].synchronize()
-        return [float(cupy.cuda.get_elapsed_time(a, b)) for a, b in zip(starts, stops)]
-    times = []
+            for name, fn in fns.items():
+                start, stop = events[name][i]
+                start.record()
+                fn(warmup + i)
+                stop.record()
+        cupy.cuda.get_current_stream().synchronize()
+        return {name: [float(cupy.cuda.get_elapsed_time(a, b)) for a, b in pairs] for name, pairs in events.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeat):
-        began = time.perf_counter()
-        fn(warmup + i)
-        times.append((time.perf_counter() - began) * 1e3)
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn(warmup + i)
+            times[name].append((time.perf_counter() - began) * 1e3)
     return times
+
+
+def time_calls(fn: Impl, *, warmup: int, repeat: int, device: str) -> list[float]:
+    """Milliseconds of each of `repeat` calls of ``fn(i)``, after `warmup` untimed calls (`time_interleaved` with
+    one implementation)."""
+    return time_interleaved({"fn": fn}, warmup=warmup, repeat=repeat, device=device)["fn"]
 
 
 def median_ms(fn: Impl, *, warmup: int, repeat: int, device: str) -> float:
@@ -633,12 +652,16 @@ def run_case(
     seed: int | None = None,
     error_rows: int = 256,
     sets: list[tuple[Any, Any, Any]] | None = None,
+    extra: dict[str, Impl] | None = None,
 ) -> dict[str, Any]:
     """Time AdaAttn (once per policy) and each peer on the same fresh inputs; one result row.
 
-    Every implementation runs once untimed first (compilation, autotuning, the float64 error check),
-    then `warmup` more calls and `repeat` timed ones. An implementation that raises is recorded under
-    ``unsupported`` with its error, and the sweep goes on.
+    `extra`: more implementations, already called once, to time in the same turns (ms and TFLOP/s only: their
+    errors are the caller's to record).
+
+    Every implementation runs once untimed first (compilation, autotuning, the float64 error check; one that
+    raises there is recorded under ``unsupported`` with its error, and the sweep goes on), then `warmup` more
+    calls each and `repeat` timed ones, the implementations taking turns call by call (`time_interleaved`).
     """
     sets = make_input_sets(case, device, seed=seed) if sets is None else sets
     row: dict[str, Any] = {"seq": case.seq, "dim": case.dim, "causal": case.causal, "batch": case.batch,
@@ -664,19 +687,24 @@ def run_case(
             row.setdefault("unsupported", {})[peer.name] = reason
 
     firsts: dict[str, Any] = {}
+    fns: dict[str, Impl] = {}
     for name, build in impls.items():
         try:
             fn = build()
             firsts[name] = fn(0)
             synchronize(device)
-            ms = median_ms(fn, warmup=warmup, repeat=repeat, device=device)
         except Exception as error:  # a backend that does not take this shape/dtype: record it, go on
             row["ms"][name] = row["tflops"][name] = None
             row.setdefault("unsupported", {})[name] = short_error(error)
             firsts.pop(name, None)
             continue
-        row["ms"][name] = ms
+        fns[name] = fn
+    times = time_interleaved({**fns, **(extra or {})}, warmup=warmup, repeat=repeat, device=device)
+    for name, calls in times.items():
+        row["ms"][name] = ms = float(statistics.median(calls))
         row["tflops"][name] = tflops(case.flops, ms)
+        if name not in fns:
+            continue
         row["rel_l2_vs_float64"][name] = float64_error(firsts[name], *sets[0], case.causal, error_rows)
         if name in backends:
             row["backend"][name] = backends[name]
@@ -947,6 +975,7 @@ __all__ = [
     "sweep",
     "tflops",
     "time_calls",
+    "time_interleaved",
     "to_host64",
     "to_torch",
     "torch_stream",

@@ -6,7 +6,8 @@ not. One timed call = forward and backward of one attention: ours through `adaat
 on tensors requiring grad, then `torch.autograd.grad(out, (q, k, v), dout)` (no .grad accumulation). TFLOP/s =
 3.5 × forward FLOPs / t (forward 4·B·H·S²·D, backward 2.5× that; halved when causal). Inputs and dout are
 fresh random sets rotated so that they exceed L2 (`adaattn_core.bench.make_input_sets`); timing is
-`adaattn_core.bench.median_ms` (warm-up calls, then the median of CUDA events on torch's current stream).
+`adaattn_core.bench.time_interleaved` (warm-up calls, then the median of CUDA events on torch's current stream,
+the implementations taking turns call by call).
 Writes JSON with device, driver and versions.
 
     python benchmarks/bench_backward.py --out benchmarks/results/<date>-<gpu>-bwd.json
@@ -14,6 +15,7 @@ Writes JSON with device, driver and versions.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +68,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
     impls = {"adaattn": _ours(sets, causal)}
     impls.update({name: _peer(sets, causal, backend) for name, backend in PEERS.items()})
     reference = None
+    runs = {}
     for name, fn in impls.items():
         try:
             grads = fn(0)
@@ -80,8 +83,9 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
             row["rel_l2_vs_torch_flash"] = {g: bench.device_rel_l2(a, b)
                                             for g, a, b in zip(("dq", "dk", "dv"), reference, grads)}
         del grads
-        ms = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
-        row["ms"][name] = ms
+        runs[name] = fn
+    for name, calls in bench.time_interleaved(runs, warmup=warmup, repeat=repeat, device="gpu").items():
+        row["ms"][name] = ms = statistics.median(calls)
         row["tflops"][name] = bench.tflops(flops, ms)
     ours = row["tflops"]["adaattn"]
     row["ratio"] = {name: (ours / t if t and ours else None) for name, t in row["tflops"].items() if name != "adaattn"}

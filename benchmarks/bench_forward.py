@@ -4,7 +4,8 @@ FlashAttention-paper setup: B·S = 16k tokens, H·D = 2048, bf16, S ∈ {512 …
 causal and not. TFLOP/s = 4·B·H·Sq·Sk·D / t (halved when causal). The mechanics live in
 `adaattn_core.bench` (shared with `adaattn bench` and the asv suite): fresh random inputs rotated among
 sets that together exceed L2, warm-up calls, then the median of CUDA-event timings, all on torch's current
-stream. Writes JSON with device, driver and versions (the format `readme_table.py` reads).
+stream, the implementations taking turns call by call (so the GPU's clock drift falls on all alike).
+Writes JSON with device, driver and versions (the format `readme_table.py` reads).
 
     python benchmarks/bench_forward.py --out benchmarks/results/<date>-<gpu>-fwd.json
 

@@ -9,7 +9,8 @@ and not. Per row:
                       and "fp8-kernel" the attention kernel on pre-quantised inputs;
 - "adaattn"           our bf16 forward (policy "exact"), and the peers.
 Mechanics from `adaattn_core.bench`: fresh random inputs rotated among sets that exceed L2, warm-up calls,
-medians of CUDA-event timings on torch's current stream, outputs preallocated and poisoned (NaN) first.
+medians of CUDA-event timings on torch's current stream with every implementation taking its turn call by call,
+outputs preallocated and poisoned (NaN) first.
 Writes JSON with device, driver and versions:
 
     python benchmarks/bench_fp8.py --out benchmarks/results/<date>-<gpu>-fp8.json
@@ -61,16 +62,20 @@ def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     case = bench.paper_case(seq, dim, causal)
     sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case))
-    row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=[bench.PEERS[name] for name in PEERS],
-                         warmup=warmup, repeat=repeat, sets=sets)
+    impls: dict[str, Any] = {}
+    fp8_error = None
     try:
         impls = _fp8_impls(sets, causal)
-        row["rel_l2_vs_float64"]["adaattn-fp8-call"] = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256)
-        for name, fn in impls.items():
-            row["ms"][name] = bench.median_ms(fn, warmup=warmup, repeat=repeat, device="gpu")
-            row["tflops"][name] = bench.tflops(case.flops, row["ms"][name])
+        fp8_error = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256)
     except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
-        row.setdefault("unsupported", {})["adaattn-fp8-call"] = bench.short_error(error)
+        fp8_error = bench.short_error(error)
+    # The fp8 pieces take their turns beside the bf16 kernel and the peers (bench.time_interleaved).
+    row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=[bench.PEERS[name] for name in PEERS],
+                         warmup=warmup, repeat=repeat, sets=sets, extra=impls)
+    if impls:
+        row["rel_l2_vs_float64"]["adaattn-fp8-call"] = fp8_error
+    else:
+        row.setdefault("unsupported", {})["adaattn-fp8-call"] = fp8_error
     ms = row["ms"]
     fp8 = ms.get("adaattn-fp8-call")
     row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)

@@ -70,7 +70,8 @@ def table(results_path: Path) -> str:
     results = json.loads(results_path.read_text())
     env, rows = results["env"], results["rows"]
     caption = (
-        f"{results['setup']}; TFLOP/s (causal: half the FLOPs), median of CUDA-event timings, all in one process "
+        f"{results['setup']}; TFLOP/s (causal: half the FLOPs), median of CUDA-event timings"
+        f"{', implementations timed in turns' if env.get('timing') == 'turns' else ''}, all in one process "
         f"on one {env['gpu']} (driver {env['driver']}, torch {_torch_version(env)}, CuPy {env['cupy']}, "
         f"{env['date'][:10]}). Source: [`{results_path.as_posix()}`]({results_path.as_posix()})."
     )

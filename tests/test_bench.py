@@ -60,6 +60,16 @@ def test_time_calls_warms_up_then_times_each_call():
         bench.time_calls(seen.append, warmup=0, repeat=0, device="cpu")
 
 
+def test_time_interleaved_takes_turns_after_each_warms_up():
+    seen: list[tuple[str, int]] = []
+    fns = {name: (lambda i, name=name: seen.append((name, i))) for name in ("a", "b")}
+    times = bench.time_interleaved(fns, warmup=2, repeat=3, device="cpu")
+    assert seen == [("a", 0), ("a", 1), ("b", 0), ("b", 1)] + [(n, i) for i in (2, 3, 4) for n in ("a", "b")]
+    assert sorted(times) == ["a", "b"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
+        bench.time_interleaved(fns, warmup=0, repeat=0, device="cpu")
+
+
 def test_sweep_config_shapes_follow_tokens_and_hidden():
     config = bench.SweepConfig.defaults("gpu")
     assert config.setup_text() == "B*S=16384, H*D=2048, bf16, [B,H,S,D]"
@@ -104,7 +114,19 @@ def test_environment_cpu():
     env = bench.environment("cpu")
     assert env["device"] == "cpu" and env["gpu"] is None
     assert {"date", "python", "numpy", "adaattn", "cpu", "platform"} <= env.keys()
+    assert env["timing"] == bench.TIMING == "turns"
     json.dumps(env)
+
+
+@pytest.mark.parametrize("timing", [None, "turns"])
+def test_readme_table_caption_says_how_the_file_was_timed(tmp_path, timing):
+    from benchmarks.readme_table import table
+
+    env = _ENV if timing is None else {**_ENV, "timing": timing}
+    row = {"seq": 4096, "dim": 128, "causal": False, "tflops": {"adaattn": 1.0}, "ms": {"adaattn": 1.0}, "ratio": {}}
+    path = tmp_path / "fwd.json"
+    path.write_text(json.dumps({"env": env, "setup": "setup", "rows": [row]}))
+    assert ("implementations timed in turns" in table(path)) == (timing == "turns")
 
 
 def test_table_of_committed_results():
