@@ -413,6 +413,27 @@ def _numpy_dtype(dtype: str) -> Any:
     return np.dtype(dtype)
 
 
+def random_generator(device: str, seed: int | None = None) -> Any:
+    """A generator for `random_arrays`: CuPy's on "gpu" (arrays drawn on the device), NumPy's on "cpu"; `seed` None
+    draws fresh entropy."""
+    if device == "gpu":
+        import cupy
+
+        return cupy.random.default_rng(seed)
+    return np.random.default_rng(seed)
+
+
+def random_arrays(device: str, shapes: Sequence[tuple[int, ...]], dtype: str, rng: Any) -> list[Any]:
+    """One standard-normal array of `dtype` per shape, from `rng` (`random_generator` of the same device), drawn
+    in float32 and rounded: CuPy arrays on "gpu", NumPy on "cpu" (bfloat16 through ml_dtypes)."""
+    if device == "gpu":
+        import cupy
+
+        return [rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for shape in shapes]
+    target = _numpy_dtype(dtype)
+    return [rng.standard_normal(shape, dtype=np.float32).astype(target) for shape in shapes]
+
+
 def make_input_sets(
     case: Case, device: str, *, sets: int | None = None, seed: int | None = None, arrays: int = 3
 ) -> list[tuple[Any, ...]]:
@@ -424,20 +445,8 @@ def make_input_sets(
     itemsize = 2 if case.dtype in ("bfloat16", "float16") else np.dtype(case.dtype).itemsize
     set_bytes = arrays * math.prod(case.shape) * itemsize
     count = sets if sets is not None else input_set_count(set_bytes, cache_bytes(device))
-    if device == "gpu":
-        import cupy
-
-        rng = cupy.random.default_rng(seed)
-        return [
-            tuple(rng.standard_normal(case.shape, dtype=cupy.float32).astype(case.dtype) for _ in range(arrays))
-            for _ in range(count)
-        ]
-    generator = np.random.default_rng(seed)
-    target = _numpy_dtype(case.dtype)
-    return [
-        tuple(generator.standard_normal(case.shape, dtype=np.float32).astype(target) for _ in range(arrays))
-        for _ in range(count)
-    ]
+    rng = random_generator(device, seed)
+    return [tuple(random_arrays(device, [case.shape] * arrays, case.dtype, rng)) for _ in range(count)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -965,6 +974,8 @@ __all__ = [
     "input_set_count",
     "main",
     "make_input_sets",
+    "random_arrays",
+    "random_generator",
     "median_ms",
     "output_stem",
     "paper_case",

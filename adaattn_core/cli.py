@@ -7,14 +7,13 @@ import json
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, bench
 from .api import attention
 from .bench import CAUSAL_CHOICES, count_type
 from .device import capabilities
@@ -51,40 +50,6 @@ def _pick_device(requested: str) -> str:
     return "gpu" if capabilities().gpu is not None else "cpu"
 
 
-def _random_inputs(xp: Any, shapes: Sequence[tuple[int, ...]], dtype: str, seed: int) -> list[Any]:
-    """Standard-normal arrays of `dtype` (bfloat16 on NumPy through ml_dtypes)."""
-    rng = np.random.default_rng(seed)
-    if dtype == "bfloat16" and xp is np:
-        import ml_dtypes
-
-        target: Any = ml_dtypes.bfloat16
-    else:
-        target = getattr(xp, dtype)
-    return [xp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(target) for shape in shapes]
-
-
-def _time_ms(fn: Callable[[], Any], device: str, repeat: int) -> list[float]:
-    """Wall times of `fn` after one warm-up call: CUDA events on the GPU, perf_counter on the CPU."""
-    fn()
-    times = []
-    if device == "gpu":
-        import cupy
-
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        for _ in range(repeat):
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, stop))
-    else:
-        for _ in range(repeat):
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return times
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     device = _pick_device(args.device)
     if device == "gpu":
@@ -94,19 +59,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if device == "gpu" else "float32")
     heads_kv = args.heads if args.kv_heads is None else args.kv_heads
     seq_k = args.seq if args.seq_k is None else args.seq_k
-    q, k, v = _random_inputs(
-        xp,
+    q, k, v = bench.random_arrays(
+        device,
         [(args.batch, args.heads, args.seq, args.dim), (args.batch, heads_kv, seq_k, args.dim),
          (args.batch, heads_kv, seq_k, args.dim)],
         dtype,
-        args.seed,
+        bench.random_generator(device, args.seed),
     )
     report = Report()
-
-    def call() -> Any:
-        return attention(q, k, v, causal=args.causal, policy=args.policy)
-
-    times = _time_ms(call, device, args.repeat)
+    times = bench.time_calls(lambda i: attention(q, k, v, causal=args.causal, policy=args.policy), warmup=1,
+                             repeat=args.repeat, device=device)
     out = attention(q, k, v, causal=args.causal, policy=args.policy, report=report)
     ref, _ = attention_reference(q, k, v, causal=args.causal)
     diff = out.astype(xp.float64) - ref

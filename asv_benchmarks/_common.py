@@ -40,6 +40,8 @@ class _GpuForward:
 
     fn: bench.Impl
     case: bench.Case
+    #: Arrays per input set: q, k, v (the backward classes add dout).
+    ARRAYS = 3
 
     def build(self, sets: list[tuple[Any, Any, Any]], causal: bool) -> bench.Impl:
         raise NotImplementedError
@@ -47,7 +49,7 @@ class _GpuForward:
     def setup(self, seq: int, dim: int, causal: bool) -> None:
         require_gpu()
         self.case = bench.paper_case(seq, dim, causal, DTYPE)
-        sets = bench.make_input_sets(self.case, "gpu", seed=bench.case_seed(self.case))
+        sets = bench.make_input_sets(self.case, "gpu", seed=bench.case_seed(self.case), arrays=self.ARRAYS)
         try:
             self.fn = self.build(sets, causal)
             for i in range(WARMUP + 1):

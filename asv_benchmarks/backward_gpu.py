@@ -1,7 +1,8 @@
 """Forward + backward on the GPU (training step of attention), beside torch SDPA's flash and cuDNN backends.
 
 FLOPs counted as 3.5 × the forward's (backward 2.5×; `bench.FWD_BWD_FLOP_FACTOR`), halved when causal. Same
-grid and timing as `forward_gpu`; dout is drawn once per input set in setup.
+grid and timing as `forward_gpu`; each input set holds (q, k, v, dout), drawn together in setup, so AdaAttn and
+every peer get the same gradients.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from ._common import _GpuForward, require_gpu
 
 
 class _GpuForwardBackward(_GpuForward):
+    ARRAYS = 4  # q, k, v, dout
+
     def track_ms(self, seq: int, dim: int, causal: bool) -> float:
         """Median milliseconds of forward + backward (CUDA events): lower is better."""
         return self._median_ms()
@@ -26,12 +29,6 @@ class _GpuForwardBackward(_GpuForward):
 
     track_tflops.unit = "TFLOP/s"  # type: ignore[attr-defined]
 
-    def douts(self, count: int) -> list[Any]:
-        """One seeded dout (CuPy) per input set: the same gradients for AdaAttn and every peer."""
-        return [dout for (dout,) in bench.make_input_sets(self.case, "gpu", sets=count,
-                                                          seed=bench.case_seed(self.case) + 1, arrays=1)]
-
-
 class ForwardBackward(_GpuForwardBackward):
     """AdaAttn's fused forward and fused backward (dq by atomics), policy "exact", bf16, [B, H, S, D]."""
 
@@ -41,15 +38,14 @@ class ForwardBackward(_GpuForwardBackward):
         from adaattn_core.backends import backward_backend
         from adaattn_core.problem import describe
 
-        backend = backward_backend(describe(*sets[0], causal=causal, scale=None, layout="bhsd"))
+        backend = backward_backend(describe(*sets[0][:3], causal=causal, scale=None, layout="bhsd"))
         if backend != "cuda":  # keep the history to one kernel: another backend is a different benchmark
             raise NotImplementedError(f"backward backend {backend!r} instead of the fused kernels")
-        douts = self.douts(len(sets))
 
         def call(i: int) -> Any:
-            j = i % len(sets)
-            out, lse = attention(*sets[j], causal=causal, return_lse=True)
-            return attention_backward(douts[j], *sets[j], out, lse, causal=causal)
+            q, k, v, dout = sets[i % len(sets)]
+            out, lse = attention(q, k, v, causal=causal, return_lse=True)
+            return attention_backward(dout, q, k, v, out, lse, causal=causal)
 
         return call
 
@@ -66,8 +62,8 @@ class _TorchForwardBackward(_GpuForwardBackward):
         except ImportError as error:
             raise NotImplementedError(f"torch is not installed: {error}") from error
         backend = getattr(SDPBackend, self.backend)
-        tensors = [[bench.to_torch(x).detach().requires_grad_() for x in qkv] for qkv in sets]
-        douts = [bench.to_torch(dout) for dout in self.douts(len(sets))]
+        tensors = [[bench.to_torch(x).detach().requires_grad_() for x in qkvd[:3]] for qkvd in sets]
+        douts = [bench.to_torch(qkvd[3]) for qkvd in sets]
 
         def call(i: int) -> Any:
             j = i % len(tensors)

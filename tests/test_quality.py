@@ -87,7 +87,7 @@ def test_activations_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_exact_on_real_activations() -> None:
-    """The README's accuracy rule (max error ≤ 2 × naive same-dtype error + 1e-5) on a trained model's q, k, v."""
+    """Flash-attention's accuracy rule (`conftest.assert_close_to_naive`) on a trained model's q, k, v."""
     path = default_activations_path()
     if not path.is_file():
         pytest.skip(f"no activation file at {path} (python3 -m benchmarks.quality.run writes it)")
