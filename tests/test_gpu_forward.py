@@ -1,8 +1,7 @@
 """GPU forward (fused kernel for float16/bfloat16, cupy-blocked otherwise) against float64.
 
 Flash-attention's accuracy rule (`conftest.assert_close_to_naive`), ref in float64 on the GPU. Outputs are
-poisoned with NaN through `out=` so an unwritten element fails
-the test.
+poisoned with NaN through `out=` so an unwritten element fails the test.
 """
 
 from __future__ import annotations
