@@ -233,13 +233,15 @@ def _cuda_version(encoded: int) -> str:
     return f"{encoded // 1000}.{encoded % 1000 // 10}"
 
 
-#: How `run_case` times its implementations (recorded as ``timing`` in every results file's environment): "turns",
-#: call by call (`time_interleaved`). Files without the key timed each implementation's calls back to back.
+#: How `run_case` times its implementations: "turns", call by call (`time_interleaved`); recorded as ``timing`` in
+#: the environment of the results files that time this way. Files without the key timed each implementation's
+#: calls back to back.
 TIMING = "turns"
 
 
-def environment(device: str = "auto") -> dict[str, Any]:
-    """What results are measured on: date, device, driver and library versions (JSON-ready).
+def environment(device: str = "auto", timing: str | None = None) -> dict[str, Any]:
+    """What results are measured on: date, device, driver and library versions (JSON-ready); `timing`, how the
+    results were timed (`TIMING` for `run_case`'s turns), recorded as ``timing`` when given.
 
     The GPU keys (``gpu``, ``sm_count``, ``compute_capability``, ``driver``, ``cuda_runtime``, ``nvrtc``,
     ``cupy``, ``torch``) keep the names of the committed results files; ``gpu`` is None on a CPU run.
@@ -258,8 +260,9 @@ def environment(device: str = "auto") -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "adaattn": __version__,
-        "timing": TIMING,
     }
+    if timing is not None:
+        env["timing"] = timing
     if device == "gpu":
         import cupy
 
@@ -308,32 +311,34 @@ def time_interleaved(fns: dict[str, Impl], *, warmup: int, repeat: int, device: 
     back-to-back calls: timing A's calls and then B's hands each a different share of that drift, turns give both
     the same. GPU: a CUDA event before and after each call, recorded on CuPy's current stream (run torch work on
     the same stream, see `torch_stream`), one synchronisation at the end: the calls queue back to back as in a
-    training step, and the times are the GPU's. CPU: `time.perf_counter` around each call. ``fn`` gets the call's
-    index (warm-up calls 0…warmup-1, timed calls after), to rotate input sets.
+    training step, and the times are the GPU's. CPU: `time.perf_counter` around each call. ``fn`` gets a call
+    index to rotate input sets: warm-up calls 0…warmup-1, then the timed calls count on over all implementations
+    (warmup + i·len(fns) + k for implementation k in turn i), so no call finds its inputs in cache from the
+    call before, whoever made it.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     for fn in fns.values():
         for i in range(warmup):
             fn(i)
+    # Call index of implementation k in turn i: consecutive calls, whoever makes them, take consecutive input sets.
+    turns = [(i, k, name, fn) for i in range(repeat) for k, (name, fn) in enumerate(fns.items())]
     if device == "gpu":
         import cupy
 
         events = {name: [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(repeat)] for name in fns}
-        for i in range(repeat):
-            for name, fn in fns.items():
-                start, stop = events[name][i]
-                start.record()
-                fn(warmup + i)
-                stop.record()
+        for i, k, name, fn in turns:
+            start, stop = events[name][i]
+            start.record()
+            fn(warmup + i * len(fns) + k)
+            stop.record()
         cupy.cuda.get_current_stream().synchronize()
         return {name: [float(cupy.cuda.get_elapsed_time(a, b)) for a, b in pairs] for name, pairs in events.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(repeat):
-        for name, fn in fns.items():
-            began = time.perf_counter()
-            fn(warmup + i)
-            times[name].append((time.perf_counter() - began) * 1e3)
+    for i, k, name, fn in turns:
+        began = time.perf_counter()
+        fn(warmup + i * len(fns) + k)
+        times[name].append((time.perf_counter() - began) * 1e3)
     return times
 
 
@@ -708,7 +713,19 @@ def run_case(
             firsts.pop(name, None)
             continue
         fns[name] = fn
-    times = time_interleaved({**fns, **(extra or {})}, warmup=warmup, repeat=repeat, device=device)
+    timed = {**fns, **(extra or {})}
+    try:
+        times = time_interleaved(timed, warmup=warmup, repeat=repeat, device=device)
+    except Exception:  # one of them fails past its first call (e.g. out of memory): time each alone to find it
+        times = {}
+        for name, fn in timed.items():
+            try:
+                times[name] = time_calls(fn, warmup=warmup, repeat=repeat, device=device)
+            except Exception as error:
+                row["ms"][name] = row["tflops"][name] = None
+                row.setdefault("unsupported", {})[name] = short_error(error)
+                fns.pop(name, None)
+        row["timing"] = "blocks"  # not in turns: see time_interleaved
     for name, calls in times.items():
         row["ms"][name] = ms = float(statistics.median(calls))
         row["tflops"][name] = tflops(case.flops, ms)
@@ -723,7 +740,7 @@ def run_case(
     if ours_name is not None:
         ours_tflops = row["tflops"][ours_name]
         row["ratio"] = {name: (ours_tflops / t if t else None) for name, t in row["tflops"].items()
-                        if not name.startswith("adaattn")}
+                        if not name.startswith("adaattn") and name not in (extra or {})}
     return row
 
 
@@ -750,7 +767,7 @@ def sweep(
     """
     peers, skipped = resolve_peers(config.peers, config.device, config.dtypes)
     results: dict[str, Any] = {
-        "env": env if env is not None else environment(config.device),
+        "env": env if env is not None else environment(config.device, timing=TIMING),
         "setup": config.setup_text(),
         "config": config.as_dict(),
         "peers": [p.name for p in peers],

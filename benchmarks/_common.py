@@ -21,10 +21,10 @@ Row = dict[str, Any]
 PAPER_SIZES = f"B*S={bench.PAPER_TOKENS}, H*D={bench.PAPER_HIDDEN}"
 
 
-def environment() -> dict[str, Any]:
-    """`adaattn_core.bench.environment` for the GPU (which records torch's version) plus, with torch installed,
-    the CUDA version torch was built with (key ``torch_cuda``)."""
-    env = bench.environment("gpu")
+def environment(timing: str | None = None) -> dict[str, Any]:
+    """`adaattn_core.bench.environment` for the GPU (which records torch's version; `timing` as there) plus, with
+    torch installed, the CUDA version torch was built with (key ``torch_cuda``)."""
+    env = bench.environment("gpu", timing=timing)
     if importlib.util.find_spec("torch") is not None:
         import torch
 

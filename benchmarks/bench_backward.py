@@ -104,7 +104,8 @@ def main() -> None:
     parser = sweep_parser(__doc__, seqs=[1024, 2048, 4096, 8192, 16384], dims=[64, 128], repeat=20)
     args = parser.parse_args()
 
-    results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D], forward + backward", "rows": [],
+    results = {"env": environment(timing=bench.TIMING),
+               "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D], forward + backward", "rows": [],
                "tiles": {"dkdv": {d: vars(t) for d, t in BACKWARD_TILES.items() if d in args.dims},
                          "dq": {d: vars(t) for d, t in BACKWARD_DQ_TILES.items() if d in args.dims}}}
     print(headline(results["env"]))

@@ -91,7 +91,7 @@ def main() -> None:
         keys, tile = _parse_tile(parser, "--tile", override, ForwardTile, "D[c|n]:BM,BN,WARPS", 3, 3)
         FORWARD_TILES.update(dict.fromkeys(keys, tile))
 
-    results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D]", "rows": [],
+    results = {"env": environment(timing=bench.TIMING), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D]", "rows": [],
                "kernel": cuda_forward.kernel_choice(), "tiles": _tiles(FORWARD_TILES, args.dims),
                "tiles_sm90": _tiles(FORWARD_TILES_SM90, args.dims),
                "short_tiles_sm90": _tiles(SHORT_TILES_SM90, args.dims)}

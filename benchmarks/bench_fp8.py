@@ -68,7 +68,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
         impls = _fp8_impls(sets, causal)
         fp8_error = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256)
     except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
-        fp8_error = bench.short_error(error)
+        impls, fp8_error = {}, bench.short_error(error)
     # The fp8 pieces take their turns beside the bf16 kernel and the peers (bench.time_interleaved).
     row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=[bench.PEERS[name] for name in PEERS],
                          warmup=warmup, repeat=repeat, sets=sets, extra=impls)
@@ -97,7 +97,8 @@ def main() -> None:
     parser = sweep_parser(__doc__, seqs=[1024, 2048, 4096, 8192, 16384], dims=[64, 128], repeat=30)
     args = parser.parse_args()
 
-    results = {"env": environment(), "setup": f"{PAPER_SIZES}, bf16 inputs, [B,H,S,D]", "rows": []}
+    results = {"env": environment(timing=bench.TIMING), "setup": f"{PAPER_SIZES}, bf16 inputs, [B,H,S,D]",
+               "rows": []}
     print(headline(results["env"]))
     print(f"{'D':>4} {'S':>6} {'causal':>6} | ms: {'fp8':>7} {'quant':>7} {'kernel':>7} {'api-fp8':>7} {'bf16':>7} "
           f"{'cudnn':>7} | fp8 speedup vs: {'bf16':>5} {'flash':>5} {'cudnn':>5} | fp8 rel_l2")

@@ -2,9 +2,9 @@
 architecture it runs on (sm_80 and sm_90a for the mma.sync kernels, sm_90a for the wgmma ones), and report
 ptxas resources (registers, stack frame, spill bytes) per instantiation.
 
-Exits non-zero on a compile error or warning (ptxas's "wgmma serialized" performance notes included), a missing
-instantiation, or any local memory (stack or spills) in a float16/bfloat16 instantiation of head dim 64 or 128,
-forward and backward alike. The instantiation list comes from `adaattn_core.launch_config`, the same tables the
+Exits non-zero on a compile error or warning (in the nvcc build also ptxas's "wgmma serialized" performance notes,
+which NVRTC does not report), a missing instantiation, or any local memory (stack or spills) in a
+float16/bfloat16 instantiation of head dim 64 or 128, forward and backward alike. The instantiation list comes from `adaattn_core.launch_config`, the same tables the
 launchers use.
 
     python scripts/compile_kernels.py [--json FILE]

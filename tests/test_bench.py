@@ -64,7 +64,7 @@ def test_time_interleaved_takes_turns_after_each_warms_up():
     seen: list[tuple[str, int]] = []
     fns = {name: (lambda i, name=name: seen.append((name, i))) for name in ("a", "b")}
     times = bench.time_interleaved(fns, warmup=2, repeat=3, device="cpu")
-    assert seen == [("a", 0), ("a", 1), ("b", 0), ("b", 1)] + [(n, i) for i in (2, 3, 4) for n in ("a", "b")]
+    assert seen == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("a", 2), ("b", 3), ("a", 4), ("b", 5), ("a", 6), ("b", 7)]
     assert sorted(times) == ["a", "b"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
     with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
         bench.time_interleaved(fns, warmup=0, repeat=0, device="cpu")
@@ -93,6 +93,31 @@ def test_run_case_cpu_records_times_errors_and_failing_peers():
     assert row["ratio"] == {"broken": None}
 
 
+def test_run_case_times_extra_implementations_without_ratio_or_error():
+    case = bench.Case(seq=32, dim=16, causal=False, batch=1, heads=2, dtype="float32")
+    calls: list[int] = []
+    row = bench.run_case(case, device="cpu", warmup=0, repeat=3, seed=2, extra={"piece": calls.append})
+    assert len(calls) == 3 and row["ms"]["piece"] >= 0 and row["tflops"]["piece"] is not None
+    assert "piece" not in row["ratio"] and "piece" not in row["rel_l2_vs_float64"] and "timing" not in row
+
+
+def test_run_case_times_alone_when_one_fails_past_its_first_call():
+    """An implementation that runs once and then fails (e.g. out of memory under load) is recorded under
+    unsupported; the others still get times, taken one implementation after the other."""
+    def flaky(sets, causal):
+        def call(i):
+            if i > 0:
+                raise MemoryError("out of memory")
+        return call
+
+    peer = bench.Peer("flaky", "Flaky", lambda device, dtype: None, flaky)
+    case = bench.Case(seq=32, dim=16, causal=False, batch=1, heads=2, dtype="float32")
+    row = bench.run_case(case, device="cpu", peers=[peer], warmup=1, repeat=2, seed=3)
+    assert row["tflops"]["flaky"] is None and "out of memory" in row["unsupported"]["flaky"]
+    assert row["ms"]["adaattn"] > 0 and row["timing"] == "blocks" and row["ratio"] == {"flaky": None}
+    assert "flaky" not in row["rel_l2_vs_float64"]
+
+
 def test_float64_error_uses_the_last_rows_with_bottom_right_causal_alignment(rng):
     q, k, v = (rng.standard_normal((1, 1, 40, 8)) for _ in range(3))
     from adaattn_core import attention_reference
@@ -114,7 +139,7 @@ def test_environment_cpu():
     env = bench.environment("cpu")
     assert env["device"] == "cpu" and env["gpu"] is None
     assert {"date", "python", "numpy", "adaattn", "cpu", "platform"} <= env.keys()
-    assert env["timing"] == bench.TIMING == "turns"
+    assert "timing" not in env and bench.environment("cpu", timing=bench.TIMING)["timing"] == "turns"
     json.dumps(env)
 
 
