@@ -4,8 +4,8 @@ ptxas resources (registers, stack frame, spill bytes) per instantiation.
 
 Exits non-zero on a compile error or warning (in the nvcc build also ptxas's "wgmma serialized" performance notes,
 which NVRTC does not report), a missing instantiation, or any local memory (stack or spills) in a
-float16/bfloat16 instantiation of head dim 64 or 128, forward and backward alike. The instantiation list comes from `adaattn_core.launch_config`, the same tables the
-launchers use.
+float16/bfloat16 instantiation of head dim 64 or 128, forward and backward alike. The instantiation list comes
+from `adaattn_core.launch_config`, the same tables the launchers use.
 
     python scripts/compile_kernels.py [--json FILE]
     python scripts/compile_kernels.py --nvrtc       # NVRTC instead (what runs on users' GPUs), sm_90a, no GPU
