@@ -87,7 +87,6 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     using namespace adaattn;
     using Roles = WarpRoles<2, PINGPONG>;
     constexpr int NTHREADS = Roles::THREADS;
-    constexpr int NT = BLOCK_N / 8;       // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;      // n8 column blocks of O = 16-byte chunks of a 16-bit output row
     constexpr int KD = HEAD_DIM / 32;     // k32 steps of Q K^T
     constexpr int KN = BLOCK_N / 32;      // k32 steps of P V
@@ -203,39 +202,17 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     // otherwise keep the load behind them, on the critical path).
     auto softmax = [&](int n_block, float k_scale, float (&corr)[2]) {
         const int key_end = n_block * BLOCK_N + BLOCK_N;
-        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag)) {
-            const int key0 = n_block * BLOCK_N + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = row0 + (e >> 1) * 8;
-                    const int col = key0 + nt * 8 + (e & 1);
-                    if (col >= seqlen_k || (CAUSAL && col > row + diag)) acc_s[4 * nt + e] = neg_inf();
-                }
-        }
+        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag))
+            mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N + 2 * t, row0, seqlen_k, diag);
         const float factor = q_factor * k_scale;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float mx = neg_inf();
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[4 * nt + 2 * r], acc_s[4 * nt + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(row_max[r], mx * factor);  // factor > 0: max commutes with the scaling
+            // factor > 0: max commutes with the scaling
+            const float mx = fmaxf(row_max[r], quad_row_max(acc_s, r) * factor);
             const float mx_safe = mx == neg_inf() ? 0.f : mx;
             corr[r] = fast_exp2(row_max[r] - mx_safe);
             row_max[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    const float pe = fast_exp2(fmaf(acc_s[4 * nt + e], factor, -mx_safe));
-                    acc_s[4 * nt + e] = pe;
-                    sum += pe;
-                }
-            row_sum[r] = row_sum[r] * corr[r] + sum;
+            row_sum[r] = row_sum[r] * corr[r] + exp2_row(acc_s, r, factor, mx_safe);
         }
     };
 

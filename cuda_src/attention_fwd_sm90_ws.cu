@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     constexpr int CONSUMERS = BLOCK_M / 64;  // consumer warpgroups, 64 query rows each
     using Roles = WarpRoles<CONSUMERS, PINGPONG>;
     constexpr int NTHREADS = Roles::THREADS;
-    constexpr int NT = BLOCK_N / 8;     // n8 column blocks of S
     constexpr int DT = HEAD_DIM / 8;    // n8 column blocks of O = 16-byte chunks per row
     constexpr int KD = HEAD_DIM / 16;   // k16 steps of Q K^T
     constexpr int KN = BLOCK_N / 16;    // k16 steps of P V
@@ -222,25 +221,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         // Mask only tiles that reach past the ragged key end or (CAUSAL) past the first key hidden from
         // this warpgroup's first row.
         const int key_end = n_block * BLOCK_N + BLOCK_N;
-        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag)) {
-            const int key0 = n_block * BLOCK_N + 2 * t;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = row0 + (e >> 1) * 8;
-                    const int col = key0 + nt * 8 + (e & 1);
-                    if (col >= seqlen_k || (CAUSAL && col > row + diag)) acc_s[4 * nt + e] = neg_inf();
-                }
-        }
+        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag))
+            mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N + 2 * t, row0, seqlen_k, diag);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float mx = neg_inf();
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[4 * nt + 2 * r], acc_s[4 * nt + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx *= scale_log2;  // scale_log2 > 0: -inf stays -inf; the quad agrees on mx, so on the branch
+            // scale_log2 > 0: -inf stays -inf; the quad agrees on mx, so on the branch
+            const float mx = quad_row_max(acc_s, r) * scale_log2;
             corr[r] = 1.f;
             if (mx > row_max[r] + RESCALE_LOG2) {  // never for a tile with no admissible key (mx = -inf)
                 corr[r] = fast_exp2(row_max[r] - mx);  // 0 on the first admissible tile (O and l are 0)
@@ -248,16 +234,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
             }
             // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
             const float mx_scaled = row_max[r] == neg_inf() ? 0.f : row_max[r];
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    const float pe = fast_exp2(fmaf(acc_s[4 * nt + e], scale_log2, -mx_scaled));
-                    acc_s[4 * nt + e] = pe;
-                    sum += pe;
-                }
-            row_sum[r] = row_sum[r] * corr[r] + sum;
+            row_sum[r] = row_sum[r] * corr[r] + exp2_row(acc_s, r, scale_log2, mx_scaled);
         }
     };
 

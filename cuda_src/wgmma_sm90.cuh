@@ -304,6 +304,48 @@ struct WarpRoles {
     }
 };
 
+// Online-softmax pieces on an m64nN fp32 accumulator s[N / 2] (layout at the top of this file): this thread
+// holds rows row0 (elements 4 nt + {0, 1}) and row0 + 8 (4 nt + {2, 3}) of every n8 block nt, at columns
+// key0 + 8 nt + {0, 1} with key0 = the tile's first key + 2 (lane % 4).
+
+// Sets to -inf the scores past seqlen_k or (CAUSAL, bottom-right aligned) past key row + diag.
+template <bool CAUSAL, int N>
+__device__ __forceinline__ void mask_scores(float (&s)[N], int key0, int row0, int seqlen_k, int diag) {
+#pragma unroll
+    for (int nt = 0; nt < N / 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + (e >> 1) * 8;
+            const int col = key0 + nt * 8 + (e & 1);
+            if (col >= seqlen_k || (CAUSAL && col > row + diag)) s[4 * nt + e] = neg_inf();
+        }
+}
+
+// The max of row r's scores over the 4 lanes of the quad that holds the row.
+template <int N>
+__device__ __forceinline__ float quad_row_max(const float (&s)[N], int r) {
+    float mx = neg_inf();
+#pragma unroll
+    for (int nt = 0; nt < N / 4; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+
+// Row r's scores x -> 2^(x * factor - m) in place (one FFMA and one ex2 each); returns this lane's sum of them.
+template <int N>
+__device__ __forceinline__ float exp2_row(float (&s)[N], int r, float factor, float m) {
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < N / 4; ++nt)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            const float pe = fast_exp2(fmaf(s[4 * nt + e], factor, -m));
+            s[4 * nt + e] = pe;
+            sum += pe;
+        }
+    return sum;
+}
+
 // Transposes a 4 x 4 block of 32-bit words over the 4 lanes of a quad (lane t = lane % 4): word c of lane t
 // becomes word t of lane c. Two xor exchanges (lanes t ^ 1, then t ^ 2), each swapping one bit of the lane
 // with one bit of the word; 4 shuffles. An m64nN accumulator holds columns 2t, 2t + 1 of each n8 block in lane t:
