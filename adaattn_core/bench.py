@@ -183,8 +183,7 @@ class SweepConfig:
         """The table header's problem line; says so when some row's B·S or H·D differs from the requested ones
         (B = max(1, tokens // S) and H = max(1, hidden // D) round down and never reach 0)."""
         dtypes = "+".join(SHORT_DTYPE.get(d, d) for d in self.dtypes)
-        exact = (all(self.tokens % s == 0 and s <= self.tokens for s in self.seqs)
-                 and all(self.hidden % d == 0 and d <= self.hidden for d in self.dims))
+        exact = all(c.batch * c.seq == self.tokens and c.heads * c.dim == self.hidden for c in self.cases())
         rounding = "" if exact else " (B = max(1, B*S // S), H = max(1, H*D // D): some rows differ)"
         return f"B*S={self.tokens}, H*D={self.hidden}{rounding}, {dtypes}, [B,H,S,D]"
 
@@ -351,6 +350,34 @@ def time_calls(fn: Impl, *, warmup: int, repeat: int, device: str) -> list[float
 def median_ms(fn: Impl, *, warmup: int, repeat: int, device: str) -> float:
     """Median of `time_calls`."""
     return float(statistics.median(time_calls(fn, warmup=warmup, repeat=repeat, device=device)))
+
+
+def unsupported(row: dict[str, Any], name: str, error: BaseException | str) -> None:
+    """Record in a result row that implementation `name` has no timing, and why."""
+    row["ms"][name] = row["tflops"][name] = None
+    row.setdefault("unsupported", {})[name] = error if isinstance(error, str) else short_error(error)
+
+
+def time_row(row: dict[str, Any], fns: dict[str, Impl], *, flops: float, warmup: int, repeat: int,
+             device: str) -> dict[str, Impl]:
+    """Time `fns` in turns (`time_interleaved`) into `row`: median ``ms`` and ``tflops`` (of `flops`) per
+    implementation. If the turns fail past the first calls (e.g. out of memory under load), each implementation is
+    warmed up and timed again alone, a failing one is recorded `unsupported`, and the row says ``"timing":
+    "blocks"``. Returns the implementations that got a time."""
+    try:
+        times = time_interleaved(fns, warmup=warmup, repeat=repeat, device=device)
+    except Exception:
+        times = {}
+        for name, fn in fns.items():
+            try:
+                times[name] = time_calls(fn, warmup=warmup, repeat=repeat, device=device)
+            except Exception as error:
+                unsupported(row, name, error)
+        row["timing"] = "blocks"  # not in turns: see time_interleaved
+    for name, calls in times.items():
+        row["ms"][name] = ms = float(statistics.median(calls))
+        row["tflops"][name] = tflops(flops, ms)
+    return {name: fns[name] for name in times}
 
 
 def synchronize(device: str) -> None:
@@ -698,7 +725,7 @@ def run_case(
         if reason is None:
             impls[peer.name] = (lambda p=peer: p.build(sets, case.causal))
         else:
-            row.setdefault("unsupported", {})[peer.name] = reason
+            row.setdefault("unsupported", {})[peer.name] = reason  # not installed here: no column at all
 
     firsts: dict[str, Any] = {}
     fns: dict[str, Impl] = {}
@@ -708,28 +735,13 @@ def run_case(
             firsts[name] = fn(0)
             synchronize(device)
         except Exception as error:  # a backend that does not take this shape/dtype: record it, go on
-            row["ms"][name] = row["tflops"][name] = None
-            row.setdefault("unsupported", {})[name] = short_error(error)
+            unsupported(row, name, error)
             firsts.pop(name, None)
             continue
         fns[name] = fn
-    timed = {**fns, **(extra or {})}
-    try:
-        times = time_interleaved(timed, warmup=warmup, repeat=repeat, device=device)
-    except Exception:  # one of them fails past its first call (e.g. out of memory): time each alone to find it
-        times = {}
-        for name, fn in timed.items():
-            try:
-                times[name] = time_calls(fn, warmup=warmup, repeat=repeat, device=device)
-            except Exception as error:
-                row["ms"][name] = row["tflops"][name] = None
-                row.setdefault("unsupported", {})[name] = short_error(error)
-                fns.pop(name, None)
-        row["timing"] = "blocks"  # not in turns: see time_interleaved
-    for name, calls in times.items():
-        row["ms"][name] = ms = float(statistics.median(calls))
-        row["tflops"][name] = tflops(case.flops, ms)
-        if name not in fns:
+    timed = time_row(row, {**fns, **(extra or {})}, flops=case.flops, warmup=warmup, repeat=repeat, device=device)
+    for name in fns:
+        if name not in timed:
             continue
         row["rel_l2_vs_float64"][name] = float64_error(firsts[name], *sets[0], case.causal, error_rows)
         if name in backends:
@@ -991,12 +1003,12 @@ __all__ = [
     "input_set_count",
     "main",
     "make_input_sets",
-    "random_arrays",
-    "random_generator",
     "median_ms",
     "output_stem",
     "paper_case",
     "plot_results",
+    "random_arrays",
+    "random_generator",
     "resolve_peers",
     "run_case",
     "short_error",
@@ -1004,9 +1016,11 @@ __all__ = [
     "tflops",
     "time_calls",
     "time_interleaved",
+    "time_row",
     "to_host64",
     "to_torch",
     "torch_stream",
+    "unsupported",
     "write_json",
 ]
 

@@ -127,14 +127,13 @@ class _Progress:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
     device = _pick_device(args.device)
     out_dir = Path(args.out_dir)
     try:  # before the sweep, not after it: a folder that cannot be written would lose the results
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--out-dir {args.out_dir}: cannot create the folder ({error.strerror})") from error
+        raise ValueError(f"--out-dir {args.out_dir}: expected a folder this user can create or write to, cannot "
+                         f"create it ({error.strerror})") from error
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ValueError(f"--out-dir {args.out_dir}: expected a folder this user can write to")
     config = bench.SweepConfig.defaults(device, quick=args.quick)
@@ -192,29 +191,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print JSON instead of text")
     run.set_defaults(handler=_cmd_run)
 
-    bench = sub.add_parser("bench", help="forward sweep over S, D, causal: table, JSON and PNG (peers beside us)",
-                           description="Times AdaAttn's forward (and torch SDPA / SageAttention when installed) "
-                                       "over sequence lengths and head dims: B = tokens // S, H = hidden // D. "
-                                       "GPU: CUDA events; CPU: perf_counter. Prints a table and writes "
-                                       "<out-dir>/<date>-<device>-fwd.json and .png.")
-    bench.add_argument("--seqs", type=count_type(1), nargs="+", default=None,
-                       help="sequence lengths (default: per device)")
-    bench.add_argument("--dims", type=count_type(1), nargs="+", default=None, help="head dims (default: per device)")
-    bench.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both")
-    bench.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32", "float64"], default=None,
-                       help="default: bfloat16 on a GPU, float32 on the CPU")
-    bench.add_argument("--policy", nargs="+", choices=sorted(POLICIES), default=None, help="default: exact")
-    bench.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    bench.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                       help="also time torch SDPA backends / SageAttention where installed (default: yes)")
-    bench.add_argument("--out-dir", default="adaattn-bench", help="where the JSON and PNG go (default: %(default)s)")
-    bench.add_argument("--quick", action="store_true", help="a small sweep (GPU: S 1k/4k, D 64/128; CPU: tiny)")
-    bench.add_argument("--tokens", type=count_type(1), default=None, help="B*S (default: 16384 on a GPU)")
-    bench.add_argument("--hidden", type=count_type(1), default=None, help="H*D (default: 2048 on a GPU)")
-    bench.add_argument("--warmup", type=count_type(0), default=None, help="untimed calls before timing")
-    bench.add_argument("--repeat", type=count_type(1), default=None, help="timed calls; the median is reported")
-    bench.add_argument("--seed", type=count_type(0), default=None, help="input seed; default: fresh inputs each run")
-    bench.set_defaults(handler=_cmd_bench)
+    bench_cmd = sub.add_parser("bench", help="forward sweep over S, D, causal: table, JSON and PNG (peers beside us)",
+                               description="Times AdaAttn's forward (and torch SDPA / SageAttention when installed) "
+                                           "over sequence lengths and head dims: B = tokens // S, H = hidden // D. "
+                                           "GPU: CUDA events; CPU: perf_counter. Prints a table and writes "
+                                           "<out-dir>/<date>-<device>-fwd.json and .png.")
+    bench_cmd.add_argument("--seqs", type=count_type(1), nargs="+", default=None,
+                           help="sequence lengths (default: per device)")
+    bench_cmd.add_argument("--dims", type=count_type(1), nargs="+", default=None,
+                           help="head dims (default: per device)")
+    bench_cmd.add_argument("--causal", choices=sorted(CAUSAL_CHOICES), default="both")
+    bench_cmd.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32", "float64"], default=None,
+                           help="default: bfloat16 on a GPU, float32 on the CPU")
+    bench_cmd.add_argument("--policy", nargs="+", choices=sorted(POLICIES), default=None, help="default: exact")
+    bench_cmd.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    bench_cmd.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                           help="also time torch SDPA backends / SageAttention where installed (default: yes)")
+    bench_cmd.add_argument("--out-dir", default="adaattn-bench",
+                           help="where the JSON and PNG go (default: %(default)s)")
+    bench_cmd.add_argument("--quick", action="store_true", help="a small sweep (GPU: S 1k/4k, D 64/128; CPU: tiny)")
+    bench_cmd.add_argument("--tokens", type=count_type(1), default=None, help="B*S (default: 16384 on a GPU)")
+    bench_cmd.add_argument("--hidden", type=count_type(1), default=None, help="H*D (default: 2048 on a GPU)")
+    bench_cmd.add_argument("--warmup", type=count_type(0), default=None, help="untimed calls before timing")
+    bench_cmd.add_argument("--repeat", type=count_type(1), default=None, help="timed calls; the median is reported")
+    bench_cmd.add_argument("--seed", type=count_type(0), default=None,
+                           help="input seed; default: fresh inputs each run")
+    bench_cmd.set_defaults(handler=_cmd_bench)
     return parser
 
 

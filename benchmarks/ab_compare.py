@@ -123,8 +123,17 @@ def main() -> None:
         runs = load_runs(args.compare) if args.compare else {}
     except ValueError as error:
         parser.error(str(error))
+    except OSError as error:
+        parser.error(f"--compare {error.filename}: cannot read it ({error.strerror})")
     names = [name for name, _, _ in variants]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        parser.error(f"--variant {repeated}: given twice (each name has its own result files <out>-NAME-<run>.json)")
     if args.compare:
+        rows = [row for results in runs.values() for r in results for row in r["rows"]]
+        found = {key for row in rows for key in row.get("tflops") or {}}
+        if args.impl not in found:
+            parser.error(f"--impl {args.impl}: not a result key of these files (found: {', '.join(sorted(found))})")
         # --variant NAME= (arguments ignored) sets the column order and the baseline; else the files' order
         missing = [name for name in names if name not in runs]
         if missing:
@@ -136,12 +145,11 @@ def main() -> None:
         parser.error("give --variant NAME[@DIR]=ARGS (at least one), or --compare FILES")
     if not args.out:
         parser.error("give --out PREFIX (result files <PREFIX>-<NAME>-<run>.json)")
-    roots = {name: Path(directory).resolve() if directory else HERE.parent for name, directory, _ in variants}
     runs = {name: [] for name in names}
     for run in range(1, args.runs + 1):
-        for name, _, extra in variants:
+        for name, directory, extra in variants:
             out = Path(f"{args.out}-{name}-{run}.json").resolve()
-            root = roots[name]
+            root = Path(directory).resolve() if directory else HERE.parent
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
             print(f"== {name} run {run}", flush=True)
             done = subprocess.run([sys.executable, str(root / "benchmarks" / args.script), *script_args, *extra,

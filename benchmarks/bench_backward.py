@@ -6,7 +6,7 @@ not. One timed call = forward and backward of one attention: ours through `adaat
 on tensors requiring grad, then `torch.autograd.grad(out, (q, k, v), dout)` (no .grad accumulation). TFLOP/s =
 3.5 × forward FLOPs / t (forward 4·B·H·S²·D, backward 2.5× that; halved when causal). Inputs and dout are
 fresh random sets rotated so that they exceed L2 (`adaattn_core.bench.make_input_sets`); timing is
-`adaattn_core.bench.time_interleaved` (warm-up calls, then the median of CUDA events on torch's current stream,
+`adaattn_core.bench.time_row` (warm-up calls, then the median of CUDA events on torch's current stream,
 the implementations taking turns call by call).
 Writes JSON with device, driver and versions.
 
@@ -15,7 +15,6 @@ Writes JSON with device, driver and versions.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -74,8 +73,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
             grads = fn(0)
             torch.cuda.synchronize()
         except RuntimeError as error:  # backend does not support this shape
-            row["ms"][name] = row["tflops"][name] = None
-            row.setdefault("unsupported", {})[name] = bench.short_error(error)
+            bench.unsupported(row, name, error)
             continue
         if name == "adaattn":
             reference = grads
@@ -84,9 +82,7 @@ def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> di
                                             for g, a, b in zip(("dq", "dk", "dv"), reference, grads)}
         del grads
         runs[name] = fn
-    for name, calls in bench.time_interleaved(runs, warmup=warmup, repeat=repeat, device="gpu").items():
-        row["ms"][name] = ms = statistics.median(calls)
-        row["tflops"][name] = bench.tflops(flops, ms)
+    bench.time_row(row, runs, flops=flops, warmup=warmup, repeat=repeat, device="gpu")
     ours = row["tflops"]["adaattn"]
     row["ratio"] = {name: (ours / t if t and ours else None) for name, t in row["tflops"].items() if name != "adaattn"}
     return row

@@ -58,8 +58,8 @@ def _parse_tile(parser: argparse.ArgumentParser, option: str, text: str, kind: t
     causal = {"c": (True,), "n": (False,)}.get(dim[-1:], (False, True))
     fields = numbers.split(",")
     head_dim = dim.rstrip("cn")
-    if not (head_dim.isdigit() and least <= len(fields) <= most and all(f.isdigit() for f in fields)):
-        parser.error(f"{option} {text!r}: expected {syntax}")
+    if not (head_dim.isdigit() and least <= len(fields) <= most and all(f.isdigit() and int(f) > 0 for f in fields)):
+        parser.error(f"{option} {text!r}: expected {syntax} with numbers >= 1")
     return [(int(head_dim), c) for c in causal], kind(*map(int, fields))
 
 

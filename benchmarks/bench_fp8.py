@@ -62,20 +62,18 @@ def _fp8_impls(sets: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]
 def run_config(seq: int, dim: int, causal: bool, warmup: int, repeat: int) -> dict[str, Any]:
     case = bench.paper_case(seq, dim, causal)
     sets = bench.make_input_sets(case, "gpu", seed=bench.case_seed(case))
-    impls: dict[str, Any] = {}
-    fp8_error = None
     try:
         impls = _fp8_impls(sets, causal)
-        fp8_error = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256)
+        fp8_rel_l2, reason = bench.float64_error(impls.pop("_out"), *sets[0], causal, 256), None
     except Exception as error:  # no sm_90 or an unsupported shape: record it, go on
-        impls, fp8_error = {}, bench.short_error(error)
+        impls, reason = {}, error
     # The fp8 pieces take their turns beside the bf16 kernel and the peers (bench.time_interleaved).
     row = bench.run_case(case, device="gpu", policies=("exact", "fp8"), peers=[bench.PEERS[name] for name in PEERS],
                          warmup=warmup, repeat=repeat, sets=sets, extra=impls)
-    if impls:
-        row["rel_l2_vs_float64"]["adaattn-fp8-call"] = fp8_error
+    if reason is None:
+        row["rel_l2_vs_float64"]["adaattn-fp8-call"] = fp8_rel_l2
     else:
-        row.setdefault("unsupported", {})["adaattn-fp8-call"] = fp8_error
+        bench.unsupported(row, "adaattn-fp8-call", reason)
     ms = row["ms"]
     fp8 = ms.get("adaattn-fp8-call")
     row["fp8_speedup"] = {name: (ms[name] / fp8 if fp8 and ms.get(name) else None)

@@ -121,6 +121,13 @@ def max_abs(a: Any, b: Any) -> float:
     return float(np.abs(a64 - b64).max()) if a64.size else 0.0
 
 
+def close(a: Any, b: Any, tol: float = 1e-5) -> bool:
+    """max |a − b| ≤ tol · max(max |b|, 1): relative, but exact zeros (e.g. dq with one key) may carry rounding
+    noise. NumPy, CuPy, torch or JAX arrays of one shape."""
+    b64 = to_host64(b)
+    return max_abs(a, b64) <= tol * max(float(np.abs(b64).max(initial=0)), 1.0)
+
+
 def run_cli(*args: str, cwd: Any = None) -> subprocess.CompletedProcess:
     """`adaattn ARGS` in a subprocess (python -m adaattn_core.cli), output captured as text."""
     return subprocess.run([sys.executable, "-m", "adaattn_core.cli", *args], capture_output=True, text=True,

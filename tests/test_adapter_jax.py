@@ -10,7 +10,15 @@ import os
 
 import numpy as np
 import pytest
-from conftest import GRADIENT_FACTOR, assert_close_to_naive, make_qkv, max_abs, naive_same_dtype, rel_l2
+from conftest import (
+    GRADIENT_FACTOR,
+    assert_close_to_naive,
+    close,
+    make_qkv,
+    max_abs,
+    naive_same_dtype,
+    rel_l2,
+)
 
 import adaattn_core as aa
 
@@ -33,12 +41,6 @@ def _value_and_grads(fn, q, k, v, dout):
     return out, vjp(dout)
 
 
-def _close(a, b, tol=1e-5):
-    """max |a − b| ≤ tol · max(max |b|, 1) (exact zeros, e.g. dq with one key, may carry rounding noise)."""
-    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
-    return float(np.abs(a - b).max(initial=0)) <= tol * max(float(np.abs(b).max(initial=0)), 1.0)
-
-
 # --- CPU --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
@@ -54,9 +56,9 @@ def test_matches_jax_nn_under_jit(rng, layout, group, causal):
     theirs = jax.jit(lambda *a: _value_and_grads(lambda *x: _jax_sdpa(*x, causal=causal, layout=layout), *a))
     (out, grads), (ref, ref_grads) = ours(q, k, v, dout), theirs(q, k, v, dout)
     assert out.shape == q.shape and out.dtype == jnp.float32
-    assert _close(out, ref)
+    assert close(out, ref)
     for name, g, r in zip("qkv", grads, ref_grads):
-        assert g.shape == r.shape and _close(g, r), name
+        assert g.shape == r.shape and close(g, r), name
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
@@ -96,7 +98,7 @@ def test_grad_of_a_loss_under_jit(rng):
     grads = jax.jit(jax.grad(lambda *a: loss(lambda *x: ada.attention(*x, causal=True), *a), argnums=(0, 1, 2)))
     ref = jax.grad(lambda *a: loss(lambda *x: jax.nn.dot_product_attention(*x, is_causal=True), *a), argnums=(0, 1, 2))
     for name, g, r in zip("qkv", grads(q, k, v), ref(q, k, v)):
-        assert _close(g, r), name
+        assert close(g, r), name
 
 
 def test_bfloat16_on_cpu(rng):
@@ -111,7 +113,7 @@ def test_bfloat16_on_cpu(rng):
 def test_vmap(rng):
     q, k, v = map(jnp.asarray, make_qkv(rng, batch=3, heads_q=2, seq_q=9, dim=8))
     batched = jax.vmap(lambda q, k, v: ada.attention(q[None], k[None], v[None], layout="bhsd")[0])(q, k, v)
-    assert _close(batched, ada.attention(q, k, v, layout="bhsd"))
+    assert close(batched, ada.attention(q, k, v, layout="bhsd"))
 
 
 def test_core_errors_raise_at_trace_time(rng):

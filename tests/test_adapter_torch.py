@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import GRADIENT_FACTOR, assert_close_to_naive, make_qkv, max_abs, naive_same_dtype, rel_l2, to_host64
+from conftest import (
+    GRADIENT_FACTOR,
+    assert_close_to_naive,
+    close,
+    make_qkv,
+    max_abs,
+    naive_same_dtype,
+    rel_l2,
+    to_host64,
+)
 
 import adaattn_core as aa
 
@@ -33,12 +42,6 @@ def _sdpa(q, k, v, *, causal=False, layout="bhsd"):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _close(a, b, tol=1e-5):
-    """max |a − b| ≤ tol · max(max |b|, 1): relative, but exact zeros (dq with one key) may carry rounding noise."""
-    a, b = (np.asarray(x.detach() if hasattr(x, "detach") else x, dtype=np.float64) for x in (a, b))
-    return float(np.abs(a - b).max(initial=0)) <= tol * max(float(np.abs(b).max(initial=0)), 1.0)
-
-
 def _grads(fn, inputs, dout):
     for x in inputs:
         x.grad = None
@@ -61,9 +64,9 @@ def test_matches_sdpa_float32(rng, layout, group, causal):
     out, grads = _grads(lambda *a: ada.attention(*a, causal=causal, layout=layout), (q, k, v), dout)
     ref, ref_grads = _grads(lambda *a: _sdpa(*a, causal=causal, layout=layout), (q, k, v), dout)
     assert out.shape == q.shape and out.dtype == torch.float32
-    assert _close(out, ref)
+    assert close(out, ref)
     for name, g, r in zip("qkv", grads, ref_grads):
-        assert _close(g, r), name
+        assert close(g, r), name
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
@@ -167,9 +170,9 @@ def test_sdpa_drop_in_matches_sdpa(rng, seq_q, seq_k, is_causal):
     kwargs = {"is_causal": is_causal, "scale": scale, "enable_gqa": True}
     out, grads = _grads(lambda *a: ada.scaled_dot_product_attention(*a, **kwargs), (q, k, v), dout)
     ref, ref_grads = _grads(lambda *a: F.scaled_dot_product_attention(*a, **kwargs), (q, k, v), dout)
-    assert _close(out, ref)
+    assert close(out, ref)
     for name, g, r in zip("qkv", grads, ref_grads):
-        assert _close(g, r), name
+        assert close(g, r), name
 
 
 def test_sdpa_drop_in_rejects_what_it_cannot_do(rng):

@@ -113,6 +113,29 @@ def test_blocked_fallback(cp, rng, dtype, dim):
     assert rel_l2(out, ref) <= (1e-5 if dtype == "float32" else 1e-12)
 
 
+def test_tile_over_the_gpus_shared_memory_runs_blocked(cp, rng, monkeypatch):
+    """Where the chosen kernel's tile needs more shared memory per block than the GPU allows (an A100's 163 KB
+    against the mma.sync D = 256 tile's 192 KB), the forward declines it and the blocked path gives the answer."""
+    from adaattn_core import cuda_forward
+    from adaattn_core.launch_config import forward_launch
+    from adaattn_core.problem import describe
+
+    a100 = 166_912
+    monkeypatch.setattr(cuda_forward, "shared_memory_optin", lambda device_id: a100)
+    cuda_forward._shared_memory_reason.cache_clear()
+    try:
+        q, k, v = make_qkv(rng, heads_q=2, heads_kv=1, seq_q=130, seq_k=300, dim=256, dtype="bfloat16", xp=cp)
+        problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
+        launch = cuda_forward._select(problem, cp.cuda.Device().id)
+        expected = "cupy-blocked" if launch.smem_bytes > a100 else "cuda"
+        if launch.source == "attention_fwd.cu":  # the mma.sync tile at D = 256: the case this check exists for
+            assert forward_launch("bfloat16", 256, False, use_sm90=False).smem_bytes > a100
+            assert expected == "cupy-blocked"
+        _check(cp, q, k, v, causal=False, layout="bhsd", expect_backend=expected)
+    finally:
+        cuda_forward._shared_memory_reason.cache_clear()
+
+
 def test_backward_on_gpu(cp, rng):
     """Until the fused backward lands, CuPy gradients come from the blocked algorithm."""
     q, k, v = make_qkv(rng, heads_q=4, heads_kv=2, seq_q=100, seq_k=120, dim=64, dtype="float32", xp=cp)

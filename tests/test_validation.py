@@ -229,7 +229,7 @@ def test_bad_deterministic(qkv, seq_q):
     ({"box_rows": 0}, "box_rows 0, expected 1..256"),
     ({"box_rows": 257}, "box_rows 257, expected 1..256"),
     ({"ptr": 0x1008}, "address 0x1008, expected a multiple of 16 bytes"),
-    ({"strides": (4096, 2048, 4)}, "strides (4096, 2048, 4)"),
+    ({"strides": (4096, 2048, 4)}, "strides (4096, 2048, 4) (2-byte elements) must be positive multiples of 16 bytes"),
 ])
 def test_tma_tile_map_names_the_argument_it_cannot_take(kwargs, named):
     """The host-side checks run before the driver is asked (no GPU needed) and say which argument is wrong."""
