@@ -237,14 +237,14 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 #pragma unroll
         for (int i = 0; i < 4; ++i) p[kn][i] = 0u;
 
-    Roles::first_turn(wg);  // consumer 0 takes the first turn
+    Roles::open(wg);  // consumer 0 takes the first turn
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];
     float k_scale = sk_ptr[n_blocks - 1];
     consumer_wait_full(bars.q_full(), 0);
     consumer_wait_full(bars.k_full(0), 0);
-    gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+    gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
         issue_qk(0);
         wgmma_commit();
     });
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         k_scale = sk_ptr[n_blocks - 1 - it];
         consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
         consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
-        gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+        gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
             issue_qk(s);
             wgmma_commit();
             issue_pv(s_prev);
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 
     // The last tile's P V. Its V stage is not released: the producer has no tile left to put there.
     consumer_wait_full(bars.v_full((n_blocks - 1) % STAGES), ((n_blocks - 1) / STAGES) & 1);
-    gemm_turn<Roles>(wg, true, acc_s, acc_o, p, [&] {
+    gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
         issue_pv((n_blocks - 1) % STAGES);
         wgmma_commit();
     });
@@ -332,4 +332,5 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
             *reinterpret_cast<uint4*>(o_ptr + row * o_stride_s + c * 8) =
                 *reinterpret_cast<const uint4*>(o_tile + sw128_offset<64>(row_wg, c));
     }
+    Roles::close(wg);  // consumer 0 takes the last consumer's final hand-over
 }

@@ -67,7 +67,8 @@
 // Consumers wait on a tile's "full" mbarrier before its GEMMs and, once the wgmma reading a stage has
 // completed, arrive once per warp on its "empty" mbarrier (expected count 4 per consumer warpgroup).
 // PINGPONG: the consumers take turns, round robin, to issue their GEMMs (WarpRoles' named barriers), so
-// while one consumer does its softmax the others' GEMMs own the tensor cores.
+// while one consumer does its softmax the others' GEMMs own the tensor cores. The turns run on across work
+// tiles: consumer 0 issues the next tile's first Q K^T while the last consumer's final P V and epilogue run.
 // Epilogue: O / l stored straight from the accumulators, since the Q tile already holds the next work tile's
 // rows: each quad transposes its 4 x 4 words of four n8 blocks (quad_transpose) so that every lane stores 16
 // bytes and the quad 64 contiguous bytes of the row.
@@ -255,11 +256,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
     constexpr float LN2 = 0.693147180559945309f;
     int kv = 0;  // K/V tiles consumed so far, over this block's work tiles (the producer's count)
+    Roles::open(wg);  // consumer 0 takes the first turn; the turns then run on across work tiles
     for (int local = 0;; ++local) {
         consumer_wait_full(bars.q_full(), local & 1);
         // Lane 0 reads the slot for its warp: it is the lane whose "Q empty" arrival later hands the slot back.
         const int tile = __shfl_sync(0xffffffffu, lane == 0 ? *tile_slot : 0, 0);
-        if (tile < 0) return;
+        if (tile < 0) {
+            Roles::close(wg);
+            return;
+        }
         const WorkTile w = work_tile(tile);
         T* o_ptr = out + w.b * o_stride_b + w.h * o_stride_h;
         float* lse_ptr = lse + ((long long)w.b * num_heads_q + w.h) * seqlen_q;
@@ -281,13 +286,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
         for (int i = 0; i < HEAD_DIM / 2; ++i) acc_o[i] = 0.f;
 
-        Roles::first_turn(wg);  // consumer 0 takes the tile's first turn
-
         // First key tile: nothing to accumulate into O yet.
         float corr[2];
         int s = kv % STAGES;
         consumer_wait_full(bars.k_full(s), (kv / STAGES) & 1);
-        gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+        gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
             issue_qk(s);
             wgmma_commit();
         });
@@ -303,7 +306,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
             s = (kv + it) % STAGES;
             consumer_wait_full(bars.k_full(s), ((kv + it) / STAGES) & 1);
             consumer_wait_full(bars.v_full(s_prev), ((kv + it - 1) / STAGES) & 1);
-            gemm_turn<Roles>(wg, false, acc_s, acc_o, p, [&] {
+            gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
                 issue_qk(s);
                 wgmma_commit();
                 issue_pv(s_prev);
@@ -330,7 +333,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 
         // The last key tile's P V.
         consumer_wait_full(bars.v_full(s), ((kv + n_blocks - 1) / STAGES) & 1);
-        gemm_turn<Roles>(wg, true, acc_s, acc_o, p, [&] {
+        gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
             issue_pv(s);
             wgmma_commit();
         });

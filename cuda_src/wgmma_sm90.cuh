@@ -282,8 +282,11 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
 // (setmaxnreg.inc): 128 * 40 + 256 * 232 = 64512 <= 384 * 168 and 128 * 32 + 384 * 160 = 65536 = 512 * 128,
 // so the increase never waits for registers.
 // Ping-pong, round robin: consumer c waits on named barrier 1 + c (256 threads: its own 128 plus the previous
-// consumer's 128 bar.arrive) before issuing its GEMMs and hands the turn to the next consumer right after;
-// the last consumer opens the first turn and skips its last hand-over, so every named barrier ends balanced.
+// consumer's 128 bar.arrive) before issuing its GEMMs and hands the turn to the next consumer right after.
+// The order runs on across work tiles: the last consumer's final turn of a tile opens consumer 0's first turn
+// of the next, so consumer 0 starts the next tile's Q K^T while the others finish their P V and epilogue.
+// The last consumer opens the very first turn (open) and consumer 0 takes the last hand-over before it
+// exits (close), so every named barrier ends balanced.
 // Without PINGPONG the turns are no-ops: every consumer issues its GEMMs as soon as its operands are ready.
 template <int CONSUMERS, bool PINGPONG>
 struct WarpRoles {
@@ -293,14 +296,17 @@ struct WarpRoles {
     static constexpr int CONSUMER_REGS =
         ((65536 / THREADS / 8 * 8) * THREADS - 128 * PRODUCER_REGS) / (128 * CONSUMERS) / 8 * 8;
 
-    static __device__ __forceinline__ void first_turn(int consumer) {
+    static __device__ __forceinline__ void open(int consumer) {
         if (PINGPONG && consumer == CONSUMERS - 1) named_bar_arrive(1, 256);
+    }
+    static __device__ __forceinline__ void close(int consumer) {
+        if (PINGPONG && consumer == 0) named_bar_sync(1, 256);
     }
     static __device__ __forceinline__ void turn_begin(int consumer) {
         if (PINGPONG) named_bar_sync(1 + consumer, 256);
     }
-    static __device__ __forceinline__ void turn_end(int consumer, bool last) {
-        if (PINGPONG && !(last && consumer == CONSUMERS - 1)) named_bar_arrive(1 + (consumer + 1) % CONSUMERS, 256);
+    static __device__ __forceinline__ void turn_end(int consumer) {
+        if (PINGPONG) named_bar_arrive(1 + (consumer + 1) % CONSUMERS, 256);
     }
 };
 
@@ -413,15 +419,14 @@ __device__ __forceinline__ void fence_operands(float (&s)[NS], float (&o)[NO], u
 }
 
 // One consumer warpgroup's turn on the tensor cores (WarpRoles: waits for it under ping-pong): the register
-// operands are fenced, `issue` issues and commits the turn's wgmma groups, and the turn passes on (`last`: the
-// consumer's final turn of a work tile).
+// operands are fenced, `issue` issues and commits the turn's wgmma groups, and the turn passes on.
 template <typename Roles, int NS, int NO, int KN, typename Issue>
-__device__ __forceinline__ void gemm_turn(int consumer, bool last, float (&s)[NS], float (&o)[NO],
-                                          unsigned (&p)[KN][4], Issue&& issue) {
+__device__ __forceinline__ void gemm_turn(int consumer, float (&s)[NS], float (&o)[NO], unsigned (&p)[KN][4],
+                                          Issue&& issue) {
     Roles::turn_begin(consumer);
     fence_operands(s, o, p);
     issue();
-    Roles::turn_end(consumer, last);
+    Roles::turn_end(consumer);
 }
 
 }  // namespace adaattn
