@@ -8,8 +8,9 @@ fp8 math (the same in `cuda_src/quantize_fp8.cu` + `attention_fwd_fp8_sm90.cu` a
     q ≈ e4m3(q·448/a_q)·a_q/448,  a_q = max|q| over a tile of BLOCK_M rows of one head
     k̃ ≈ e4m3(k̃·448/a_k)·a_k/448,  a_k = max|k̃| over a tile of BLOCK_N keys
     ṽ ≈ e4m3(ṽ·448/a_v)·a_v/448,  a_v = max_j |ṽ[:, d]| per channel d
-    x = scale·log2(e)·(q_e·k_e)·s_q·s_k;  online softmax over key tiles visited last to first:
-    P = 2^(x − m_running) ∈ [0, 1] rounded as e4m3(448·P); O = v̄ + Σ e4m3(448·P)·v_e·s_v / (448·l)
+    x = scale·log2(e)·(q_e·k_e)·s_q·s_k;  online softmax over key tiles visited last to first, with a
+    reference max m that moves only when a tile's max exceeds it by more than RESCALE_LOG2 (lazy rescaling):
+    P = 2^(x − m + P_SHIFT) ≤ 448 (P_SHIFT = log2(448) − RESCALE_LOG2); O = v̄ + Σ e4m3(P)·v_e·s_v / l, l = Σ P
 
 with e4m3 = round to nearest even, saturating at ±448 (`round_e4m3`). Presets (`PrecisionPolicy`):
 
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
 
 FP8 = "float8_e4m3"
 E4M3_MAX = 448.0
+#: The fp8 kernel's lazy-rescale threshold (log2 domain) and the shift that puts P = 2^(x - m + P_SHIFT) at
+#: most at E4M3_MAX (attention_fwd_fp8_sm90.cu).
+RESCALE_LOG2 = 3.0
+P_SHIFT = math.log2(E4M3_MAX) - RESCALE_LOG2
 #: The K mean subtracted before quantisation is over keys 0, 8, 16, … (K_MEAN_STRIDE in quantize_fp8.cu).
 K_MEAN_STRIDE = 8
 #: Relative-error tolerance of the guard per preset (None: no fp8; inf: fp8 without a guard).
@@ -208,7 +213,8 @@ def attend_fp8(problem: AttentionProblem, quant: Quantised, heads: list[int], *,
     """fp8 attention of the rows `quant.rows` for query heads `heads`: (out [B, n, M, D], lse [B, n, M]) float32.
 
     online=True follows the kernel step by step (key tiles of BLOCK_N, last to first, P rounded against the
-    running max); online=False rounds P against the final row max in one pass (the guard's cheap variant).
+    lazily moved reference max); online=False rounds P against the row max in one pass (the guard's cheap
+    variant).
     """
     xp = namespace(library_name(quant.q))
     heads_kv = [h // problem.group_size for h in heads]
@@ -228,19 +234,21 @@ def attend_fp8(problem: AttentionProblem, quant: Quantised, heads: list[int], *,
         if problem.causal:
             raw = xp.where(problem.visible(rows, keys), raw, -xp.inf)
         x = raw * factor
-        new_max = xp.maximum(row_max, x.max(axis=-1))
-        safe = xp.where(xp.isneginf(new_max), xp.float32(0), new_max)
-        corr = xp.exp2(row_max - safe)
-        p = xp.exp2(x - safe[..., None])
+        tile_max = x.max(axis=-1)
+        moved = tile_max > row_max + xp.float32(RESCALE_LOG2)
+        corr = xp.exp2(xp.where(moved, row_max, 0) - xp.where(moved, tile_max, 0))  # 1 where m stays
+        row_max = xp.where(moved, tile_max, row_max)
+        safe = xp.where(xp.isneginf(row_max), xp.float32(0), row_max)
+        p = xp.exp2(x - (safe - xp.float32(P_SHIFT))[..., None])
         row_sum = row_sum * corr + p.sum(axis=-1)
-        acc = acc * corr[..., None] + round_e4m3(p * xp.float32(E4M3_MAX)) @ v[:, :, start : start + tile]
-        row_max = new_max
+        acc = acc * corr[..., None] + round_e4m3(p) @ v[:, :, start : start + tile]
     seen = row_sum > 0
-    norm = xp.where(seen, 1 / (xp.where(seen, row_sum, 1) * xp.float32(E4M3_MAX)), 0).astype(xp.float32)
+    norm = xp.where(seen, 1 / xp.where(seen, row_sum, 1), 0).astype(xp.float32)
     out = (acc * norm[..., None] * quant.v_scale[:, heads_kv][:, :, None, :]
            + xp.where(seen, xp.float32(1), xp.float32(0))[..., None] * quant.v_mean[:, heads_kv][:, :, None, :])
     bias = xp.float32(problem.scale * LOG2E) * quant.row_bias[:, heads]
-    lse = xp.where(seen, (row_max + xp.log2(xp.where(seen, row_sum, 1)) + bias) / xp.float32(LOG2E), -xp.inf)
+    log_sum = xp.log2(xp.where(seen, row_sum, 1)) - xp.float32(P_SHIFT)
+    lse = xp.where(seen, (row_max + log_sum + bias) / xp.float32(LOG2E), -xp.inf)
     return out.astype(xp.float32), lse.astype(xp.float32)
 
 

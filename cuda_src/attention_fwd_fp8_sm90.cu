@@ -7,7 +7,7 @@
 // with hk = h / group_size, e4m3 bytes, rows padded with zeros to whole tiles (qq: Sq' = Sq rounded up to
 // BLOCK_M rows, kq and vt: Sk' = Sk rounded up to BLOCK_N keys). Computes
 //     s[i,j]     = scale * sq * sk * (qq[i,:] . kq[j,:])
-//     out[b,h,i] = v_mean + sum_j softmax_j(s[i,j]) (v[j] - v_mean)   (P rounded to e4m3 after scaling by 448)
+//     out[b,h,i] = v_mean + sum_j softmax_j(s[i,j]) (v[j] - v_mean)   (P rounded to e4m3, scaled to at most 448)
 //     lse[b,h,i] = log(sum_j exp(s[i,j])) + scale * row_bias[b,h,i]   (natural log, fp32)
 // where kbar = the mean of every 8th key and row_bias = q . kbar (from the Q quantiser) restores what the K
 // smoothing took out of lse.
@@ -57,9 +57,13 @@
 // The quantiser writes V^T with keys permuted inside each 32-key chunk so that k index 4t+i holds key
 // {2t, 2t+1, 8+2t, 9+2t}[i] (and +16 for the second half): the product sums the same pairs.
 // Softmax is online in the log2 domain: x = acc * (scale * log2 e * sq * sk_tile) with one FFMA per score.
-// P = 2^(x - m) is in [0, 1]; it is multiplied by 448 (the e4m3 maximum) before rounding so that its
-// relative precision is that of normal e4m3 numbers down to p ~ 2^-15; the row sum uses the unrounded P,
-// and the epilogue divides by 448 * l, multiplies column d by sv[d] and adds v_mean[d].
+// Lazy rescaling, as in the bf16 kernel: the reference max m moves only when a tile's max exceeds it by more
+// than RESCALE_LOG2, so the O rescale (a multiply per accumulator) is skipped on most tiles. P is computed
+// already scaled for e4m3, P = 2^(x - m + P_SHIFT) with P_SHIFT = log2(448) - RESCALE_LOG2, so that x <= m +
+// RESCALE_LOG2 gives P <= 448 (the e4m3 maximum) with no multiply of its own, and P is a normal e4m3 number
+// (relative precision 2^-4) down to 2^-12 of 2^m. The row sum l uses the unrounded P, so O / l and
+// lse = m + log2(l) - P_SHIFT need no further correction; the epilogue multiplies column d by sv[d] and adds
+// v_mean[d].
 
 #include "wgmma_sm90.cuh"
 
@@ -196,7 +200,10 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     };
 
     const int row0 = m_start + wg * 64 + warp * 16 + g;
-    float row_max[2] = {neg_inf(), neg_inf()};  // running max of log2-domain scores
+    // A smaller threshold than the bf16 kernel's 8: each step of it moves the e4m3 range of P up by a factor 2.
+    constexpr float RESCALE_LOG2 = 3.f;
+    constexpr float P_SHIFT = 8.807354922057604f - RESCALE_LOG2;  // log2(448) - RESCALE_LOG2
+    float row_max[2] = {neg_inf(), neg_inf()};  // reference max m of the log2-domain scores
     float row_sum[2] = {0.f, 0.f};
     // k_scale = sk of tile n_block, loaded by the caller ahead of the waits (their "memory" clobbers would
     // otherwise keep the load behind them, on the critical path).
@@ -207,24 +214,27 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         const float factor = q_factor * k_scale;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            // factor > 0: max commutes with the scaling
-            const float mx = fmaxf(row_max[r], quad_row_max(acc_s, r) * factor);
-            const float mx_safe = mx == neg_inf() ? 0.f : mx;
-            corr[r] = fast_exp2(row_max[r] - mx_safe);
-            row_max[r] = mx;
-            row_sum[r] = row_sum[r] * corr[r] + exp2_row(acc_s, r, factor, mx_safe);
+            // factor > 0: max commutes with the scaling, -inf stays -inf; the quad agrees on mx, so on the branch
+            const float mx = quad_row_max(acc_s, r) * factor;
+            corr[r] = 1.f;
+            if (mx > row_max[r] + RESCALE_LOG2) {  // never for a tile with no admissible key (mx = -inf)
+                corr[r] = fast_exp2(row_max[r] - mx);  // 0 on the first admissible tile (O and l are 0)
+                row_max[r] = mx;
+            }
+            // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
+            const float mx_safe = row_max[r] == neg_inf() ? 0.f : row_max[r];
+            row_sum[r] = row_sum[r] * corr[r] + exp2_row(acc_s, r, factor, mx_safe - P_SHIFT);
         }
     };
 
-    // 448 P rounded to e4m3 as the A fragments of P V (key order permuted in V^T to match, see header).
+    // P rounded to e4m3 as the A fragments of P V (key order permuted in V^T to match, see header).
     auto pack_p = [&]() {
-        constexpr float P_SCALE = 448.f;
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const float* s = acc_s + 16 * kn + 8 * (i >> 1) + 2 * (i & 1);  // blocks 4kn + 2(i/2), +1
-                p[kn][i] = pack4_e4m3(s[0] * P_SCALE, s[1] * P_SCALE, s[4] * P_SCALE, s[5] * P_SCALE);
+                p[kn][i] = pack4_e4m3(s[0], s[1], s[4], s[5]);
             }
     };
 
@@ -274,10 +284,12 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
         consumer_release(bars.v_empty(s_prev), lane);
+        if (corr[0] != 1.f || corr[1] != 1.f) {
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
+            for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+                for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+        }
         pack_p();
     }
 
@@ -290,7 +302,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     wgmma_wait<0>();
     reg_fence(acc_o);
 
-    // Epilogue: O * sv[d] / (448 l) + v_mean[d] (0 for rows that see no key), staged as 16-bit rows in this
+    // Epilogue: O * sv[d] / l + v_mean[d] (0 for rows that see no key), staged as 16-bit rows in this
     // consumer's half of sO (64 rows of HEAD_DIM * 2 bytes, in [64][128-byte] column blocks) for 16-byte
     // row-contiguous global stores. Only this warp touches its 16 rows: __syncwarp suffices.
     constexpr float LN2 = 0.693147180559945309f;
@@ -304,13 +316,13 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         float sum = row_sum[r];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? fast_rcp(sum * 448.f) : 0.f;
+        const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
         const float seen = sum > 0.f ? 1.f : 0.f;
         const int row_wg = warp_row + g + r * 8;
         const int row_local = wg * 64 + row_wg;
         const int row = m_start + row_local;
         if (t == 0 && row < seqlen_q)
-            lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum) + scale_log2 * bias_ptr[row_local]) * LN2
+            lse_ptr[row] = sum > 0.f ? (row_max[r] + fast_log2(sum) - P_SHIFT + scale_log2 * bias_ptr[row_local]) * LN2
                                      : neg_inf();
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
