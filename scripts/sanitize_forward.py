@@ -1,10 +1,10 @@
-"""Small-shape matrix of the fused forward kernels, for compute-sanitizer (memcheck / racecheck).
+"""Small-shape matrix of the fused forward kernels, for compute-sanitizer (memcheck / racecheck / synccheck).
 
 Every instantiation — the mma.sync kernel (ADAATTN_FORWARD_KERNEL=sm80) and, on Hopper, the
-warp-specialised wgmma kernel (=sm90), whose tile can depend on Sq — on ragged sizes, GQA and Sq ≠ Sk both
-ways, plus one batch with more query tiles than SMs, so that the persistent wgmma kernel's blocks each take
-several work tiles.
-`python3 scripts/sanitize_forward.py [CHOICE ...]` limits the run to some kernel choices.
+warp-specialised wgmma kernel (=sm90), whose tile can depend on Sq, and the fp8 kernel with its quantisers
+(policy "fp8", choice fp8) — on ragged sizes, GQA and Sq ≠ Sk both ways, plus one batch with more query tiles
+than SMs, so that the persistent wgmma kernel's blocks each take several work tiles.
+`python3 scripts/sanitize_forward.py [CHOICE ...]` limits the run to some kernel choices (default: all three).
 """
 
 import os
@@ -14,23 +14,26 @@ import cupy as cp
 
 import adaattn_core as aa
 from adaattn_core import cuda_forward
-from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES
+from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES, FP8_HEAD_DIMS
 
 # batch, Sq, Sk
 SHAPES = [(1, 1, 1), (1, 17, 33), (1, 129, 65), (1, 65, 129), (1, 200, 200), (1, 384, 400), (40, 200, 170)]
 
 launches = 0
-for choice in sys.argv[1:] or ("sm80", "sm90"):
-    os.environ["ADAATTN_FORWARD_KERNEL"] = choice
-    cuda_forward._launch.cache_clear()
+for choice in sys.argv[1:] or ("sm80", "sm90", "fp8"):
+    fp8 = choice == "fp8"
+    if not fp8:
+        os.environ["ADAATTN_FORWARD_KERNEL"] = choice
+        cuda_forward._launch.cache_clear()
+    cases = [(d, c) for d in FP8_HEAD_DIMS for c in (False, True)] if fp8 else FORWARD_TILES
     for dtype in CUDA_TYPES:
-        for dim, causal in FORWARD_TILES:
+        for dim, causal in cases:
             for batch, seq_q, seq_k in SHAPES:
                 q = cp.random.standard_normal((batch, 4, seq_q, dim), dtype=cp.float32).astype(dtype)
                 k = cp.random.standard_normal((batch, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
                 v = cp.random.standard_normal((batch, 2, seq_k, dim), dtype=cp.float32).astype(dtype)
                 report = aa.Report()
-                aa.attention(q, k, v, causal=causal, report=report)
+                aa.attention(q, k, v, causal=causal, report=report, policy="fp8" if fp8 else "exact")
                 assert report.backend == "cuda"
                 launches += 1
 cp.cuda.Device().synchronize()
