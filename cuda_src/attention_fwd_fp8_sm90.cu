@@ -213,18 +213,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
             mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N + 2 * t, row0, seqlen_k, diag);
         const float factor = q_factor * k_scale;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // factor > 0: max commutes with the scaling, -inf stays -inf; the quad agrees on mx, so on the branch
-            const float mx = quad_row_max(acc_s, r) * factor;
-            corr[r] = 1.f;
-            if (mx > row_max[r] + RESCALE_LOG2) {  // never for a tile with no admissible key (mx = -inf)
-                corr[r] = fast_exp2(row_max[r] - mx);  // 0 on the first admissible tile (O and l are 0)
-                row_max[r] = mx;
-            }
-            // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
-            const float mx_safe = row_max[r] == neg_inf() ? 0.f : row_max[r];
-            row_sum[r] = row_sum[r] * corr[r] + exp2_row(acc_s, r, factor, mx_safe - P_SHIFT);
-        }
+        for (int r = 0; r < 2; ++r)
+            corr[r] = online_softmax_row(acc_s, r, factor, RESCALE_LOG2, P_SHIFT, row_max[r], row_sum[r]);
     };
 
     // P rounded to e4m3 as the A fragments of P V (key order permuted in V^T to match, see header).

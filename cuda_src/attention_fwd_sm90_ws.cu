@@ -225,18 +225,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag))
             mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N + 2 * t, row0, seqlen_k, diag);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // scale_log2 > 0: -inf stays -inf; the quad agrees on mx, so on the branch
-            const float mx = quad_row_max(acc_s, r) * scale_log2;
-            corr[r] = 1.f;
-            if (mx > row_max[r] + RESCALE_LOG2) {  // never for a tile with no admissible key (mx = -inf)
-                corr[r] = fast_exp2(row_max[r] - mx);  // 0 on the first admissible tile (O and l are 0)
-                row_max[r] = mx;
-            }
-            // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
-            const float mx_scaled = row_max[r] == neg_inf() ? 0.f : row_max[r];
-            row_sum[r] = row_sum[r] * corr[r] + exp2_row(acc_s, r, scale_log2, mx_scaled);
-        }
+        for (int r = 0; r < 2; ++r)
+            corr[r] = online_softmax_row(acc_s, r, scale_log2, RESCALE_LOG2, 0.f, row_max[r], row_sum[r]);
     };
 
     // P rounded to 16 bits as the A fragments of P V: n8 blocks 2 kn and 2 kn + 1 form k16 step kn.

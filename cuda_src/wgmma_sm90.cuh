@@ -352,6 +352,27 @@ __device__ __forceinline__ float exp2_row(float (&s)[N], int r, float factor, fl
     return sum;
 }
 
+// One tile's online-softmax step for row r, with lazy rescaling (FlashAttention-4): the reference max m
+// (row_max, log2 domain) moves only when the tile's max exceeds it by more than rescale_log2, so the caller's
+// O rescale can be skipped whenever the returned corr = 2^(m_old - m_new) is 1. The scores become
+// 2^(s * factor - m + shift) in place (shift: a constant scale of P, e.g. toward the fp8 range) and their sum
+// is added to row_sum (this lane's part of the row). factor > 0.
+template <int N>
+__device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, float factor, float rescale_log2,
+                                                    float shift, float& row_max, float& row_sum) {
+    // -inf stays -inf under the scaling; the quad agrees on mx, so on the branch
+    const float mx = quad_row_max(s, r) * factor;
+    float corr = 1.f;
+    if (mx > row_max + rescale_log2) {  // never for a tile with no admissible key (mx = -inf)
+        corr = fast_exp2(row_max - mx);  // 0 on the first admissible tile (O and l are 0)
+        row_max = mx;
+    }
+    // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
+    const float m = row_max == neg_inf() ? 0.f : row_max;
+    row_sum = row_sum * corr + exp2_row(s, r, factor, m - shift);
+    return corr;
+}
+
 // Transposes a 4 x 4 block of 32-bit words over the 4 lanes of a quad (lane t = lane % 4): word c of lane t
 // becomes word t of lane c. Two xor exchanges (lanes t ^ 1, then t ^ 2), each swapping one bit of the lane
 // with one bit of the word; 4 shuffles. An m64nN accumulator holds columns 2t, 2t + 1 of each n8 block in lane t:
