@@ -60,8 +60,9 @@
 // Lazy rescaling, as in the bf16 kernel: the reference max m moves only when a tile's max exceeds it by more
 // than RESCALE_LOG2, so the O rescale (a multiply per accumulator) is skipped on most tiles. P is computed
 // already scaled for e4m3, P = 2^(x - m + P_SHIFT) with P_SHIFT = log2(448) - RESCALE_LOG2, so that x <= m +
-// RESCALE_LOG2 gives P <= 448 (the e4m3 maximum) with no multiply of its own, and P is a normal e4m3 number
-// (relative precision 2^-4) down to 2^-12 of 2^m. The row sum l uses the unrounded P, so O / l and
+// RESCALE_LOG2 gives P <= 448 (the e4m3 maximum; satfinite clamps the rounding excess) with no multiply of
+// its own, and P is a normal e4m3 number (relative precision 2^-4) down to 2^-11.8 of 2^m: 2^-14.8 to 2^-11.8
+// of the row's true max (was always 2^-14.8). The row sum l uses the unrounded P, so O / l and
 // lse = m + log2(l) - P_SHIFT need no further correction; the epilogue multiplies column d by sv[d] and adds
 // v_mean[d].
 

@@ -286,7 +286,9 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
 // The order runs on across work tiles: the last consumer's final turn of a tile opens consumer 0's first turn
 // of the next, so consumer 0 starts the next tile's Q K^T while the others finish their P V and epilogue.
 // The last consumer opens the very first turn (open) and consumer 0 takes the last hand-over before it
-// exits (close), so every named barrier ends balanced.
+// exits (close), so every named barrier ends balanced. That needs every consumer to take the same number of
+// turns per work tile (today n_blocks + 1 each, none for a fully masked tile): a consumer that skipped a turn
+// of its own (say, for rows all past seqlen_q) would deadlock the others.
 // Without PINGPONG the turns are no-ops: every consumer issues its GEMMs as soon as its operands are ready.
 template <int CONSUMERS, bool PINGPONG>
 struct WarpRoles {

@@ -15,11 +15,12 @@ import cupy as cp
 import adaattn_core as aa
 from adaattn_core import cuda_forward
 from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES, FP8_HEAD_DIMS
+from adaattn_core.precision import FP8
 
 # batch, Sq, Sk
 SHAPES = [(1, 1, 1), (1, 17, 33), (1, 129, 65), (1, 65, 129), (1, 200, 200), (1, 384, 400), (40, 200, 170)]
 
-launches = 0
+calls = fp8_calls = 0
 for choice in sys.argv[1:] or ("sm80", "sm90", "fp8"):
     fp8 = choice == "fp8"
     if not fp8:
@@ -35,6 +36,9 @@ for choice in sys.argv[1:] or ("sm80", "sm90", "fp8"):
                 report = aa.Report()
                 aa.attention(q, k, v, causal=causal, report=report, policy="fp8" if fp8 else "exact")
                 assert report.backend == "cuda"
-                launches += 1
+                calls += 1
+                fp8_calls += any(label.endswith(f"/{FP8}") for label in report.decisions())
 cp.cuda.Device().synchronize()
-print(f"sanitize_forward: {launches} launches done")
+# "launches" is what scripts/gpu_check.sh keeps of this line.
+print(f"sanitize_forward: {calls} attention calls done, {fp8_calls} with heads on the fp8 kernel "
+      "(whose calls also launch the quantisers)")
