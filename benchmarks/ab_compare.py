@@ -7,7 +7,7 @@
 Runs the benchmark script (`--script`, default bench_forward.py) once per variant and run, in the order run 1:
 A, B, ...; run 2: A, B, ..., so that the GPU's drift between runs falls on every variant alike. A variant is
 NAME[@DIR]=ARGS: ARGS are added to the script's own (after ``--``), DIR runs the script from another source tree
-(e.g. ``git archive HEAD | tar -x -C ab_old`` for the committed kernel). Each run writes <out>-<NAME>-<run>.json.
+(e.g. ``scripts/ab_trees.sh old=main`` makes ab_old from git). Each run writes <out>-<NAME>-<run>.json.
 Then, per configuration, it prints each variant's TFLOP/s in every run, its gain over the first variant (ratio of
 the means over runs) and cuDNN's mean over all runs (the peers run beside every variant).
 
