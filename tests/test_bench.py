@@ -12,6 +12,7 @@ import json
 import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -341,6 +342,39 @@ def _ab_results(rows: list[tuple[int, int, bool, float | None, float]]) -> dict:
             row["tflops"]["adaattn"] = ours
         out.append(row)
     return {"rows": out}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_ab_trees_builds_trees_from_refs_and_names_bad_specs(tmp_path):
+    """scripts/ab_trees.sh in a scratch repository: NAME=REF gives ab_NAME with REF's files (results and notes
+    left out), a malformed spec or a ref that is no commit exits 2 naming it, --clean removes the trees."""
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "ab_trees.sh"
+    script.write_bytes((ROOT / "scripts" / "ab_trees.sh").read_bytes())
+    script.chmod(0o755)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "n.md").write_text("notes")
+    (tmp_path / "kernel.cu").write_text("first")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    (tmp_path / "kernel.cu").write_text("second")
+    subprocess.run([*git, "commit", "-qam", "two"], check=True)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(script), *args], capture_output=True, text=True)
+
+    done = run("old=HEAD~1", "new=HEAD")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ab_old" / "kernel.cu").read_text() == "first"
+    assert (tmp_path / "ab_new" / "kernel.cu").read_text() == "second"
+    assert not (tmp_path / "ab_new" / "notes").exists()
+    for spec, named in (("bad", "bad"), ("x-y=HEAD", "x-y=HEAD"), ("x=nope", "nope is not a commit")):
+        refused = run(spec)
+        assert refused.returncode == 2 and named in refused.stderr, (spec, refused.stderr)
+    assert run("--clean").returncode == 0
+    assert not list(tmp_path.glob("ab_*"))
 
 
 def test_ab_compare_gains_runs_and_peer(tmp_path, rng):
