@@ -2,11 +2,14 @@
 # The one command to run on the GPU machine. Installs the project without network, then runs the
 # requested steps and writes logs and JSON under $OUT (default: ./gpu-out).
 #
-#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd sanitize overhead cli-bench quality asv
+#   scripts/gpu_check.sh [steps...]      steps: info tests bench bench-bwd bench-fp8 sanitize overhead cli-bench
+#                                        quality asv
 #                                        (default: info tests bench bench-bwd)
 #   PYTEST_ARGS="-k 'bf16'" scripts/gpu_check.sh tests
 #   BENCH_ARGS="--dims 64 128 --seqs 2048 4096" scripts/gpu_check.sh bench
 #   scripts/gpu_check.sh asv    # needs .whl/ (asv wheels) and .gitbundle carried along; ASV_MACHINE, ASV_ARGS optional
+# Peers installed from wheels in .whl/peers/ when carried (no network there), e.g. SageAttention 1.x, pure Python +
+# Triton: `pip download --no-deps -d .whl/peers sageattention==1.0.6` here, then carry .whl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -18,6 +21,15 @@ steps=("$@")
 # No network there: build isolation would try to download setuptools.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { echo "editable install failed (see install.log); using PYTHONPATH"; export PYTHONPATH=$PWD; }
+shopt -s nullglob
+peer_wheels=(.whl/peers/*.whl)
+shopt -u nullglob
+if [ ${#peer_wheels[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-deps --no-index "${peer_wheels[@]}" >>"$OUT/install.log" 2>&1 \
+    || echo "peer wheels ${peer_wheels[*]} failed to install (see install.log)"
+fi
+# Result files are named <date>-<GPU>-<what>.json.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
 
 status=0
 for step in "${steps[@]}"; do
@@ -31,7 +43,6 @@ for step in "${steps[@]}"; do
         | tee "$OUT/gpu-tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     bench)
-      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
       eval python3 benchmarks/bench_forward.py --out "$OUT/$(date -u +%F)-$gpu-fwd.json" "${BENCH_ARGS:-}" 2>&1 \
         | tee "$OUT/bench-fwd.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
@@ -44,9 +55,13 @@ for step in "${steps[@]}"; do
         done
       done ;;
     bench-bwd)
-      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
       eval python3 benchmarks/bench_backward.py --out "$OUT/$(date -u +%F)-$gpu-fwdbwd.json" "${BENCH_BWD_ARGS:-}" \
         2>&1 | tee "$OUT/bench-fwdbwd.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    bench-fp8)
+      # fp8 against our bf16, torch flash/cuDNN and SageAttention (if its wheel was carried, see above).
+      eval python3 benchmarks/bench_fp8.py --out "$OUT/$(date -u +%F)-$gpu-fp8.json" "${BENCH_FP8_ARGS:-}" \
+        2>&1 | tee "$OUT/bench-fp8.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     overhead)
       python3 scripts/adapter_overhead.py --profile 2>&1 | tee "$OUT/overhead.txt" ;;
