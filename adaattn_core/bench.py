@@ -597,7 +597,8 @@ def _sage_unavailable(device: str, dtype: str) -> str | None:
 def _sage(sets: list[tuple[Any, Any, Any]], causal: bool) -> Impl:
     from sageattention import sageattn
 
-    # sageattn smooths K in place (k -= k.mean(seq)): it gets copies of K, not the arrays the others read.
+    # sageattn smooths a contiguous K in place (k -= k.mean(seq)): it gets copies of K, not the arrays the
+    # others read.
     tsets = [(to_torch(q), to_torch(k).clone(), to_torch(v)) for q, k, v in sets]
     stream = torch_stream()
 

@@ -4,9 +4,9 @@ A policy turns an `AttentionProblem` (and, for adaptive policies, the inputs the
 per query head a `HeadPlan` naming the path ("dense" or "lowrank" with a rank) and the precision.
 Backends launch one kernel per group of heads that share a `HeadPlan` (see `Plan.groups`).
 
-Only the "exact" policy exists so far: every head dense at the input precision, no estimation, so it
-adds no work. Adaptive presets ("quality", "balanced", "speed") register themselves in `POLICIES`
-when they land; user-defined policies subclass `Policy`.
+"exact" runs every head dense at the input precision with no estimation, so it adds no work. The adaptive
+policies (precision presets in `precision.py`, "lowrank" in `rank_policy.py`) register themselves in
+`POLICIES`; user-defined policies subclass `Policy`.
 """
 
 from __future__ import annotations

@@ -213,8 +213,9 @@ def attend_fp8(problem: AttentionProblem, quant: Quantised, heads: list[int], *,
     """fp8 attention of the rows `quant.rows` for query heads `heads`: (out [B, n, M, D], lse [B, n, M]) float32.
 
     online=True follows the kernel step by step (key tiles of BLOCK_N, last to first, P rounded against the
-    lazily moved reference max); online=False rounds P against the row max in one pass (the guard's cheap
-    variant).
+    lazily moved reference max); online=False rounds P against the exact row max in one pass (the guard's cheap
+    variant): P ≤ 2^P_SHIFT ≈ 56 there, the kernel's narrowest range for small P, so its estimate is the
+    conservative end of what the kernel does.
     """
     xp = namespace(library_name(quant.q))
     heads_kv = [h // problem.group_size for h in heads]

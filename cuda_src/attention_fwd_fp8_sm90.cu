@@ -62,7 +62,7 @@
 // already scaled for e4m3, P = 2^(x - m + P_SHIFT) with P_SHIFT = log2(448) - RESCALE_LOG2, so that x <= m +
 // RESCALE_LOG2 gives P <= 448 (the e4m3 maximum; satfinite clamps the rounding excess) with no multiply of
 // its own, and P is a normal e4m3 number (relative precision 2^-4) down to 2^-11.8 of 2^m: 2^-14.8 to 2^-11.8
-// of the row's true max (was always 2^-14.8). The row sum l uses the unrounded P, so O / l and
+// of the row's true max. The row sum l uses the unrounded P, so O / l and
 // lse = m + log2(l) - P_SHIFT need no further correction; the epilogue multiplies column d by sv[d] and adds
 // v_mean[d].
 
@@ -201,7 +201,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     };
 
     const int row0 = m_start + wg * 64 + warp * 16 + g;
-    // A smaller threshold than the bf16 kernel's 8: each step of it moves the e4m3 range of P up by a factor 2.
+    // A smaller threshold than the bf16 kernel's 8: each unit of it costs a factor 2 of P's normal e4m3 range at
+    // the low end. adaattn_core/precision.py (the emulation) holds the same two constants.
     constexpr float RESCALE_LOG2 = 3.f;
     constexpr float P_SHIFT = 8.807354922057604f - RESCALE_LOG2;  // log2(448) - RESCALE_LOG2
     float row_max[2] = {neg_inf(), neg_inf()};  // reference max m of the log2-domain scores

@@ -21,17 +21,24 @@ steps=("$@")
 # No network there: build isolation would try to download setuptools.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { echo "editable install failed (see install.log); using PYTHONPATH"; export PYTHONPATH=$PWD; }
+status=0
 shopt -s nullglob
 peer_wheels=(.whl/peers/*.whl)
 shopt -u nullglob
 if [ ${#peer_wheels[@]} -gt 0 ]; then
   python3 -m pip install -q --no-deps --no-index "${peer_wheels[@]}" >>"$OUT/install.log" 2>&1 \
-    || echo "peer wheels ${peer_wheels[*]} failed to install (see install.log)"
+    || { echo "peer wheels ${peer_wheels[*]} failed to install (see install.log)"; status=1; }
 fi
 # Result files are named <date>-<GPU>-<what>.json.
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+gpu=${gpu:-unknown-gpu}
 
-status=0
+# bench_step SCRIPT WHAT ARGS: one sweep into $OUT/<date>-<gpu>-WHAT.json, its log in $OUT/bench-WHAT.log.
+bench_step() {
+  eval python3 "benchmarks/$1" --out "'$OUT/$(date -u +%F)-$gpu-$2.json'" "$3" 2>&1 | tee "$OUT/bench-$2.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+
 for step in "${steps[@]}"; do
   echo "=== $step ==="
   case "$step" in
@@ -42,27 +49,18 @@ for step in "${steps[@]}"; do
       eval python3 -m pytest -m gpu -q -p no:cacheprovider --maxfail=30 tests "${PYTEST_ARGS:-}" 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-    bench)
-      eval python3 benchmarks/bench_forward.py --out "$OUT/$(date -u +%F)-$gpu-fwd.json" "${BENCH_ARGS:-}" 2>&1 \
-        | tee "$OUT/bench-fwd.log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    bench) bench_step bench_forward.py fwd "${BENCH_ARGS:-}" ;;
     sanitize)
-      for tool in memcheck racecheck; do
+      for tool in memcheck racecheck synccheck; do
         for pass in forward backward; do
           compute-sanitizer --tool "$tool" --print-limit 20 --error-exitcode 9 python3 "scripts/sanitize_$pass.py" \
-            2>&1 | grep -E "SUMMARY|launches|Error|error|Hazard" | tee -a "$OUT/sanitize.log" | tail -4
+            2>&1 | grep -E "SUMMARY|calls done|launches|Error|error|Hazard" | tee -a "$OUT/sanitize.log" | tail -4
           [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         done
       done ;;
-    bench-bwd)
-      eval python3 benchmarks/bench_backward.py --out "$OUT/$(date -u +%F)-$gpu-fwdbwd.json" "${BENCH_BWD_ARGS:-}" \
-        2>&1 | tee "$OUT/bench-fwdbwd.log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-    bench-fp8)
-      # fp8 against our bf16, torch flash/cuDNN and SageAttention (if its wheel was carried, see above).
-      eval python3 benchmarks/bench_fp8.py --out "$OUT/$(date -u +%F)-$gpu-fp8.json" "${BENCH_FP8_ARGS:-}" \
-        2>&1 | tee "$OUT/bench-fp8.log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    bench-bwd) bench_step bench_backward.py fwdbwd "${BENCH_BWD_ARGS:-}" ;;
+    # fp8 against our bf16, torch flash/cuDNN and SageAttention (if its wheel was carried, see above).
+    bench-fp8) bench_step bench_fp8.py fp8 "${BENCH_FP8_ARGS:-}" ;;
     overhead)
       python3 scripts/adapter_overhead.py --profile 2>&1 | tee "$OUT/overhead.txt" ;;
     quality)

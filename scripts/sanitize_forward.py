@@ -39,6 +39,5 @@ for choice in sys.argv[1:] or ("sm80", "sm90", "fp8"):
                 calls += 1
                 fp8_calls += any(label.endswith(f"/{FP8}") for label in report.decisions())
 cp.cuda.Device().synchronize()
-# "launches" is what scripts/gpu_check.sh keeps of this line.
 print(f"sanitize_forward: {calls} attention calls done, {fp8_calls} with heads on the fp8 kernel "
       "(whose calls also launch the quantisers)")

@@ -347,13 +347,15 @@ def _ab_results(rows: list[tuple[int, int, bool, float | None, float]]) -> dict:
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_ab_trees_builds_trees_from_refs_and_names_bad_specs(tmp_path):
     """scripts/ab_trees.sh in a scratch repository: NAME=REF gives ab_NAME with REF's files (results and notes
-    left out), a malformed spec or a ref that is no commit exits 2 naming it, --clean removes the trees."""
+    left out); a malformed spec, a ref that is no commit, a NAME given twice or no argument exits 2 naming the
+    problem before any tree is touched; --clean removes the trees."""
     (tmp_path / "scripts").mkdir()
     script = tmp_path / "scripts" / "ab_trees.sh"
     script.write_bytes((ROOT / "scripts" / "ab_trees.sh").read_bytes())
     script.chmod(0o755)
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "n.md").write_text("notes")
+    for folder in ("notes", "benchmarks/results", "asv_benchmarks/results"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "f.md").write_text(folder)
     (tmp_path / "kernel.cu").write_text("first")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -369,10 +371,14 @@ def test_ab_trees_builds_trees_from_refs_and_names_bad_specs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ab_old" / "kernel.cu").read_text() == "first"
     assert (tmp_path / "ab_new" / "kernel.cu").read_text() == "second"
-    assert not (tmp_path / "ab_new" / "notes").exists()
-    for spec, named in (("bad", "bad"), ("x-y=HEAD", "x-y=HEAD"), ("x=nope", "nope is not a commit")):
-        refused = run(spec)
-        assert refused.returncode == 2 and named in refused.stderr, (spec, refused.stderr)
+    for folder in ("notes", "benchmarks/results", "asv_benchmarks/results"):
+        assert not (tmp_path / "ab_new" / folder).exists(), folder
+    assert (tmp_path / "ab_new" / "benchmarks").is_dir()
+    for args, named in ((["bad"], "bad"), (["x-y=HEAD"], "x-y=HEAD"), (["x=nope"], "nope is not a commit"),
+                        (["a=HEAD", "a=HEAD~1"], "given twice"), ([], "usage"), (["--clean", "x"], "usage")):
+        refused = run(*args)
+        assert refused.returncode == 2 and named in refused.stderr, (args, refused.stderr)
+    assert (tmp_path / "ab_old" / "kernel.cu").read_text() == "first"  # refusals touch no tree
     assert run("--clean").returncode == 0
     assert not list(tmp_path.glob("ab_*"))
 

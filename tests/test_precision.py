@@ -5,6 +5,8 @@ kernel's P·V key permutation, the capabilities table, and the policy's decision
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,10 @@ from adaattn_core import Report, attention_reference
 from adaattn_core.cuda_fp8 import key_positions
 from adaattn_core.policy import POLICIES, resolve_policy
 from adaattn_core.precision import (
+    E4M3_MAX,
     FP8,
+    P_SHIFT,
+    RESCALE_LOG2,
     PrecisionPolicy,
     attend_fp8,
     e4m3_values,
@@ -233,3 +238,15 @@ def test_balanced_guard_holds_on_held_out_inputs(rng):
         measured = head_errors(q, k, v, out, causal=problem.causal, scale=problem.scale)
         assert all(measured[h] <= 1e-2 for h in fp8_heads)
         assert math.isfinite(sum(measured))
+
+
+def test_emulation_constants_are_the_kernels():
+    """The emulation's lazy-rescale threshold and P shift are the fp8 kernel's constexprs (two homes by
+    necessity: the kernel is compiled from its source; this test keeps them equal)."""
+    source = (Path(__file__).resolve().parents[1] / "cuda_src" / "attention_fwd_fp8_sm90.cu").read_text()
+    threshold = re.search(r"constexpr float RESCALE_LOG2 = ([0-9.]+)f;", source)
+    log2_max = re.search(r"constexpr float P_SHIFT = ([0-9.]+)f - RESCALE_LOG2;", source)
+    assert threshold and log2_max, "RESCALE_LOG2 / P_SHIFT not found in attention_fwd_fp8_sm90.cu"
+    assert float(threshold[1]) == RESCALE_LOG2
+    assert np.float32(float(log2_max[1]) - float(threshold[1])) == np.float32(P_SHIFT)
+    assert float(log2_max[1]) == pytest.approx(math.log2(E4M3_MAX), abs=1e-12)
