@@ -210,9 +210,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     // k_scale = sk of tile n_block, loaded by the caller ahead of the waits (their "memory" clobbers would
     // otherwise keep the load behind them, on the critical path).
     auto softmax = [&](int n_block, float k_scale, float (&corr)[2]) {
-        const int key_end = n_block * BLOCK_N + BLOCK_N;
-        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag))
-            mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N + 2 * t, row0, seqlen_k, diag);
+        mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N, t, m_start + wg * 64, row0, seqlen_k, diag);
         const float factor = q_factor * k_scale;
 #pragma unroll
         for (int r = 0; r < 2; ++r)

@@ -219,11 +219,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     float row_max[2];  // reference max m of scale_log2 * score
     float row_sum[2];  // running sum of exp, partial over the lane
     auto softmax = [&](int n_block, float (&corr)[2]) {
-        // Mask only tiles that reach past the ragged key end or (CAUSAL) past the first key hidden from
-        // this warpgroup's first row.
-        const int key_end = n_block * BLOCK_N + BLOCK_N;
-        if (key_end > seqlen_k || (CAUSAL && key_end - 1 > m_start + wg * 64 + diag))
-            mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N + 2 * t, row0, seqlen_k, diag);
+        mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N, t, m_start + wg * 64, row0, seqlen_k, diag);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
             corr[r] = online_softmax_row(acc_s, r, scale_log2, RESCALE_LOG2, 0.f, row_max[r], row_sum[r]);

@@ -316,9 +316,15 @@ struct WarpRoles {
 // holds rows row0 (elements 4 nt + {0, 1}) and row0 + 8 (4 nt + {2, 3}) of every n8 block nt, at columns
 // key0 + 8 nt + {0, 1} with key0 = the tile's first key + 2 (lane % 4).
 
-// Sets to -inf the scores past seqlen_k or (CAUSAL, bottom-right aligned) past key row + diag.
+// Sets to -inf the scores of the key tile starting at tile_key0 (2 N keys; t = lane % 4) that lie past seqlen_k
+// or (CAUSAL, bottom-right aligned) past key row + diag. Only a tile that reaches past the ragged key end or,
+// causal, past the first key hidden from `first_row` (the warpgroup's first row) has any: others return at once.
 template <bool CAUSAL, int N>
-__device__ __forceinline__ void mask_scores(float (&s)[N], int key0, int row0, int seqlen_k, int diag) {
+__device__ __forceinline__ void mask_scores(float (&s)[N], int tile_key0, int t, int first_row, int row0,
+                                            int seqlen_k, int diag) {
+    const int key_end = tile_key0 + 2 * N;
+    if (key_end <= seqlen_k && !(CAUSAL && key_end - 1 > first_row + diag)) return;
+    const int key0 = tile_key0 + 2 * t;
 #pragma unroll
     for (int nt = 0; nt < N / 4; ++nt)
 #pragma unroll
