@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +51,22 @@ def _line(row: dict[str, Any]) -> str:
             f"{format_number(r.get('torch-cudnn'), '6.2f')} | {row.get('rel_l2_vs_torch_flash', float('nan')):.1e}")
 
 
-def _parse_tile(parser: argparse.ArgumentParser, option: str, text: str, kind: type, syntax: str, least: int,
-                most: int) -> tuple[list[tuple[int, bool]], Any]:
-    """A tile override "D[c|n]:N,N,..." as its (head dim, causal) keys (both unless c or n follows D) and the tile
-    `kind`(*numbers) with `least` to `most` numbers; parser.error naming the option and `syntax` otherwise."""
-    dim, _, numbers = text.partition(":")
-    causal = {"c": (True,), "n": (False,)}.get(dim[-1:], (False, True))
-    fields = numbers.split(",")
-    head_dim = dim.rstrip("cn")
-    if not (head_dim.isdigit() and least <= len(fields) <= most and all(f.isdigit() and int(f) > 0 for f in fields)):
-        parser.error(f"{option} {text!r}: expected {syntax} with numbers >= 1")
-    return [(int(head_dim), c) for c in causal], kind(*map(int, fields))
+def tile_type(kind: type, syntax: str, least: int, most: int) -> Callable[[str], tuple[list[tuple[int, bool]], Any]]:
+    """An argparse type for a tile override "D[c|n]:N,N,...": its (head dim, causal) keys (both unless c or n
+    follows D) and the tile `kind`(*numbers) of `least` to `most` numbers >= 1 (argparse names the option)."""
+
+    def parse(text: str) -> tuple[list[tuple[int, bool]], Any]:
+        dim, _, numbers = text.partition(":")
+        suffix = dim[-1:] if dim[-1:] in ("c", "n") else ""
+        head_dim, fields = dim[: len(dim) - len(suffix)], numbers.split(",")
+        positive = all(f.isdigit() and int(f) > 0 for f in fields)
+        if not (head_dim.isdigit() and least <= len(fields) <= most and positive):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {syntax} with numbers >= 1")
+        causal = {"c": (True,), "n": (False,)}.get(suffix, (False, True))
+        return [(int(head_dim), c) for c in causal], kind(*map(int, fields))
+
+    parse.__name__ = syntax
+    return parse
 
 
 def _tiles(table: dict[tuple[int, bool], Any], dims: list[int]) -> dict[str, dict[str, Any]]:
@@ -72,9 +78,11 @@ def main() -> None:
     parser = sweep_parser(__doc__, seqs=[512, 1024, 2048, 4096, 8192, 16384], dims=[64, 128, 256], repeat=30)
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out (needs matplotlib)")
     parser.add_argument("--tile", action="append", default=[], metavar="D[c|n]:BM,BN,WARPS",
+                        type=tile_type(ForwardTile, "D[c|n]:BM,BN,WARPS", 3, 3),
                         help="tuning only: override the mma.sync forward tiles of head dim D, causal (c) or "
                              "non-causal (n) only with a suffix (repeatable)")
     parser.add_argument("--tile90", action="append", default=[], metavar="D[c|n]:BN[,STAGES[,BM]]",
+                        type=tile_type(Sm90Tile, "D[c|n]:BN[,STAGES[,BM]]", 1, 3),
                         help="tuning only: override the sm_90a forward tiles of head dim D, causal (c) or "
                              "non-causal (n) only with a suffix (repeatable)")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
@@ -82,13 +90,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.kernel:
         os.environ["ADAATTN_FORWARD_KERNEL"] = args.kernel
-    for override in args.tile90:
-        keys, tile = _parse_tile(parser, "--tile90", override, Sm90Tile, "D[c|n]:BN[,STAGES[,BM]]", 1, 3)
+    for keys, tile in args.tile90:
         for key in keys:  # one tile at every length: the override replaces the short-sequence tile too
             FORWARD_TILES_SM90[key] = tile
             SHORT_TILES_SM90.pop(key, None)
-    for override in args.tile:
-        keys, tile = _parse_tile(parser, "--tile", override, ForwardTile, "D[c|n]:BM,BN,WARPS", 3, 3)
+    for keys, tile in args.tile:
         FORWARD_TILES.update(dict.fromkeys(keys, tile))
 
     results = {"env": environment(timing=bench.TIMING), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D]", "rows": [],
