@@ -208,18 +208,19 @@ def test_benchmark_scripts_import_only_names_their_siblings_define():
     assert not missing, f"imported from a sibling module but not defined there: {missing}"
 
 
-def _script_env() -> dict[str, str]:
-    """The environment of a benchmark script run by path: pyproject's pytest pythonpath does not reach a
-    subprocess, so without an editable install the script needs the checkout on its path for adaattn_core."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT ARGS in a subprocess, output captured as text. pyproject's pytest pythonpath does not
+    reach a subprocess, so without an editable install the script needs the checkout on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
 
 
 @pytest.mark.parametrize("script", ["bench_forward", "bench_backward", "bench_fp8", "bench_rank"])
 def test_benchmark_scripts_answer_help_without_a_gpu(script):
     if script == "bench_backward":
         pytest.importorskip("torch")  # its autograd peers are torch functions
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
-                            capture_output=True, text=True, timeout=120, env=_script_env())
+    result = run_script(f"{script}.py", "--help")
     assert result.returncode == 0, result.stderr
     missing = [option for option in ("--seqs", "--dims", "--warmup", "--repeat", "--out")
                if option not in result.stdout]
@@ -374,11 +375,14 @@ def test_ab_trees_builds_trees_from_refs_and_names_bad_specs(tmp_path):
     for folder in ("notes", "benchmarks/results", "asv_benchmarks/results"):
         assert not (tmp_path / "ab_new" / folder).exists(), folder
     assert (tmp_path / "ab_new" / "benchmarks").is_dir()
-    for args, named in ((["bad"], "bad"), (["x-y=HEAD"], "x-y=HEAD"), (["x=nope"], "nope is not a commit"),
-                        (["a=HEAD", "a=HEAD~1"], "given twice"), ([], "usage"), (["--clean", "x"], "usage")):
+    for args, named in ((["bad"], "bad: expected NAME=REF"), (["x-y=HEAD"], "x-y=HEAD: expected NAME=REF"),
+                        (["z=HEAD", "x=nope"], "nope is not a commit"), (["a=HEAD", "a=HEAD~1"], "given twice"),
+                        ([], "usage"), (["--clean", "x"], "usage")):
         refused = run(*args)
         assert refused.returncode == 2 and named in refused.stderr, (args, refused.stderr)
-    assert (tmp_path / "ab_old" / "kernel.cu").read_text() == "first"  # refusals touch no tree
+    # No refusal touched a tree, not even for the specs before the bad one (z=HEAD).
+    assert {path.name for path in tmp_path.glob("ab_*")} == {"ab_old", "ab_new"}
+    assert (tmp_path / "ab_old" / "kernel.cu").read_text() == "first"
     assert run("--clean").returncode == 0
     assert not list(tmp_path.glob("ab_*"))
 
@@ -432,19 +436,16 @@ def test_ab_compare_rejects_bad_variants(text):
 
 def test_ab_compare_command_line(tmp_path, rng):
     """`ab_compare.py --compare FILES` prints the table without a GPU, in the files' order or the order of
-    `--variant NAME=` (the first is the baseline), for `--impl`'s result key; a run without variants or --out is
-    refused."""
+    `--variant NAME=` (the first is the baseline), for `--impl`'s result key."""
     ours = rng.uniform(300, 600)
     for name, factor in (("new", 1.1), ("old", 1.0)):
         results = _ab_results([(64, 2048, False, ours * factor, 450.0)])
         results["rows"][0]["tflops"]["fp8-kernel"] = 2 * ours * factor
         (tmp_path / f"x-{name}-1.json").write_text(json.dumps(results))
     files = sorted(map(str, tmp_path.glob("*.json")))
-    script = str(ROOT / "benchmarks" / "ab_compare.py")
 
     def table(*options: str) -> str:
-        shown = subprocess.run([sys.executable, script, "--compare", *files, *options],
-                               capture_output=True, text=True, timeout=60, env=_script_env())
+        shown = run_script("ab_compare.py", "--compare", *files, *options)
         assert shown.returncode == 0, shown.stderr
         return shown.stdout
 
@@ -453,13 +454,11 @@ def test_ab_compare_command_line(tmp_path, rng):
                                                                                        "--variant", "new=")
     assert f"| {2 * ours:.0f} | {2.2 * ours:.0f} | +10.0% |" in table("--variant", "old=", "--variant", "new=",
                                                                      "--impl", "fp8-kernel")
-    for options, message in ((["--runs", "2"], "error: give --variant"), (["--variant", "base="], "error: give --out")):
-        refused = subprocess.run([sys.executable, script, *options], capture_output=True, text=True, timeout=60,
-                                 env=_script_env())
-        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
+    (["ab_compare.py", "--runs", "2"], "error: give --variant"),
+    (["ab_compare.py", "--variant", "base="], "error: give --out"),
     (["ab_compare.py", "--compare", "{file}", "--variant", "other="], "--variant other: no result file for it"),
     (["ab_compare.py", "--compare", "{folder}/results.json"],
      "{folder}/results.json: expected a name ending in -<variant>-<run>.json"),
@@ -481,12 +480,12 @@ def test_ab_compare_command_line(tmp_path, rng):
 ])
 def test_benchmark_scripts_refuse_bad_options_by_name(tmp_path, args, message):
     """Bad options end in a usage error (exit 2) naming the option and what it expects, before any GPU work."""
-    (tmp_path / "x-base-1.json").write_text(json.dumps(_ab_results([(64, 2048, False, 400.0, 450.0)])))
+    if "{file}" in args:
+        (tmp_path / "x-base-1.json").write_text(json.dumps(_ab_results([(64, 2048, False, 400.0, 450.0)])))
     script, *options = args
     options = [o.format(file=tmp_path / "x-base-1.json", folder=tmp_path) for o in options]
     message = message.format(folder=tmp_path)
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *options], capture_output=True,
-                            text=True, timeout=120, env=_script_env())
+    result = run_script(script, *options)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
@@ -627,8 +626,15 @@ def test_cli_bench_refuses_a_read_only_output_folder(tmp_path, monkeypatch, caps
 
     folder = tmp_path / "read-only"
     folder.mkdir()
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    asked = []
+
+    def access(path, mode):
+        asked.append((Path(path), mode))
+        return not (Path(path) == folder and mode == os.W_OK | os.X_OK)
+
+    monkeypatch.setattr(cli.os, "access", access)
     assert cli.main(["bench", "--device", "cpu", "--quick", "--no-peers", "--out-dir", str(folder)]) == 2
+    assert (folder, os.W_OK | os.X_OK) in asked
     captured = capsys.readouterr()
     assert f"--out-dir {folder}: expected a folder this user can write to" in captured.err
     assert "TFLOP" not in captured.out

@@ -5,11 +5,13 @@ and spills under -Xptxas -v); and every one compiles with NVRTC, the compiler us
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def test_sm90_tile_follows_row_padding():
     """Causal D=64 keeps its 192-row tile unless that tile's last query block would pad more than 10% of the rows
     and the 128-row short tile pads fewer (192 rows pad 12.5% at S = 512 and 1024, 10.8% at 520 where 128 rows
     would pad 23%); the short tile runs without ping-pong, and the launch carries both choices."""
-    from adaattn_core.launch_config import FORWARD_TILES_SM90, forward_launch, sm90_tile
+    from adaattn_core.launch_config import FORWARD_TILES_SM90, MAX_ROW_PADDING, forward_launch, sm90_tile
 
     rows = {0: 192, 1: 128, 17: 128, 127: 128, 130: 192, 200: 128, 512: 128, 520: 192, 768: 192, 1000: 128,
             1024: 128, 1536: 192, 2048: 192, 4097: 192}
@@ -53,6 +55,13 @@ def test_sm90_tile_follows_row_padding():
                                f"{'true' if block_m == 192 else 'false'}>"), launch.name
         nopp = forward_launch("bfloat16", 64, True, use_sm90=True, pingpong=False, seqlen_q=seqlen_q)
         assert nopp.name.endswith(", true, false>"), nopp.name
+    # The rule itself at every length: the short tile exactly where the table tile pads more than MAX_ROW_PADDING
+    # of Sq and the short one pads fewer (e.g. 860: 192 rows pad 11.6%, 128 rows 3.0%).
+    assert sm90_tile(64, True, 860).block_m == 128
+    for seqlen_q in range(1, 4200):
+        long_pad, short_pad = -seqlen_q % 192, -seqlen_q % 128
+        short = long_pad > MAX_ROW_PADDING * seqlen_q and short_pad < long_pad
+        assert sm90_tile(64, True, seqlen_q).block_m == (128 if short else 192), seqlen_q
     for seqlen_q in (1, 512, 1024):  # other head dims and non-causal D=64 have no short tile
         assert sm90_tile(64, False, seqlen_q) == FORWARD_TILES_SM90[(64, False)]
         assert sm90_tile(128, True, seqlen_q) == FORWARD_TILES_SM90[(128, True)]
@@ -99,11 +108,33 @@ def test_kernels_that_exceed_a_gpus_shared_memory_are_refused():
             reason = shared_memory_reason(f"head dim {head_dim}", launch.smem_bytes, available)
             if launch.smem_bytes <= available:
                 assert reason is None
-            else:
-                assert reason == (f"head dim {head_dim} needs {launch.smem_bytes} bytes of shared memory per "
-                                  f"block, this GPU allows {available}")
+            else:  # names the kernel, what it needs and what the GPU allows
+                assert re.fullmatch(rf"head dim {head_dim} needs (\d+) bytes .* allows (\d+)", reason), reason
+                assert re.findall(r"\d+", reason)[1:] == [str(launch.smem_bytes), str(available)], reason
     d256 = forward_launch("bfloat16", 256, False, use_sm90=False).smem_bytes
     assert shared_memory_reason("head dim 256", d256, a100) is not None  # the case this check exists for
     d192 = forward_launch("bfloat16", 192, False, use_sm90=False).smem_bytes
     assert shared_memory_reason("head dim 192", d192, a100) is None
     assert shared_memory_reason("head dim 192", d192, consumer) is not None
+
+
+def test_forward_launcher_declines_a_tile_over_the_gpus_shared_memory(monkeypatch):
+    """cuda_forward's own check (no GPU: the mma.sync kernel is forced and the device reports an A100's opt-in
+    limit): D = 256 is declined with the kernel, its bytes and the limit named; D = 128 fits."""
+    from adaattn_core import cuda_forward
+    from adaattn_core.launch_config import forward_launch
+    from adaattn_core.problem import describe
+
+    a100 = 166_912
+    monkeypatch.setattr(cuda_forward, "_use_sm90", lambda problem, device_id: False)
+    monkeypatch.setattr(cuda_forward, "shared_memory_optin", lambda device_id: a100)
+    check = cuda_forward._shared_memory_reason.__wrapped__  # uncached: the patches must be seen
+    for head_dim in (256, 128):
+        x = np.zeros((1, 2, 300, head_dim), np.float16)
+        reason = check(describe(x, x, x, causal=False, scale=None, layout="bhsd"), 0, "auto")
+        needed = forward_launch("float16", head_dim, False, use_sm90=False).smem_bytes
+        if head_dim == 128:
+            assert needed <= a100 and reason is None, reason
+        else:
+            assert reason == (f"head dim 256 (attention_fwd.cu) needs {needed} bytes of shared memory per block, "
+                              f"this GPU allows {a100}"), reason
