@@ -24,12 +24,13 @@ from .cuda_common import common_unsupported_reason, element_strides, readable, t
 from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
-    FP8_BLOCK_N,
     FP8_HEAD_DIMS,
     FP8_STATS_BLOCKS,
     FP8_STATS_MIN_ROWS,
+    FP8_V_CHUNK,
     KernelLaunch,
     check_grid,
+    fp8_key_tile,
     fp8_launches,
 )
 from .loader import get_kernel
@@ -42,9 +43,11 @@ class Fp8Tensors:
 
     qq [B, Hq, Sq', D] and sq [B, Hq, Sq'/BLOCK_M]: q ≈ qq·sq per tile of BLOCK_M rows (Sq' = Sq rounded up,
         padding rows zero); only the query heads in `heads` are written.
-    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/BLOCK_N]: k − k̄ ≈ kq·sk per tile of BLOCK_N keys.
-    vt [B, Hkv, D, Sk'], sv and v_mean [B, Hkv, D]: v[j, d] − v_mean[d] ≈ vt[d, pos(j)]·sv[d], keys permuted
-        inside 16-key groups (`key_positions`); v_mean = mean_j v, added back exactly by the kernel.
+    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/BLOCK_N]: k − k̄ ≈ kq·sk per tile of BLOCK_N keys (BLOCK_N =
+        `launch_config.fp8_key_tile`, Sk' = Sk rounded up to it).
+    vt [B, Hkv, Sk'/32, D, 32], sv and v_mean [B, Hkv, D]: v[j, d] − v_mean[d] ≈ vt[j'/32, d, j'%32]·sv[d] with
+        j' = pos(j): transposed in 32-key chunks (one k32 step of the kernel's P·V each), keys permuted inside
+        16-key groups (`key_positions`); v_mean = mean_j v, added back exactly by the kernel.
     row_bias [B, Hq, Sq'] = q·k̄ (k̄: the mean of every 8th key, subtracted from k before the rotation), which
         the kernel adds back (times scale) to lse.
     """
@@ -114,7 +117,8 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     device = cupy.cuda.runtime.getDevice()
     kernels = _kernels(problem, device, rotate)
     b, hq, hkv, d = problem.batch, problem.heads_q, problem.heads_kv, problem.head_dim
-    sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, FP8_BLOCK_N)
+    key_tile = fp8_key_tile(d, problem.causal)
+    sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, key_tile)
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
     # Key splits of the statistics pass: enough blocks for every SM, at least FP8_STATS_MIN_ROWS keys each.
     splits = max(1, min(-(-FP8_STATS_BLOCKS // (b * hkv)), -(-problem.seqlen_k // FP8_STATS_MIN_ROWS)))
@@ -127,8 +131,8 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     sq = cupy.empty((b, hq, sq_pad // FP8_BLOCK_M), dtype=cupy.float32)
     row_bias = cupy.empty((b, hq, sq_pad), dtype=cupy.float32)
     kq = cupy.empty((b, hkv, sk_pad, d), dtype=cupy.uint8)
-    sk = cupy.empty((b, hkv, sk_pad // FP8_BLOCK_N), dtype=cupy.float32)
-    vt = cupy.empty((b, hkv, d, sk_pad), dtype=cupy.uint8)
+    sk = cupy.empty((b, hkv, sk_pad // key_tile), dtype=cupy.float32)
+    vt = cupy.empty((b, hkv, sk_pad // FP8_V_CHUNK, d, FP8_V_CHUNK), dtype=cupy.uint8)
     i32, i64 = np.int32, np.int64
 
     kernel, launch = kernels["stats"]
@@ -137,7 +141,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
             i32(rows_per_split), i32(splits), partial, counters, stats))
     kernel, launch = kernels["quantize"]
     v_keys = 16 * launch.threads // (d // 8)  # keys per V block of quantize_fp8_qkv
-    grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // FP8_BLOCK_N * hkv * b
+    grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // key_tile * hkv * b
             + -(-sk_pad // v_keys) * hkv * b)
     kernel((check_grid(grid),), (launch.threads,),
            (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), on_device(cupy, heads, np.int32),
@@ -171,11 +175,13 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     kernel, launch = _kernels(problem, device, True)["forward"]
     target, o_strides = writable(out)
     grid = check_grid(-(-problem.seqlen_q // FP8_BLOCK_M) * len(heads) * problem.batch)
+    vt = tensors.vt  # [B, Hkv, chunks, D, 32] as the [B, Hkv, chunks * D, 32] the map's boxes step through
+    vt = vt.reshape(*vt.shape[:2], vt.shape[2] * vt.shape[3], vt.shape[4])
     kernel(
         (grid,),
         (launch.threads,),
         (
-            *tma_maps([(x, element_strides(x)) for x in (tensors.qq, tensors.kq, tensors.vt)], launch.tma_rows),
+            *tma_maps([(x, element_strides(x)) for x in (tensors.qq, tensors.kq, vt)], launch.tma_rows),
             tensors.sq, tensors.sk, tensors.sv, tensors.v_mean,
             tensors.row_bias,
             on_device(cupy, heads, np.int32), target, lse,

@@ -319,12 +319,21 @@ def all_backward_kernels() -> list[KernelLaunch]:
 
 #: Head dims with an fp8 forward instantiation.
 FP8_HEAD_DIMS = (64, 128)
-#: Query rows per thread block (two consumer warpgroups) and keys per tile of the fp8 forward; also the row
-#: blocks of the Q and K scales and the padding of the quantised tensors (quantize_fp8.cu has both as
-#: QUANT_TILE = 128). BLOCK_N = 256 would not fit the consumers' 232 registers (S 128 + O 64 + P 32 + addresses).
+#: Query rows per thread block of the fp8 forward (two consumer warpgroups), also the row block of the Q
+#: scales and the padding of the quantised Q (quantize_fp8.cu: Q_TILE).
 FP8_BLOCK_M = 128
-FP8_BLOCK_N = 128
-#: K/V^T pipeline depth of the warp-specialised fp8 forward (a K + V^T stage is 2 * FP8_BLOCK_N * D bytes).
+#: Keys per tile of the fp8 forward per (head dim, causal): also the row block of the K scales and the padding
+#: of the quantised K and V^T (quantize_fp8.cu: KEY_TILE). Any multiple of FP8_V_CHUNK up to 224 (S, O and P of
+#: 224 keys, 112 + 64 + 28 registers, fit the consumers' 232).
+FP8_KEY_TILES: dict[tuple[int, bool], int] = {
+    (64, False): 128,
+    (64, True): 128,
+    (128, False): 128,
+    (128, True): 128,
+}
+#: Keys per line of the quantised V^T ([Sk' / 32][D][32] per head): one k32 step of the fp8 P V.
+FP8_V_CHUNK = 32
+#: K/V^T pipeline depth of the warp-specialised fp8 forward (a K + V^T stage is 2 * key tile * D bytes).
 FP8_STAGES = 3
 #: Producer warpgroup + two consumer warpgroups.
 FP8_FORWARD_THREADS = 384
@@ -337,33 +346,40 @@ FP8_QUANT_THREADS = 256
 FP8_ARCHS = ("90a",)
 
 
+def fp8_key_tile(head_dim: int, causal: bool) -> int:
+    """Keys per tile of the fp8 forward (FP8_KEY_TILES; 128 for head dims without a kernel, which only the
+    NumPy emulation runs)."""
+    return FP8_KEY_TILES.get((head_dim, causal), 128)
+
+
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:
     """The fp8 forward's kernels by role: "stats" (K/V means and V scales, one pass), "quantize" (Q, K and V^T
     in one launch) and "forward" (block_m = rows per thread block; 1 for the stats kernel, whose grid is per
-    key split, and FP8_BLOCK_M for the quantiser's Q/K tiles); `rotate`: Hadamard rotation of Q and K along
-    the head dim in the quantiser."""
+    key split, and FP8_BLOCK_M for the quantiser's Q tiles); `rotate`: Hadamard rotation of Q and K along
+    the head dim in the quantiser. The quantiser's K tile is the forward's key tile, so both depend on causal."""
     t, flag, rot = CUDA_TYPES[dtype], "true" if causal else "false", "true" if rotate else "false"
+    block_n = fp8_key_tile(head_dim, causal)
     quant = {"threads": FP8_QUANT_THREADS, "smem_bytes": 0, "archs": FP8_ARCHS}
     return {
         "stats": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_stats<{t}, {head_dim}>", block_m=1, **quant),
-        "quantize": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_qkv<{t}, {head_dim}, {rot}>",
+        "quantize": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_qkv<{t}, {head_dim}, {block_n}, {rot}>",
                                  block_m=FP8_BLOCK_M, **quant),
         "forward": KernelLaunch(
             "attention_fwd_fp8_sm90.cu",
-            f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {FP8_BLOCK_N}, {FP8_STAGES}, {flag}, true>",
+            f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {block_n}, {FP8_STAGES}, {flag}, true>",
             threads=FP8_FORWARD_THREADS,
             # Q, STAGES K and V^T stages (1 byte per element), the 16-bit output staging tile, 1024 bytes of
             # base alignment and 128 of mbarriers (attention_fwd_fp8_sm90.cu's header).
-            smem_bytes=(3 * FP8_BLOCK_M + 2 * FP8_STAGES * FP8_BLOCK_N) * head_dim + 1024 + 128,
+            smem_bytes=(3 * FP8_BLOCK_M + 2 * FP8_STAGES * block_n) * head_dim + 1024 + 128,
             block_m=FP8_BLOCK_M,
             archs=FP8_ARCHS,
-            tma_rows=(FP8_BLOCK_M, FP8_BLOCK_N, head_dim),  # Q, K, and V^T: 128 key bytes by all head_dim rows
+            tma_rows=(FP8_BLOCK_M, block_n, head_dim),  # Q, K, and V^T: 32-key chunks of head_dim rows
         ),
     }
 
 
 def all_fp8_kernels() -> list[KernelLaunch]:
-    """Every distinct fp8 instantiation (the quantisers do not depend on causal and appear once)."""
+    """Every distinct fp8 instantiation (a quantiser shared by causal and not, with equal key tiles, appears once)."""
     kernels: dict[str, KernelLaunch] = {}
     for dtype in CUDA_TYPES:
         for head_dim in FP8_HEAD_DIMS:

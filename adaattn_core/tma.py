@@ -4,7 +4,7 @@ a kernel can run).
 
 A map describes one [B, H, S, C] tensor of 2-byte (bf16/fp16) or 1-byte (e4m3) elements (any strides that are
 multiples of 16 bytes, innermost stride 1) as 4-D (C, S, H, B, innermost first) with a box of one swizzle line
-(min(C · itemsize, 128) bytes) by `box_rows` rows and the swizzle of that line (64 or 128 bytes), the layout
+(min(C · itemsize, 128) bytes) by `box_rows` rows and the swizzle of that line (32, 64 or 128 bytes), the layout
 `tma_load_tile` (cuda_src/wgmma_sm90.cuh) writes for the wgmma descriptors; rows past S read as zeros. It is
 passed to a kernel by value (`const __grid_constant__ TmaMap`) as the 128-byte NumPy structured scalar returned
 here.
@@ -23,7 +23,7 @@ TMA_MAP_DTYPE = np.dtype([("words", np.uint64, (16,))])
 # CUtensorMap* enums (cuda.h, CUDA 12+). The TMA only copies bytes: unsigned types of the element size serve
 # bf16, fp16 and e4m3 alike.
 _DATA_TYPE_BY_ITEMSIZE = {1: 0, 2: 1}  # CU_TENSOR_MAP_DATA_TYPE_UINT8, _UINT16
-_SWIZZLE_BY_LINE = {64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_64B, _128B
+_SWIZZLE_BY_LINE = {32: 1, 64: 2, 128: 3}  # CU_TENSOR_MAP_SWIZZLE_32B, _64B, _128B
 _INTERLEAVE_NONE = 0
 _L2_PROMOTION_256B = 3
 _OOB_FILL_ZEROS = 0  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: out-of-bounds elements read as zero
@@ -45,7 +45,7 @@ def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int
              itemsize: int = 2) -> np.void:
     """The TmaMap of a [B, H, S, C] tensor of `itemsize`-byte elements at device address `ptr` with element strides
     (batch, head, row) (innermost stride 1), for tiles of `box_rows` rows by all C columns: C · itemsize / line
-    copies of one swizzle line, line = min(C · itemsize, 128) bytes (64 or 128).
+    copies of one swizzle line, line = min(C · itemsize, 128) bytes (32, 64 or 128).
 
     Raises ValueError naming the argument the TMA unit cannot take (the launchers pass arrays through
     `cuda_common.readable(..., tma=True)` first, so this only fires on a broken invariant) and RuntimeError with the
@@ -56,8 +56,8 @@ def tile_map(ptr: int, shape: tuple[int, int, int, int], strides: tuple[int, int
         raise ValueError(f"TMA tile map: itemsize {itemsize}, expected one of {sorted(_DATA_TYPE_BY_ITEMSIZE)}")
     line = min(cols * itemsize, 128)
     if line not in _SWIZZLE_BY_LINE or cols * itemsize % line:
-        raise ValueError(f"TMA tile map: rows of {cols} x {itemsize} bytes (shape {shape}), expected 64 bytes or a "
-                         "multiple of 128")
+        raise ValueError(f"TMA tile map: rows of {cols} x {itemsize} bytes (shape {shape}), expected 32 or 64 bytes "
+                         "or a multiple of 128")
     if not 0 < box_rows <= _MAX_BOX_ROWS:
         raise ValueError(f"TMA tile map: box_rows {box_rows}, expected 1..{_MAX_BOX_ROWS}")
     if ptr % 16:

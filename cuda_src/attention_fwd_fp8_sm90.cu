@@ -3,7 +3,8 @@
 // Inputs are the outputs of the quantisation kernels (quantize_fp8.cu), for query heads h in `heads`:
 //     qq[b,h,i,:] * sq[b,h,i / BLOCK_M]        ~ q[b,h,i,:]
 //     kq[b,hk,j,:] * sk[b,hk,j / BLOCK_N]      ~ k[b,hk,j,:] - kbar[b,hk,:]   (softmax-invariant shift)
-//     vt[b,hk,d,perm(j)] * sv[b,hk,d]          ~ v[b,hk,j,d] - v_mean[b,hk,d]         (transposed, permuted)
+//     vt[b,hk,j'/32,d,j'%32] * sv[b,hk,d]      ~ v[b,hk,j,d] - v_mean[b,hk,d], j' = pos(j)
+//                                              (transposed in 32-key chunks, keys permuted, see below)
 // with hk = h / group_size, e4m3 bytes, rows padded with zeros to whole tiles (qq: Sq' = Sq rounded up to
 // BLOCK_M rows, kq and vt: Sk' = Sk rounded up to BLOCK_N keys). Computes
 //     s[i,j]     = scale * sq * sk * (qq[i,:] . kq[j,:])
@@ -24,7 +25,8 @@
 //   block.x = 384: warpgroup 0 is the producer, warpgroups 1 and 2 the consumers of query rows [0, 64) and
 //             [64, 128) of the block (BLOCK_M = 128).
 //   dynamic shared memory = (3 * BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM + 1024 + 128 bytes: the Q tile and
-//   STAGES K and V^T tiles of one byte per element, a [BLOCK_M][HEAD_DIM] 16-bit tile that stages the output
+//   STAGES K and V^T tiles of one byte per element (BLOCK_N a multiple of 32 up to 224: the S, O and P registers
+//   of 224 keys, 112 + 64 + 28, fit the consumers' 232), a [BLOCK_M][HEAD_DIM] 16-bit tile that stages the output
 //   (its own buffer: one consumer may still read K/V stages while the other stores), 1024 to align the base
 //   for the swizzle pattern, 128 bytes of mbarriers.
 //
@@ -38,17 +40,18 @@
 // The consumers run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG)
 // take turns to issue their GEMMs, so one's softmax overlaps the other's wgmmas.
 // qq_map, kq_map, vt_map: tensor maps (adaattn_core/tma.py) of qq [B][Hq][Sq'][D], kq [B][Hkv][Sk'][D] and
-// vt [B][Hkv][D][Sk'] (bytes, contiguous), boxes of min(D, 128) bytes by BLOCK_M / BLOCK_N rows and of 128 key
-// bytes by D rows, with the swizzle of their lines. The quantiser pads every tensor to whole tiles.
+// vt [B][Hkv][Sk' / 32 * D][32] (bytes, contiguous), boxes of min(D, 128) bytes by BLOCK_M / BLOCK_N rows and
+// of 32 key bytes by D rows, with the swizzle of their lines. The quantiser pads every tensor to whole tiles.
 // The per-tile scales are read by the consumers from global memory (one float per tile, issued ahead of
 // the mbarrier waits so that the load is off the critical path).
 //
 // e4m3 helpers (pack4_e4m3, the WgmmaE4m3 wrappers) live in wgmma_sm90.cuh's FP8 section.
 //
 // Consumer schedule: attention_fwd_sm90_ws.cu (the bf16 wgmma forward) with bytes for elements. A k32 step of e4m3 is
-// 32 bytes, like a k16 step of bf16, so the shared layouts are the same byte for byte: K-major lines of
-// min(HEAD_DIM, 128) bytes with the 128-byte swizzle (64-byte swizzle for HEAD_DIM = 64), and V^T as
-// [HEAD_DIM][BLOCK_N] (fp8 wgmma has no transpose: both operands are K-major, hence V^T).
+// 32 bytes, like a k16 step of bf16, so the Q and K layouts are the same byte for byte: K-major lines of
+// min(HEAD_DIM, 128) bytes with the 128-byte swizzle (64-byte swizzle for HEAD_DIM = 64). V^T (fp8 wgmma has
+// no transpose: both operands are K-major) is BLOCK_N / 32 chunks of [HEAD_DIM][32 keys], one per k32 step,
+// each with the 32-byte swizzle: a tile of any multiple of 32 keys needs no wider swizzle line.
 //   S = Q K^T     HEAD_DIM / 32 wgmma m64n{BLOCK_N}k32, A and B from shared memory;
 //   O += P V      BLOCK_N / 32 wgmma m64n{HEAD_DIM}k32, A = P from registers, issued behind the next S.
 // P from registers without shuffles: for k32 step kk the thread holds, per row, the fp32 scores of keys
@@ -71,11 +74,12 @@
 namespace adaattn {
 
 // Shared-memory matrix descriptor of a K-major operand with the LINE-byte swizzle: start address >> 4,
-// stride byte offset = 8 rows (one swizzle atom), layout type 1 (128-byte) or 2 (64-byte).
+// stride byte offset = 8 rows (one swizzle atom), layout type 1 (128-byte), 2 (64-byte) or 3 (32-byte).
 template <int LINE>
 __device__ __forceinline__ unsigned long long wgmma_desc_kmajor(unsigned smem_addr) {
+    static_assert(LINE == 32 || LINE == 64 || LINE == 128, "wgmma swizzles of 32, 64 or 128 bytes");
     return (unsigned long long)((smem_addr & 0x3ffffu) >> 4) | 1ull << 16 |
-           (unsigned long long)((8 * LINE) >> 4) << 32 | (LINE == 128 ? 1ull : 2ull) << 62;
+           (unsigned long long)((8 * LINE) >> 4) << 32 | (LINE == 128 ? 1ull : LINE == 64 ? 2ull : 3ull) << 62;
 }
 
 }  // namespace adaattn
@@ -100,14 +104,14 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     static_assert(sizeof(T) == 2, "16-bit outputs only");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "unsupported head dim");
     static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows");
-    static_assert(BLOCK_N == 128, "V^T lines are BLOCK_N bytes: one 128-byte swizzle line (and no n256 wrapper)");
+    static_assert(BLOCK_N % 32 == 0 && BLOCK_N <= 224, "whole V^T chunks; S, O and P of more keys would spill");
     static_assert(STAGES >= 2, "K tile j + 1 must stream while tile j is read");
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const unsigned smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const unsigned sQ = smem_base;                    // [BLOCK_M][HEAD_DIM]
     const unsigned sK = sQ + BLOCK_M * HEAD_DIM;      // STAGES x [BLOCK_N][HEAD_DIM]
-    const unsigned sV = sK + STAGES * KV_BYTES;       // STAGES x [HEAD_DIM][BLOCK_N] (V^T, 128-byte lines)
+    const unsigned sV = sK + STAGES * KV_BYTES;       // STAGES x KN x [HEAD_DIM][32] (V^T chunks)
     const unsigned sO = sV + STAGES * KV_BYTES;       // [BLOCK_M][HEAD_DIM] of T: output staging
     const StageBarriers<STAGES> bars{sO + BLOCK_M * HEAD_DIM * 2};
 
@@ -160,9 +164,9 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
             tma_load_tile<BLOCK_N, HEAD_DIM, 1>(sK + s * KV_BYTES, &kq_map, bars.k_full(s), 0, n_block * BLOCK_N,
                                                 h_kv, b);
             if (it >= STAGES) mbar_wait(bars.v_empty(s), parity);
-            // V^T [HEAD_DIM][Sk']: all HEAD_DIM rows, the BLOCK_N (= 128) key columns of tile n_block.
-            tma_load_tile<HEAD_DIM, BLOCK_N, 1>(sV + s * KV_BYTES, &vt_map, bars.v_full(s), n_block * BLOCK_N, 0,
-                                                h_kv, b);
+            // V^T chunks n_block * KN .. + KN - 1 (rows of HEAD_DIM lines each).
+            tma_load_chunks<KN, HEAD_DIM>(sV + s * KV_BYTES, &vt_map, bars.v_full(s), n_block * KN * HEAD_DIM, h_kv,
+                                          b);
         }
         return;
     }
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     // one line per row).
     const unsigned long long q_desc = wgmma_desc_kmajor<LINE>(sQ + wg * 64 * LINE);
     const unsigned long long k_desc = wgmma_desc_kmajor<LINE>(sK);
-    const unsigned long long v_desc = wgmma_desc_kmajor<128>(sV);
+    const unsigned long long v_desc = wgmma_desc_kmajor<32>(sV);
 
     float acc_s[BLOCK_N / 2];
     auto issue_qk = [&](int s) {
@@ -197,7 +201,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     auto issue_pv = [&](int s) {
 #pragma unroll
         for (int kn = 0; kn < KN; ++kn)
-            WgmmaE4m3<HEAD_DIM>::rs(acc_o, p[kn], v_desc + ((s * KV_BYTES + kn * 32) >> 4), 1);
+            WgmmaE4m3<HEAD_DIM>::rs(acc_o, p[kn], v_desc + ((s * KV_BYTES + kn * 32 * HEAD_DIM) >> 4), 1);
     };
 
     const int row0 = m_start + wg * 64 + warp * 16 + g;

@@ -14,20 +14,24 @@
 //   block of a head to finish (ticket from counters[bh], zero on entry, reset on exit) combines the partials
 //   in split order. Deterministic, one pass over K and V, no second launch.
 //
-// quantize_fp8_qkv<T, D, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks by blockIdx.x:
+// quantize_fp8_qkv<T, D, KEY_TILE, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks by blockIdx.x:
 //   [0, nq)          Q tile of 128 rows of one listed query head: row_bias[i] = q[i] . kbar (kbar = stats[0]: the
 //                    shift the attention kernel adds back to lse), y = q H / sqrt(D) (ROTATE), one scale per tile
 //                    sq = amax|y| / 448, qq = e4m3(y * 448 / amax).
-//   [nq, nq + nk)    K tile of 128 keys of one kv head: y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
-//   [nq + nk, ...)   V: 16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed as
-//                    8 rows of 16 bytes: vt[bh][d][pos(j)] = e4m3((v[j,d] - mean[d]) * 448 / a[d]). pos
-//                    permutes keys inside each 16-key group (see attention_fwd_fp8_sm90.cu): key 16 h + r goes
-//                    to 16 h + 4 ((r % 8) / 2) + 2 (r / 8) + r % 2, which lets P V use the S accumulators as
-//                    A fragments. 16 * 256 / (D / 8) keys per block.
+//   [nq, nq + nk)    K tile of KEY_TILE keys (the attention kernel's BLOCK_N) of one kv head:
+//                    y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
+//   [nq + nk, ...)   V: 16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
+//                    32-key chunks, [Sk' / 32][D][32] per head (a chunk is one k32 step of P V: the attention
+//                    kernel loads it as a 32-byte-swizzled [D][32] operand, so any multiple of 32 keys is a
+//                    tile): vt[bh][j' / 32][d][j' % 32] = e4m3((v[j,d] - mean[d]) * 448 / a[d]), j' = pos(j).
+//                    pos permutes keys inside each 16-key group (see attention_fwd_fp8_sm90.cu): key 16 h + r
+//                    goes to 16 h + 4 ((r % 8) / 2) + 2 (r / 8) + r % 2, which lets P V use the S accumulators
+//                    as A fragments. 16 * 256 / (D / 8) keys per block.
 //   H is the Sylvester Hadamard matrix, applied to Q and K alike so Q K^T is unchanged; it spreads outlier
 //   entries over the row (halves the fp8 error on FlashAttention-3's outlier test). Rows and keys past the
-//   sequence are written as zeros (qq: Sq' = Sq rounded up to 128 rows; kq, vt: Sk' = Sk rounded up to 128),
-//   so the attention kernel loads whole tiles. Scale 1 for an all-zero tile. Block 256, no dynamic smem.
+//   sequence are written as zeros (qq: Sq' = Sq rounded up to 128 rows; kq, vt: Sk' = Sk rounded up to
+//   KEY_TILE), so the attention kernel loads whole tiles. Scale 1 for an all-zero tile. Block 256, no dynamic
+//   smem.
 //
 // Strides of the 16-bit inputs are in elements, head-dim stride 1, 16-byte aligned rows.
 
@@ -36,7 +40,8 @@
 namespace adaattn {
 
 constexpr int QUANT_THREADS = 256;
-constexpr int QUANT_TILE = 128;  // rows per Q/K scale: the attention kernel's BLOCK_M and BLOCK_N
+constexpr int Q_TILE = 128;  // rows per Q scale: the attention kernel's BLOCK_M
+constexpr int V_CHUNK = 32;  // keys per line of V^T: one k32 step of the attention kernel's P V
 constexpr float E4M3_MAX = 448.f;
 constexpr int K_MEAN_STRIDE = 8;  // keys j % K_MEAN_STRIDE == 0 form the K mean (adaattn_core/precision.py too)
 
@@ -73,18 +78,19 @@ __device__ __forceinline__ void hadamard_row(float (&y)[8], int c) {
     for (int e = 0; e < 8; ++e) y[e] *= norm;
 }
 
-// One Q or K tile of QUANT_TILE rows (x at row 0 of its head): all loads issued before any use, the tile amax
+// One Q or K tile of TILE rows (x at row 0 of its head): all loads issued before any use, the tile amax
 // by warp shuffles and one shared-memory exchange, 8-byte e4m3 stores (a warp writes 2-4 whole rows).
-template <typename T, int HEAD_DIM, bool IS_K, bool ROTATE>
+template <typename T, int HEAD_DIM, int TILE, bool IS_K, bool ROTATE>
 __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long stride_s, int seqlen, int blk,
                                               const float* __restrict__ k_mean, unsigned char* __restrict__ xq,
                                               float* __restrict__ scale, float* __restrict__ row_bias,
                                               float* warp_max) {
     constexpr int CHUNKS = HEAD_DIM / 8;
     constexpr int ROW_STEP = QUANT_THREADS / CHUNKS;
-    constexpr int ITERS = QUANT_TILE / ROW_STEP;
+    constexpr int ITERS = TILE / ROW_STEP;
+    static_assert(TILE % ROW_STEP == 0, "whole row steps per tile");
     const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
-    const int row_base = blk * QUANT_TILE + r0;
+    const int row_base = blk * TILE + r0;
 
     uint4 raw[ITERS];
 #pragma unroll
@@ -137,12 +143,12 @@ __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long
                        pack4_e4m3(y[i][4] * inv, y[i][5] * inv, y[i][6] * inv, y[i][7] * inv));
 }
 
-// 16 keys x 8 channels of V (v at key 0, channel 0 of its head; vt at channel 0 of its head): 16 row loads in
-// flight, 8 transposed 16-byte stores (consecutive lanes of a key group write consecutive rows d; the lanes of
-// the other key groups the next 16 bytes of the same rows).
+// 16 keys x 8 channels of V (v at key 0, channel 0 of its head; vt at the head's first chunk): 16 row loads in
+// flight, 8 transposed 16-byte stores (consecutive lanes of a key group write lines d 32 bytes apart; the
+// lanes of the neighbouring key group the other half of the same lines).
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void quantize_v_group(const T* __restrict__ v, long long stride_s, int seqlen_k,
-                                                 int seqlen_k_pad, int key0, int c, const float* __restrict__ mean,
+                                                 int key0, int c, const float* __restrict__ mean,
                                                  const float* __restrict__ inv_scale, unsigned char* __restrict__ vt) {
     uint4 raw[16];
 #pragma unroll
@@ -172,7 +178,8 @@ __device__ __forceinline__ void quantize_v_group(const T* __restrict__ v, long l
             }
             w[q] = pack4_e4m3(z[0], z[1], z[2], z[3]);
         }
-        *reinterpret_cast<uint4*>(vt + (long long)d * seqlen_k_pad + key0) = make_uint4(w[0], w[1], w[2], w[3]);
+        unsigned char* line = vt + ((long long)(key0 / V_CHUNK) * HEAD_DIM + d) * V_CHUNK + key0 % V_CHUNK;
+        *reinterpret_cast<uint4*>(line) = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
 
@@ -286,7 +293,7 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
     }
 }
 
-template <typename T, int HEAD_DIM, bool ROTATE>
+template <typename T, int HEAD_DIM, int KEY_TILE, bool ROTATE>
 __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     const T* __restrict__ q, long long q_stride_b, long long q_stride_h, long long q_stride_s,
     const T* __restrict__ k, long long k_stride_b, long long k_stride_h, long long k_stride_s,
@@ -300,9 +307,10 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     constexpr int V_GROUPS = QUANT_THREADS / CHUNKS;  // 16-key groups per V block
     __shared__ float warp_max[QUANT_THREADS / 32];
 
-    const int q_tiles = (seqlen_q + QUANT_TILE - 1) / QUANT_TILE;
-    const int k_tiles = (seqlen_k + QUANT_TILE - 1) / QUANT_TILE;
-    const int seqlen_q_pad = q_tiles * QUANT_TILE, seqlen_k_pad = k_tiles * QUANT_TILE;
+    static_assert(KEY_TILE % V_CHUNK == 0, "whole V^T chunks per key tile");
+    const int q_tiles = (seqlen_q + Q_TILE - 1) / Q_TILE;
+    const int k_tiles = (seqlen_k + KEY_TILE - 1) / KEY_TILE;
+    const int seqlen_q_pad = q_tiles * Q_TILE, seqlen_k_pad = k_tiles * KEY_TILE;
     const int nq = q_tiles * num_heads_list * batch, nk = k_tiles * num_heads_kv * batch;
     const long long plane = (long long)batch * num_heads_kv * HEAD_DIM;
     int block = blockIdx.x;
@@ -312,9 +320,9 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
         const int b = bh / num_heads_list, h = heads[bh % num_heads_list];
         const long long bhq = (long long)b * num_heads_q + h;
         const long long bhk = (long long)b * num_heads_kv + h / (num_heads_q / num_heads_kv);
-        quantize_tile<T, HEAD_DIM, false, ROTATE>(q + b * q_stride_b + h * q_stride_h, q_stride_s, seqlen_q, blk,
-                                                 stats + bhk * HEAD_DIM, qq + bhq * seqlen_q_pad * HEAD_DIM,
-                                                 sq + bhq * q_tiles, row_bias + bhq * seqlen_q_pad, warp_max);
+        quantize_tile<T, HEAD_DIM, Q_TILE, false, ROTATE>(
+            q + b * q_stride_b + h * q_stride_h, q_stride_s, seqlen_q, blk, stats + bhk * HEAD_DIM,
+            qq + bhq * seqlen_q_pad * HEAD_DIM, sq + bhq * q_tiles, row_bias + bhq * seqlen_q_pad, warp_max);
         return;
     }
     block -= nq;
@@ -322,9 +330,9 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
         const int blk = block % k_tiles, bh = block / k_tiles;
         const int b = bh / num_heads_kv, h = bh % num_heads_kv;
         const long long bhk = bh;
-        quantize_tile<T, HEAD_DIM, true, ROTATE>(k + b * k_stride_b + h * k_stride_h, k_stride_s, seqlen_k, blk,
-                                                stats + bhk * HEAD_DIM, kq + bhk * seqlen_k_pad * HEAD_DIM,
-                                                sk + bhk * k_tiles, nullptr, warp_max);
+        quantize_tile<T, HEAD_DIM, KEY_TILE, true, ROTATE>(
+            k + b * k_stride_b + h * k_stride_h, k_stride_s, seqlen_k, blk, stats + bhk * HEAD_DIM,
+            kq + bhk * seqlen_k_pad * HEAD_DIM, sk + bhk * k_tiles, nullptr, warp_max);
         return;
     }
     block -= nk;
@@ -335,7 +343,7 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     // Lanes of one 16-key group are consecutive: chunk fastest, so a warp's 16 loads each read whole rows.
     const int key0 = (blk * V_GROUPS + threadIdx.x / CHUNKS) * 16;
     if (key0 >= seqlen_k_pad) return;
-    quantize_v_group<T, HEAD_DIM>(v + b * v_stride_b + h * v_stride_h, v_stride_s, seqlen_k, seqlen_k_pad, key0, c,
+    quantize_v_group<T, HEAD_DIM>(v + b * v_stride_b + h * v_stride_h, v_stride_s, seqlen_k, key0, c,
                                   stats + plane + (long long)bh * HEAD_DIM,
                                   stats + 3 * plane + (long long)bh * HEAD_DIM,
                                   vt + (long long)bh * HEAD_DIM * seqlen_k_pad);

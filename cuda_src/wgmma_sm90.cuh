@@ -476,6 +476,16 @@ __device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(map)) : "memory");
 }
 
+// One TMA copy of the box at coordinates (c0, c1, c2, c3) of a 4-D tensor map into `smem`, completing on `bar`.
+__device__ __forceinline__ void tma_copy_4d(unsigned smem, const TmaMap* map, unsigned bar, int c0, int c1, int c2,
+                                            int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+
 // Copies the [ROWS][ROW_BYTES] tile at rows row0 .. row0 + ROWS - 1, columns from col0 (elements), of head
 // `head`, batch `batch` of a [B][H][S][columns] tensor of ELEM_BYTES-byte elements into the K-major swizzled
 // layout the wgmma descriptors read at `smem` (1024-byte aligned): lines of LINE = min(ROW_BYTES, 128) bytes
@@ -492,12 +502,20 @@ __device__ __forceinline__ void tma_load_tile(unsigned smem, const TmaMap* map, 
     mbar_arrive_expect_tx(bar, ROWS * ROW_BYTES);
 #pragma unroll
     for (int cb = 0; cb < ROW_BYTES / LINE; ++cb)
-        asm volatile(
-            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-            " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem + cb * ROWS * LINE),
-            "l"(reinterpret_cast<unsigned long long>(map)), "r"(col0 + cb * LINE / ELEM_BYTES), "r"(row0), "r"(head),
-            "r"(batch), "r"(bar)
-            : "memory");
+        tma_copy_4d(smem + cb * ROWS * LINE, map, bar, col0 + cb * LINE / ELEM_BYTES, row0, head, batch);
+}
+
+// Copies CHUNKS consecutive [ROWS][32]-byte blocks, rows row0 .. row0 + CHUNKS * ROWS - 1 of head `head`, batch
+// `batch` of a [B][H][S][32] byte tensor, to [CHUNKS][ROWS][32] at `smem` (256-byte aligned) with the 32-byte
+// swizzle (16-byte half c of row r at c ^ (r / 4 % 2)): CHUNKS K-major wgmma operands of one 32-byte line per
+// row (the fp8 kernel's V^T, a chunk per k32 step). `map`: a box of 32 bytes by ROWS rows, 32-byte swizzle.
+// Arms `bar` as tma_load_tile does.
+template <int CHUNKS, int ROWS>
+__device__ __forceinline__ void tma_load_chunks(unsigned smem, const TmaMap* map, unsigned bar, int row0, int head,
+                                                int batch) {
+    mbar_arrive_expect_tx(bar, CHUNKS * ROWS * 32);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) tma_copy_4d(smem + c * ROWS * 32, map, bar, 0, row0 + c * ROWS, head, batch);
 }
 
 }  // namespace adaattn
@@ -530,6 +548,11 @@ struct WgmmaE4m3;
 #define ADAATTN_E4M3_DREGS_128 ADAATTN_E4M3_DREGS_64 ", " \
     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define ADAATTN_E4M3_DREGS_192 ADAATTN_E4M3_DREGS_128 ", " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+#define ADAATTN_E4M3_DREGS_224 ADAATTN_E4M3_DREGS_192 ", " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111"
 
 #define ADAATTN_WGMMA_E4M3(N, DREGS, SS_A, SS_B, SS_P, RS_A, RS_B, RS_P, ...)                                   \
     template <>                                                                                                \
@@ -555,10 +578,17 @@ struct WgmmaE4m3;
 ADAATTN_WGMMA_E4M3(64, ADAATTN_E4M3_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37", ADAATTN_E4M3_ACC32(0))
 ADAATTN_WGMMA_E4M3(128, ADAATTN_E4M3_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
                    ADAATTN_E4M3_ACC32(0), ADAATTN_E4M3_ACC32(32))
+ADAATTN_WGMMA_E4M3(192, ADAATTN_E4M3_DREGS_192, "%96", "%97", "%98", "{%96, %97, %98, %99}", "%100", "%101",
+                   ADAATTN_E4M3_ACC32(0), ADAATTN_E4M3_ACC32(32), ADAATTN_E4M3_ACC32(64))
+ADAATTN_WGMMA_E4M3(224, ADAATTN_E4M3_DREGS_224, "%112", "%113", "%114", "{%112, %113, %114, %115}", "%116", "%117",
+                   ADAATTN_E4M3_ACC32(0), ADAATTN_E4M3_ACC32(32), ADAATTN_E4M3_ACC32(64), ADAATTN_E4M3_ACC8(96),
+                   ADAATTN_E4M3_ACC8(104))
 
 #undef ADAATTN_WGMMA_E4M3
 #undef ADAATTN_E4M3_DREGS_64
 #undef ADAATTN_E4M3_DREGS_128
+#undef ADAATTN_E4M3_DREGS_192
+#undef ADAATTN_E4M3_DREGS_224
 #undef ADAATTN_E4M3_ACC32
 #undef ADAATTN_E4M3_ACC8
 

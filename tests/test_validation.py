@@ -225,7 +225,10 @@ def test_bad_deterministic(qkv, seq_q):
 
 @pytest.mark.parametrize("kwargs,named", [
     ({"itemsize": 4}, "itemsize 4, expected one of [1, 2]"),
-    ({"shape": (1, 2, 64, 24)}, "rows of 24 x 2 bytes (shape (1, 2, 64, 24)), expected 64 bytes or a multiple of 128"),
+    ({"shape": (1, 2, 64, 24)}, "rows of 24 x 2 bytes (shape (1, 2, 64, 24)), expected 32 or 64 bytes or a multiple "
+                                "of 128"),
+    ({"shape": (1, 2, 64, 8)}, "rows of 8 x 2 bytes (shape (1, 2, 64, 8)), expected 32 or 64 bytes or a multiple of "
+                               "128"),
     ({"box_rows": 0}, "box_rows 0, expected 1..256"),
     ({"box_rows": 257}, "box_rows 257, expected 1..256"),
     ({"ptr": 0x1008}, "address 0x1008, expected a multiple of 16 bytes"),
