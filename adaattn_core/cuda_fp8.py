@@ -50,9 +50,11 @@ class Fp8Tensors:
         16-key groups (`key_positions`); v_mean = mean_j v, added back exactly by the kernel.
     row_bias [B, Hq, Sq'] = q·k̄ (k̄: the mean of every 8th key, subtracted from k before the rotation), which
         the kernel adds back (times scale) to lse.
+    key_tile: the BLOCK_N these were made for (the kernel of another tile would misread sk, kq and vt).
     """
 
     heads: tuple[int, ...]
+    key_tile: int
     qq: Any
     sq: Any
     kq: Any
@@ -147,7 +149,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
            (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), on_device(cupy, heads, np.int32),
             i32(len(heads)), i32(hq), i32(hkv), i32(b), i32(problem.seqlen_q), i32(problem.seqlen_k), stats,
             qq, sq, row_bias, kq, sk, vt))
-    return Fp8Tensors(tuple(heads), qq, sq, kq, sk, vt, stats[2], stats[1], row_bias)
+    return Fp8Tensors(tuple(heads), key_tile, qq, sq, kq, sk, vt, stats[2], stats[1], row_bias)
 
 
 def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any, heads: list[int],
@@ -159,8 +161,8 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     log. Causal is bottom-right aligned; rows that see no key give out = 0 and lse = −inf.
 
     q, k, v: [B, H, S, D] CuPy views (16-bit, any strides); out: [B, Hq, Sq, D] view in the input dtype;
-    lse: [B, Hq, Sq] float32, contiguous. `artifacts["fp8"]`, when it holds `Fp8Tensors` covering `heads`
-    (left there by the precision policy), is reused instead of quantising again.
+    lse: [B, Hq, Sq] float32, contiguous. `artifacts["fp8"]`, when it holds `Fp8Tensors` covering `heads` for
+    this problem's key tile (left there by the precision policy), is reused instead of quantising again.
     Raises ValueError when the problem is unsupported (`unsupported_reason`).
     """
     import cupy
@@ -168,7 +170,8 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     if not heads:
         return
     tensors = (artifacts or {}).get("fp8")
-    if not isinstance(tensors, Fp8Tensors) or not set(heads) <= set(tensors.heads):
+    if (not isinstance(tensors, Fp8Tensors) or not set(heads) <= set(tensors.heads)
+            or tensors.key_tile != fp8_key_tile(problem.head_dim, problem.causal)):
         tensors = quantize(problem, q, k, v, heads)
     device = cupy.cuda.runtime.getDevice()
     # The forward kernel does not depend on the rotation (Q Kᵀ is unchanged): the rotate=True set serves both.

@@ -323,14 +323,15 @@ FP8_HEAD_DIMS = (64, 128)
 #: scales and the padding of the quantised Q (quantize_fp8.cu: Q_TILE).
 FP8_BLOCK_M = 128
 #: Keys per tile of the fp8 forward per (head dim, causal): also the row block of the K scales and the padding
-#: of the quantised K and V^T (quantize_fp8.cu: KEY_TILE). Any multiple of FP8_V_CHUNK up to 224 (S, O and P of
-#: 224 keys, 112 + 64 + 28 registers, fit the consumers' 232).
+#: of the quantised K and V^T (quantize_fp8.cu: KEY_TILE). One of FP8_KEY_TILE_CHOICES, the kernel's wgmma
+#: shapes (S, O and P of 224 keys, 112 + 64 + 28 registers, fit the consumers' 232).
 FP8_KEY_TILES: dict[tuple[int, bool], int] = {
     (64, False): 128,
     (64, True): 128,
     (128, False): 128,
     (128, True): 128,
 }
+FP8_KEY_TILE_CHOICES = (64, 128, 192, 224)
 #: Keys per line of the quantised V^T ([Sk' / 32][D][32] per head): one k32 step of the fp8 P V.
 FP8_V_CHUNK = 32
 #: K/V^T pipeline depth of the warp-specialised fp8 forward (a K + V^T stage is 2 * key tile * D bytes).

@@ -25,8 +25,8 @@
 //   block.x = 384: warpgroup 0 is the producer, warpgroups 1 and 2 the consumers of query rows [0, 64) and
 //             [64, 128) of the block (BLOCK_M = 128).
 //   dynamic shared memory = (3 * BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM + 1024 + 128 bytes: the Q tile and
-//   STAGES K and V^T tiles of one byte per element (BLOCK_N a multiple of 32 up to 224: the S, O and P registers
-//   of 224 keys, 112 + 64 + 28, fit the consumers' 232), a [BLOCK_M][HEAD_DIM] 16-bit tile that stages the output
+//   STAGES K and V^T tiles of one byte per element (BLOCK_N = 64, 128, 192 or 224, the WgmmaE4m3 shapes: the S,
+//   O and P registers of 224 keys, 112 + 64 + 28, fit the consumers' 232), a [BLOCK_M][HEAD_DIM] 16-bit tile that stages the output
 //   (its own buffer: one consumer may still read K/V stages while the other stores), 1024 to align the base
 //   for the swizzle pattern, 128 bytes of mbarriers.
 //
@@ -104,7 +104,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     static_assert(sizeof(T) == 2, "16-bit outputs only");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "unsupported head dim");
     static_assert(BLOCK_M == 128, "two consumer warpgroups of 64 rows");
-    static_assert(BLOCK_N % 32 == 0 && BLOCK_N <= 224, "whole V^T chunks; S, O and P of more keys would spill");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 192 || BLOCK_N == 224,
+                  "a WgmmaE4m3<BLOCK_N> wrapper, whole V^T chunks; S, O and P of more keys would spill");
     static_assert(STAGES >= 2, "K tile j + 1 must stream while tile j is read");
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];

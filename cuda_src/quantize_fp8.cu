@@ -22,8 +22,8 @@
 //                    y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
 //   [nq + nk, ...)   V: 16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
 //                    32-key chunks, [Sk' / 32][D][32] per head (a chunk is one k32 step of P V: the attention
-//                    kernel loads it as a 32-byte-swizzled [D][32] operand, so any multiple of 32 keys is a
-//                    tile): vt[bh][j' / 32][d][j' % 32] = e4m3((v[j,d] - mean[d]) * 448 / a[d]), j' = pos(j).
+//                    kernel loads it as a 32-byte-swizzled [D][32] operand, so a key tile is any whole number
+//                    of chunks): vt[bh][j' / 32][d][j' % 32] = e4m3((v[j,d] - mean[d]) * 448 / a[d]), j' = pos(j).
 //                    pos permutes keys inside each 16-key group (see attention_fwd_fp8_sm90.cu): key 16 h + r
 //                    goes to 16 h + 4 ((r % 8) / 2) + 2 (r / 8) + r % 2, which lets P V use the S accumulators
 //                    as A fragments. 16 * 256 / (D / 8) keys per block.

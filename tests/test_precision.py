@@ -250,3 +250,17 @@ def test_emulation_constants_are_the_kernels():
     assert float(threshold[1]) == RESCALE_LOG2
     assert np.float32(float(log2_max[1]) - float(threshold[1])) == np.float32(P_SHIFT)
     assert float(log2_max[1]) == pytest.approx(math.log2(E4M3_MAX), abs=1e-12)
+
+
+def test_fp8_key_tiles_are_shapes_the_kernel_has():
+    """Every key tile of the table is one the kernel's static_assert admits (a WgmmaE4m3 shape) and a whole
+    number of V^T chunks, so a retuned table can only name tiles that compile."""
+    from adaattn_core.launch_config import FP8_KEY_TILE_CHOICES, FP8_KEY_TILES, FP8_V_CHUNK, fp8_key_tile
+
+    source = (Path(__file__).resolve().parents[1] / "cuda_src" / "attention_fwd_fp8_sm90.cu").read_text()
+    admitted = re.search(r"static_assert\((BLOCK_N == \d+(?: \|\| BLOCK_N == \d+)*),", source)
+    assert admitted, "the BLOCK_N static_assert not found in attention_fwd_fp8_sm90.cu"
+    assert tuple(int(n) for n in re.findall(r"\d+", admitted[1])) == FP8_KEY_TILE_CHOICES
+    for (head_dim, causal), tile in FP8_KEY_TILES.items():
+        assert tile in FP8_KEY_TILE_CHOICES and tile % FP8_V_CHUNK == 0
+        assert fp8_key_tile(head_dim, causal) == tile
