@@ -96,6 +96,26 @@ def _key_count_rmse(seq_q: int, seq_k: int, causal: bool) -> float:
     return float(np.sqrt(np.mean((0.05 / np.sqrt(seen) + 6e-3) ** 2))) if seen.size else 0.0
 
 
+def _check_against_emulation_and_reference(q, k, v, causal: bool) -> None:
+    """The fp8 kernel's out and lse ([B, H, S, D] CuPy inputs) against its NumPy emulation and float64."""
+    heads_q, seq_q, seq_k = q.shape[1], q.shape[2], k.shape[2]
+    out, lse = _fp8_forward(q, k, v, causal=causal)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal)
+    assert not cupy.isnan(out).any() and not cupy.isnan(lse).any()
+    hidden = max(seq_q - seq_k, 0) if causal else 0
+    if hidden:
+        assert (out[:, :, :hidden] == 0).all() and cupy.isneginf(lse[:, :, :hidden]).all()
+    # The NumPy emulation of the same math: the kernel differs only by rounding-order effects (tight), and
+    # float64 within what the rows' key counts allow (tiny causal rows see few keys: see `_key_count_rmse`).
+    qh, kh, vh = (to_host64(x).astype(np.float32) for x in (q, k, v))
+    problem = describe(qh, kh, vh, causal=causal, scale=None, layout="bhsd")
+    emulated, _ = attend_fp8(problem, quantise(problem, qh, kh, vh), list(range(heads_q)), online=True)
+    assert _rmse(out, emulated) <= 0.3 * _rmse(emulated, ref) + 2e-3
+    assert _rmse(out, ref) <= _key_count_rmse(seq_q, seq_k, causal)
+    finite = np.isfinite(to_host64(ref_lse))
+    np.testing.assert_allclose(to_host64(lse)[finite], to_host64(ref_lse)[finite], atol=0.5)
+
+
 @pytest.mark.parametrize(
     ("batch", "heads_q", "heads_kv", "seq_q", "seq_k", "dim", "causal", "dtype"),
     [
@@ -113,22 +133,42 @@ def _key_count_rmse(seq_q: int, seq_k: int, causal: bool) -> float:
 def test_shapes_match_emulation_and_reference(rng, batch, heads_q, heads_kv, seq_q, seq_k, dim, causal, dtype):
     q, k, v = make_qkv(rng, batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=seq_q, seq_k=seq_k, dim=dim,
                        dtype=dtype, xp=cupy)
-    out, lse = _fp8_forward(q, k, v, causal=causal)
-    ref, ref_lse = attention_reference(q, k, v, causal=causal)
-    assert not cupy.isnan(out).any() and not cupy.isnan(lse).any()
-    hidden = max(seq_q - seq_k, 0) if causal else 0
-    if hidden:
-        assert (out[:, :, :hidden] == 0).all() and cupy.isneginf(lse[:, :, :hidden]).all()
-    # The NumPy emulation of the same math: the kernel differs only by rounding-order effects (tight), and
-    # float64 within what the rows' key counts allow (tiny causal rows see few keys: see `_key_count_rmse`).
-    qh, kh, vh = (to_host64(x).astype(np.float32) for x in (q, k, v))
-    problem = describe(qh, kh, vh, causal=causal, scale=None, layout="bhsd")
-    emulated, _ = attend_fp8(problem, quantise(problem, qh, kh, vh), list(range(heads_q)), online=True)
-    to_ref = _rmse(emulated, ref)
-    assert _rmse(out, emulated) <= 0.3 * to_ref + 2e-3
-    assert _rmse(out, ref) <= _key_count_rmse(seq_q, seq_k, causal)
-    finite = np.isfinite(to_host64(ref_lse))
-    np.testing.assert_allclose(to_host64(lse)[finite], to_host64(ref_lse)[finite], atol=0.5)
+    _check_against_emulation_and_reference(q, k, v, causal)
+
+
+@pytest.fixture
+def key_tile(request, monkeypatch):
+    """Every fp8 instantiation on the key tile request.param (launch_config.FP8_KEY_TILES patched, compiled
+    kernels forgotten before and after)."""
+    from adaattn_core import cuda_fp8, launch_config
+
+    tile = request.param
+    monkeypatch.setattr(launch_config, "FP8_KEY_TILES", dict.fromkeys(launch_config.FP8_KEY_TILES, tile))
+    cuda_fp8._kernels.cache_clear()
+    yield tile
+    cuda_fp8._kernels.cache_clear()
+
+
+@pytest.mark.parametrize("key_tile", [64, 128, 192, 224], indirect=True)
+@pytest.mark.parametrize(
+    ("heads_q", "heads_kv", "seq_q", "seq_k", "dim", "causal"),
+    [
+        (4, 2, 1000, 1000, 128, False),  # ragged last key tile for every tile
+        (8, 2, 300, 1000, 64, True),     # Sq < Sk, bottom-right causal
+        (4, 2, 1000, 300, 128, True),    # Sq > Sk: the first 700 rows see no key
+        (2, 1, 130, 513, 64, False),
+    ],
+)
+def test_every_key_tile_matches_emulation_and_reference(rng, key_tile, heads_q, heads_kv, seq_q, seq_k, dim,
+                                                        causal):
+    """Each key tile the kernel admits (the table may name any of them): the quantiser's K blocks, the V^T
+    chunks and the kernel's tiles agree with the emulation of the same tile and with float64."""
+    from adaattn_core.launch_config import FP8_KEY_TILE_CHOICES, fp8_key_tile
+
+    assert key_tile in FP8_KEY_TILE_CHOICES and fp8_key_tile(dim, causal) == key_tile
+    q, k, v = make_qkv(rng, batch=1, heads_q=heads_q, heads_kv=heads_kv, seq_q=seq_q, seq_k=seq_k, dim=dim,
+                       dtype="bfloat16", xp=cupy)
+    _check_against_emulation_and_reference(q, k, v, causal)
 
 
 def test_head_list_leaves_other_heads_untouched(rng):
