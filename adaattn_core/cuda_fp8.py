@@ -30,6 +30,7 @@ from .launch_config import (
     FP8_V_CHUNK,
     KernelLaunch,
     check_grid,
+    fp8_k_block,
     fp8_key_tile,
     fp8_launches,
 )
@@ -43,8 +44,9 @@ class Fp8Tensors:
 
     qq [B, Hq, Sq', D] and sq [B, Hq, Sq'/BLOCK_M]: q ≈ qq·sq per tile of BLOCK_M rows (Sq' = Sq rounded up,
         padding rows zero); only the query heads in `heads` are written.
-    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/BLOCK_N]: k − k̄ ≈ kq·sk per tile of BLOCK_N keys (BLOCK_N =
-        `launch_config.fp8_key_tile`, Sk' = Sk rounded up to it).
+    kq [B, Hkv, Sk', D] and sk [B, Hkv, Sk'/KB]: k − k̄ ≈ kq·sk per block of KB keys (KB =
+        `launch_config.fp8_k_block`, a part of the kernel's key tile `fp8_key_tile`; Sk' = Sk rounded up to
+        the key tile).
     vt [B, Hkv, Sk'/32, D, 32], sv and v_mean [B, Hkv, D]: v[j, d] − v_mean[d] ≈ vt[j'/32, d, j'%32]·sv[d] with
         j' = pos(j): transposed in 32-key chunks (one k32 step of the kernel's P·V each), keys permuted inside
         16-key groups (`key_positions`); v_mean = mean_j v, added back exactly by the kernel.
@@ -119,7 +121,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     device = cupy.cuda.runtime.getDevice()
     kernels = _kernels(problem, device, rotate)
     b, hq, hkv, d = problem.batch, problem.heads_q, problem.heads_kv, problem.head_dim
-    key_tile = fp8_key_tile(d, problem.causal)
+    key_tile, k_block = fp8_key_tile(d, problem.causal), fp8_k_block(d, problem.causal)
     sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, key_tile)
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
     # Key splits of the statistics pass: enough blocks for every SM, at least FP8_STATS_MIN_ROWS keys each.
@@ -133,7 +135,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     sq = cupy.empty((b, hq, sq_pad // FP8_BLOCK_M), dtype=cupy.float32)
     row_bias = cupy.empty((b, hq, sq_pad), dtype=cupy.float32)
     kq = cupy.empty((b, hkv, sk_pad, d), dtype=cupy.uint8)
-    sk = cupy.empty((b, hkv, sk_pad // key_tile), dtype=cupy.float32)
+    sk = cupy.empty((b, hkv, sk_pad // k_block), dtype=cupy.float32)
     vt = cupy.empty((b, hkv, sk_pad // FP8_V_CHUNK, d, FP8_V_CHUNK), dtype=cupy.uint8)
     i32, i64 = np.int32, np.int64
 
@@ -143,7 +145,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
             i32(rows_per_split), i32(splits), partial, counters, stats))
     kernel, launch = kernels["quantize"]
     v_keys = 16 * launch.threads // (d // 8)  # keys per V block of quantize_fp8_qkv
-    grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // key_tile * hkv * b
+    grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // k_block * hkv * b
             + -(-sk_pad // v_keys) * hkv * b)
     kernel((check_grid(grid),), (launch.threads,),
            (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), on_device(cupy, heads, np.int32),

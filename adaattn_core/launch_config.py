@@ -328,10 +328,14 @@ FP8_BLOCK_M = 128
 FP8_KEY_TILES: dict[tuple[int, bool], int] = {
     (64, False): 128,
     (64, True): 128,
-    (128, False): 128,
-    (128, True): 128,
+    (128, False): 224,
+    (128, True): 224,
 }
 FP8_KEY_TILE_CHOICES = (64, 128, 192, 224)
+#: Most keys per K scale: the quantiser holds a scale block in registers (224 keys at D = 128 took 180 of them,
+#: one block per SM instead of two, and made the whole quantisation launch 25% slower; H200,
+#: benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles carry 2 scales.
+FP8_K_BLOCK_MAX = 128
 #: Keys per line of the quantised V^T ([Sk' / 32][D][32] per head): one k32 step of the fp8 P V.
 FP8_V_CHUNK = 32
 #: K/V^T pipeline depth of the warp-specialised fp8 forward (a K + V^T stage is 2 * key tile * D bytes).
@@ -353,21 +357,28 @@ def fp8_key_tile(head_dim: int, causal: bool) -> int:
     return FP8_KEY_TILES.get((head_dim, causal), 128)
 
 
+def fp8_k_block(head_dim: int, causal: bool) -> int:
+    """Keys per K scale: the key tile split in the fewest equal parts of at most FP8_K_BLOCK_MAX keys."""
+    tile = fp8_key_tile(head_dim, causal)
+    return tile // -(-tile // FP8_K_BLOCK_MAX)
+
+
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:
     """The fp8 forward's kernels by role: "stats" (K/V means and V scales, one pass), "quantize" (Q, K and V^T
     in one launch) and "forward" (block_m = rows per thread block; 1 for the stats kernel, whose grid is per
     key split, and FP8_BLOCK_M for the quantiser's Q tiles); `rotate`: Hadamard rotation of Q and K along
     the head dim in the quantiser. The quantiser's K tile is the forward's key tile, so both depend on causal."""
     t, flag, rot = CUDA_TYPES[dtype], "true" if causal else "false", "true" if rotate else "false"
-    block_n = fp8_key_tile(head_dim, causal)
+    block_n, k_block = fp8_key_tile(head_dim, causal), fp8_k_block(head_dim, causal)
     quant = {"threads": FP8_QUANT_THREADS, "smem_bytes": 0, "archs": FP8_ARCHS}
     return {
         "stats": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_stats<{t}, {head_dim}>", block_m=1, **quant),
-        "quantize": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_qkv<{t}, {head_dim}, {block_n}, {rot}>",
+        "quantize": KernelLaunch("quantize_fp8.cu", f"quantize_fp8_qkv<{t}, {head_dim}, {block_n}, {k_block}, {rot}>",
                                  block_m=FP8_BLOCK_M, **quant),
         "forward": KernelLaunch(
             "attention_fwd_fp8_sm90.cu",
-            f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {block_n}, {FP8_STAGES}, {flag}, true>",
+            f"attention_fwd_fp8_sm90<{t}, {head_dim}, {FP8_BLOCK_M}, {block_n}, {block_n // k_block}, {FP8_STAGES}, "
+            f"{flag}, true>",
             threads=FP8_FORWARD_THREADS,
             # Q, STAGES K and V^T stages (1 byte per element), the 16-bit output staging tile, 1024 bytes of
             # base alignment and 128 of mbarriers (attention_fwd_fp8_sm90.cu's header).

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._arrays import library_name, namespace, on_device, to_host
-from .launch_config import FP8_BLOCK_M, fp8_key_tile
+from .launch_config import FP8_BLOCK_M, fp8_k_block, fp8_key_tile
 from .policy import POLICIES, HeadPlan, Plan, Policy, check_number
 from .problem import LOG2E, AttentionProblem, check_flag
 from .reference import masked_softmax
@@ -180,7 +180,7 @@ def quantise(problem: AttentionProblem, q: Any, k: Any, v: Any, rotate: bool = T
         rotation = xp.asarray(hadamard(problem.head_dim))
         qf, kf = qf @ rotation, kf @ rotation
     q_values, q_scale = _block_quantise(qf, FP8_BLOCK_M, xp)
-    k_values, k_scale = _block_quantise(kf, fp8_key_tile(problem.head_dim, problem.causal), xp)
+    k_values, k_scale = _block_quantise(kf, fp8_k_block(problem.head_dim, problem.causal), xp)
     v_mean = vf.sum(axis=2) / xp.float32(max(problem.seqlen_k, 1))
     vf = vf - v_mean[:, :, None, :]
     inv, v_scale = _scales(xp.abs(vf).max(axis=2) if problem.seqlen_k else xp.zeros_like(v_mean), xp)
@@ -204,7 +204,7 @@ def decode(problem: AttentionProblem, tensors: Any, rows: Any) -> Quantised:
     q = cupy.take(table, tensors.qq[:, :, rows])
     q_scale = tensors.sq[:, :, rows // FP8_BLOCK_M]
     k = cupy.take(table, tensors.kq[:, :, :sk])
-    k_scale = cupy.repeat(tensors.sk, fp8_key_tile(problem.head_dim, problem.causal), axis=2)[:, :, :sk]
+    k_scale = cupy.repeat(tensors.sk, fp8_k_block(problem.head_dim, problem.causal), axis=2)[:, :, :sk]
     vt = tensors.vt.transpose(0, 1, 3, 2, 4)  # [B, Hkv, chunks, D, 32] -> [B, Hkv, D, Sk']
     vt = vt.reshape(*vt.shape[:3], vt.shape[3] * vt.shape[4])
     v = cupy.take(table, vt[..., on_device(cupy, key_positions(sk))]).transpose(0, 1, 3, 2)

@@ -2,11 +2,12 @@
 //
 // Inputs are the outputs of the quantisation kernels (quantize_fp8.cu), for query heads h in `heads`:
 //     qq[b,h,i,:] * sq[b,h,i / BLOCK_M]        ~ q[b,h,i,:]
-//     kq[b,hk,j,:] * sk[b,hk,j / BLOCK_N]      ~ k[b,hk,j,:] - kbar[b,hk,:]   (softmax-invariant shift)
+//     kq[b,hk,j,:] * sk[b,hk,j / KB]           ~ k[b,hk,j,:] - kbar[b,hk,:]   (softmax-invariant shift)
 //     vt[b,hk,j'/32,d,j'%32] * sv[b,hk,d]      ~ v[b,hk,j,d] - v_mean[b,hk,d], j' = pos(j)
 //                                              (transposed in 32-key chunks, keys permuted, see below)
 // with hk = h / group_size, e4m3 bytes, rows padded with zeros to whole tiles (qq: Sq' = Sq rounded up to
-// BLOCK_M rows, kq and vt: Sk' = Sk rounded up to BLOCK_N keys). Computes
+// BLOCK_M rows, kq and vt: Sk' = Sk rounded up to BLOCK_N keys), KB = BLOCK_N / K_PARTS keys per K scale (a
+// block of more than 128 keys would not fit the quantiser's registers). Computes
 //     s[i,j]     = scale * sq * sk * (qq[i,:] . kq[j,:])
 //     out[b,h,i] = v_mean + sum_j softmax_j(s[i,j]) (v[j] - v_mean)   (P rounded to e4m3, scaled to at most 448)
 //     lse[b,h,i] = log(sum_j exp(s[i,j])) + scale * row_bias[b,h,i]   (natural log, fp32)
@@ -59,7 +60,8 @@
 // while the e4m3 A fragment wants k indices {4t..4t+3} (register 0/1) and {16+4t..16+4t+3} (2/3).
 // The quantiser writes V^T with keys permuted inside each 32-key chunk so that k index 4t+i holds key
 // {2t, 2t+1, 8+2t, 9+2t}[i] (and +16 for the second half): the product sums the same pairs.
-// Softmax is online in the log2 domain: x = acc * (scale * log2 e * sq * sk_tile) with one FFMA per score.
+// Softmax is online in the log2 domain: x = acc * (scale * log2 e * sq * sk_block) with one FFMA per score
+// (online_softmax_row with a factor per K scale block).
 // Lazy rescaling, as in the bf16 kernel: the reference max m moves only when a tile's max exceeds it by more
 // than RESCALE_LOG2, so the O rescale (a multiply per accumulator) is skipped on most tiles. P is computed
 // already scaled for e4m3, P = 2^(x - m + P_SHIFT) with P_SHIFT = log2(448) - RESCALE_LOG2, so that x <= m +
@@ -84,7 +86,7 @@ __device__ __forceinline__ unsigned long long wgmma_desc_kmajor(unsigned smem_ad
 
 }  // namespace adaattn
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int STAGES, bool CAUSAL, bool PINGPONG>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int K_PARTS, int STAGES, bool CAUSAL, bool PINGPONG>
 __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const __grid_constant__ adaattn::TmaMap qq_map, const __grid_constant__ adaattn::TmaMap kq_map,
     const __grid_constant__ adaattn::TmaMap vt_map,
@@ -180,8 +182,8 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const int g = lane / 4;  // accumulator rows g and g + 8 of the warp
     const int t = lane % 4;  // accumulator column pair 2t, 2t + 1 of every n8 block
 
-    const float* sk_ptr = sk + bhk * num_k_blocks;
-    // Per-tile factor from raw fp8 dot products to log2-domain scores: scale * log2(e) * sq * sk_tile.
+    const float* sk_ptr = sk + bhk * num_k_blocks * K_PARTS;
+    // Per-tile factor from raw fp8 dot products to log2-domain scores: scale * log2(e) * sq * sk_block.
     const float q_factor = scale_log2 * sq[bhq * num_m_blocks + m_block];
 
     // Descriptors at k32 step 0 of stage 0. A k32 step is 32 bytes further inside a line (HEAD_DIM <= 128:
@@ -212,11 +214,19 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     constexpr float P_SHIFT = 8.807354922057604f - RESCALE_LOG2;  // log2(448) - RESCALE_LOG2
     float row_max[2] = {neg_inf(), neg_inf()};  // reference max m of the log2-domain scores
     float row_sum[2] = {0.f, 0.f};
-    // k_scale = sk of tile n_block, loaded by the caller ahead of the waits (their "memory" clobbers would
-    // otherwise keep the load behind them, on the critical path).
-    auto softmax = [&](int n_block, float k_scale, float (&corr)[2]) {
+    // k_scale = the K_PARTS scales of tile n_block (one per BLOCK_N / K_PARTS keys), loaded by the caller
+    // ahead of the waits (their "memory" clobbers would otherwise keep the loads behind them, on the critical
+    // path).
+    float k_scale[K_PARTS];
+    auto load_k_scales = [&](int n_block) {
+#pragma unroll
+        for (int part = 0; part < K_PARTS; ++part) k_scale[part] = sk_ptr[n_block * K_PARTS + part];
+    };
+    auto softmax = [&](int n_block, float (&corr)[2]) {
         mask_scores<CAUSAL>(acc_s, n_block * BLOCK_N, t, m_start + wg * 64, row0, seqlen_k, diag);
-        const float factor = q_factor * k_scale;
+        float factor[K_PARTS];
+#pragma unroll
+        for (int part = 0; part < K_PARTS; ++part) factor[part] = q_factor * k_scale[part];
 #pragma unroll
         for (int r = 0; r < 2; ++r)
             corr[r] = online_softmax_row(acc_s, r, factor, RESCALE_LOG2, P_SHIFT, row_max[r], row_sum[r]);
@@ -246,7 +256,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
 
     // First tile: nothing to accumulate into O yet.
     float corr[2];
-    float k_scale = sk_ptr[n_blocks - 1];
+    load_k_scales(n_blocks - 1);
     consumer_wait_full(bars.q_full(), 0);
     consumer_wait_full(bars.k_full(0), 0);
     gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
@@ -256,12 +266,12 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     wgmma_wait<0>();
     reg_fence(acc_s);
     consumer_release(bars.k_empty(0), lane);
-    softmax(n_blocks - 1, k_scale, corr);
+    softmax(n_blocks - 1, corr);
     pack_p();
 
     for (int it = 1; it < n_blocks; ++it) {
         const int s = it % STAGES, s_prev = (it - 1) % STAGES;
-        k_scale = sk_ptr[n_blocks - 1 - it];
+        load_k_scales(n_blocks - 1 - it);
         consumer_wait_full(bars.k_full(s), (it / STAGES) & 1);
         consumer_wait_full(bars.v_full(s_prev), ((it - 1) / STAGES) & 1);
         gemm_turn<Roles>(wg, acc_s, acc_o, p, [&] {
@@ -273,7 +283,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         wgmma_wait<1>();  // S done; P_prev V_prev may still run under the softmax
         reg_fence(acc_s);
         consumer_release(bars.k_empty(s), lane);
-        softmax(n_blocks - 1 - it, k_scale, corr);
+        softmax(n_blocks - 1 - it, corr);
         wgmma_wait<0>();  // P_prev V_prev done: O and the P registers are free again
         reg_fence(acc_o);
 #pragma unroll

@@ -14,12 +14,14 @@
 //   block of a head to finish (ticket from counters[bh], zero on entry, reset on exit) combines the partials
 //   in split order. Deterministic, one pass over K and V, no second launch.
 //
-// quantize_fp8_qkv<T, D, KEY_TILE, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks by blockIdx.x:
+// quantize_fp8_qkv<T, D, KEY_TILE, K_BLOCK, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks by
+// blockIdx.x:
 //   [0, nq)          Q tile of 128 rows of one listed query head: row_bias[i] = q[i] . kbar (kbar = stats[0]: the
 //                    shift the attention kernel adds back to lse), y = q H / sqrt(D) (ROTATE), one scale per tile
 //                    sq = amax|y| / 448, qq = e4m3(y * 448 / amax).
-//   [nq, nq + nk)    K tile of KEY_TILE keys (the attention kernel's BLOCK_N) of one kv head:
-//                    y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
+//   [nq, nq + nk)    K block of K_BLOCK keys (the attention kernel's BLOCK_N / K_PARTS, at most 128: a block
+//                    is held in registers, and 224 keys took 180 of them, one block per SM and 25% of the
+//                    launch's speed) of one kv head: y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
 //   [nq + nk, ...)   V: 16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
 //                    32-key chunks, [Sk' / 32][D][32] per head (a chunk is one k32 step of P V: the attention
 //                    kernel loads it as a 32-byte-swizzled [D][32] operand, so a key tile is any whole number
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
     }
 }
 
-template <typename T, int HEAD_DIM, int KEY_TILE, bool ROTATE>
+template <typename T, int HEAD_DIM, int KEY_TILE, int K_BLOCK, bool ROTATE>
 __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     const T* __restrict__ q, long long q_stride_b, long long q_stride_h, long long q_stride_s,
     const T* __restrict__ k, long long k_stride_b, long long k_stride_h, long long k_stride_s,
@@ -308,10 +310,12 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     __shared__ float warp_max[QUANT_THREADS / 32];
 
     static_assert(KEY_TILE % V_CHUNK == 0, "whole V^T chunks per key tile");
+    static_assert(KEY_TILE % K_BLOCK == 0, "whole K scale blocks per key tile");
     const int q_tiles = (seqlen_q + Q_TILE - 1) / Q_TILE;
-    const int k_tiles = (seqlen_k + KEY_TILE - 1) / KEY_TILE;
-    const int seqlen_q_pad = q_tiles * Q_TILE, seqlen_k_pad = k_tiles * KEY_TILE;
-    const int nq = q_tiles * num_heads_list * batch, nk = k_tiles * num_heads_kv * batch;
+    const int seqlen_q_pad = q_tiles * Q_TILE;
+    const int seqlen_k_pad = (seqlen_k + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
+    const int k_blocks = seqlen_k_pad / K_BLOCK;  // padding rows included: zeros, scale 1
+    const int nq = q_tiles * num_heads_list * batch, nk = k_blocks * num_heads_kv * batch;
     const long long plane = (long long)batch * num_heads_kv * HEAD_DIM;
     int block = blockIdx.x;
 
@@ -327,12 +331,12 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     }
     block -= nq;
     if (block < nk) {
-        const int blk = block % k_tiles, bh = block / k_tiles;
+        const int blk = block % k_blocks, bh = block / k_blocks;
         const int b = bh / num_heads_kv, h = bh % num_heads_kv;
         const long long bhk = bh;
-        quantize_tile<T, HEAD_DIM, KEY_TILE, true, ROTATE>(
+        quantize_tile<T, HEAD_DIM, K_BLOCK, true, ROTATE>(
             k + b * k_stride_b + h * k_stride_h, k_stride_s, seqlen_k, blk, stats + bhk * HEAD_DIM,
-            kq + bhk * seqlen_k_pad * HEAD_DIM, sk + bhk * k_tiles, nullptr, warp_max);
+            kq + bhk * seqlen_k_pad * HEAD_DIM, sk + bhk * k_blocks, nullptr, warp_max);
         return;
     }
     block -= nk;

@@ -360,24 +360,64 @@ __device__ __forceinline__ float exp2_row(float (&s)[N], int r, float factor, fl
     return sum;
 }
 
-// One tile's online-softmax step for row r, with lazy rescaling (FlashAttention-4): the reference max m
-// (row_max, log2 domain) moves only when the tile's max exceeds it by more than rescale_log2, so the caller's
-// O rescale can be skipped whenever the returned corr = 2^(m_old - m_new) is 1. The scores become
-// 2^(s * factor - m + shift) in place (shift: a constant scale of P, e.g. toward the fp8 range) and their sum
-// is added to row_sum (this lane's part of the row). factor > 0.
-template <int N>
-__device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, float factor, float rescale_log2,
-                                                    float shift, float& row_max, float& row_sum) {
-    // -inf stays -inf under the scaling; the quad agrees on mx, so on the branch
-    const float mx = quad_row_max(s, r) * factor;
+// Moves the reference max m (row_max, log2 domain) to the tile's max mx only when mx exceeds it by more than
+// rescale_log2 (lazy rescaling, FlashAttention-4); returns corr = 2^(m_old - m_new), 1 when m stays.
+__device__ __forceinline__ float move_reference_max(float mx, float rescale_log2, float& row_max) {
     float corr = 1.f;
     if (mx > row_max + rescale_log2) {  // never for a tile with no admissible key (mx = -inf)
         corr = fast_exp2(row_max - mx);  // 0 on the first admissible tile (O and l are 0)
         row_max = mx;
     }
+    return corr;
+}
+
+// One tile's online-softmax step for row r, with lazy rescaling (move_reference_max), so the caller's O
+// rescale can be skipped whenever the returned corr is 1. The scores become 2^(s * factor - m + shift) in place
+// (shift: a constant scale of P, e.g. toward the fp8 range) and their sum is added to row_sum (this lane's part
+// of the row). factor > 0.
+template <int N>
+__device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, float factor, float rescale_log2,
+                                                    float shift, float& row_max, float& row_sum) {
+    // -inf stays -inf under the scaling; the quad agrees on mx, so on the branch
+    const float corr = move_reference_max(quad_row_max(s, r) * factor, rescale_log2, row_max);
     // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
     const float m = row_max == neg_inf() ? 0.f : row_max;
     row_sum = row_sum * corr + exp2_row(s, r, factor, m - shift);
+    return corr;
+}
+
+// online_softmax_row with its own factor for each of PARTS equal ranges of the tile's columns (the fp8 kernel's
+// K scales, one per BLOCK_N / PARTS keys): the lane's max of each range is scaled before the quad's reduction
+// (the factors are > 0, so the scaled max is the max of the scaled scores, bit for bit).
+template <int N, int PARTS>
+__device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, const float (&factor)[PARTS],
+                                                    float rescale_log2, float shift, float& row_max,
+                                                    float& row_sum) {
+    constexpr int BLOCKS = N / 4 / PARTS;  // n8 column blocks per range
+    static_assert(BLOCKS * PARTS * 4 == N, "whole n8 blocks per range");
+    float mx = neg_inf();
+#pragma unroll
+    for (int p = 0; p < PARTS; ++p) {
+        float part = neg_inf();
+#pragma unroll
+        for (int nt = p * BLOCKS; nt < (p + 1) * BLOCKS; ++nt)
+            part = fmaxf(part, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+        mx = fmaxf(mx, part * factor[p]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float corr = move_reference_max(mx, rescale_log2, row_max);
+    const float m = row_max == neg_inf() ? 0.f : row_max;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < N / 4; ++nt)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            const float pe = fast_exp2(fmaf(s[4 * nt + e], factor[nt / BLOCKS], shift - m));
+            s[4 * nt + e] = pe;
+            sum += pe;
+        }
+    row_sum = row_sum * corr + sum;
     return corr;
 }
 
