@@ -358,9 +358,12 @@ def fp8_key_tile(head_dim: int, causal: bool) -> int:
 
 
 def fp8_k_block(head_dim: int, causal: bool) -> int:
-    """Keys per K scale: the key tile split in the fewest equal parts of at most FP8_K_BLOCK_MAX keys."""
+    """Keys per K scale: the largest part of the key tile of at most FP8_K_BLOCK_MAX keys that is a whole number
+    of the quantiser's row steps (QUANT_THREADS * 8 / D rows: a thread quantises 8 elements of a row per step).
+    224 keys: 112 at D = 128, 32 at D = 64 (whose step is 32 rows)."""
     tile = fp8_key_tile(head_dim, causal)
-    return tile // -(-tile // FP8_K_BLOCK_MAX)
+    step = FP8_QUANT_THREADS * 8 // head_dim
+    return max(b for b in range(step, min(tile, FP8_K_BLOCK_MAX) + 1, step) if tile % b == 0)
 
 
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:
