@@ -96,15 +96,18 @@ def _torch_version(env: dict[str, Any]) -> str:
 
 def _fp8_table(caption: str, rows: list[dict]) -> str:
     """benchmarks/bench_fp8.py's file: the fp8 path (quantisation included) against our bf16 path and the peers."""
-    header = ["D", "S", "causal", "AdaAttn bf16", "AdaAttn fp8", "quantisation (ms)", "FA2", "cuDNN", "fp8 / bf16",
-              "fp8 / cuDNN", "fp8 rel. L2 vs float64"]
+    header = ["D", "S", "causal", "AdaAttn bf16", "AdaAttn fp8", "quantisation (ms)", "FA2", "cuDNN",
+              "SageAttention", "fp8 / bf16", "fp8 / cuDNN", "fp8 / Sage", "fp8 rel. L2 vs float64",
+              "Sage rel. L2"]
 
     def cells(row: dict[str, Any]) -> list[str]:
         tf, speedup, err = row.get("tflops", {}), row.get("fp8_speedup", {}), row.get("rel_l2_vs_float64", {})
         return [format_number(tf.get("adaattn"), ".0f"), format_number(tf.get("adaattn[fp8]"), ".0f"),
                 format_number(row["ms"].get("fp8-quantize"), ".3f"), format_number(tf.get("torch-flash"), ".0f"),
-                format_number(tf.get("torch-cudnn"), ".0f"), format_number(speedup.get("adaattn"), ".2f"),
-                format_number(speedup.get("torch-cudnn"), ".2f"), format_number(err.get("adaattn[fp8]"), ".1e")]
+                format_number(tf.get("torch-cudnn"), ".0f"), format_number(tf.get("sageattention"), ".0f"),
+                format_number(speedup.get("adaattn"), ".2f"), format_number(speedup.get("torch-cudnn"), ".2f"),
+                format_number(speedup.get("sageattention"), ".2f"), format_number(err.get("adaattn[fp8]"), ".1e"),
+                format_number(err.get("sageattention"), ".1e")]
 
     return _markdown(caption, header, rows, ["dim", "seq", "causal"], cells)
 
