@@ -54,23 +54,35 @@ def _rmse(out, ref) -> float:
 MEASURED_RMSE = {("outliers", 64, False): 2.1e-2}  # measured 1.90e-2 (emulation 1.3e-2)
 
 
+#: Draws of B=2, H=4, S=1024 pooled into the RMSE held to 9e-3. On the outlier test one draw spreads 6.8e-3 to
+#: 9.3e-3 around a mean of 8.0e-3 (10 paired draws on two kernels, logs/2026-12-03-H200-fp8-outlier-rmse-draws.txt),
+#: so one draw exceeds 9e-3 about one run in five; the RMSE over 8 draws spreads about 3e-4.
+BAR_DRAWS = 8
+
+
 @pytest.mark.parametrize("kind", ["outliers", "normal", "student"])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_rmse_against_float64(rng, kind, dim, causal):
-    """RMSE ≤ 9e-3 (FlashAttention-3 fp8: 9.1e-3 on its outlier test, D = 128 non-causal) where the method
-    reaches it: the outlier test at D = 128 non-causal, and N(0, 1) everywhere. Elsewhere the kernel must stay
-    within 1.2x of its emulation's RMSE (emulation, B=2, H=4, S=1024: outliers 7.9e-3 at D=128, 1.0e-2 at
-    D=128 causal, 1.3e-2 at D=64; Student-t(4) 5.9e-3 to 9.3e-3, so 9e-3 is no bound for it: one H200 draw at
-    D=128 non-causal measured 9.06e-3), or under its measured bound in `MEASURED_RMSE` where the hardware's
-    accumulation puts it above that."""
+    """RMSE ≤ 9e-3 over BAR_DRAWS draws (FlashAttention-3 fp8: 9.1e-3 on its outlier test, D = 128
+    non-causal) where the method reaches it: the outlier test at D = 128 non-causal, and N(0, 1) everywhere.
+    Elsewhere the kernel must stay within 1.2x of its emulation's RMSE (emulation, B=2, H=4, S=1024: outliers
+    7.9e-3 at D=128, 1.0e-2 at D=128 causal, 1.3e-2 at D=64; Student-t(4) 5.9e-3 to 9.3e-3, so 9e-3 is no bound
+    for it: one H200 draw at D=128 non-causal measured 9.06e-3), or under its measured bound in `MEASURED_RMSE`
+    where the hardware's accumulation puts it above that."""
     shape = (2, 4, 1024, dim)
     q, k, v = (_inputs(rng, kind, shape) for _ in range(3))
     out, lse = _fp8_forward(q, k, v, causal=causal)
     ref, ref_lse = attention_reference(q, k, v, causal=causal)
     rmse = _rmse(out, ref)
     if kind == "normal" or (kind == "outliers" and dim == 128 and not causal):
-        assert rmse <= 9e-3, f"RMSE {rmse:.3e} above 9e-3"
+        squares = [rmse**2]  # equal-sized draws: the pooled RMSE is the root of their mean squares
+        for _ in range(BAR_DRAWS - 1):
+            more = [_inputs(rng, kind, shape) for _ in range(3)]
+            squares.append(_rmse(_fp8_forward(*more, causal=causal)[0], attention_reference(*more, causal=causal)[0])
+                           ** 2)
+        pooled = float(np.sqrt(np.mean(squares)))
+        assert pooled <= 9e-3, f"RMSE {pooled:.3e} over {BAR_DRAWS} draws above 9e-3 (first draw {rmse:.3e})"
     qh, kh, vh = (to_host64(x).astype(np.float32) for x in (q, k, v))
     problem = describe(qh, kh, vh, causal=causal, scale=None, layout="bhsd")
     emulated, _ = attend_fp8(problem, quantise(problem, qh, kh, vh), list(range(4)), online=True)
