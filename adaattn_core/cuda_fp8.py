@@ -1,5 +1,6 @@
 """Launcher of the fp8 forward on Hopper: quantize_fp8.cu (one pass for the K/V statistics, then one launch for
-Q/K per-tile quantisation with K mean smoothing and V per-channel quantisation, mean-smoothed and transposed)
+Q per-tile and K per-block quantisation with K mean smoothing, and V per-channel quantisation, mean-smoothed and
+transposed in 32-key chunks)
 then attention_fwd_fp8_sm90.cu (warp-specialised: a producer warpgroup streams the e4m3 K/V^T tiles, two
 ping-ponged consumer warpgroups run the wgmmas and the softmax; launch shape in launch_config.fp8_launches),
 for CuPy arrays.

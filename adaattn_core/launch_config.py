@@ -315,26 +315,32 @@ def all_backward_kernels() -> list[KernelLaunch]:
 
 # FP8 forward (Hopper): quantisation kernels (quantize_fp8.cu) and the warp-specialised e4m3 wgmma forward
 # (attention_fwd_fp8_sm90.cu: a producer warpgroup and two ping-ponged consumers, as attention_fwd_sm90_ws.cu).
-# Q/K are quantised with one scale per tile of rows, so the quantiser's blocks are the attention kernel's tiles.
+# Q is quantised with one scale per tile of query rows and K with one per block of keys (a part of the key tile),
+# so the quantiser's blocks follow the attention kernel's tiles.
 
 #: Head dims with an fp8 forward instantiation.
 FP8_HEAD_DIMS = (64, 128)
 #: Query rows per thread block of the fp8 forward (two consumer warpgroups), also the row block of the Q
 #: scales and the padding of the quantised Q (quantize_fp8.cu: Q_TILE).
 FP8_BLOCK_M = 128
-#: Keys per tile of the fp8 forward per (head dim, causal): also the row block of the K scales and the padding
-#: of the quantised K and V^T (quantize_fp8.cu: KEY_TILE). One of FP8_KEY_TILE_CHOICES, the kernel's wgmma
-#: shapes (S, O and P of 224 keys, 112 + 64 + 28 registers, fit the consumers' 232).
+#: Keys per tile of the fp8 forward per (head dim, causal): also the padding of the quantised K and V^T
+#: (quantize_fp8.cu: KEY_TILE), split in K scale blocks by `fp8_k_block`. One of FP8_KEY_TILE_CHOICES. 224 keys
+#: at D = 128: +0.7% to +4.8% over 128 for the whole call, 4k-16k (H200,
+#: benchmarks/results/tuning/2026-12-03-H200-fp8-split.txt); D = 64 not measured wider.
 FP8_KEY_TILES: dict[tuple[int, bool], int] = {
     (64, False): 128,
     (64, True): 128,
     (128, False): 224,
     (128, True): 224,
 }
+#: The key tiles the kernel admits: its WgmmaE4m3 shapes (S, O and P of 224 keys, 112 + 64 + 28 registers, fit the
+#: consumers' 232).
 FP8_KEY_TILE_CHOICES = (64, 128, 192, 224)
-#: Most keys per K scale: the quantiser holds a scale block in registers (224 keys at D = 128 took 180 of them,
-#: one block per SM instead of two, and made the whole quantisation launch 25% slower; H200,
-#: benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles carry 2 scales.
+#: Key tile of head dims without an fp8 kernel (only the NumPy emulation runs them).
+FP8_DEFAULT_KEY_TILE = 128
+#: Most keys per K scale: the quantiser holds a scale block in registers (224 keys at D = 128 need 180 of them in
+#: scripts/compile_kernels.py's report, one block per SM instead of two, and made the quantisation 25% slower;
+#: H200, benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles carry several scales.
 FP8_K_BLOCK_MAX = 128
 #: Keys per line of the quantised V^T ([Sk' / 32][D][32] per head): one k32 step of the fp8 P V.
 FP8_V_CHUNK = 32
@@ -352,25 +358,27 @@ FP8_ARCHS = ("90a",)
 
 
 def fp8_key_tile(head_dim: int, causal: bool) -> int:
-    """Keys per tile of the fp8 forward (FP8_KEY_TILES; 128 for head dims without a kernel, which only the
-    NumPy emulation runs)."""
-    return FP8_KEY_TILES.get((head_dim, causal), 128)
+    """Keys per tile of the fp8 forward (FP8_KEY_TILES; FP8_DEFAULT_KEY_TILE for head dims without a kernel)."""
+    return FP8_KEY_TILES.get((head_dim, causal), FP8_DEFAULT_KEY_TILE)
 
 
 def fp8_k_block(head_dim: int, causal: bool) -> int:
     """Keys per K scale: the largest part of the key tile of at most FP8_K_BLOCK_MAX keys that is a whole number
     of the quantiser's row steps (QUANT_THREADS * 8 / D rows: a thread quantises 8 elements of a row per step).
-    224 keys: 112 at D = 128, 32 at D = 64 (whose step is 32 rows)."""
+    224 keys: 112 at D = 128, 32 at D = 64 (whose step is 32 rows). Head dims that no step rule fits (the
+    emulation runs any D) take the whole tile."""
     tile = fp8_key_tile(head_dim, causal)
-    step = FP8_QUANT_THREADS * 8 // head_dim
-    return max(b for b in range(step, min(tile, FP8_K_BLOCK_MAX) + 1, step) if tile % b == 0)
+    step = max(FP8_QUANT_THREADS * 8 // head_dim, 1)
+    blocks = [b for b in range(step, min(tile, FP8_K_BLOCK_MAX) + 1, step) if tile % b == 0]
+    return max(blocks) if blocks else tile
 
 
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:
     """The fp8 forward's kernels by role: "stats" (K/V means and V scales, one pass), "quantize" (Q, K and V^T
     in one launch) and "forward" (block_m = rows per thread block; 1 for the stats kernel, whose grid is per
     key split, and FP8_BLOCK_M for the quantiser's Q tiles); `rotate`: Hadamard rotation of Q and K along
-    the head dim in the quantiser. The quantiser's K tile is the forward's key tile, so both depend on causal."""
+    the head dim in the quantiser. The quantiser pads K and V^T to the forward's key tile and scales K per
+    `fp8_k_block`, so both kernels depend on causal through the tile table."""
     t, flag, rot = CUDA_TYPES[dtype], "true" if causal else "false", "true" if rotate else "false"
     block_n, k_block = fp8_key_tile(head_dim, causal), fp8_k_block(head_dim, causal)
     quant = {"threads": FP8_QUANT_THREADS, "smem_bytes": 0, "archs": FP8_ARCHS}

@@ -6,7 +6,7 @@ fp8 math (the same in `cuda_src/quantize_fp8.cu` + `attention_fwd_fp8_sm90.cu` a
     k̃ = k − k̄,  k̄ = mean of keys 0, 8, 16, …           (per batch and KV head; any shift is softmax-invariant)
     ṽ = v − v̄,  v̄ = mean_j v                            (per channel; the kernel adds v̄ back exactly)
     q ≈ e4m3(q·448/a_q)·a_q/448,  a_q = max|q| over a tile of BLOCK_M rows of one head
-    k̃ ≈ e4m3(k̃·448/a_k)·a_k/448,  a_k = max|k̃| over a tile of BLOCK_N keys
+    k̃ ≈ e4m3(k̃·448/a_k)·a_k/448,  a_k = max|k̃| over a block of KB keys (launch_config.fp8_k_block)
     ṽ ≈ e4m3(ṽ·448/a_v)·a_v/448,  a_v = max_j |ṽ[:, d]| per channel d
     x = scale·log2(e)·(q_e·k_e)·s_q·s_k;  online softmax over key tiles visited last to first, with a
     reference max m that moves only when a tile's max exceeds it by more than RESCALE_LOG2 (lazy rescaling):

@@ -5,9 +5,9 @@ a kernel can run).
 A map describes one [B, H, S, C] tensor of 2-byte (bf16/fp16) or 1-byte (e4m3) elements (any strides that are
 multiples of 16 bytes, innermost stride 1) as 4-D (C, S, H, B, innermost first) with a box of one swizzle line
 (min(C · itemsize, 128) bytes) by `box_rows` rows and the swizzle of that line (32, 64 or 128 bytes), the layout
-`tma_load_tile` (cuda_src/wgmma_sm90.cuh) writes for the wgmma descriptors; rows past S read as zeros. It is
-passed to a kernel by value (`const __grid_constant__ TmaMap`) as the 128-byte NumPy structured scalar returned
-here.
+`tma_load_tile` and `tma_load_chunks` (cuda_src/wgmma_sm90.cuh) write for the wgmma descriptors; rows past S
+read as zeros. It is passed to a kernel by value (`const __grid_constant__ TmaMap`) as the 128-byte NumPy
+structured scalar returned here.
 """
 
 from __future__ import annotations

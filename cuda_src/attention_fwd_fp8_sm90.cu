@@ -26,15 +26,15 @@
 //   block.x = 384: warpgroup 0 is the producer, warpgroups 1 and 2 the consumers of query rows [0, 64) and
 //             [64, 128) of the block (BLOCK_M = 128).
 //   dynamic shared memory = (3 * BLOCK_M + 2 * STAGES * BLOCK_N) * HEAD_DIM + 1024 + 128 bytes: the Q tile and
-//   STAGES K and V^T tiles of one byte per element (BLOCK_N = 64, 128, 192 or 224, the WgmmaE4m3 shapes: the S,
-//   O and P registers of 224 keys, 112 + 64 + 28, fit the consumers' 232), a [BLOCK_M][HEAD_DIM] 16-bit tile that stages the output
-//   (its own buffer: one consumer may still read K/V stages while the other stores), 1024 to align the base
-//   for the swizzle pattern, 128 bytes of mbarriers.
+//   STAGES K and V^T tiles of one byte per element (BLOCK_N = 64, 128, 192 or 224, the WgmmaE4m3 shapes: the
+//   S, O and P registers of 224 keys, 112 + 64 + 28, fit the consumers' 232), a [BLOCK_M][HEAD_DIM] 16-bit tile
+//   that stages the output (its own buffer: one consumer may still read K/V stages while the other stores),
+//   1024 to align the base for the swizzle pattern, 128 bytes of mbarriers.
 //
 // Warp specialisation, as attention_fwd_sm90_ws.cu (FlashAttention-3 §3.1), whose header explains the roles
 // in full; WarpRoles<2> (wgmma_sm90.cuh) gives the producer 40 registers and the consumers 232, and the
 // ping-pong turns. (Three consumers of 160 registers, as the bf16 kernel runs at D = 64, spill 128-148 bytes
-// here at D = 128: S 64 + O 64 + P 16 fp32/packed registers.) One producer thread copies Q, then K_j and
+// here at D = 128 with 128-key tiles: S 64 + O 64 + P 16 fp32/packed registers.) One producer thread copies Q, then K_j and
 // V^T_j for j from the last key tile to the first, with TMA (tma_load_tile) into a STAGES-deep ring of
 // stages, each guarded by a "full" mbarrier (armed with the tile's bytes: fires when the copies have landed)
 // and an "empty" one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed).
@@ -43,8 +43,8 @@
 // qq_map, kq_map, vt_map: tensor maps (adaattn_core/tma.py) of qq [B][Hq][Sq'][D], kq [B][Hkv][Sk'][D] and
 // vt [B][Hkv][Sk' / 32 * D][32] (bytes, contiguous), boxes of min(D, 128) bytes by BLOCK_M / BLOCK_N rows and
 // of 32 key bytes by D rows, with the swizzle of their lines. The quantiser pads every tensor to whole tiles.
-// The per-tile scales are read by the consumers from global memory (one float per tile, issued ahead of
-// the mbarrier waits so that the load is off the critical path).
+// The K scales are read by the consumers from global memory (K_PARTS floats per tile, issued ahead of
+// the mbarrier waits so that the loads are off the critical path).
 //
 // e4m3 helpers (pack4_e4m3, the WgmmaE4m3 wrappers) live in wgmma_sm90.cuh's FP8 section.
 //

@@ -373,8 +373,8 @@ __device__ __forceinline__ float move_reference_max(float mx, float rescale_log2
 
 // One tile's online-softmax step for row r, with lazy rescaling (move_reference_max), so the caller's O
 // rescale can be skipped whenever the returned corr is 1. The scores become 2^(s * factor - m + shift) in place
-// (shift: a constant scale of P, e.g. toward the fp8 range) and their sum is added to row_sum (this lane's part
-// of the row). factor > 0.
+// (shift: a constant scale of P; the bf16 kernel passes 0) and their sum is added to row_sum (this lane's part
+// of the row). factor > 0. The fp8 kernel uses the overload below, one factor per K scale block.
 template <int N>
 __device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, float factor, float rescale_log2,
                                                     float shift, float& row_max, float& row_sum) {

@@ -255,12 +255,35 @@ def test_emulation_constants_are_the_kernels():
 def test_fp8_key_tiles_are_shapes_the_kernel_has():
     """Every key tile of the table is one the kernel's static_assert admits (a WgmmaE4m3 shape) and a whole
     number of V^T chunks, so a retuned table can only name tiles that compile."""
-    from adaattn_core.launch_config import FP8_KEY_TILE_CHOICES, FP8_KEY_TILES, FP8_V_CHUNK, fp8_key_tile
+    from adaattn_core.launch_config import FP8_KEY_TILE_CHOICES, FP8_KEY_TILES, FP8_V_CHUNK
 
     source = (Path(__file__).resolve().parents[1] / "cuda_src" / "attention_fwd_fp8_sm90.cu").read_text()
     admitted = re.search(r"static_assert\((BLOCK_N == \d+(?: \|\| BLOCK_N == \d+)*),", source)
     assert admitted, "the BLOCK_N static_assert not found in attention_fwd_fp8_sm90.cu"
     assert tuple(int(n) for n in re.findall(r"\d+", admitted[1])) == FP8_KEY_TILE_CHOICES
-    for (head_dim, causal), tile in FP8_KEY_TILES.items():
-        assert tile in FP8_KEY_TILE_CHOICES and tile % FP8_V_CHUNK == 0
-        assert fp8_key_tile(head_dim, causal) == tile
+    assert all(tile in FP8_KEY_TILE_CHOICES and tile % FP8_V_CHUNK == 0 for tile in FP8_KEY_TILES.values())
+
+
+@pytest.mark.parametrize("tile", [64, 128, 192, 224])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_k_blocks_fit_the_quantiser_and_the_kernel(monkeypatch, head_dim, tile):
+    """For every admitted tile and kernel head dim, the K scale block is what both kernels' static_asserts need
+    (a divisor of the tile in whole n8 column blocks, a whole number of the quantiser's row steps) and at most
+    FP8_K_BLOCK_MAX keys (the quantiser's registers): the D = 64, 224-key case failed this on the GPU once."""
+    from adaattn_core import launch_config as lc
+
+    monkeypatch.setattr(lc, "FP8_KEY_TILES", {(head_dim, False): tile})
+    block = lc.fp8_k_block(head_dim, False)
+    row_step = lc.FP8_QUANT_THREADS * 8 // head_dim
+    assert tile % block == 0 and block % 8 == 0 and block % row_step == 0 and block <= lc.FP8_K_BLOCK_MAX
+    assert block == max(b for b in range(row_step, lc.FP8_K_BLOCK_MAX + 1, row_step) if tile % b == 0)
+
+
+@pytest.mark.parametrize("head_dim", [4, 8, 24, 256])
+def test_fp8_k_block_of_emulation_only_head_dims(head_dim):
+    """Head dims without a kernel (the NumPy emulation runs any D) get a K block, the whole default tile where
+    no row step fits, instead of an error."""
+    from adaattn_core.launch_config import FP8_DEFAULT_KEY_TILE, fp8_k_block
+
+    block = fp8_k_block(head_dim, False)
+    assert FP8_DEFAULT_KEY_TILE % block == 0 and 0 < block <= FP8_DEFAULT_KEY_TILE
