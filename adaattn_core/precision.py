@@ -204,7 +204,8 @@ def decode(problem: AttentionProblem, tensors: Any, rows: Any) -> Quantised:
     q = cupy.take(table, tensors.qq[:, :, rows])
     q_scale = tensors.sq[:, :, rows // FP8_BLOCK_M]
     k = cupy.take(table, tensors.kq[:, :, :sk])
-    k_scale = cupy.repeat(tensors.sk, fp8_k_block(problem.head_dim, problem.causal), axis=2)[:, :, :sk]
+    k_block = tensors.kq.shape[2] // tensors.sk.shape[2]  # keys per K scale, as these tensors were made
+    k_scale = cupy.repeat(tensors.sk, k_block, axis=2)[:, :, :sk]
     vt = tensors.vt.transpose(0, 1, 3, 2, 4)  # [B, Hkv, chunks, D, 32] -> [B, Hkv, D, Sk']
     vt = vt.reshape(*vt.shape[:3], vt.shape[3] * vt.shape[4])
     v = cupy.take(table, vt[..., on_device(cupy, key_positions(sk))]).transpose(0, 1, 3, 2)

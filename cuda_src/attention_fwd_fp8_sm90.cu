@@ -34,8 +34,9 @@
 // Warp specialisation, as attention_fwd_sm90_ws.cu (FlashAttention-3 §3.1), whose header explains the roles
 // in full; WarpRoles<2> (wgmma_sm90.cuh) gives the producer 40 registers and the consumers 232, and the
 // ping-pong turns. (Three consumers of 160 registers, as the bf16 kernel runs at D = 64, spill 128-148 bytes
-// here at D = 128 with 128-key tiles: S 64 + O 64 + P 16 fp32/packed registers.) One producer thread copies Q, then K_j and
-// V^T_j for j from the last key tile to the first, with TMA (tma_load_tile) into a STAGES-deep ring of
+// here at D = 128 with 128-key tiles: S 64 + O 64 + P 16 fp32/packed registers.) One producer thread copies Q,
+// then K_j and V^T_j for j from the last key tile to the first, with TMA (tma_load_tile for Q and K,
+// tma_load_chunks for the V^T chunks) into a STAGES-deep ring of
 // stages, each guarded by a "full" mbarrier (armed with the tile's bytes: fires when the copies have landed)
 // and an "empty" one (8 arrivals: one per consumer warp once its wgmmas reading the stage have completed).
 // The consumers run the schedule below per warpgroup with mbarrier waits for the __syncthreads, and (PINGPONG)

@@ -345,15 +345,18 @@ __device__ __forceinline__ float quad_row_max(const float (&s)[N], int r) {
     return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
 }
 
-// Row r's scores x -> 2^(x * factor - m) in place (one FFMA and one ex2 each); returns this lane's sum of them.
-template <int N>
-__device__ __forceinline__ float exp2_row(float (&s)[N], int r, float factor, float m) {
+// Row r's scores x -> 2^(x * factor - m) in place (one FFMA and one ex2 each), factor[p] for the p-th of PARTS
+// equal ranges of the tile's n8 blocks; returns this lane's sum of them.
+template <int N, int PARTS>
+__device__ __forceinline__ float exp2_row(float (&s)[N], int r, const float (&factor)[PARTS], float m) {
+    constexpr int BLOCKS = N / 4 / PARTS;  // n8 column blocks per range
+    static_assert(BLOCKS * PARTS * 4 == N, "whole n8 blocks per range");
     float sum = 0.f;
 #pragma unroll
     for (int nt = 0; nt < N / 4; ++nt)
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            const float pe = fast_exp2(fmaf(s[4 * nt + e], factor, -m));
+            const float pe = fast_exp2(fmaf(s[4 * nt + e], factor[nt / BLOCKS], -m));
             s[4 * nt + e] = pe;
             sum += pe;
         }
@@ -382,7 +385,8 @@ __device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, float 
     const float corr = move_reference_max(quad_row_max(s, r) * factor, rescale_log2, row_max);
     // A row with no admissible key yet keeps m = -inf; use 0 so -inf - -inf never occurs.
     const float m = row_max == neg_inf() ? 0.f : row_max;
-    row_sum = row_sum * corr + exp2_row(s, r, factor, m - shift);
+    const float factors[1] = {factor};
+    row_sum = row_sum * corr + exp2_row(s, r, factors, m - shift);
     return corr;
 }
 
@@ -408,16 +412,7 @@ __device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, const 
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float corr = move_reference_max(mx, rescale_log2, row_max);
     const float m = row_max == neg_inf() ? 0.f : row_max;
-    float sum = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < N / 4; ++nt)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            const float pe = fast_exp2(fmaf(s[4 * nt + e], factor[nt / BLOCKS], shift - m));
-            s[4 * nt + e] = pe;
-            sum += pe;
-        }
-    row_sum = row_sum * corr + sum;
+    row_sum = row_sum * corr + exp2_row(s, r, factor, m - shift);
     return corr;
 }
 
@@ -581,7 +576,8 @@ struct WgmmaE4m3;
 #define ADAATTN_E4M3_ACC8(i)                                                                                          \
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), \
         "+f"(d[i + 7])
-#define ADAATTN_E4M3_ACC32(i) ADAATTN_E4M3_ACC8(i), ADAATTN_E4M3_ACC8(i + 8), ADAATTN_E4M3_ACC8(i + 16), ADAATTN_E4M3_ACC8(i + 24)
+#define ADAATTN_E4M3_ACC32(i) \
+    ADAATTN_E4M3_ACC8(i), ADAATTN_E4M3_ACC8(i + 8), ADAATTN_E4M3_ACC8(i + 16), ADAATTN_E4M3_ACC8(i + 24)
 #define ADAATTN_E4M3_DREGS_64 \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -615,7 +611,8 @@ struct WgmmaE4m3;
         }                                                                                                      \
     };
 
-ADAATTN_WGMMA_E4M3(64, ADAATTN_E4M3_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37", ADAATTN_E4M3_ACC32(0))
+ADAATTN_WGMMA_E4M3(64, ADAATTN_E4M3_DREGS_64, "%32", "%33", "%34", "{%32, %33, %34, %35}", "%36", "%37",
+                   ADAATTN_E4M3_ACC32(0))
 ADAATTN_WGMMA_E4M3(128, ADAATTN_E4M3_DREGS_128, "%64", "%65", "%66", "{%64, %65, %66, %67}", "%68", "%69",
                    ADAATTN_E4M3_ACC32(0), ADAATTN_E4M3_ACC32(32))
 ADAATTN_WGMMA_E4M3(192, ADAATTN_E4M3_DREGS_192, "%96", "%97", "%98", "{%96, %97, %98, %99}", "%100", "%101",

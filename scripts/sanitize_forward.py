@@ -14,7 +14,7 @@ import cupy as cp
 
 import adaattn_core as aa
 from adaattn_core import cuda_forward
-from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES, FP8_HEAD_DIMS
+from adaattn_core.launch_config import CUDA_TYPES, FORWARD_TILES, FP8_KEY_TILES
 from adaattn_core.precision import FP8
 
 # batch, Sq, Sk
@@ -26,7 +26,7 @@ for choice in sys.argv[1:] or ("sm80", "sm90", "fp8"):
     if not fp8:
         os.environ["ADAATTN_FORWARD_KERNEL"] = choice
         cuda_forward._launch.cache_clear()
-    cases = [(d, c) for d in FP8_HEAD_DIMS for c in (False, True)] if fp8 else FORWARD_TILES
+    cases = FP8_KEY_TILES if fp8 else FORWARD_TILES
     for dtype in CUDA_TYPES:
         for dim, causal in cases:
             for batch, seq_q, seq_k in SHAPES:
