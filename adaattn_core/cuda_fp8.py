@@ -27,7 +27,7 @@ from .launch_config import (
     FP8_BLOCK_M,
     FP8_HEAD_DIMS,
     FP8_STATS_BLOCKS,
-    FP8_STATS_MIN_ROWS,
+    FP8_STATS_ROWS,
     FP8_V_CHUNK,
     KernelLaunch,
     check_grid,
@@ -125,9 +125,9 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     key_tile, k_block = fp8_key_tile(d, problem.causal), fp8_k_block(d, problem.causal)
     sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, key_tile)
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
-    # Key splits of the statistics pass: enough blocks for every SM, at least FP8_STATS_MIN_ROWS keys each.
-    splits = max(1, min(-(-FP8_STATS_BLOCKS // (b * hkv)), -(-problem.seqlen_k // FP8_STATS_MIN_ROWS)))
-    rows_per_split = max(1, -(-problem.seqlen_k // splits))
+    # Key splits of the statistics pass: enough blocks for every SM, whole FP8_STATS_ROWS steps each.
+    splits = max(1, min(-(-FP8_STATS_BLOCKS // (b * hkv)), -(-problem.seqlen_k // FP8_STATS_ROWS)))
+    rows_per_split = max(FP8_STATS_ROWS, _ceil_to(-(-problem.seqlen_k // splits), FP8_STATS_ROWS))
     splits = max(1, -(-problem.seqlen_k // rows_per_split))
     partial = cupy.empty((b, hkv, splits, 4, d), dtype=cupy.float32)
     counters = cupy.zeros(b * hkv, dtype=cupy.uint32)

@@ -338,9 +338,10 @@ FP8_KEY_TILES: dict[tuple[int, bool], int] = {
 FP8_KEY_TILE_CHOICES = (64, 128, 192, 224)
 #: Key tile of head dims without an fp8 kernel (only the NumPy emulation runs them).
 FP8_DEFAULT_KEY_TILE = 128
-#: Most keys per K scale: the quantiser holds a scale block in registers (224 keys at D = 128 need 180 of them in
-#: scripts/compile_kernels.py's report, one block per SM instead of two, and made the quantisation 25% slower;
-#: H200, benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles carry several scales.
+#: Most keys per K scale: the quantiser holds a scale block in registers, 128 rows per step (224 keys at D = 128
+#: needed 180 of them in scripts/compile_kernels.py's report, one block per SM instead of two, and made the
+#: quantisation 25% slower; H200, benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles
+#: carry several scales.
 FP8_K_BLOCK_MAX = 128
 #: Keys per line of the quantised V^T ([Sk' / 32][D][32] per head): one k32 step of the fp8 P V.
 FP8_V_CHUNK = 32
@@ -349,9 +350,10 @@ FP8_STAGES = 3
 #: Producer warpgroup + two consumer warpgroups.
 FP8_FORWARD_THREADS = 384
 #: Target thread blocks of the K/V statistics kernel: it splits each head's keys into enough pieces
-#: (at least FP8_STATS_MIN_ROWS keys each) to give every SM several blocks, whatever B * Hkv is.
+#: (whole steps of FP8_STATS_ROWS keys, STATS_ROWS in quantize_fp8.cu, each loaded at once) to give every SM
+#: several blocks, whatever B * Hkv is.
 FP8_STATS_BLOCKS = 1024
-FP8_STATS_MIN_ROWS = 64
+FP8_STATS_ROWS = 256
 #: Threads of every quantisation kernel (QUANT_THREADS in quantize_fp8.cu).
 FP8_QUANT_THREADS = 256
 FP8_ARCHS = ("90a",)
@@ -363,13 +365,11 @@ def fp8_key_tile(head_dim: int, causal: bool) -> int:
 
 
 def fp8_k_block(head_dim: int, causal: bool) -> int:
-    """Keys per K scale: the largest part of the key tile of at most FP8_K_BLOCK_MAX keys that is a whole number
-    of the quantiser's row steps (QUANT_THREADS * 8 / D rows: a thread quantises 8 elements of a row per step).
-    224 keys: 112 at D = 128, 32 at D = 64 (whose step is 32 rows). Head dims that no step rule fits (the
-    emulation runs any D) take the whole tile."""
+    """Keys per K scale: the largest part of the key tile of at most FP8_K_BLOCK_MAX keys (the quantiser holds
+    a block in one row step of registers) in whole n8 column blocks (the kernel's softmax applies one factor per
+    block to its S accumulators). 224 keys: 112. A tile no such part divides takes itself whole."""
     tile = fp8_key_tile(head_dim, causal)
-    step = max(FP8_QUANT_THREADS * 8 // head_dim, 1)
-    blocks = [b for b in range(step, min(tile, FP8_K_BLOCK_MAX) + 1, step) if tile % b == 0]
+    blocks = [b for b in range(8, min(tile, FP8_K_BLOCK_MAX) + 1, 8) if tile % b == 0]
     return max(blocks) if blocks else tile
 
 

@@ -10,19 +10,21 @@
 //     stats[1][bh][d] = mean_j v[j,d]                       (V smoothing: the epilogue adds it back exactly)
 //     stats[2][bh][d] = a / 448, stats[3][bh][d] = 448 / a  (a = max_j |v[j,d] - mean|; 1 and 1 if a = 0)
 //   grid.x = num_splits * num_heads_kv * batch (split fastest), block 256. Each block reduces
-//   `rows_per_split` keys to partial sums / maxima / minima in `partial` [B*Hkv][num_splits][4][D]; the last
+//   `rows_per_split` keys, in steps of STATS_ROWS whose V rows and sampled K rows are all loaded before any is
+//   used, to partial sums / maxima / minima in `partial` [B*Hkv][num_splits][4][D]; the last
 //   block of a head to finish (ticket from counters[bh], zero on entry, reset on exit) combines the partials
 //   in split order. Deterministic, one pass over K and V, no second launch.
 //
-// quantize_fp8_qkv<T, D, KEY_TILE, K_BLOCK, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks by
-// blockIdx.x:
-//   [0, nq)          Q tile of 128 rows of one listed query head: row_bias[i] = q[i] . kbar (kbar = stats[0]: the
+// quantize_fp8_qkv<T, D, KEY_TILE, K_BLOCK, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks
+// (nq + nk + nv of them) interleaved evenly over blockIdx.x:
+//   Q (nq)           tile of 128 rows of one listed query head: row_bias[i] = q[i] . kbar (kbar = stats[0]: the
 //                    shift the attention kernel adds back to lse), y = q H / sqrt(D) (ROTATE), one scale per tile
-//                    sq = amax|y| / 448, qq = e4m3(y * 448 / amax).
-//   [nq, nq + nk)    K block of K_BLOCK keys (the attention kernel's BLOCK_N / K_PARTS, at most 128: a block
+//                    sq = amax|y| / 448, qq = e4m3(y * 448 / amax). A row is spread over a lane pair, so the
+//                    rotation runs in registers but for one shuffle stage.
+//   K (nk)           block of K_BLOCK keys (the attention kernel's BLOCK_N / K_PARTS, at most 128: a block
 //                    is held in registers, and 224 keys took 180 of them, one block per SM and 25% of the
 //                    launch's speed) of one kv head: y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
-//   [nq + nk, ...)   V: 16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
+//   V (nv)           16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
 //                    32-key chunks, [Sk' / 32][D][32] per head (a chunk is one k32 step of P V: the attention
 //                    kernel loads it as a 32-byte-swizzled [D][32] operand, so a key tile is any whole number
 //                    of chunks): vt[bh][j' / 32][d][j' % 32] = e4m3((v[j,d] - mean[d]) * 448 / a[d]), j' = pos(j).
@@ -46,6 +48,7 @@ constexpr int Q_TILE = 128;  // rows per Q scale: the attention kernel's BLOCK_M
 constexpr int V_CHUNK = 32;  // keys per line of V^T: one k32 step of the attention kernel's P V
 constexpr float E4M3_MAX = 448.f;
 constexpr int K_MEAN_STRIDE = 8;  // keys j % K_MEAN_STRIDE == 0 form the K mean (adaattn_core/precision.py too)
+constexpr int STATS_ROWS = 256;   // keys per load step of the statistics kernel (FP8_STATS_ROWS in launch_config.py)
 
 // Eight 16-bit values of one 16-byte chunk as fp32.
 template <typename T>
@@ -54,78 +57,80 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
     x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y, x[4] = c.x, x[5] = c.y, x[6] = d.x, x[7] = d.y;
 }
 
-// In-place y <- y H / sqrt(8 CHUNKS) for a row spread over CHUNKS consecutive lanes, lane chunk c holding
-// elements 8c .. 8c + 7 (fast Walsh-Hadamard transform: index bits 0-2 inside the thread, the others
-// across lanes by shuffles; every lane of the warp takes part).
-template <int CHUNKS>
-__device__ __forceinline__ void hadamard_row(float (&y)[8], int c) {
+// In-place y <- y H_D (unnormalised: the caller folds 1 / sqrt(D) into the tile scale) for a row held by a lane
+// pair, lane l holding elements 16 i + 8 l + e (i < D / 16, e < 8) at y[8 i + e]. Element-index bits 0-2 and
+// 4.. are inside the thread (fast Walsh-Hadamard butterflies on the local index), bit 3 is the lane: one
+// shuffle stage for the whole row.
+template <int N>
+__device__ __forceinline__ void hadamard_pair(float (&y)[N], int l) {
 #pragma unroll
-    for (int m = 1; m < 8; m <<= 1)
+    for (int m = 1; m < N; m <<= 1)
 #pragma unroll
-        for (int e = 0; e < 8; ++e)
-            if (!(e & m)) {
-                const float a = y[e], b = y[e + m];
-                y[e] = a + b;
-                y[e + m] = a - b;
+        for (int p = 0; p < N; ++p)
+            if (!(p & m)) {
+                const float a = y[p], b = y[p + m];
+                y[p] = a + b;
+                y[p + m] = a - b;
             }
+    const float sign = l ? -1.f : 1.f;  // lane 0 keeps a + b, lane 1 takes a - b
 #pragma unroll
-    for (int m = 1; m < CHUNKS; m <<= 1)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float other = __shfl_xor_sync(0xffffffffu, y[e], m);
-            y[e] = (c & m) ? other - y[e] : y[e] + other;
-        }
-    const float norm = rsqrtf(8.f * CHUNKS);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) y[e] *= norm;
+    for (int p = 0; p < N; ++p) y[p] = fmaf(sign, y[p], __shfl_xor_sync(0xffffffffu, y[p], 1));
 }
 
-// One Q or K tile of TILE rows (x at row 0 of its head): all loads issued before any use, the tile amax
-// by warp shuffles and one shared-memory exchange, 8-byte e4m3 stores (a warp writes 2-4 whole rows).
+// One Q or K tile of TILE rows (x at row 0 of its head). A row is spread over a lane pair (lane l: the 16-byte
+// chunks 2 i + l, so a pair reads 32 contiguous bytes per load and the rotation needs one shuffle stage); a
+// block covers 128 rows per step, slots past TILE idle. All loads issued before any use, the tile amax by warp
+// shuffles and one shared-memory exchange, 8-byte e4m3 stores. Rows past `seqlen` are written as zeros.
 template <typename T, int HEAD_DIM, int TILE, bool IS_K, bool ROTATE>
 __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long stride_s, int seqlen, int blk,
                                               const float* __restrict__ k_mean, unsigned char* __restrict__ xq,
                                               float* __restrict__ scale, float* __restrict__ row_bias,
                                               float* warp_max) {
-    constexpr int CHUNKS = HEAD_DIM / 8;
-    constexpr int ROW_STEP = QUANT_THREADS / CHUNKS;
-    constexpr int ITERS = TILE / ROW_STEP;
-    static_assert(TILE % ROW_STEP == 0, "whole row steps per tile");
-    const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
-    const int row_base = blk * TILE + r0;
+    constexpr int LANE_CHUNKS = HEAD_DIM / 16;  // 16-byte chunks per lane and row
+    constexpr int N = 8 * LANE_CHUNKS;          // elements per lane and row
+    constexpr int ROW_STEP = QUANT_THREADS / 2;
+    constexpr int ITERS = (TILE + ROW_STEP - 1) / ROW_STEP;
+    const int l = threadIdx.x % 2, r0 = threadIdx.x / 2;
 
-    uint4 raw[ITERS];
+    uint4 raw[ITERS][LANE_CHUNKS];
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
-        const int row = row_base + i * ROW_STEP;
-        raw[i] = row < seqlen ? __ldg(reinterpret_cast<const uint4*>(x + row * stride_s + c * 8))
-                              : make_uint4(0, 0, 0, 0);
-    }
-    float mean[8];
+        const int row = blk * TILE + r0 + i * ROW_STEP;
+        const bool load = r0 + i * ROW_STEP < TILE && row < seqlen;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) mean[e] = k_mean[c * 8 + e];
+        for (int j = 0; j < LANE_CHUNKS; ++j)
+            raw[i][j] = load ? __ldg(reinterpret_cast<const uint4*>(x + row * stride_s + (2 * j + l) * 8))
+                             : make_uint4(0, 0, 0, 0);
+    }
 
-    float y[ITERS][8];
+    float y[ITERS][N];
     float amax = 0.f;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
-        const int row = row_base + i * ROW_STEP;
-        unpack8<T>(raw[i], y[i]);
-        if (IS_K) {
+        const int row = blk * TILE + r0 + i * ROW_STEP;
+        const bool in_tile = r0 + i * ROW_STEP < TILE, valid = in_tile && row < seqlen;
+        float dot = 0.f;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) y[i][e] = row < seqlen ? y[i][e] - mean[e] : 0.f;
-        } else {
-            // row . mean over the CHUNKS lanes of the row (consecutive lanes, xor stays inside them).
-            float dot = 0.f;
+        for (int j = 0; j < LANE_CHUNKS; ++j) {
+            float v[8];
+            unpack8<T>(raw[i][j], v);
+            const float4 m0 = __ldg(reinterpret_cast<const float4*>(k_mean + (2 * j + l) * 8));
+            const float4 m1 = __ldg(reinterpret_cast<const float4*>(k_mean + (2 * j + l) * 8 + 4));
+            const float mean[8] = {m0.x, m0.y, m0.z, m0.w, m1.x, m1.y, m1.z, m1.w};
 #pragma unroll
-            for (int e = 0; e < 8; ++e) dot = fmaf(y[i][e], mean[e], dot);
-#pragma unroll
-            for (int m = 1; m < CHUNKS; m <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, m);
-            if (c == 0) row_bias[row] = dot;
+            for (int e = 0; e < 8; ++e) {
+                if (IS_K) v[e] = valid ? v[e] - mean[e] : 0.f;
+                else dot = fmaf(v[e], mean[e], dot);
+                y[i][8 * j + e] = v[e];
+            }
         }
-        if (ROTATE) hadamard_row<CHUNKS>(y[i], c);
+        if (!IS_K) {  // row . mean over the lane pair
+            dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+            if (l == 0 && in_tile) row_bias[row] = dot;
+        }
+        if (ROTATE) hadamard_pair<N>(y[i], l);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(y[i][e]));
+        for (int p = 0; p < N; ++p) amax = fmaxf(amax, fabsf(y[i][p]));
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
@@ -134,15 +139,36 @@ __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long
     amax = 0.f;
 #pragma unroll
     for (int w = 0; w < QUANT_THREADS / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+    // y is unnormalised when rotated: the stored scale carries the 1 / sqrt(D) of the orthonormal rotation.
+    const float norm = ROTATE ? rsqrtf((float)HEAD_DIM) : 1.f;
     const float inv = amax > 0.f ? E4M3_MAX / amax : 1.f;
-    if (threadIdx.x == 0) scale[blk] = amax > 0.f ? amax / E4M3_MAX : 1.f;
+    if (threadIdx.x == 0) scale[blk] = amax > 0.f ? amax * norm / E4M3_MAX : 1.f;
 
-    unsigned char* out = xq + (long long)row_base * HEAD_DIM + c * 8;
+    // e4m3 bytes of the lane's chunks (chunk 2 j + l in w[j]); the lanes of a pair swap one chunk per 32 bytes of
+    // the row so that each stores 16 contiguous bytes and a pair writes whole 32-byte sectors per instruction.
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i)
-        *reinterpret_cast<uint2*>(out + i * ROW_STEP * HEAD_DIM) =
-            make_uint2(pack4_e4m3(y[i][0] * inv, y[i][1] * inv, y[i][2] * inv, y[i][3] * inv),
-                       pack4_e4m3(y[i][4] * inv, y[i][5] * inv, y[i][6] * inv, y[i][7] * inv));
+    for (int i = 0; i < ITERS; ++i) {
+        uint2 w[LANE_CHUNKS];
+#pragma unroll
+        for (int j = 0; j < LANE_CHUNKS; ++j) {
+            const float* yj = y[i] + 8 * j;
+            w[j] = make_uint2(pack4_e4m3(yj[0] * inv, yj[1] * inv, yj[2] * inv, yj[3] * inv),
+                              pack4_e4m3(yj[4] * inv, yj[5] * inv, yj[6] * inv, yj[7] * inv));
+        }
+        unsigned char* out = xq + (long long)(blk * TILE + r0 + i * ROW_STEP) * HEAD_DIM + l * 16;
+        const bool in_tile = r0 + i * ROW_STEP < TILE;
+#pragma unroll
+        for (int m = 0; m < LANE_CHUNKS / 2; ++m) {
+            // Bytes 32 m .. 32 m + 31 hold chunks 4 m .. 4 m + 3: lane 0 has 4 m and 4 m + 2, lane 1 4 m + 1 and
+            // 4 m + 3; lane 0 stores the first 16 bytes, lane 1 the second.
+            const uint2 give = l ? w[2 * m] : w[2 * m + 1];
+            const uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, give.x, 1),
+                                         __shfl_xor_sync(0xffffffffu, give.y, 1));
+            const uint4 line = l ? make_uint4(got.x, got.y, w[2 * m + 1].x, w[2 * m + 1].y)
+                                 : make_uint4(w[2 * m].x, w[2 * m].y, got.x, got.y);
+            if (in_tile) *reinterpret_cast<uint4*>(out + m * 32) = line;
+        }
+    }
 }
 
 // 16 keys x 8 channels of V (v at key 0, channel 0 of its head; vt at the head's first chunk): 16 row loads in
@@ -185,6 +211,25 @@ __device__ __forceinline__ void quantize_v_group(const T* __restrict__ v, long l
     }
 }
 
+// V block `block` (of v_blocks per head, heads fastest-varying last): 16 * QUANT_THREADS / (D / 8) keys of one kv
+// head, a 16-key group per D / 8 consecutive threads (chunk fastest, so a warp's 16 loads each read whole rows).
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void quantize_v_block(int block, int v_blocks, int num_heads_kv, int seqlen_k,
+                                                 int seqlen_k_pad, const T* __restrict__ v, long long stride_b,
+                                                 long long stride_h, long long stride_s,
+                                                 const float* __restrict__ mean, const float* __restrict__ inv_scale,
+                                                 unsigned char* __restrict__ vt) {
+    constexpr int CHUNKS = HEAD_DIM / 8;
+    constexpr int V_GROUPS = QUANT_THREADS / CHUNKS;
+    const int blk = block % v_blocks, bh = block / v_blocks;
+    const int b = bh / num_heads_kv, h = bh % num_heads_kv;
+    const int key0 = (blk * V_GROUPS + threadIdx.x / CHUNKS) * 16;
+    if (key0 >= seqlen_k_pad) return;
+    quantize_v_group<T, HEAD_DIM>(v + b * stride_b + h * stride_h, stride_s, seqlen_k, key0, threadIdx.x % CHUNKS,
+                                  mean + (long long)bh * HEAD_DIM, inv_scale + (long long)bh * HEAD_DIM,
+                                  vt + (long long)bh * HEAD_DIM * seqlen_k_pad);
+}
+
 }  // namespace adaattn
 
 template <typename T, int HEAD_DIM>
@@ -196,10 +241,12 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
     float* __restrict__ partial, unsigned* __restrict__ counters, float* __restrict__ stats) {
     using namespace adaattn;
     constexpr int CHUNKS = HEAD_DIM / 8;
-    constexpr int ROW_STEP = QUANT_THREADS / CHUNKS;
-    constexpr int UNROLL = 4;  // 8 independent 16-byte loads in flight per thread
-    constexpr int GROUPS = QUANT_THREADS / HEAD_DIM;
-    __shared__ float red[4][ROW_STEP][HEAD_DIM];
+    constexpr int ROW_STEP = QUANT_THREADS / CHUNKS;    // rows a block covers per load
+    constexpr int V_LOADS = STATS_ROWS / ROW_STEP;      // every row of a step in flight at once
+    constexpr int K_LOADS = STATS_ROWS / K_MEAN_STRIDE / ROW_STEP;  // the step's sampled keys, spread alike
+    constexpr int WARPS = QUANT_THREADS / 32;
+    static_assert(K_LOADS >= 1 && STATS_ROWS % (K_MEAN_STRIDE * ROW_STEP) == 0, "whole sampled rows per step");
+    __shared__ float red[4][WARPS][HEAD_DIM];
     __shared__ bool is_last;
 
     const int split = blockIdx.x % num_splits;
@@ -213,51 +260,79 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
     float ksum[8] = {}, vsum[8] = {}, vmax[8], vmin[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) vmax[e] = neg_inf(), vmin[e] = -neg_inf();
-    for (int row0 = split * rows_per_split + r0; row0 < row_end; row0 += UNROLL * ROW_STEP) {
-        uint4 kr[UNROLL], vr[UNROLL];
+    for (int base = split * rows_per_split; base < row_end; base += STATS_ROWS) {
+        const int step_end = min(row_end, base + STATS_ROWS);
+        const int sample0 = (base + K_MEAN_STRIDE - 1) / K_MEAN_STRIDE * K_MEAN_STRIDE;  // first key j % 8 = 0
+        uint4 vr[V_LOADS], kr[K_LOADS];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int row = min(row0 + u * ROW_STEP, row_end - 1);  // repeats a row: harmless for max/min
-            kr[u] = row % K_MEAN_STRIDE == 0 ? __ldg(reinterpret_cast<const uint4*>(k_ptr + row * k_stride_s))
-                                             : make_uint4(0, 0, 0, 0);
-            vr[u] = __ldg(reinterpret_cast<const uint4*>(v_ptr + row * v_stride_s));
+        for (int u = 0; u < K_LOADS; ++u) {
+            const int row = sample0 + (r0 + u * ROW_STEP) * K_MEAN_STRIDE;
+            kr[u] = row < step_end ? __ldg(reinterpret_cast<const uint4*>(k_ptr + row * k_stride_s))
+                                   : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const float keep = row0 + u * ROW_STEP < row_end ? 1.f : 0.f;
-            float x[8], y[8];
-            unpack8<T>(kr[u], x);
+        for (int u = 0; u < V_LOADS; ++u) {
+            // Rows past the step repeat the first row's values (harmless for max/min, weighted 0 in the sum),
+            // predicated rather than clamped so that ptxas keeps the loads in flight together.
+            const int row = base + r0 + u * ROW_STEP;
+            vr[u] = u == 0 || row < step_end
+                        ? __ldg(reinterpret_cast<const uint4*>(v_ptr + min(row, step_end - 1) * v_stride_s))
+                        : vr[0];
+        }
+#pragma unroll
+        for (int u = 0; u < V_LOADS; ++u) {
+            const float keep = base + r0 + u * ROW_STEP < step_end ? 1.f : 0.f;
+            float y[8];
             unpack8<T>(vr[u], y);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                ksum[e] = fmaf(keep, x[e], ksum[e]);
                 vsum[e] = fmaf(keep, y[e], vsum[e]);
                 vmax[e] = fmaxf(vmax[e], y[e]);
                 vmin[e] = fminf(vmin[e], y[e]);
             }
         }
-    }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        red[0][r0][c * 8 + e] = ksum[e];
-        red[1][r0][c * 8 + e] = vsum[e];
-        red[2][r0][c * 8 + e] = vmax[e];
-        red[3][r0][c * 8 + e] = vmin[e];
+        for (int u = 0; u < K_LOADS; ++u) {
+            float x[8];
+            unpack8<T>(kr[u], x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ksum[e] += x[e];
+        }
     }
+    // Lanes of one warp that hold the same chunk (32 / CHUNKS rows) first, then the warps through shared memory.
+#pragma unroll
+    for (int off = CHUNKS; off < 32; off <<= 1)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            ksum[e] += __shfl_xor_sync(0xffffffffu, ksum[e], off);
+            vsum[e] += __shfl_xor_sync(0xffffffffu, vsum[e], off);
+            vmax[e] = fmaxf(vmax[e], __shfl_xor_sync(0xffffffffu, vmax[e], off));
+            vmin[e] = fminf(vmin[e], __shfl_xor_sync(0xffffffffu, vmin[e], off));
+        }
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 < CHUNKS)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            red[0][warp][c * 8 + e] = ksum[e];
+            red[1][warp][c * 8 + e] = vsum[e];
+            red[2][warp][c * 8 + e] = vmax[e];
+            red[3][warp][c * 8 + e] = vmin[e];
+        }
     __syncthreads();
     // 4 * HEAD_DIM column results of this split, 2 (D = 128) or 1 (D = 64) per thread.
     float* part = partial + ((long long)bh * num_splits + split) * 4 * HEAD_DIM;
     for (int idx = threadIdx.x; idx < 4 * HEAD_DIM; idx += QUANT_THREADS) {
         const int kind = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float acc = red[kind][0][d];
-        for (int r = 1; r < ROW_STEP; ++r) {
-            const float x = red[kind][r][d];
+        for (int w = 1; w < WARPS; ++w) {
+            const float x = red[kind][w][d];
             acc = kind < 2 ? acc + x : kind == 2 ? fmaxf(acc, x) : fminf(acc, x);
         }
         part[idx] = acc;
     }
 
     // Last block of this head: combine the partials (split order, then the GROUPS lanes in order).
+    constexpr int GROUPS = QUANT_THREADS / HEAD_DIM;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(counters + bh, 1u) == (unsigned)num_splits - 1;
@@ -315,12 +390,22 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     const int seqlen_q_pad = q_tiles * Q_TILE;
     const int seqlen_k_pad = (seqlen_k + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
     const int k_blocks = seqlen_k_pad / K_BLOCK;  // padding rows included: zeros, scale 1
+    const int v_blocks = (seqlen_k_pad + 16 * V_GROUPS - 1) / (16 * V_GROUPS);
     const int nq = q_tiles * num_heads_list * batch, nk = k_blocks * num_heads_kv * batch;
+    const long long nv = (long long)v_blocks * num_heads_kv * batch, n = nq + nk + nv;
     const long long plane = (long long)batch * num_heads_kv * HEAD_DIM;
-    int block = blockIdx.x;
-
-    if (block < nq) {
-        const int blk = block % q_tiles, bh = block / q_tiles;
+    // The three kinds of blocks interleaved evenly over the grid (block b is the k-th V block when
+    // floor(b nv / n) steps to k + 1 at b, then the same between K and Q), so that every SM mixes the
+    // shuffle- and ALU-heavy Q/K tiles with the load-heavy V blocks instead of running them in turn.
+    const long long b_all = blockIdx.x, v_before = b_all * nv / n;
+    if ((b_all + 1) * nv / n > v_before) {
+        quantize_v_block<T, HEAD_DIM>((int)v_before, v_blocks, num_heads_kv, seqlen_k, seqlen_k_pad, v, v_stride_b,
+                                      v_stride_h, v_stride_s, stats + plane, stats + 3 * plane, vt);
+        return;
+    }
+    const long long m = b_all - v_before, k_before = m * nk / (nq + nk);
+    if ((m + 1) * nk / (nq + nk) == k_before) {  // a Q tile
+        const int block = (int)(m - k_before), blk = block % q_tiles, bh = block / q_tiles;
         const int b = bh / num_heads_list, h = heads[bh % num_heads_list];
         const long long bhq = (long long)b * num_heads_q + h;
         const long long bhk = (long long)b * num_heads_kv + h / (num_heads_q / num_heads_kv);
@@ -329,26 +414,9 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
             qq + bhq * seqlen_q_pad * HEAD_DIM, sq + bhq * q_tiles, row_bias + bhq * seqlen_q_pad, warp_max);
         return;
     }
-    block -= nq;
-    if (block < nk) {
-        const int blk = block % k_blocks, bh = block / k_blocks;
-        const int b = bh / num_heads_kv, h = bh % num_heads_kv;
-        const long long bhk = bh;
-        quantize_tile<T, HEAD_DIM, K_BLOCK, true, ROTATE>(
-            k + b * k_stride_b + h * k_stride_h, k_stride_s, seqlen_k, blk, stats + bhk * HEAD_DIM,
-            kq + bhk * seqlen_k_pad * HEAD_DIM, sk + bhk * k_blocks, nullptr, warp_max);
-        return;
-    }
-    block -= nk;
-    const int v_blocks = (seqlen_k_pad + 16 * V_GROUPS - 1) / (16 * V_GROUPS);
-    const int blk = block % v_blocks, bh = block / v_blocks;
+    const int blk = (int)(k_before % k_blocks), bh = (int)(k_before / k_blocks);
     const int b = bh / num_heads_kv, h = bh % num_heads_kv;
-    const int c = threadIdx.x % CHUNKS;
-    // Lanes of one 16-key group are consecutive: chunk fastest, so a warp's 16 loads each read whole rows.
-    const int key0 = (blk * V_GROUPS + threadIdx.x / CHUNKS) * 16;
-    if (key0 >= seqlen_k_pad) return;
-    quantize_v_group<T, HEAD_DIM>(v + b * v_stride_b + h * v_stride_h, v_stride_s, seqlen_k, key0, c,
-                                  stats + plane + (long long)bh * HEAD_DIM,
-                                  stats + 3 * plane + (long long)bh * HEAD_DIM,
-                                  vt + (long long)bh * HEAD_DIM * seqlen_k_pad);
+    quantize_tile<T, HEAD_DIM, K_BLOCK, true, ROTATE>(
+        k + b * k_stride_b + h * k_stride_h, k_stride_s, seqlen_k, blk, stats + (long long)bh * HEAD_DIM,
+        kq + (long long)bh * seqlen_k_pad * HEAD_DIM, sk + (long long)bh * k_blocks, nullptr, warp_max);
 }
