@@ -183,6 +183,32 @@ def test_every_key_tile_matches_emulation_and_reference(rng, key_tile, heads_q, 
     _check_against_emulation_and_reference(q, k, v, causal)
 
 
+@pytest.mark.parametrize("stats_blocks", [1, 1024])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_quantiser_statistics_against_float64(rng, monkeypatch, stats_blocks, dim):
+    """The statistics pass against float64: the K mean over every 8th key (through row_bias = q . k_mean), the V
+    mean and the per-channel V scale max|v - mean| / 448. One key split per head (a block loops over 256-key
+    steps, the last one ragged) and the default splits."""
+    from adaattn_core import cuda_fp8
+    from adaattn_core.precision import K_MEAN_STRIDE
+
+    monkeypatch.setattr(cuda_fp8, "FP8_STATS_BLOCKS", stats_blocks)
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=77, seq_k=1000, dim=dim, dtype="bfloat16",
+                       xp=cupy)
+    problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
+    reason = cuda_fp8.unsupported_reason(problem)
+    if reason is not None:
+        pytest.skip(reason)
+    tensors = cuda_fp8.quantize(problem, q, k, v, list(range(4)))
+    qh, kh, vh = (to_host64(x) for x in (q, k, v))
+    k_mean = np.repeat(kh[:, :, ::K_MEAN_STRIDE].mean(axis=2), 2, axis=1)  # per query head [B, Hq, D]
+    v_mean = vh.mean(axis=2)
+    np.testing.assert_allclose(to_host64(tensors.v_mean), v_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_host64(tensors.sv), np.abs(vh - v_mean[:, :, None]).max(axis=2) / 448, rtol=1e-5)
+    np.testing.assert_allclose(to_host64(tensors.row_bias)[:, :, :77], np.einsum("bhsd,bhd->bhs", qh, k_mean),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_head_list_leaves_other_heads_untouched(rng):
     q, k, v = make_qkv(rng, batch=2, heads_q=8, heads_kv=2, seq_q=333, seq_k=333, dim=128, dtype="bfloat16",
                        xp=cupy)
