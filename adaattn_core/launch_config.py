@@ -349,10 +349,12 @@ FP8_V_CHUNK = 32
 FP8_STAGES = 3
 #: Producer warpgroup + two consumer warpgroups.
 FP8_FORWARD_THREADS = 384
-#: Target thread blocks of the K/V statistics kernel: it splits each head's keys into enough pieces
-#: (whole steps of FP8_STATS_ROWS keys, STATS_ROWS in quantize_fp8.cu, each loaded at once) to give every SM
-#: several blocks, whatever B * Hkv is.
-FP8_STATS_BLOCKS = 1024
+#: Target thread blocks of the K/V statistics kernel: it splits each head's keys into pieces of whole steps of
+#: FP8_STATS_ROWS keys (STATS_ROWS in quantize_fp8.cu, each step's loads issued at once), about this many in all
+#: whatever B * Hkv is. 264 = two blocks (117 registers x 256 threads each) on each of the H200's 132 SMs: one
+#: wave of blocks that loop over several steps made the quantisation 4.9-6.6% faster than 1024 one-step blocks
+#: (benchmarks/results/tuning/2026-12-03-H200-fp8-stats-blocks.txt).
+FP8_STATS_BLOCKS = 264
 FP8_STATS_ROWS = 256
 #: Threads of every quantisation kernel (QUANT_THREADS in quantize_fp8.cu).
 FP8_QUANT_THREADS = 256
