@@ -80,7 +80,7 @@ __device__ __forceinline__ void hadamard_pair(float (&y)[N], int l) {
 // One Q or K tile of TILE rows (x at row 0 of its head). A row is spread over a lane pair (lane l: the 16-byte
 // chunks 2 i + l, so a pair reads 32 contiguous bytes per load and the rotation needs one shuffle stage); a
 // block covers 128 rows per step, slots past TILE idle. All loads issued before any use, the tile amax by warp
-// shuffles and one shared-memory exchange, 8-byte e4m3 stores. Rows past `seqlen` are written as zeros.
+// shuffles and one shared-memory exchange, 16-byte e4m3 stores. Rows past `seqlen` are written as zeros.
 template <typename T, int HEAD_DIM, int TILE, bool IS_K, bool ROTATE>
 __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long stride_s, int seqlen, int blk,
                                               const float* __restrict__ k_mean, unsigned char* __restrict__ xq,
