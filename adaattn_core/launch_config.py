@@ -339,9 +339,9 @@ FP8_KEY_TILE_CHOICES = (64, 128, 192, 224)
 #: Key tile of head dims without an fp8 kernel (only the NumPy emulation runs them).
 FP8_DEFAULT_KEY_TILE = 128
 #: Most keys per K scale: the quantiser holds a scale block in registers, 128 rows per step (224 keys at D = 128
-#: needed 180 of them in scripts/compile_kernels.py's report, one block per SM instead of two, and made the
-#: quantisation 25% slower; H200, benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles
-#: carry several scales.
+#: needed 180 of them in scripts/compile_kernels.py's report with the quantiser's earlier 16-lane rows, one
+#: block per SM instead of two, and made the quantisation 25% slower; H200,
+#: benchmarks/results/tuning/2026-12-03-H200-fp8-wide.txt), so wider key tiles carry several scales.
 FP8_K_BLOCK_MAX = 128
 #: Keys per line of the quantised V^T ([Sk' / 32][D][32] per head): one k32 step of the fp8 P V.
 FP8_V_CHUNK = 32
@@ -355,6 +355,7 @@ FP8_FORWARD_THREADS = 384
 #: wave of blocks that loop over several steps made the quantisation 4.9-6.6% faster than 1024 one-step blocks
 #: (benchmarks/results/tuning/2026-12-03-H200-fp8-stats-blocks.txt).
 FP8_STATS_BLOCKS = 264
+#: Keys per load step of the statistics kernel (STATS_ROWS in quantize_fp8.cu): a split is whole steps.
 FP8_STATS_ROWS = 256
 #: Threads of every quantisation kernel (QUANT_THREADS in quantize_fp8.cu).
 FP8_QUANT_THREADS = 256

@@ -13,7 +13,7 @@
 //   `rows_per_split` keys, in steps of STATS_ROWS whose V rows and sampled K rows are all loaded before any is
 //   used, to partial sums / maxima / minima in `partial` [B*Hkv][num_splits][4][D]; the last
 //   block of a head to finish (ticket from counters[bh], zero on entry, reset on exit) combines the partials
-//   in split order. Deterministic, one pass over K and V, no second launch.
+//   in a fixed order. Deterministic, one pass over K and V, no second launch.
 //
 // quantize_fp8_qkv<T, D, KEY_TILE, K_BLOCK, ROTATE>: every e4m3 tensor in one launch, three kinds of blocks
 // (nq + nk + nv of them) interleaved evenly over blockIdx.x:
@@ -22,8 +22,8 @@
 //                    sq = amax|y| / 448, qq = e4m3(y * 448 / amax). A row is spread over a lane pair, so the
 //                    rotation runs in registers but for one shuffle stage.
 //   K (nk)           block of K_BLOCK keys (the attention kernel's BLOCK_N / K_PARTS, at most 128: a block
-//                    is held in registers, and 224 keys took 180 of them, one block per SM and 25% of the
-//                    launch's speed) of one kv head: y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
+//                    is held in registers: with the earlier 16-lane rows 224 keys took 180 of them, one block
+//                    per SM and 25% of the launch's speed) of one kv head: y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
 //   V (nv)           16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
 //                    32-key chunks, [Sk' / 32][D][32] per head (a chunk is one k32 step of P V: the attention
 //                    kernel loads it as a 32-byte-swizzled [D][32] operand, so a key tile is any whole number
@@ -90,6 +90,7 @@ __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long
     constexpr int N = 8 * LANE_CHUNKS;          // elements per lane and row
     constexpr int ROW_STEP = QUANT_THREADS / 2;
     constexpr int ITERS = (TILE + ROW_STEP - 1) / ROW_STEP;
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "a power-of-two row of whole 32-byte pieces per lane pair (the rotation, the pair swap)");
     const int l = threadIdx.x % 2, r0 = threadIdx.x / 2;
 
     uint4 raw[ITERS][LANE_CHUNKS];
@@ -211,7 +212,7 @@ __device__ __forceinline__ void quantize_v_group(const T* __restrict__ v, long l
     }
 }
 
-// V block `block` (of v_blocks per head, heads fastest-varying last): 16 * QUANT_THREADS / (D / 8) keys of one kv
+// V block `block` = bh * v_blocks + blk (block blk of kv head bh): 16 * QUANT_THREADS / (D / 8) keys of one kv
 // head, a 16-key group per D / 8 consecutive threads (chunk fastest, so a warp's 16 loads each read whole rows).
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void quantize_v_block(int block, int v_blocks, int num_heads_kv, int seqlen_k,
@@ -272,8 +273,9 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
         }
 #pragma unroll
         for (int u = 0; u < V_LOADS; ++u) {
-            // Rows past the step repeat the first row's values (harmless for max/min, weighted 0 in the sum),
-            // predicated rather than clamped so that ptxas keeps the loads in flight together.
+            // Rows past the step repeat the first row's values (harmless for max/min, weighted 0 in the sum):
+            // only the first load clamps its row, the others are predicated, so that ptxas keeps the loads in
+            // flight together (with every row clamped it placed each load just before its use).
             const int row = base + r0 + u * ROW_STEP;
             vr[u] = u == 0 || row < step_end
                         ? __ldg(reinterpret_cast<const uint4*>(v_ptr + min(row, step_end - 1) * v_stride_s))
@@ -331,7 +333,8 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_stats(
         part[idx] = acc;
     }
 
-    // Last block of this head: combine the partials (split order, then the GROUPS lanes in order).
+    // Last block of this head: combine the partials (thread group g takes splits g, g + GROUPS, ..., then the
+    // GROUPS groups' results in order).
     constexpr int GROUPS = QUANT_THREADS / HEAD_DIM;
     __threadfence();
     __syncthreads();
@@ -394,8 +397,8 @@ __global__ void __launch_bounds__(adaattn::QUANT_THREADS) quantize_fp8_qkv(
     const int nq = q_tiles * num_heads_list * batch, nk = k_blocks * num_heads_kv * batch;
     const long long nv = (long long)v_blocks * num_heads_kv * batch, n = nq + nk + nv;
     const long long plane = (long long)batch * num_heads_kv * HEAD_DIM;
-    // The three kinds of blocks interleaved evenly over the grid (block b is the k-th V block when
-    // floor(b nv / n) steps to k + 1 at b, then the same between K and Q), so that every SM mixes the
+    // The three kinds of blocks interleaved evenly over the grid (block b is V block k = floor(b nv / n) when
+    // floor((b + 1) nv / n) > k, then the same between K and Q), so that every SM mixes the
     // shuffle- and ALU-heavy Q/K tiles with the load-heavy V blocks instead of running them in turn.
     const long long b_all = blockIdx.x, v_before = b_all * nv / n;
     if ((b_all + 1) * nv / n > v_before) {
