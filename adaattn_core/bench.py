@@ -466,6 +466,15 @@ def random_arrays(device: str, shapes: Sequence[tuple[int, ...]], dtype: str, rn
     return [rng.standard_normal(shape, dtype=np.float32).astype(target) for shape in shapes]
 
 
+def outlier_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """FlashAttention-3's fp8 outlier test inputs: N(0, 1) with 0.1% of the entries drawn from N(0, 100),
+    float32."""
+    x = rng.standard_normal(shape)
+    mask = rng.random(shape) < 1e-3
+    x[mask] = rng.normal(0.0, 10.0, int(mask.sum()))
+    return x.astype(np.float32)
+
+
 def make_input_sets(
     case: Case, device: str, *, sets: int | None = None, seed: int | None = None, arrays: int = 3
 ) -> list[tuple[Any, ...]]:

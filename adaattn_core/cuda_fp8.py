@@ -26,14 +26,14 @@ from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
     FP8_HEAD_DIMS,
-    FP8_STATS_BLOCKS,
-    FP8_STATS_ROWS,
     FP8_V_CHUNK,
     KernelLaunch,
     check_grid,
     fp8_k_block,
     fp8_key_tile,
     fp8_launches,
+    fp8_quantize_blocks,
+    fp8_stats_splits,
 )
 from .loader import get_kernel
 from .problem import LOG2E, AttentionProblem
@@ -125,10 +125,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     key_tile, k_block = fp8_key_tile(d, problem.causal), fp8_k_block(d, problem.causal)
     sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, key_tile)
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
-    # Key splits of the statistics pass: enough blocks for every SM, whole FP8_STATS_ROWS steps each.
-    splits = max(1, min(-(-FP8_STATS_BLOCKS // (b * hkv)), -(-problem.seqlen_k // FP8_STATS_ROWS)))
-    rows_per_split = max(FP8_STATS_ROWS, _ceil_to(-(-problem.seqlen_k // splits), FP8_STATS_ROWS))
-    splits = max(1, -(-problem.seqlen_k // rows_per_split))
+    splits, rows_per_split = fp8_stats_splits(problem.seqlen_k, b * hkv)
     partial = cupy.empty((b, hkv, splits, 4, d), dtype=cupy.float32)
     counters = cupy.zeros(b * hkv, dtype=cupy.uint32)
     stats = cupy.empty((4, b, hkv, d), dtype=cupy.float32)  # k mean, v mean, v scale, 1 / v scale
@@ -145,9 +142,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
            (k, v, *map(i64, ks[:3]), *map(i64, vs[:3]), i32(hkv), i32(b), i32(problem.seqlen_k),
             i32(rows_per_split), i32(splits), partial, counters, stats))
     kernel, launch = kernels["quantize"]
-    v_keys = 16 * launch.threads // (d // 8)  # keys per V block of quantize_fp8_qkv
-    grid = (sq_pad // FP8_BLOCK_M * len(heads) * b + sk_pad // k_block * hkv * b
-            + -(-sk_pad // v_keys) * hkv * b)
+    grid = fp8_quantize_blocks(d, problem.causal, problem.seqlen_q, problem.seqlen_k, len(heads) * b, hkv * b)
     kernel((check_grid(grid),), (launch.threads,),
            (q, *map(i64, qs[:3]), k, *map(i64, ks[:3]), v, *map(i64, vs[:3]), on_device(cupy, heads, np.int32),
             i32(len(heads)), i32(hq), i32(hkv), i32(b), i32(problem.seqlen_q), i32(problem.seqlen_k), stats,

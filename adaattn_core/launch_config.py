@@ -370,10 +370,30 @@ def fp8_key_tile(head_dim: int, causal: bool) -> int:
 def fp8_k_block(head_dim: int, causal: bool) -> int:
     """Keys per K scale: the largest part of the key tile of at most FP8_K_BLOCK_MAX keys (the quantiser holds
     a block in one row step of registers) in whole n8 column blocks (the kernel's softmax applies one factor per
-    block to its S accumulators). 224 keys: 112. A tile no such part divides takes itself whole."""
+    block to its S accumulators). 224 keys: 112. (Every tile is a multiple of 8 keys, so 8 always divides.)"""
     tile = fp8_key_tile(head_dim, causal)
-    blocks = [b for b in range(8, min(tile, FP8_K_BLOCK_MAX) + 1, 8) if tile % b == 0]
-    return max(blocks) if blocks else tile
+    return max(b for b in range(8, min(tile, FP8_K_BLOCK_MAX) + 1, 8) if tile % b == 0)
+
+
+def fp8_stats_splits(seqlen_k: int, kv_heads: int) -> tuple[int, int]:
+    """(splits, keys per split) of quantize_fp8_stats for `kv_heads` (B · Hkv) heads of `seqlen_k` keys: whole
+    FP8_STATS_ROWS steps per split, as many splits per head as give about FP8_STATS_BLOCKS blocks in all (at
+    least one, at most one per step), none of them empty unless seqlen_k = 0."""
+    splits = max(1, min(-(-FP8_STATS_BLOCKS // kv_heads), -(-seqlen_k // FP8_STATS_ROWS)))
+    per_split = -(-seqlen_k // splits)
+    rows = max(FP8_STATS_ROWS, -(-per_split // FP8_STATS_ROWS) * FP8_STATS_ROWS)
+    return max(1, -(-seqlen_k // rows)), rows
+
+
+def fp8_quantize_blocks(head_dim: int, causal: bool, seqlen_q: int, seqlen_k: int, q_heads: int,
+                        kv_heads: int) -> int:
+    """Blocks of quantize_fp8_qkv, the n = nq + nk + nv its kernel counts (quantize_fp8.cu): Q tiles of
+    FP8_BLOCK_M rows for `q_heads` (B · listed heads), K blocks of `fp8_k_block` keys and V blocks of
+    16 · FP8_QUANT_THREADS / (D / 8) keys for `kv_heads` (B · Hkv), keys padded to the key tile."""
+    keys = -(-seqlen_k // fp8_key_tile(head_dim, causal)) * fp8_key_tile(head_dim, causal)
+    v_keys = 16 * FP8_QUANT_THREADS // (head_dim // 8)
+    return (-(-seqlen_q // FP8_BLOCK_M) * q_heads + keys // fp8_k_block(head_dim, causal) * kv_heads
+            + -(-keys // v_keys) * kv_heads)
 
 
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:

@@ -23,7 +23,8 @@
 //                    rotation runs in registers but for one shuffle stage.
 //   K (nk)           block of K_BLOCK keys (the attention kernel's BLOCK_N / K_PARTS, at most 128: a block
 //                    is held in registers: with the earlier 16-lane rows 224 keys took 180 of them, one block
-//                    per SM and 25% of the launch's speed) of one kv head: y = (k - kbar) H / sqrt(D), same scaling into kq, sk.
+//                    per SM and 25% of the launch's speed) of one kv head: y = (k - kbar) H / sqrt(D), same
+//                    scaling into kq, sk.
 //   V (nv)           16 keys x 8 channels per thread, loaded as 16 row vectors and written transposed in
 //                    32-key chunks, [Sk' / 32][D][32] per head (a chunk is one k32 step of P V: the attention
 //                    kernel loads it as a 32-byte-swizzled [D][32] operand, so a key tile is any whole number
@@ -58,11 +59,11 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&x)[8]) {
 }
 
 // In-place y <- y H_D (unnormalised: the caller folds 1 / sqrt(D) into the tile scale) for a row held by a lane
-// pair, lane l holding elements 16 i + 8 l + e (i < D / 16, e < 8) at y[8 i + e]. Element-index bits 0-2 and
-// 4.. are inside the thread (fast Walsh-Hadamard butterflies on the local index), bit 3 is the lane: one
-// shuffle stage for the whole row.
+// pair, the lane of `side` 0 or 1 holding elements 16 i + 8 side + e (i < D / 16, e < 8) at y[8 i + e].
+// Element-index bits 0-2 and 4.. are inside the thread (fast Walsh-Hadamard butterflies on the local index),
+// bit 3 is the lane: one shuffle stage for the whole row.
 template <int N>
-__device__ __forceinline__ void hadamard_pair(float (&y)[N], int l) {
+__device__ __forceinline__ void hadamard_pair(float (&y)[N], int side) {
 #pragma unroll
     for (int m = 1; m < N; m <<= 1)
 #pragma unroll
@@ -72,15 +73,16 @@ __device__ __forceinline__ void hadamard_pair(float (&y)[N], int l) {
                 y[p] = a + b;
                 y[p + m] = a - b;
             }
-    const float sign = l ? -1.f : 1.f;  // lane 0 keeps a + b, lane 1 takes a - b
+    const float sign = side ? -1.f : 1.f;  // lane 0 keeps a + b, lane 1 takes a - b
 #pragma unroll
     for (int p = 0; p < N; ++p) y[p] = fmaf(sign, y[p], __shfl_xor_sync(0xffffffffu, y[p], 1));
 }
 
-// One Q or K tile of TILE rows (x at row 0 of its head). A row is spread over a lane pair (lane l: the 16-byte
-// chunks 2 i + l, so a pair reads 32 contiguous bytes per load and the rotation needs one shuffle stage); a
-// block covers 128 rows per step, slots past TILE idle. All loads issued before any use, the tile amax by warp
-// shuffles and one shared-memory exchange, 16-byte e4m3 stores. Rows past `seqlen` are written as zeros.
+// One Q or K tile of TILE rows (x at row 0 of its head). A row is spread over a lane pair (the lane of `side` 0
+// or 1: the 16-byte chunks 2 i + side, so a pair reads 32 contiguous bytes per load and the rotation needs one
+// shuffle stage); the block's 128 lane pairs take one row each, those past TILE idle. All loads issued before
+// any use, the tile amax by warp shuffles and one shared-memory exchange, 16-byte e4m3 stores. Rows past `seqlen`
+// are written as zeros.
 template <typename T, int HEAD_DIM, int TILE, bool IS_K, bool ROTATE>
 __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long stride_s, int seqlen, int blk,
                                               const float* __restrict__ k_mean, unsigned char* __restrict__ xq,
@@ -88,51 +90,43 @@ __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long
                                               float* warp_max) {
     constexpr int LANE_CHUNKS = HEAD_DIM / 16;  // 16-byte chunks per lane and row
     constexpr int N = 8 * LANE_CHUNKS;          // elements per lane and row
-    constexpr int ROW_STEP = QUANT_THREADS / 2;
-    constexpr int ITERS = (TILE + ROW_STEP - 1) / ROW_STEP;
-    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "a power-of-two row of whole 32-byte pieces per lane pair (the rotation, the pair swap)");
-    const int l = threadIdx.x % 2, r0 = threadIdx.x / 2;
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128,
+                  "a power-of-two row of whole 32-byte pieces per lane pair (the rotation, the pair swap)");
+    static_assert(TILE <= QUANT_THREADS / 2, "one row per lane pair: Q_TILE and K_BLOCK (FP8_K_BLOCK_MAX) <= 128");
+    const int side = threadIdx.x % 2, r0 = threadIdx.x / 2;
+    const int row = blk * TILE + r0;
+    const bool in_tile = r0 < TILE, valid = in_tile && row < seqlen;
 
-    uint4 raw[ITERS][LANE_CHUNKS];
+    uint4 raw[LANE_CHUNKS];
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-        const int row = blk * TILE + r0 + i * ROW_STEP;
-        const bool load = r0 + i * ROW_STEP < TILE && row < seqlen;
+    for (int j = 0; j < LANE_CHUNKS; ++j)
+        raw[j] = valid ? __ldg(reinterpret_cast<const uint4*>(x + row * stride_s + (2 * j + side) * 8))
+                       : make_uint4(0, 0, 0, 0);
+
+    float y[N];
+    float dot = 0.f;
 #pragma unroll
-        for (int j = 0; j < LANE_CHUNKS; ++j)
-            raw[i][j] = load ? __ldg(reinterpret_cast<const uint4*>(x + row * stride_s + (2 * j + l) * 8))
-                             : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < LANE_CHUNKS; ++j) {
+        float v[8];
+        unpack8<T>(raw[j], v);
+        const float4 m0 = __ldg(reinterpret_cast<const float4*>(k_mean + (2 * j + side) * 8));
+        const float4 m1 = __ldg(reinterpret_cast<const float4*>(k_mean + (2 * j + side) * 8 + 4));
+        const float mean[8] = {m0.x, m0.y, m0.z, m0.w, m1.x, m1.y, m1.z, m1.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            if (IS_K) v[e] = valid ? v[e] - mean[e] : 0.f;
+            else dot = fmaf(v[e], mean[e], dot);
+            y[8 * j + e] = v[e];
+        }
     }
-
-    float y[ITERS][N];
+    if (!IS_K) {  // row . mean over the lane pair
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        if (side == 0 && in_tile) row_bias[row] = dot;
+    }
+    if (ROTATE) hadamard_pair<N>(y, side);
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-        const int row = blk * TILE + r0 + i * ROW_STEP;
-        const bool in_tile = r0 + i * ROW_STEP < TILE, valid = in_tile && row < seqlen;
-        float dot = 0.f;
-#pragma unroll
-        for (int j = 0; j < LANE_CHUNKS; ++j) {
-            float v[8];
-            unpack8<T>(raw[i][j], v);
-            const float4 m0 = __ldg(reinterpret_cast<const float4*>(k_mean + (2 * j + l) * 8));
-            const float4 m1 = __ldg(reinterpret_cast<const float4*>(k_mean + (2 * j + l) * 8 + 4));
-            const float mean[8] = {m0.x, m0.y, m0.z, m0.w, m1.x, m1.y, m1.z, m1.w};
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                if (IS_K) v[e] = valid ? v[e] - mean[e] : 0.f;
-                else dot = fmaf(v[e], mean[e], dot);
-                y[i][8 * j + e] = v[e];
-            }
-        }
-        if (!IS_K) {  // row . mean over the lane pair
-            dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-            if (l == 0 && in_tile) row_bias[row] = dot;
-        }
-        if (ROTATE) hadamard_pair<N>(y[i], l);
-#pragma unroll
-        for (int p = 0; p < N; ++p) amax = fmaxf(amax, fabsf(y[i][p]));
-    }
+    for (int p = 0; p < N; ++p) amax = fmaxf(amax, fabsf(y[p]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
@@ -145,30 +139,25 @@ __device__ __forceinline__ void quantize_tile(const T* __restrict__ x, long long
     const float inv = amax > 0.f ? E4M3_MAX / amax : 1.f;
     if (threadIdx.x == 0) scale[blk] = amax > 0.f ? amax * norm / E4M3_MAX : 1.f;
 
-    // e4m3 bytes of the lane's chunks (chunk 2 j + l in w[j]); the lanes of a pair swap one chunk per 32 bytes of
+    // e4m3 bytes of the lane's chunks (chunk 2 j + side in w[j]); the lanes of a pair swap one chunk per 32 bytes of
     // the row so that each stores 16 contiguous bytes and a pair writes whole 32-byte sectors per instruction.
+    uint2 w[LANE_CHUNKS];
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-        uint2 w[LANE_CHUNKS];
+    for (int j = 0; j < LANE_CHUNKS; ++j) {
+        const float* yj = y + 8 * j;
+        w[j] = make_uint2(pack4_e4m3(yj[0] * inv, yj[1] * inv, yj[2] * inv, yj[3] * inv),
+                          pack4_e4m3(yj[4] * inv, yj[5] * inv, yj[6] * inv, yj[7] * inv));
+    }
+    unsigned char* out = xq + (long long)row * HEAD_DIM + side * 16;
 #pragma unroll
-        for (int j = 0; j < LANE_CHUNKS; ++j) {
-            const float* yj = y[i] + 8 * j;
-            w[j] = make_uint2(pack4_e4m3(yj[0] * inv, yj[1] * inv, yj[2] * inv, yj[3] * inv),
-                              pack4_e4m3(yj[4] * inv, yj[5] * inv, yj[6] * inv, yj[7] * inv));
-        }
-        unsigned char* out = xq + (long long)(blk * TILE + r0 + i * ROW_STEP) * HEAD_DIM + l * 16;
-        const bool in_tile = r0 + i * ROW_STEP < TILE;
-#pragma unroll
-        for (int m = 0; m < LANE_CHUNKS / 2; ++m) {
-            // Bytes 32 m .. 32 m + 31 hold chunks 4 m .. 4 m + 3: lane 0 has 4 m and 4 m + 2, lane 1 4 m + 1 and
-            // 4 m + 3; lane 0 stores the first 16 bytes, lane 1 the second.
-            const uint2 give = l ? w[2 * m] : w[2 * m + 1];
-            const uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, give.x, 1),
-                                         __shfl_xor_sync(0xffffffffu, give.y, 1));
-            const uint4 line = l ? make_uint4(got.x, got.y, w[2 * m + 1].x, w[2 * m + 1].y)
-                                 : make_uint4(w[2 * m].x, w[2 * m].y, got.x, got.y);
-            if (in_tile) *reinterpret_cast<uint4*>(out + m * 32) = line;
-        }
+    for (int m = 0; m < LANE_CHUNKS / 2; ++m) {
+        // Bytes 32 m .. 32 m + 31 hold chunks 4 m .. 4 m + 3: lane 0 has 4 m and 4 m + 2, lane 1 4 m + 1 and
+        // 4 m + 3; lane 0 stores the first 16 bytes, lane 1 the second.
+        const uint2 give = side ? w[2 * m] : w[2 * m + 1];
+        const uint2 got = make_uint2(__shfl_xor_sync(0xffffffffu, give.x, 1), __shfl_xor_sync(0xffffffffu, give.y, 1));
+        const uint4 line = side ? make_uint4(got.x, got.y, w[2 * m + 1].x, w[2 * m + 1].y)
+                             : make_uint4(w[2 * m].x, w[2 * m].y, got.x, got.y);
+        if (in_tile) *reinterpret_cast<uint4*>(out + m * 32) = line;
     }
 }
 

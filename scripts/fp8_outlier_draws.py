@@ -1,9 +1,9 @@
 """RMSE against float64 of the fp8 kernel on FlashAttention-3's outlier test, over several draws.
 
-Q, K, V ~ N(0, 1) with 0.1% of the entries from N(0, 100) (drawn as tests/test_precision.py's `_outliers`
-draws them), B=2, H=4, S=1024, D=128, non-causal, bf16: the inputs of
-tests/test_gpu_fp8.py::test_rmse_against_float64, drawn DRAWS times from SEED, so that two source trees run
-with the same seed see the same inputs (paired draws). From the root of a tree:
+Q, K, V ~ N(0, 1) with 0.1% of the entries from N(0, 100) (`adaattn_core.bench.outlier_normal`), B=2, H=4,
+S=1024, D=128, non-causal, bf16: the inputs of tests/test_gpu_fp8.py::test_rmse_against_float64, drawn DRAWS
+times from SEED, so that two source trees run with the same seed see the same inputs (paired draws). From the
+root of a tree:
 
     PYTHONPATH=$PWD python3 scripts/fp8_outlier_draws.py SEED LABEL [DRAWS]
 
@@ -16,15 +16,8 @@ import cupy
 import numpy as np
 
 from adaattn_core import attention_reference, cuda_fp8
+from adaattn_core.bench import outlier_normal
 from adaattn_core.problem import describe
-
-
-def outliers(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """N(0, 1) with 0.1% of the entries drawn from N(0, 100), float32."""
-    x = rng.standard_normal(shape)
-    mask = rng.random(shape) < 1e-3
-    x[mask] = rng.normal(0.0, 10.0, int(mask.sum()))
-    return x.astype(np.float32)
 
 
 def main() -> None:
@@ -33,7 +26,7 @@ def main() -> None:
     rng = np.random.default_rng(seed)
     rmses = []
     for _ in range(draws):
-        q, k, v = (cupy.asarray(outliers(rng, (2, 4, 1024, 128))).astype("bfloat16") for _ in range(3))
+        q, k, v = (cupy.asarray(outlier_normal(rng, (2, 4, 1024, 128))).astype("bfloat16") for _ in range(3))
         problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
         out = cupy.full(q.shape, cupy.nan, q.dtype)
         lse = cupy.full(q.shape[:3], cupy.nan, cupy.float32)

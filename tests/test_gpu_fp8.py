@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import make_qkv, to_host64
-from test_precision import _outliers
 
 from adaattn_core import Report, attention, attention_reference
+from adaattn_core.bench import outlier_normal
 from adaattn_core.precision import FP8, PrecisionPolicy, attend_fp8, quantise
 from adaattn_core.problem import describe, to_bhsd
 from adaattn_core.reference import head_errors
@@ -38,7 +38,7 @@ def _inputs(rng: np.random.Generator, kind: str, shape: tuple[int, int, int, int
     if kind == "normal":
         x = rng.standard_normal(shape)
     elif kind == "outliers":
-        x = _outliers(rng, shape)
+        x = outlier_normal(rng, shape)
     else:
         x = rng.standard_t(4, shape) / np.sqrt(2.0)
     return cupy.asarray(x.astype(np.float32)).astype(dtype)
@@ -190,11 +190,11 @@ def test_quantiser_statistics_against_float64(rng, monkeypatch, stats_blocks, di
     mean and the per-channel V scale max|v - mean| / 448. 1000 keys for each of B * Hkv = 4 heads: one split per
     head of four 256-key steps (the last ragged), two splits of two steps (8 blocks) and the default (here four
     one-step splits)."""
-    from adaattn_core import cuda_fp8
+    from adaattn_core import cuda_fp8, launch_config
     from adaattn_core.precision import K_MEAN_STRIDE
 
     if stats_blocks is not None:
-        monkeypatch.setattr(cuda_fp8, "FP8_STATS_BLOCKS", stats_blocks)
+        monkeypatch.setattr(launch_config, "FP8_STATS_BLOCKS", stats_blocks)
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=77, seq_k=1000, dim=dim, dtype="bfloat16",
                        xp=cupy)
     problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")

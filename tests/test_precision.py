@@ -13,6 +13,7 @@ import pytest
 from conftest import make_qkv
 
 from adaattn_core import Report, attention_reference
+from adaattn_core.bench import outlier_normal
 from adaattn_core.cuda_fp8 import key_positions
 from adaattn_core.policy import POLICIES, resolve_policy
 from adaattn_core.precision import (
@@ -33,14 +34,6 @@ from adaattn_core.problem import describe
 from adaattn_core.reference import head_errors
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-
-
-def _outliers(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """FlashAttention-3's outlier test: N(0, 1) with 0.1% of the entries drawn from N(0, 100)."""
-    x = rng.standard_normal(shape)
-    mask = rng.random(shape) < 1e-3
-    x[mask] = rng.normal(0.0, 10.0, int(mask.sum()))
-    return x.astype(np.float32)
 
 
 def _rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -116,7 +109,7 @@ def test_emulation_normal_inputs(rng, causal):
 
 def test_emulation_fa3_outlier_test(rng):
     shape = (2, 2, 512, 128)
-    q, k, v = (_outliers(rng, shape) for _ in range(3))
+    q, k, v = (outlier_normal(rng, shape) for _ in range(3))
     ref, _ = attention_reference(q, k, v)
     rotated, plain = _rmse(_fp8(q, k, v, False), ref), _rmse(_fp8(q, k, v, False, rotate=False), ref)
     # Typically 7.5-9.3e-3 (12 seeds; FlashAttention-3 fp8: 9.1e-3), but the RMSE is heavy-tailed at this size:
@@ -160,9 +153,9 @@ def _mixed_heads(rng: np.random.Generator, seq: int = 384) -> tuple[np.ndarray, 
     """Heads 0, 1 benign (diffuse scores over values sharing a channel mean: fp8 error ~2e-3); heads 2, 3
     outlier-heavy N(0, 1) (fp8 error ~5e-2); one KV head per query head, bfloat16."""
     shape = (1, 2, seq, 64)
-    q = np.concatenate([0.05 * rng.standard_normal(shape), _outliers(rng, shape)], axis=1)
-    k = np.concatenate([rng.standard_normal(shape), _outliers(rng, shape)], axis=1)
-    v = np.concatenate([2.0 + rng.standard_normal(shape), _outliers(rng, shape)], axis=1)
+    q = np.concatenate([0.05 * rng.standard_normal(shape), outlier_normal(rng, shape)], axis=1)
+    k = np.concatenate([rng.standard_normal(shape), outlier_normal(rng, shape)], axis=1)
+    v = np.concatenate([2.0 + rng.standard_normal(shape), outlier_normal(rng, shape)], axis=1)
     return tuple(x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
 
 
@@ -280,6 +273,23 @@ def test_fp8_k_blocks_fit_the_quantiser_and_the_kernel(monkeypatch, head_dim, ti
     block = lc.fp8_k_block(head_dim, False)
     assert tile % block == 0 and block % 8 == 0 and block <= lc.FP8_K_BLOCK_MAX
     assert block == K_BLOCKS[(head_dim, tile)]
+
+
+def test_fp8_quantiser_launch_geometry():
+    """The statistics pass splits every head's keys into whole FP8_STATS_ROWS steps, none empty, covering every key,
+    with about FP8_STATS_BLOCKS blocks in all; the quantiser's grid at the profiled call (D = 128, 4k, B·H = 64)
+    is the 5568 blocks ncu reported (benchmarks/results/logs/2026-12-03-H200-ncu-fp8-5bd1b52.txt), and the shipped
+    264 statistics blocks take four 1024-key splits per head there (256 blocks)."""
+    from adaattn_core import launch_config as lc
+
+    assert lc.fp8_quantize_blocks(128, False, 4096, 4096, 64, 64) == 5568
+    assert lc.fp8_stats_splits(4096, 64) == (4, 1024)
+    for heads in (1, 3, 16, 64, 300):
+        for seqlen in (0, 1, 255, 256, 257, 1000, 4096, 16384, 65537):
+            splits, rows = lc.fp8_stats_splits(seqlen, heads)
+            assert rows % lc.FP8_STATS_ROWS == 0 and splits * rows >= seqlen, (seqlen, heads)
+            assert seqlen == 0 or (splits - 1) * rows < seqlen, (seqlen, heads)  # no empty split
+            assert splits <= max(1, -(-lc.FP8_STATS_BLOCKS // heads)), (seqlen, heads)
 
 
 @pytest.mark.parametrize("head_dim", [4, 8, 24, 256])
