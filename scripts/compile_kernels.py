@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,19 +94,33 @@ def compile_unit(nvcc: str, arch: str, unit: Path, cubin: Path | None) -> tuple[
     return result.returncode, result.stdout + result.stderr
 
 
-def count_sass(cubin: Path, opcode: str) -> dict[str, int]:
-    """Occurrences of a SASS opcode per kernel (mangled name), from cuobjdump."""
-    listing = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    counts: dict[str, int] = {}
+def disassemble(cubin: Path) -> dict[str, list[str]]:
+    """SASS lines per kernel (mangled name): cuobjdump -sass, or nvdisasm (e.g. the nvidia-cuda-nvdisasm wheel's,
+    named by $NVDISASM) where cuobjdump is not installed."""
+    nvdisasm = os.environ.get("NVDISASM") or shutil.which("nvdisasm")
+    if shutil.which("cuobjdump") or not nvdisasm:
+        command, header = ["cuobjdump", "-sass", str(cubin)], r"Function : (\S+)"
+    else:
+        command, header = [nvdisasm, "-c", str(cubin)], r"^\.text\.(\S+):"
+    listing = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    functions: dict[str, list[str]] = {}
     current = None
     for line in listing.splitlines():
-        header = re.search(r"Function : (\S+)", line)
-        if header:
-            current = header.group(1)
-            counts[current] = 0
-        elif current is not None and re.search(rf"\b{opcode}\b", line):
-            counts[current] += 1
-    return counts
+        match = re.search(header, line)
+        if match:
+            current = functions.setdefault(match.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return functions
+
+
+def wait_ahead_of_softmax(sass: list[str]) -> bool:
+    """Whether a wgmma wait_group 0 directly follows a wait_group 1 with no MUFU.EX2 between them: the sm90
+    forwards wait for S (group 1), run the softmax while P V of the previous tile runs, then wait for it (group 0),
+    and ptxas once scheduled that second wait ahead of the softmax (wait_pv_rescale_o in wgmma_sm90.cuh)."""
+    events = [("1" if "gsb0, 0x1" in line else "0") if "WARPGROUP.DEPBAR" in line else "e"
+              for line in sass if "WARPGROUP.DEPBAR" in line or "MUFU.EX2" in line]
+    return "10" in "".join(events)
 
 
 def _demangled_function(mangled: str) -> str:
@@ -196,7 +211,8 @@ def main() -> int:
     parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
     parser.add_argument("--json", help="write the resource table here")
     parser.add_argument("--sass", action="store_true",
-                        help="also disassemble the sm_90a builds (needs cuobjdump) and count HGMMA per kernel")
+                        help="also disassemble the sm_90a builds (cuobjdump, or nvdisasm: $NVDISASM), count "
+                             "HGMMA/QGMMA per kernel, check that no forward waits for P V ahead of its softmax")
     parser.add_argument("--nvrtc", action="store_true", help="compile with NVRTC (pip wheels) instead of nvcc")
     args = parser.parse_args()
     if args.nvrtc:
@@ -221,7 +237,10 @@ def main() -> int:
         hgmma: dict[str, int] = {}
         for job, cubin in cubins.items():
             if cubin is not None and results[job][0] == 0:
-                hgmma.update(count_sass(cubin, "HGMMA"))
+                for kernel, sass in disassemble(cubin).items():
+                    hgmma[kernel] = sum(1 for line in sass if re.search(r"\b[HQ]GMMA\b", line))
+                    if "attention_fwd_" in kernel and wait_ahead_of_softmax(sass):
+                        failures.append(f"{kernel}: the wait for P V sits ahead of the softmax's exponentials")
 
     for (source, arch), (code, log) in results.items():
         if code != 0:
@@ -243,7 +262,7 @@ def main() -> int:
     if not failures and len(rows) != expected:
         failures.append(f"expected {expected} kernels, ptxas reported {len(rows)}")
     print(f"{'function':<26}{'arch':<7}{'dtype':<10}{'D':>4} {'causal':<7}{'regs':>5}{'stack':>6}"
-          f"{'spill_st':>9}{'spill_ld':>9}{'HGMMA':>7}")
+          f"{'spill_st':>9}{'spill_ld':>9}{'GMMA':>7}")
     for row in sorted(rows, key=lambda r: (r["function"], r["arch"], r["head_dim"], r["dtype"], r["causal"])):
         print(f"{row['function']:<26}{row['arch']:<7}{row['dtype']:<10}{row['head_dim']:>4} {row['causal']!s:<7}"
               f"{row['registers']:>5}"

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from compile_kernels import all_kernels, nvrtc_toolkit  # noqa: E402
+from compile_kernels import all_kernels, nvrtc_toolkit, wait_ahead_of_softmax  # noqa: E402
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
@@ -35,6 +35,27 @@ def test_all_instantiations_compile_with_nvrtc():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected = sum("90a" in kernel.archs for kernel in all_kernels())
     assert f"OK: NVRTC compiled {expected} instantiations" in result.stdout
+
+
+def test_wait_ahead_of_softmax_reads_the_sass_order():
+    """The --sass check flags a loop whose wait for P V (wait_group 0) directly follows the wait for S
+    (wait_group 1), as ptxas had scheduled it before wait_pv_rescale_o, and passes one whose exponentials come
+    between them; SASS lines shuffled with unrelated instructions at random."""
+    rng = np.random.default_rng()
+    wait_s, wait_pv = "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;", "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"
+    exps = [f"MUFU.EX2 R{i}, R{i} ;" for i in rng.integers(10, 200, size=int(rng.integers(1, 120)))]
+
+    def listing(*parts: list[str]) -> list[str]:
+        lines = []
+        for part in parts:
+            for line in part:
+                lines += [f"FFMA R{int(rng.integers(200))}, R1, R2, R3 ;"] * int(rng.integers(0, 3)) + [line]
+        return lines
+
+    first_tile = [wait_pv, *exps]  # the first tile's single wait, then its softmax
+    assert not wait_ahead_of_softmax(listing(first_tile, [wait_s], exps, [wait_pv]))
+    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], [wait_pv], exps))
+    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], exps[:1], [wait_pv], [wait_s], [wait_pv], exps))
 
 
 def test_sm90_tile_follows_row_padding():
