@@ -303,10 +303,17 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
             consumer_release(bars.k_empty(s), lane);
             if (it == n_blocks - 1) consumer_release(bars.q_empty(), lane);  // the tile's last read of Q
             softmax(n_blocks - 1 - it, corr);
-            wait_pv_rescale_o(acc_o, corr);  // P_prev V_prev done: O and the P registers are free again
+            wgmma_wait_after_softmax(it);  // P_prev V_prev done: O and the P registers are free again
+            reg_fence(acc_o);
 #pragma unroll
             for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
             consumer_release(bars.v_empty(s_prev), lane);
+            if (corr[0] != 1.f || corr[1] != 1.f) {
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
+            }
             pack_p();
         }
 

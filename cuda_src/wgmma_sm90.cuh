@@ -482,23 +482,18 @@ __device__ __forceinline__ void fence_operands(float (&s)[NS], float (&o)[NO], u
     wgmma_fence();
 }
 
-// After the softmax of key tile j: waits for P_{j-1} V_{j-1} (wait_group 0: O and the P registers are free again)
-// and rescales O by corr (2^(m_old - m_new) per row; 1 where the row max did not move). The wait sits in both
-// arms of a warp-uniform branch on whether any row of the warp rescales: as one plain wgmma_wait<0> after the
-// softmax, ptxas scheduled it at the top of the softmax's basic block, ahead of every exp2 (SASS of both forward
-// kernels), so P V no longer ran under the softmax. The arms' asm differ by a PTX comment, so that the compiler
-// cannot merge them back above the branch. Multiplying an unchanged row by 1 is exact.
-template <int NO>
-__device__ __forceinline__ void wait_pv_rescale_o(float (&o)[NO], const float (&corr)[2]) {
-    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-        asm volatile("wgmma.wait_group.sync.aligned 0;  // then O *= corr\n" ::: "memory");
-        reg_fence(o);
-#pragma unroll
-        for (int i = 0; i < NO; ++i) o[i] *= corr[(i & 3) >> 1];  // accumulator layout: rows r, r + 8 per n8 block
-    } else {
+// After the softmax of the main loop's iteration `it`: waits for the previous tile's P V (wait_group 0: O and the P
+// registers are free again). As one plain wgmma_wait<0> after the softmax, ptxas scheduled the wait at the top of
+// the softmax's basic block, ahead of every exp2 (SASS of both forward kernels), so P V no longer ran under the
+// softmax. Here the wait sits in both arms of a branch on the parity of `it`, which ends that block; the condition is
+// the same for every thread of the warpgroup, as wait_group's .aligned requires, and the arms' asm differ by a PTX
+// comment so that the compiler cannot merge them back above the branch. scripts/compile_kernels.py --sass checks
+// where the wait lands.
+__device__ __forceinline__ void wgmma_wait_after_softmax(int it) {
+    if (it & 1)
+        asm volatile("wgmma.wait_group.sync.aligned 0;  // odd iteration\n" ::: "memory");
+    else
         wgmma_wait<0>();
-        reg_fence(o);
-    }
 }
 
 // One consumer warpgroup's turn on the tensor cores (WarpRoles: waits for it under ping-pong): the register

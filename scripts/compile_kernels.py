@@ -9,6 +9,10 @@ from `adaattn_core.launch_config`, the same tables the launchers use.
 
     python scripts/compile_kernels.py [--json FILE]
     python scripts/compile_kernels.py --nvrtc       # NVRTC instead (what runs on users' GPUs), sm_90a, no GPU
+    python scripts/compile_kernels.py --sass        # also disassemble: GMMA counts, the forwards' wait placement
+
+With --sass it also fails when an sm90 kernel has no HGMMA/QGMMA, when a forward waits for its P V ahead of the
+softmax's exponentials (`wait_ahead_of_softmax`), or when some sm_90a kernel is missing from the disassembly.
 
 NVRTC differs from nvcc (no <cmath>, so no INFINITY; different default headers), and the kernels only ever
 run through NVRTC, so `--nvrtc` compiles every instantiation the way the loader does (its source hashing and
@@ -98,10 +102,12 @@ def disassemble(cubin: Path) -> dict[str, list[str]]:
     """SASS lines per kernel (mangled name): cuobjdump -sass, or nvdisasm (e.g. the nvidia-cuda-nvdisasm wheel's,
     named by $NVDISASM) where cuobjdump is not installed."""
     nvdisasm = os.environ.get("NVDISASM") or shutil.which("nvdisasm")
-    if shutil.which("cuobjdump") or not nvdisasm:
+    if shutil.which("cuobjdump"):
         command, header = ["cuobjdump", "-sass", str(cubin)], r"Function : (\S+)"
-    else:
+    elif nvdisasm:
         command, header = [nvdisasm, "-c", str(cubin)], r"^\.text\.(\S+):"
+    else:
+        raise SystemExit("--sass needs cuobjdump or nvdisasm on PATH (or $NVDISASM: pip download nvidia-cuda-nvdisasm)")
     listing = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     functions: dict[str, list[str]] = {}
     current = None
@@ -115,12 +121,14 @@ def disassemble(cubin: Path) -> dict[str, list[str]]:
 
 
 def wait_ahead_of_softmax(sass: list[str]) -> bool:
-    """Whether a wgmma wait_group 0 directly follows a wait_group 1 with no MUFU.EX2 between them: the sm90
-    forwards wait for S (group 1), run the softmax while P V of the previous tile runs, then wait for it (group 0),
-    and ptxas once scheduled that second wait ahead of the softmax (wait_pv_rescale_o in wgmma_sm90.cuh)."""
-    events = [("1" if "gsb0, 0x1" in line else "0") if "WARPGROUP.DEPBAR" in line else "e"
-              for line in sass if "WARPGROUP.DEPBAR" in line or "MUFU.EX2" in line]
-    return "10" in "".join(events)
+    """Whether some exponential comes after a wgmma wait_group 0 that follows a wait_group 1 (before the next
+    wait_group 1): the sm90 forwards wait for S (group 1), run the softmax while the previous tile's P V runs, then
+    wait for it (group 0), and ptxas once scheduled that second wait ahead of the softmax
+    (wgmma_wait_after_softmax in wgmma_sm90.cuh). The first tile's wait_group 0, for S alone, comes before any
+    wait_group 1 and is not looked at."""
+    events = "".join(("1" if "gsb0, 0x1" in line else "0") if "WARPGROUP.DEPBAR" in line else "e"
+                     for line in sass if "WARPGROUP.DEPBAR" in line or "MUFU.EX2" in line)
+    return any("e" in segment[segment.find("0"):] for segment in events.split("1")[1:] if "0" in segment)
 
 
 def _demangled_function(mangled: str) -> str:
@@ -252,6 +260,10 @@ def main() -> int:
         if warnings:
             failures.append(f"{source} sm_{arch}: compiler warnings\n" + "\n".join(warnings))
         rows.extend(parse_ptxas(log, arch))
+    if args.sass:  # a disassembly that parsed no function would pass every check below
+        missing = [row["kernel"] for row in rows if row["arch"] == "sm_90a" and row["kernel"] not in hgmma]
+        if missing:
+            failures.append(f"{len(missing)} sm_90a kernels not found in the disassembly, e.g. {missing[0]}")
     for row in rows:
         if row["arch"] == "sm_90a" and row["kernel"] in hgmma:
             row["hgmma"] = hgmma[row["kernel"]]

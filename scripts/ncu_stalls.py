@@ -5,9 +5,9 @@
     ncu -i fp8.ncu-rep --page source --csv --print-source sass > fp8-sass.csv
     python3 scripts/ncu_stalls.py fp8-sass.csv [--top 30]
 
-Prints the stall reasons over the whole kernel, then the instructions holding the most samples, then the samples
-of each wgmma wait (WARPGROUP.DEPBAR) with the MUFU.EX2 that follow it before the next wait (which shows whether
-a wait sits ahead of or behind the softmax's exponentials; session 12 found ptxas had put it ahead).
+Prints the stall reasons over the whole kernel, then the instructions holding the most samples, the samples per
+opcode, then each wgmma wait (WARPGROUP.DEPBAR) with its samples and the MUFU.EX2 that follow it before the next
+wait (whether a wait sits ahead of or behind the softmax's exponentials; session 12 found ptxas had put it ahead).
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def main() -> None:
     for i in sorted(range(len(rows)), key=lambda i: -samples(rows[i]))[: args.top]:
         detail = " ".join(f"{r[6:]}={rows[i][col[r]]}" for r in reasons if rows[i][col[r]] not in ("", "0"))
         print(f"  {i:5d}: {samples(rows[i]) / total:5.1%}  {rows[i][col['Source']].strip()[:60]:60s} {detail}")
+    print("\nsamples per opcode (share of all samples, instructions)")
+    per_opcode: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for row in rows:
+        words = [w for w in row[col["Source"]].split() if not w.startswith("@")]
+        if words:
+            opcode = words[0].split(".")[0]
+            per_opcode[opcode] += samples(row)
+            count[opcode] += 1
+    for opcode, n in per_opcode.most_common(12):
+        print(f"  {opcode:12s} {n / total:6.1%}  ({count[opcode]})")
     print("\nwgmma waits and exponentials in program order (index: share, SASS)")
     mufu = [i for i, r in enumerate(rows) if "MUFU.EX2" in r[col["Source"]]]
     waits = [i for i, r in enumerate(rows) if "WARPGROUP.DEPBAR" in r[col["Source"]]]

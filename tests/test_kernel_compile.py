@@ -38,12 +38,12 @@ def test_all_instantiations_compile_with_nvrtc():
 
 
 def test_wait_ahead_of_softmax_reads_the_sass_order():
-    """The --sass check flags a loop whose wait for P V (wait_group 0) directly follows the wait for S
-    (wait_group 1), as ptxas had scheduled it before wait_pv_rescale_o, and passes one whose exponentials come
-    between them; SASS lines shuffled with unrelated instructions at random."""
-    rng = np.random.default_rng()
+    """The --sass check flags a loop whose wait for P V (wait_group 0 after a wait_group 1) comes before any of the
+    softmax's exponentials, as ptxas had scheduled it before wgmma_wait_after_softmax, and passes one whose
+    exponentials all come before it; SASS lines shuffled with unrelated instructions at random (seeded)."""
+    rng = np.random.default_rng(12)
     wait_s, wait_pv = "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;", "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"
-    exps = [f"MUFU.EX2 R{i}, R{i} ;" for i in rng.integers(10, 200, size=int(rng.integers(1, 120)))]
+    exps = [f"MUFU.EX2 R{i}, R{i} ;" for i in rng.integers(10, 200, size=int(rng.integers(3, 120)))]
 
     def listing(*parts: list[str]) -> list[str]:
         lines = []
@@ -52,10 +52,12 @@ def test_wait_ahead_of_softmax_reads_the_sass_order():
                 lines += [f"FFMA R{int(rng.integers(200))}, R1, R2, R3 ;"] * int(rng.integers(0, 3)) + [line]
         return lines
 
-    first_tile = [wait_pv, *exps]  # the first tile's single wait, then its softmax
-    assert not wait_ahead_of_softmax(listing(first_tile, [wait_s], exps, [wait_pv]))
-    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], [wait_pv], exps))
-    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], exps[:1], [wait_pv], [wait_s], [wait_pv], exps))
+    first_tile = [wait_pv, *exps]  # the first tile's wait for S alone, then its softmax: not looked at
+    last = [wait_pv]  # the last tile's P V, after the loop
+    assert not wait_ahead_of_softmax(listing(first_tile, [wait_s], exps, [wait_pv, wait_pv], last))
+    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], [wait_pv], exps, last))
+    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], exps[:2], [wait_pv], exps[2:], last))
+    assert wait_ahead_of_softmax(listing(first_tile, [wait_s], exps, [wait_pv], [wait_s], [wait_pv], exps))
 
 
 def test_sm90_tile_follows_row_padding():
