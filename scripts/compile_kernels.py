@@ -242,11 +242,11 @@ def main() -> int:
         with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
             results = dict(zip(jobs, pool.map(lambda job: compile_unit(args.nvcc, job[1], units[job], cubins[job]),
                                               jobs)))
-        hgmma: dict[str, int] = {}
+        gmma: dict[str, int] = {}  # HGMMA + QGMMA per kernel
         for job, cubin in cubins.items():
             if cubin is not None and results[job][0] == 0:
                 for kernel, sass in disassemble(cubin).items():
-                    hgmma[kernel] = sum(1 for line in sass if re.search(r"\b[HQ]GMMA\b", line))
+                    gmma[kernel] = sum(1 for line in sass if re.search(r"\b[HQ]GMMA\b", line))
                     if "attention_fwd_" in kernel and wait_ahead_of_softmax(sass):
                         failures.append(f"{kernel}: the wait for P V sits ahead of the softmax's exponentials")
 
@@ -261,14 +261,14 @@ def main() -> int:
             failures.append(f"{source} sm_{arch}: compiler warnings\n" + "\n".join(warnings))
         rows.extend(parse_ptxas(log, arch))
     if args.sass:  # a disassembly that parsed no function would pass every check below
-        missing = [row["kernel"] for row in rows if row["arch"] == "sm_90a" and row["kernel"] not in hgmma]
+        missing = [row["kernel"] for row in rows if row["arch"] == "sm_90a" and row["kernel"] not in gmma]
         if missing:
             failures.append(f"{len(missing)} sm_90a kernels not found in the disassembly, e.g. {missing[0]}")
     for row in rows:
-        if row["arch"] == "sm_90a" and row["kernel"] in hgmma:
-            row["hgmma"] = hgmma[row["kernel"]]
-            if row["function"].endswith("_sm90") and not row["hgmma"]:
-                failures.append(f"{row['kernel']}: no HGMMA in its SASS")
+        if row["arch"] == "sm_90a" and row["kernel"] in gmma:
+            row["gmma"] = gmma[row["kernel"]]
+            if row["function"].endswith("_sm90") and not row["gmma"]:
+                failures.append(f"{row['kernel']}: no HGMMA or QGMMA in its SASS")
 
     expected = sum(len(members) for members in jobs.values())
     if not failures and len(rows) != expected:
@@ -278,7 +278,7 @@ def main() -> int:
     for row in sorted(rows, key=lambda r: (r["function"], r["arch"], r["head_dim"], r["dtype"], r["causal"])):
         print(f"{row['function']:<26}{row['arch']:<7}{row['dtype']:<10}{row['head_dim']:>4} {row['causal']!s:<7}"
               f"{row['registers']:>5}"
-              f"{row['stack']:>6}{row['spill_stores']:>9}{row['spill_loads']:>9}{row.get('hgmma', ''):>7}")
+              f"{row['stack']:>6}{row['spill_stores']:>9}{row['spill_loads']:>9}{row.get('gmma', ''):>7}")
         local = row["stack"] + row["spill_stores"] + row["spill_loads"]
         if row["head_dim"] in NO_LOCAL_MEMORY_DIMS and local:
             failures.append(f"{row['kernel']} ({row['arch']}) uses local memory: {local} bytes")

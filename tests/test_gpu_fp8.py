@@ -195,6 +195,7 @@ def test_quantiser_statistics_against_float64(rng, monkeypatch, stats_blocks, di
 
     if stats_blocks is not None:
         monkeypatch.setattr(launch_config, "FP8_STATS_BLOCKS", stats_blocks)
+    assert launch_config.fp8_stats_splits(1000, 4) == {1: (1, 1024), 8: (2, 512), None: (4, 256)}[stats_blocks]
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=77, seq_k=1000, dim=dim, dtype="bfloat16",
                        xp=cupy)
     problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
