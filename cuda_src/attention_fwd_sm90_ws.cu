@@ -308,12 +308,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
 #pragma unroll
             for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
             consumer_release(bars.v_empty(s_prev), lane);
-            if (corr[0] != 1.f || corr[1] != 1.f) {
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc_o[4 * dt + e] *= corr[e >> 1];
-            }
+            rescale_o(acc_o, corr);
             pack_p();
         }
 

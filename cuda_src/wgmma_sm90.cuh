@@ -496,6 +496,17 @@ __device__ __forceinline__ void wgmma_wait_after_softmax(int it) {
         wgmma_wait<0>();
 }
 
+// O *= corr per row after the wait for P V (corr = 2^(m_old - m_new), 1 where the row max did not move). The
+// branch is uniform per warp (no wgmma in it): a warp whose rows all kept their max skips the multiplies without
+// diverging, where a per-thread branch split the warp; multiplying an unchanged row by 1 is exact.
+template <int NO>
+__device__ __forceinline__ void rescale_o(float (&o)[NO], const float (&corr)[2]) {
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < NO; ++i) o[i] *= corr[(i & 3) >> 1];  // accumulator layout: rows r, r + 8 per n8 block
+    }
+}
+
 // One consumer warpgroup's turn on the tensor cores (WarpRoles: waits for it under ping-pong): the register
 // operands are fenced, `issue` issues and commits the turn's wgmma groups, and the turn passes on.
 template <typename Roles, int NS, int NO, int KN, typename Issue>
