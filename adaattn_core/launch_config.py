@@ -473,3 +473,24 @@ def backward_sm90_launch(dtype: str, head_dim: int, causal: bool) -> KernelLaunc
     return KernelLaunch("attention_bwd_dkdv_sm90.cu",
                         f"attention_bwd_dkdv_sm90<{CUDA_TYPES[dtype]}, {head_dim}, {tile.block_m}, {flag}>",
                         tile.threads, tile.smem_bytes(head_dim), tile.block_m, SM90_ARCHS)
+
+
+# Low-rank forward: cuda_src/lowrank_fwd.cu, one block of LOWRANK_BLOCK positions (lowrank.BLOCK) per thread
+# block, its key set (near block, landmarks, sinks) gathered in tiles of as many slots.
+LOWRANK_BLOCK = 64
+LOWRANK_HEAD_DIMS = (64, 128)
+
+
+def lowrank_launch(dtype: str, head_dim: int, causal: bool) -> KernelLaunch:
+    """The fused low-rank forward for a head dim in `LOWRANK_HEAD_DIMS` (grid: padded / 64 · heads · B blocks).
+    Shared memory: the Q tile and one K and one V tile of 16-bit elements, the tile's biases and positions."""
+    flag = "true" if causal else "false"
+    smem = 3 * LOWRANK_BLOCK * head_dim * 2 + LOWRANK_BLOCK * 8
+    return KernelLaunch("lowrank_fwd.cu", f"lowrank_fwd<{CUDA_TYPES[dtype]}, {head_dim}, {flag}>", 128, smem,
+                        LOWRANK_BLOCK, SM80_ARCHS)
+
+
+def all_lowrank_kernels() -> list[KernelLaunch]:
+    """Every low-rank forward instantiation."""
+    return [lowrank_launch(dtype, head_dim, causal) for dtype in CUDA_TYPES for head_dim in LOWRANK_HEAD_DIMS
+            for causal in (False, True)]

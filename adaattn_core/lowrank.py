@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -41,10 +42,12 @@ from typing import Any
 import numpy as np
 
 from ._arrays import compute_dtype, namespace, on_device
+from .launch_config import LOWRANK_BLOCK
 from .problem import AttentionProblem
 
-#: Near-field block w (positions). 64 keeps the exact band narrow while the landmark grid stays fine.
-BLOCK = 64
+#: Near-field block w (positions). 64 keeps the exact band narrow while the landmark grid stays fine; the fused
+#: kernel (cuda_src/lowrank_fwd.cu) is built for it.
+BLOCK = LOWRANK_BLOCK
 #: Scores held at once per head chunk (B · heads · Lp · keys per query); bounds memory to ~256 MiB (float32).
 CHUNK_ELEMENTS = 1 << 26
 
@@ -410,6 +413,25 @@ def prepare(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], ran
     return Prepared(tuple(int(h) for h in heads), rank, geo, keys)
 
 
+#: $ADAATTN_LOWRANK_KERNEL: "auto" (default) runs the low-rank forward of CuPy bf16/fp16 inputs with D in
+#: launch_config.LOWRANK_HEAD_DIMS through the fused kernel (cuda_lowrank), "reference" through `_all_rows`
+#: (float32 batched matmuls) everywhere: for tests and comparisons.
+LOWRANK_KERNEL_CHOICES = ("auto", "reference")
+
+
+def fused_kernel(problem: AttentionProblem) -> Any:
+    """The `cuda_lowrank` module when it takes `problem` under $ADAATTN_LOWRANK_KERNEL, else None. Raises
+    ValueError naming the variable for a value not in LOWRANK_KERNEL_CHOICES."""
+    choice = os.environ.get("ADAATTN_LOWRANK_KERNEL", "auto")
+    if choice not in LOWRANK_KERNEL_CHOICES:
+        raise ValueError(f"ADAATTN_LOWRANK_KERNEL must be one of {LOWRANK_KERNEL_CHOICES}, got {choice!r}")
+    if choice == "reference" or problem.library != "cupy":
+        return None
+    from . import cuda_lowrank
+
+    return cuda_lowrank if cuda_lowrank.unsupported_reason(problem) is None else None
+
+
 def forward(
     problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: Any,
     heads: Sequence[int], ranks: Sequence[int], artifacts: dict[str, Any],
@@ -425,13 +447,15 @@ def forward(
             optional ``"prepared"``: a sequence of `Prepared` (the guard's, one per rank); a chunk whose heads
             one of them holds at its rank takes its keys (`Prepared.subset`) instead of calling `prepare`.
 
-    Heads sharing a rank are computed together, in chunks of at most CHUNK_ELEMENTS scores.
+    Heads sharing a rank are computed together, in chunks of at most CHUNK_ELEMENTS scores, by the fused kernel
+    (`fused_kernel`) where it takes the problem, else by `_all_rows`' float32 batched matmuls.
     Raises ValueError when heads and ranks differ in length or a rank is < 1.
     """
     if len(heads) != len(ranks):
         raise ValueError(f"heads and ranks must have the same length, got {len(heads)} and {len(ranks)}")
     xp = namespace(problem.library)
     ctype = compute_dtype(problem.dtype)
+    fused = fused_kernel(problem)
     reuse = {p.rank: p for p in artifacts.get("prepared", ())}
     by_rank: dict[int, list[int]] = {}
     for head, rank in zip(heads, ranks):
@@ -445,6 +469,9 @@ def forward(
             prepared = reuse[rank].subset(xp, chunk) if rank in reuse else None
             if prepared is None:
                 prepared = prepare(problem, k, v, chunk, rank, artifacts.get("sinks"))
+            if fused is not None:
+                fused.forward(problem, q, out, lse, chunk, prepared)
+                continue
             q_sel = _scaled(xp, ctype, problem, _select(problem, q, chunk, False))
             chunk_out, chunk_lse = _all_rows(xp, ctype, geo, problem.causal, q_sel, prepared.keys)
             if chunk == list(range(problem.heads_q)):  # every head: plain copies (cast on the way), no scatter

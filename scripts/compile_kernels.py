@@ -35,7 +35,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from adaattn_core.launch_config import KernelLaunch, all_backward_kernels, all_forward_kernels, all_fp8_kernels
+from adaattn_core.launch_config import (
+    KernelLaunch,
+    all_backward_kernels,
+    all_forward_kernels,
+    all_fp8_kernels,
+    all_lowrank_kernels,
+)
 from adaattn_core.loader import _tagged_source, compile_options, kernel_source_dir
 
 NO_LOCAL_MEMORY_DIMS = (64, 128)
@@ -70,11 +76,14 @@ PARAMS = {
     + "int, int, int, int, int, float",
     "attention_bwd_dq_convert": "const float* __restrict__, {t}* __restrict__, " + "long long, " * 3
     + "int, int, int, int, float",
+    "lowrank_fwd": "const {t}* __restrict__, " + "long long, " * 3 + "const float* __restrict__, " * 11
+    + "const long long* __restrict__, const int* __restrict__, {t}* __restrict__, " + "long long, " * 3
+    + "float* __restrict__, " + "int, " * 8 + "float",
 }
 
 
 def all_kernels() -> list[KernelLaunch]:
-    return all_forward_kernels() + all_backward_kernels() + all_fp8_kernels()
+    return all_forward_kernels() + all_backward_kernels() + all_fp8_kernels() + all_lowrank_kernels()
 
 
 def instantiation_unit(source: str, kernels: list[KernelLaunch]) -> str:

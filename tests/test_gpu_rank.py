@@ -96,3 +96,57 @@ def test_policy_dispatches_mixed_heads_on_gpu(cp, rng, causal):
     assert report.estimates["rank"]["transfers"] == 1  # no head retried: the plan synchronised once
     for h, (path, error) in enumerate(zip(paths, report.measured["error"])):
         assert error < (TOLERANCE if path == "lowrank" else 1e-2), (h, error, heads[h])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k,rank,sinks", [(1, 1, 1, {}), (17, 17, 2, {1: [3]}), (127, 1000, 3, {}),
+                                                     (1000, 127, 4, {0: [0, 5]}), (4097, 4097, 8, {2: [4096]})])
+def test_fused_lowrank_kernel_matches_the_float32_path(cp, rng, dtype, dim, causal, seq_q, seq_k, rank, sinks):
+    """cuda_src/lowrank_fwd.cu against lowrank._all_rows (float32 batched matmuls) on the same prepared keys: odd
+    sizes, Sq != Sk both ways (causal rows with no key: out 0, lse -inf), GQA, a strided q, sinks, heads not
+    listed left untouched. Tolerance: the kernel rounds the landmark means and P to the input dtype (relative L2
+    of out <= 1e-2, lse within 2e-2)."""
+    from adaattn_core import cuda_lowrank
+
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=dim, dtype=dtype,
+                       contiguous=False, xp=cp)
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    assert cuda_lowrank.unsupported_reason(problem) is None
+    heads = [0, 2, 3]
+    prepared = lowrank.prepare(problem, k, v, heads, rank, sinks)
+    out = cp.full(q.shape, cp.nan, dtype=q.dtype)
+    lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
+    cuda_lowrank.forward(problem, q, out, lse, heads, prepared)
+    assert cp.isnan(out[:, 1].astype(cp.float32)).all() and cp.isnan(lse[:, 1]).all()
+    q_sel = lowrank._scaled(cp, cp.dtype(cp.float32), problem, q[:, heads])
+    ref_out, ref_lse = lowrank._all_rows(cp, cp.dtype(cp.float32), prepared.geometry, causal, q_sel, prepared.keys)
+    got_out, got_lse = to_host64(out[:, heads]), to_host64(lse[:, heads])
+    ref_out, ref_lse = to_host64(ref_out), to_host64(ref_lse)
+    assert np.isfinite(got_out).all()
+    np.testing.assert_array_equal(np.isfinite(got_lse), np.isfinite(ref_lse))
+    empty = ~np.isfinite(ref_lse)
+    assert (got_out[empty] == 0).all()
+    assert rel_l2(got_out, ref_out) <= 1e-2
+    np.testing.assert_allclose(got_lse[~empty], ref_lse[~empty], atol=2e-2, rtol=0)
+
+
+def test_fused_lowrank_is_the_default_and_reference_is_selectable(cp, rng, monkeypatch):
+    """lowrank.forward takes the fused kernel for CuPy bf16 (its output differs from the float32 path's by the
+    kernel's rounding, within 1e-2), the float32 path under ADAATTN_LOWRANK_KERNEL=reference, and names the
+    variable for another value."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, seq_q=1000, dim=64, dtype="bfloat16", xp=cp)
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    outs = {}
+    for choice in ("auto", "reference"):
+        monkeypatch.setenv("ADAATTN_LOWRANK_KERNEL", choice)
+        assert (lowrank.fused_kernel(problem) is None) == (choice == "reference")
+        out = cp.empty_like(q)
+        lse = cp.empty(q.shape[:3], dtype=cp.float32)
+        lowrank.forward(problem, q, k, v, out, lse, [0, 1], [4, 4], {})
+        outs[choice] = to_host64(out)
+    assert 0 < rel_l2(outs["auto"], outs["reference"]) <= 1e-2
+    monkeypatch.setenv("ADAATTN_LOWRANK_KERNEL", "fused")
+    with pytest.raises(ValueError, match="ADAATTN_LOWRANK_KERNEL"):
+        lowrank.fused_kernel(problem)

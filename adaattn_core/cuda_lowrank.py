@@ -1,0 +1,79 @@
+"""Launcher of the fused low-rank forward (cuda_src/lowrank_fwd.cu) for CuPy arrays.
+
+It computes what `lowrank._all_rows` computes — each query against its near block, its segment's fine landmarks,
+the coarse landmarks and the sinks, merged in one softmax — from the same prepared keys (`lowrank.prepare`), in
+one launch per rank group: 16-bit operands (the fp32 landmark means rounded to the input dtype) on mma.sync
+tensor cores with fp32 accumulation, instead of float32 batched matmuls over per-part score buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._arrays import on_device
+from .cuda_common import common_unsupported_reason, readable, shared_memory_optin, shared_memory_reason, writable
+from .launch_config import LOWRANK_BLOCK, LOWRANK_HEAD_DIMS, check_grid, lowrank_launch
+from .loader import get_kernel
+from .problem import LOG2E, AttentionProblem
+
+
+def unsupported_reason(problem: AttentionProblem) -> str | None:
+    """Why the fused low-rank kernel cannot take `problem` (None when it can): device, dtype, head dim, scale,
+    shared memory."""
+    reason = common_unsupported_reason(problem)
+    if reason is not None:
+        return reason
+    if problem.head_dim not in LOWRANK_HEAD_DIMS:
+        return f"head dim {problem.head_dim} (the fused low-rank kernel takes {list(LOWRANK_HEAD_DIMS)})"
+    if problem.scale <= 0:
+        return f"scale {problem.scale} (the fused low-rank kernel needs scale > 0)"
+    import cupy
+
+    launch = lowrank_launch(problem.dtype, problem.head_dim, problem.causal)
+    return shared_memory_reason(f"low-rank head dim {problem.head_dim}", launch.smem_bytes,
+                                shared_memory_optin(cupy.cuda.runtime.getDevice()))
+
+
+def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequence[int], prepared: Any) -> None:
+    """The low-rank approximation of query `heads` into `out` ([B, Hq, Sq, D] view, input dtype) and `lse`
+    ([B, Hq, Sq] float32, contiguous); other heads untouched.
+
+    `prepared`: `lowrank.Prepared` of exactly these heads (its keys: float32 CuPy arrays, its geometry's block
+    LOWRANK_BLOCK). q: the unscaled [B, Hq, Sq, D] input (any strides; copied once if the kernel cannot read
+    them). Raises ValueError when `prepared` holds other heads or another block.
+    """
+    import cupy
+
+    geo, keys = prepared.geometry, prepared.keys
+    if tuple(heads) != tuple(prepared.heads):
+        raise ValueError(f"prepared keys hold heads {list(prepared.heads)}, expected {list(heads)}")
+    if geo.block != LOWRANK_BLOCK:
+        raise ValueError(f"geometry block must be {LOWRANK_BLOCK} (the kernel's), got {geo.block}")
+    if not heads or problem.is_empty:
+        return
+    launch = lowrank_launch(problem.dtype, problem.head_dim, problem.causal)
+    kernel = get_kernel(launch.source, launch.name)
+    kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
+    q_in, q_strides = readable(q)
+    target, o_strides = writable(out)
+    fp32 = [cupy.ascontiguousarray(x, dtype=cupy.float32) for x in
+            (keys.kp, keys.vp, keys.key_bias, keys.kf, keys.vf, keys.log_nf, keys.kc, keys.vc, keys.log_nc,
+             keys.ks, keys.vs)]
+    sink_pos = cupy.ascontiguousarray(keys.sink_pos, dtype=cupy.int64)
+    n, sinks = len(heads), int(keys.ks.shape[2])
+    grid = check_grid(geo.blocks * n * problem.batch)
+    i32, i64 = np.int32, np.int64
+    kernel(
+        (grid,), (launch.threads,),
+        (q_in, *map(i64, q_strides[:3]), *fp32[:9], fp32[9], fp32[10], sink_pos, on_device(cupy, heads, np.int32),
+         target, *map(i64, o_strides[:3]), lse, i32(n), i32(problem.heads_q), i32(problem.seqlen_q),
+         i32(geo.padded), i32(geo.fine), i32(geo.segments), i32(sinks), i32(geo.q_offset),
+         np.float32(problem.scale * LOG2E)),
+        shared_mem=launch.smem_bytes,
+    )
+    if target is not out:
+        index = list(heads)
+        out[:, index] = target[:, index]
