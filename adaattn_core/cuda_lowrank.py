@@ -21,15 +21,13 @@ from .problem import LOG2E, AttentionProblem
 
 
 def unsupported_reason(problem: AttentionProblem) -> str | None:
-    """Why the fused low-rank kernel cannot take `problem` (None when it can): device, dtype, head dim, scale,
-    shared memory."""
+    """Why the fused low-rank kernel cannot take `problem` (None when it can): device, dtype, head dim, shared
+    memory. (Any scale: the kernel folds it into each score before the row max.)"""
     reason = common_unsupported_reason(problem)
     if reason is not None:
         return reason
     if problem.head_dim not in LOWRANK_HEAD_DIMS:
         return f"head dim {problem.head_dim} (the fused low-rank kernel takes {list(LOWRANK_HEAD_DIMS)})"
-    if problem.scale <= 0:
-        return f"scale {problem.scale} (the fused low-rank kernel needs scale > 0)"
     import cupy
 
     launch = lowrank_launch(problem.dtype, problem.head_dim, problem.causal)
@@ -43,7 +41,8 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
 
     `prepared`: `lowrank.Prepared` of exactly these heads (its keys: float32 CuPy arrays, its geometry's block
     LOWRANK_BLOCK). q: the unscaled [B, Hq, Sq, D] input (any strides; copied once if the kernel cannot read
-    them). Raises ValueError when `prepared` holds other heads or another block.
+    them). Raises ValueError when `prepared` holds other heads or another block, or `lse` is not contiguous
+    float32.
     """
     import cupy
 
@@ -52,6 +51,8 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
         raise ValueError(f"prepared keys hold heads {list(prepared.heads)}, expected {list(heads)}")
     if geo.block != LOWRANK_BLOCK:
         raise ValueError(f"geometry block must be {LOWRANK_BLOCK} (the kernel's), got {geo.block}")
+    if lse.dtype != cupy.float32 or not lse.flags.c_contiguous:
+        raise ValueError(f"lse must be a contiguous float32 array, got {lse.dtype} with strides {lse.strides}")
     if not heads or problem.is_empty:
         return
     launch = lowrank_launch(problem.dtype, problem.head_dim, problem.causal)

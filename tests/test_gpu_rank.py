@@ -98,28 +98,37 @@ def test_policy_dispatches_mixed_heads_on_gpu(cp, rng, causal):
         assert error < (TOLERANCE if path == "lowrank" else 1e-2), (h, error, heads[h])
 
 
+#: The fused low-rank kernel against the float32 path: it rounds the landmark means, P and out to the input dtype.
+#: Bounds at about twice the errors of a NumPy emulation of that rounding (bf16: relative L2 of out 2.5e-3, lse
+#: 8.3e-4; fp16: 3.4e-4 and 1.0e-4, over these shapes).
+FUSED_TOLERANCE = {"bfloat16": (5e-3, 2e-3), "float16": (1e-3, 3e-4)}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seq_q,seq_k,rank,sinks", [(1, 1, 1, {}), (17, 17, 2, {1: [3]}), (127, 1000, 3, {}),
-                                                     (1000, 127, 4, {0: [0, 5]}), (4097, 4097, 8, {2: [4096]})])
+@pytest.mark.parametrize("seq_q,seq_k,rank,sinks", [(1, 1, 1, {}), (17, 17, 2, {2: [3]}), (127, 1000, 3, {}),
+                                                     (1000, 127, 4, {0: [0, 5]}),
+                                                     (4097, 4097, 8, {0: [17, 2000], 2: [4096]})])
 def test_fused_lowrank_kernel_matches_the_float32_path(cp, rng, dtype, dim, causal, seq_q, seq_k, rank, sinks):
     """cuda_src/lowrank_fwd.cu against lowrank._all_rows (float32 batched matmuls) on the same prepared keys: odd
-    sizes, Sq != Sk both ways (causal rows with no key: out 0, lse -inf), GQA, a strided q, sinks, heads not
-    listed left untouched. Tolerance: the kernel rounds the landmark means and P to the input dtype (relative L2
-    of out <= 1e-2, lse within 2e-2)."""
+    sizes, Sq != Sk both ways (causal rows with no key: out 0, lse -inf), GQA, strided q and out (aligned, read
+    and written in place), sinks, heads not listed left untouched; tolerances in FUSED_TOLERANCE."""
     from adaattn_core import cuda_lowrank
 
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=dim, dtype=dtype,
-                       contiguous=False, xp=cp)
+                       contiguous=False, offset=8, xp=cp)
     problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
     assert cuda_lowrank.unsupported_reason(problem) is None
     heads = [0, 2, 3]
     prepared = lowrank.prepare(problem, k, v, heads, rank, sinks)
-    out = cp.full(q.shape, cp.nan, dtype=q.dtype)
+    out_buffer = cp.full((2, 4, seq_q + 3, dim + 8), cp.nan, dtype=q.dtype)
+    out = out_buffer[:, :, 2: 2 + seq_q, 8:]  # strides the kernel writes in place
     lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
     cuda_lowrank.forward(problem, q, out, lse, heads, prepared)
     assert cp.isnan(out[:, 1].astype(cp.float32)).all() and cp.isnan(lse[:, 1]).all()
+    assert cp.isnan(out_buffer[:, :, :2].astype(cp.float32)).all()  # nothing written outside the view
+    assert cp.isnan(out_buffer[..., :8].astype(cp.float32)).all()
     q_sel = lowrank._scaled(cp, cp.dtype(cp.float32), problem, q[:, heads])
     ref_out, ref_lse = lowrank._all_rows(cp, cp.dtype(cp.float32), prepared.geometry, causal, q_sel, prepared.keys)
     got_out, got_lse = to_host64(out[:, heads]), to_host64(lse[:, heads])
@@ -128,8 +137,9 @@ def test_fused_lowrank_kernel_matches_the_float32_path(cp, rng, dtype, dim, caus
     np.testing.assert_array_equal(np.isfinite(got_lse), np.isfinite(ref_lse))
     empty = ~np.isfinite(ref_lse)
     assert (got_out[empty] == 0).all()
-    assert rel_l2(got_out, ref_out) <= 1e-2
-    np.testing.assert_allclose(got_lse[~empty], ref_lse[~empty], atol=2e-2, rtol=0)
+    out_tol, lse_tol = FUSED_TOLERANCE[dtype]
+    assert rel_l2(got_out, ref_out) <= out_tol
+    np.testing.assert_allclose(got_lse[~empty], ref_lse[~empty], atol=lse_tol, rtol=0)
 
 
 def test_fused_lowrank_is_the_default_and_reference_is_selectable(cp, rng, monkeypatch):
