@@ -255,9 +255,7 @@ __global__ void __launch_bounds__(128, 1) lowrank_fwd(
     __syncwarp();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float sum = quad_sum(row_sum[r]);
         const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
         const int row_local = warp_row + g + r * 8;
         const int row = p0 + row_local - q_offset;
