@@ -370,13 +370,19 @@ def _select(problem: AttentionProblem, x: Any, heads: Sequence[int], kv: bool) -
 
 @dataclass
 class Prepared:
-    """Keys, values and landmarks of query `heads` at one `rank`: what `approximate_rows` (the policy's guard)
-    and `forward` share, so that a plan can hand them on (``artifacts["prepared"]``) instead of recomputing."""
+    """Keys, values and landmarks of query `heads` at one `rank`: what `guard_rows` (the policy's guard) and
+    `forward` share, so that a plan can hand them on (``artifacts["prepared"]``) instead of recomputing.
+
+    `output`: (out [B, Hq, Sq, D] input dtype, lse [B, Hq, Sq] float32), the fused forward of these heads at
+    this rank when `guard_rows` ran it (other heads' entries undefined), else None: `forward` then copies
+    these heads' rows instead of recomputing them.
+    """
 
     heads: tuple[int, ...]
     rank: int
     geometry: Geometry
     keys: _Keys
+    output: tuple[Any, Any] | None = None
 
     @property
     def sink_columns(self) -> int:
@@ -396,7 +402,8 @@ class Prepared:
         keys = self.keys if tuple(heads) == self.heads else self.keys.take(xp, [position[h] for h in heads])
         if columns < self.sink_columns:
             keys = keys.first_sinks(columns)
-        return Prepared(tuple(int(h) for h in heads), self.rank, self.geometry, keys)
+        # The output is indexed by query head: it stays valid for any subset (dropped sink columns were −1).
+        return Prepared(tuple(int(h) for h in heads), self.rank, self.geometry, keys, self.output)
 
 
 def prepare(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], rank: int,
@@ -445,7 +452,8 @@ def forward(
         heads: query-head indices; ranks: the matching ranks (coarse segments, >= 1).
         artifacts: the plan's artifacts. Optional ``"sinks"``: {query head: key indices attended exactly};
             optional ``"prepared"``: a sequence of `Prepared` (the guard's, one per rank); a chunk whose heads
-            one of them holds at its rank takes its keys (`Prepared.subset`) instead of calling `prepare`.
+            one of them holds at its rank takes its keys (`Prepared.subset`) instead of calling `prepare`, and
+            its rows when the guard already ran the fused forward (`Prepared.output`).
 
     Heads sharing a rank are computed together, in chunks of at most CHUNK_ELEMENTS scores, by the fused kernel
     (`fused_kernel`) where it takes the problem, else by `_all_rows`' float32 batched matmuls.
@@ -467,6 +475,9 @@ def forward(
         for start in range(0, len(group), step):
             chunk = group[start: start + step]
             prepared = reuse[rank].subset(xp, chunk) if rank in reuse else None
+            if prepared is not None and prepared.output is not None:
+                _copy_heads(xp, prepared.output, out, lse, chunk, problem.heads_q)
+                continue
             if prepared is None:
                 prepared = prepare(problem, k, v, chunk, rank, artifacts.get("sinks"))
             if fused is not None:
@@ -481,6 +492,40 @@ def forward(
                 index = on_device(xp, chunk, np.int64)
                 out[:, index] = chunk_out.astype(out.dtype)
                 lse[:, index] = chunk_lse.astype(lse.dtype)
+
+
+def _copy_heads(xp: Any, source: tuple[Any, Any], out: Any, lse: Any, heads: list[int], num_heads: int) -> None:
+    """out[:, heads], lse[:, heads] = source's (out, lse [B, Hq, ...] arrays); plain copies for every head."""
+    if heads == list(range(num_heads)):
+        out[...] = source[0]
+        lse[...] = source[1]
+    else:
+        index = on_device(xp, heads, np.int64)
+        out[:, index] = source[0][:, index]
+        lse[:, index] = source[1][:, index]
+
+
+def guard_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepared: Prepared) -> Any:
+    """The approximation's output at query `rows` of the prepared heads as `forward` delivers it, [B, n, m, D]
+    in float32 (float64 for float64 inputs): what the rank policy's guard compares with the probe's exact rows.
+
+    Where the fused kernel takes the problem (`fused_kernel`), it runs the whole low-rank forward of these heads
+    once into buffers kept on ``prepared.output`` (an output-sized array and an lse array, held until the plan is
+    dropped) and gathers the rows: one launch instead of `approximate_rows`' ~30 array operations, and `forward`
+    copies those heads' rows instead of recomputing them; the rows then carry the kernel's 16-bit rounding, as
+    the delivered output does. Elsewhere the rows come from `approximate_rows`.
+    """
+    fused = fused_kernel(problem)
+    if fused is None:
+        return approximate_rows(problem, q, rows, prepared)[0]
+    import cupy
+
+    out = cupy.empty(q.shape, dtype=q.dtype)
+    lse = cupy.empty(q.shape[:3], dtype=cupy.float32)
+    fused.forward(problem, q, out, lse, prepared.heads, prepared)
+    prepared.output = (out, lse)
+    return _select(problem, out, prepared.heads, False)[:, :, on_device(cupy, rows)].astype(
+        compute_dtype(problem.dtype))
 
 
 def approximate_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepared: Prepared) -> tuple[Any, Any]:

@@ -16,7 +16,7 @@ For each call (`RankPolicy.plan`):
 4. Screening: a head whose mean normalised entropy H / log(keys seen) is below `min_entropy` and whose
    mass is not explained by sinks (those >= `sink_share` holding < 50%) is peaked (retrieval-like): dense.
 5. Guard: the other heads start at r = max(balanced rank, energy rank) (clipped to `max_rank`); the
-   approximation is evaluated on the probe rows (`lowrank.approximate_rows`) and compared with their
+   approximation is evaluated on the probe rows (`lowrank.guard_rows`) and compared with their
    exact outputs: relative L2 error over the head's rows (all batch entries). Above `tolerance` (but within
    `retry_margin` · tolerance), r doubles (at most `steps` tries, never beyond `max_rank`); a head that never
    passes stays dense. Without `spectral` the first rank is known before the statistics, so the first try runs
@@ -26,15 +26,18 @@ For each call (`RankPolicy.plan`):
 Host synchronisations (device-to-host transfers, `to_host64`; recorded as ``transfers`` in the report): one per
 plan, plus one per retry at a larger rank; `spectral` adds one (the pooled map) and moves the first try after
 the statistics' transfer. Launches: the probe's three Numba kernels, then batched array operations over all
-heads (no per-head loop): the statistics' ~4·max_sinks + 13, `lowrank.prepare` and `lowrank.approximate_rows`
-once per try, each with all its heads stacked on one axis. The speculative try costs a peaked batch its
-`prepare` and guard rows (work a diffuse batch needs anyway) in exchange for the second synchronisation.
+heads (no per-head loop): the statistics' ~4·max_sinks + 13, `lowrank.prepare` and `lowrank.guard_rows`
+once per try, each with all its heads stacked on one axis. Where the fused low-rank kernel takes the call
+(CuPy bf16/fp16, D 64 or 128), `guard_rows` is that kernel's whole forward of the tried heads (one launch; the
+forward then copies the passing heads' rows from it), else `lowrank.approximate_rows` on the probe rows only.
+The speculative try costs a peaked batch its `prepare` and guard rows (work a diffuse batch needs anyway) in
+exchange for the second synchronisation.
 
 Dense heads take the plan of the `then` policy (default "exact"), so this composes with a precision policy.
 Low-rank heads get HeadPlan(path="lowrank", precision=<compute dtype>, rank=r); the plan's artifacts carry
 ``"sinks"``: {query head: key indices} for `lowrank.forward`, and ``"prepared"``: the guard's keys and landmarks
 (a list of `lowrank.Prepared`, one per rank at which heads passed, holding only those heads and their sink
-columns), so the forward does not redo them.
+columns, and the guard's fused forward output when it ran one), so the forward does not redo them.
 
 Gradients: the low-rank path has no backward of its own, and the exact backward of the dense softmax is not
 the gradient of the approximation. So when gradients will be taken the policy plans every head dense:
@@ -283,10 +286,11 @@ class RankPolicy(Policy):
     @staticmethod
     def _guard_errors(problem: AttentionProblem, q: Any, rows: np.ndarray, probe: estimators.ProbeResult,
                       prepared: lowrank.Prepared) -> Any:
-        """[n] relative L2 error per prepared head of the approximation on the probe rows against their exact
-        outputs (`_rel_l2_per_head`), on the device: no transfer."""
+        """[n] relative L2 error per prepared head of the approximation on the probe rows (`lowrank.guard_rows`:
+        with the fused kernel, the whole forward of those heads, kept on `prepared` for the forward) against
+        their exact outputs (`_rel_l2_per_head`), on the device: no transfer."""
         xp = namespace(problem.library)
-        approx, _ = lowrank.approximate_rows(problem, q, rows, prepared)
+        approx = lowrank.guard_rows(problem, q, rows, prepared)
         exact = probe.out if prepared.heads == tuple(range(problem.heads_q)) else \
             probe.out[:, on_device(xp, prepared.heads, np.int64)]
         return _rel_l2_per_head(approx, exact.astype(approx.dtype, copy=False))

@@ -160,3 +160,47 @@ def test_fused_lowrank_is_the_default_and_reference_is_selectable(cp, rng, monke
     monkeypatch.setenv("ADAATTN_LOWRANK_KERNEL", "fused")
     with pytest.raises(ValueError, match="ADAATTN_LOWRANK_KERNEL"):
         lowrank.fused_kernel(problem)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_guard_runs_the_fused_forward_and_the_forward_copies_it(cp, rng, causal):
+    """With the fused kernel the guard's rows come from the kernel's whole forward of the tried heads (within
+    FUSED_TOLERANCE of approximate_rows' float32 rows), kept on the plan's prepared keys; lowrank.forward copies
+    the rows of those heads from it (a marker written there comes out); end to end the low-rank heads match a
+    fresh lowrank.forward of the same heads, ranks and sinks (up to the sinks' order) and the rank tolerance."""
+    kinds = ["diffuse", "peaked", "sink", "diffuse"]
+    q, k, v = _heads(rng, kinds, seq=4096, dim=128)
+    dev = [cp.asarray(x).astype("bfloat16") for x in (q, k, v)]
+    problem = describe(*dev, causal=causal, scale=None, layout="bhsd")
+    plan = RankPolicy().plan(problem, *dev, None)
+    low = [h for h, head in enumerate(plan.heads) if head.path == "lowrank"]
+    assert {0, 3} <= set(low) and 1 not in low, plan.heads
+    prepared = plan.artifacts["prepared"]
+    assert sorted(h for p in prepared for h in p.heads) == low and all(p.output is not None for p in prepared)
+
+    first = prepared[0]
+    rows = estimators.probe_rows(problem, 8)
+    fused_rows = lowrank.guard_rows(problem, dev[0], rows, first)
+    float32_rows, _ = lowrank.approximate_rows(problem, dev[0], rows, first)
+    assert rel_l2(fused_rows, float32_rows) <= FUSED_TOLERANCE["bfloat16"][0]
+
+    heads = list(first.heads)
+    first.output[0][:, heads] = 3
+    first.output[1][:, heads] = -5
+    out = cp.full(dev[0].shape, cp.nan, dtype=dev[0].dtype)
+    lse = cp.full(dev[0].shape[:3], cp.nan, dtype=cp.float32)
+    lowrank.forward(problem, *dev, out, lse, heads, [first.rank] * len(heads), {"prepared": [first]})
+    assert (to_host64(out[:, heads]) == 3).all() and (to_host64(lse[:, heads]) == -5).all()
+    others = [h for h in range(len(kinds)) if h not in heads]
+    assert cp.isnan(out[:, others].astype(cp.float32)).all()
+
+    report = aa.Report(measure_error=True)
+    got = aa.attention(*dev, causal=causal, policy=RankPolicy(), report=report)
+    assert [h.path for h in report.plan.heads] == [h.path for h in plan.heads]
+    fresh = cp.empty_like(dev[0])
+    fresh_lse = cp.empty(dev[0].shape[:3], dtype=cp.float32)
+    lowrank.forward(problem, *dev, fresh, fresh_lse, low, [plan.heads[h].rank for h in low],
+                    {"sinks": plan.artifacts["sinks"]})
+    assert rel_l2(got[:, low], fresh[:, low]) <= 1e-3
+    for h in low:
+        assert report.measured["error"][h] < TOLERANCE, (h, report.measured["error"])
