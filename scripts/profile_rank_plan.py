@@ -25,7 +25,8 @@ from typing import Any
 import cupy
 from cupyx.profiler import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # bench_rank imports _common as a script would
 from adaattn_core import estimators, lowrank  # noqa: E402
 from adaattn_core._arrays import to_host64  # noqa: E402
 from adaattn_core.problem import AttentionProblem, describe  # noqa: E402
