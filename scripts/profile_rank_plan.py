@@ -78,11 +78,19 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--kind", choices=list(KINDS), default="diffuse")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--probe-only", action="store_true",
+                        help="only run the probe --calls times (for ncu: ncu --metrics gpu__time_duration.sum ...)")
     args = parser.parse_args()
     policy = RankPolicy()
     for seq in args.seqs:
         q, k, v = make_inputs(KINDS[args.kind], 1, 16, seq, 128, seed=seq)
         problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
+        if args.probe_only:
+            rows = estimators.probe_rows(problem, policy.probe_rows, policy.seed)
+            for _ in range(args.calls):
+                estimators.probe(problem, q, k, v, rows)
+            cupy.cuda.Device().synchronize()
+            continue
         timing = benchmark(policy.plan, (problem, q, k, v, None), n_repeat=args.calls, n_warmup=5)
         cpu_ms, gpu_ms = timing.cpu_times.mean() * 1e3, timing.gpu_times.mean() * 1e3
         print(f"== {args.kind} S={seq}: plan {cpu_ms:.3f} ms host (CPU), {gpu_ms:.3f} ms device (GPU) per call")
