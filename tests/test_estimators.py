@@ -86,9 +86,25 @@ def test_probe_rejects_bad_arguments(rng):
 # and a GPU run of the suite must keep the real target in the main process).
 
 SIMULATOR_SCRIPT = textwrap.dedent("""
+    import sys, threading, traceback
     import numpy as np, ml_dtypes
+    from numba.cuda.simulator import kernelapi
     from adaattn_core import estimators
     from adaattn_core.problem import describe
+    # The simulator runs each CUDA thread as a Python thread and creates a block's shared arrays on first use,
+    # keyed by the calling line, without a lock (numba-cuda's FakeCUDAShared.array: look up, then store): a thread
+    # preempted in between gets an array of its own and the kernel reads garbage. The same, under a lock.
+    _lock, _array = threading.Lock(), kernelapi.FakeCUDAShared.array
+    def _shared_array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: as the simulator does
+            return _array(self, shape, dtype, alignment)
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1])[0:2]
+        with _lock:
+            if caller not in self._allocations:
+                self._allocations[caller] = np.empty(shape, kernelapi.numpy_support.as_dtype(dtype)
+                                                     if isinstance(dtype, kernelapi.types.Type) else dtype)
+            return self._allocations[caller]
+    kernelapi.FakeCUDAShared.array = _shared_array
     rng = np.random.default_rng({seed})
     cases = [("float32", False, 29, 29, 2), ("bfloat16", True, 19, 45, 1), ("float16", True, 40, 21, 2),
              ("float64", False, 7, 150, 1)]
