@@ -69,7 +69,7 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
     i32, i64 = np.int32, np.int64
     kernel(
         (grid,), (launch.threads,),
-        (q_in, *map(i64, q_strides[:3]), *fp32[:9], fp32[9], fp32[10], sink_pos, on_device(cupy, heads, np.int32),
+        (q_in, *map(i64, q_strides[:3]), *fp32, sink_pos, on_device(cupy, heads, np.int32),
          target, *map(i64, o_strides[:3]), lse, i32(n), i32(problem.heads_q), i32(problem.seqlen_q),
          i32(geo.padded), i32(geo.fine), i32(geo.segments), i32(sinks), i32(geo.q_offset),
          np.float32(problem.scale * LOG2E)),

@@ -476,7 +476,8 @@ def forward(
             chunk = group[start: start + step]
             prepared = reuse[rank].subset(xp, chunk) if rank in reuse else None
             if prepared is not None and prepared.output is not None:
-                _copy_heads(xp, prepared.output, out, lse, chunk, problem.heads_q)
+                _write_heads(xp, out, lse, chunk, problem.heads_q,
+                             *(_select(problem, x, chunk, False) for x in prepared.output))
                 continue
             if prepared is None:
                 prepared = prepare(problem, k, v, chunk, rank, artifacts.get("sinks"))
@@ -484,25 +485,21 @@ def forward(
                 fused.forward(problem, q, out, lse, chunk, prepared)
                 continue
             q_sel = _scaled(xp, ctype, problem, _select(problem, q, chunk, False))
-            chunk_out, chunk_lse = _all_rows(xp, ctype, geo, problem.causal, q_sel, prepared.keys)
-            if chunk == list(range(problem.heads_q)):  # every head: plain copies (cast on the way), no scatter
-                out[...] = chunk_out
-                lse[...] = chunk_lse
-            else:
-                index = on_device(xp, chunk, np.int64)
-                out[:, index] = chunk_out.astype(out.dtype)
-                lse[:, index] = chunk_lse.astype(lse.dtype)
+            _write_heads(xp, out, lse, chunk, problem.heads_q,
+                         *_all_rows(xp, ctype, geo, problem.causal, q_sel, prepared.keys))
 
 
-def _copy_heads(xp: Any, source: tuple[Any, Any], out: Any, lse: Any, heads: list[int], num_heads: int) -> None:
-    """out[:, heads], lse[:, heads] = source's (out, lse [B, Hq, ...] arrays); plain copies for every head."""
+def _write_heads(xp: Any, out: Any, lse: Any, heads: list[int], num_heads: int, head_out: Any, head_lse: Any
+                 ) -> None:
+    """out[:, heads], lse[:, heads] = head_out, head_lse ([B, len(heads), ...], cast on the way): plain copies
+    when `heads` is every head in order, else a scatter."""
     if heads == list(range(num_heads)):
-        out[...] = source[0]
-        lse[...] = source[1]
+        out[...] = head_out
+        lse[...] = head_lse
     else:
         index = on_device(xp, heads, np.int64)
-        out[:, index] = source[0][:, index]
-        lse[:, index] = source[1][:, index]
+        out[:, index] = head_out.astype(out.dtype, copy=False)
+        lse[:, index] = head_lse.astype(lse.dtype, copy=False)
 
 
 def guard_rows(problem: AttentionProblem, q: Any, rows: np.ndarray, prepared: Prepared) -> Any:

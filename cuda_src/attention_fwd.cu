@@ -226,8 +226,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                     mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * r], acc_s[mt][nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                mx = quad_max(mx);
                 // A row with no admissible key yet keeps max = -inf; use 0 so -inf - -inf never occurs.
                 const float mx_scaled = mx == neg_inf() ? 0.f : mx * scale_log2;
                 const float corr = fast_exp2(row_max[mt][r] * scale_log2 - mx_scaled);
@@ -281,9 +280,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) attention_fwd(
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[mt][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float sum = quad_sum(row_sum[mt][r]);
             const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
             const int row_local = warp_row + mt * 16 + g + r * 8;
             const int row = m_start + row_local;

@@ -314,9 +314,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
     const int warp_row = warp * 16;  // within the consumer's 64 rows
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float sum = quad_sum(row_sum[r]);
         const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
         const float seen = sum > 0.f ? 1.f : 0.f;
         const int row_wg = warp_row + g + r * 8;

@@ -326,9 +326,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         // Epilogue: lse and O / l, straight from the accumulators.
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float sum = quad_sum(row_sum[r]);
             const float inv = sum > 0.f ? fast_rcp(sum) : 0.f;
             const int row = row0 + r * 8;
             const bool in_range = row < seqlen_q;  // only the stores may depend on it: the quad shuffles

@@ -209,8 +209,7 @@ __global__ void __launch_bounds__(128, 1) lowrank_fwd(
             float mx = row_max[r];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = quad_max(mx);
             const float m = mx == neg_inf() ? 0.f : mx;  // no visible key yet: keep -inf - -inf from occurring
             const float corr = fast_exp2(row_max[r] - m);
             row_max[r] = mx;

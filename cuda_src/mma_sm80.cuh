@@ -102,10 +102,14 @@ __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
     return r;
 }
 
-// Total of a row spread over the 4 lanes of an mma quad (each lane holds two columns of every n8 block).
+// Total and max of a row spread over the 4 lanes of an mma quad (each lane holds two columns of every n8 block).
 __device__ __forceinline__ float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
 // 2^x on the SFU (ex2.approx.ftz); 2^-inf = +0.

@@ -341,8 +341,7 @@ __device__ __forceinline__ float quad_row_max(const float (&s)[N], int r) {
     float mx = neg_inf();
 #pragma unroll
     for (int nt = 0; nt < N / 4; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    return quad_max(mx);
 }
 
 // Row r's scores x -> 2^(x * factor - m) in place (one FFMA and one ex2 each), factor[p] for the p-th of PARTS
@@ -408,8 +407,7 @@ __device__ __forceinline__ float online_softmax_row(float (&s)[N], int r, const 
             part = fmaxf(part, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
         mx = fmaxf(mx, part * factor[p]);
     }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = quad_max(mx);
     const float corr = move_reference_max(mx, rescale_log2, row_max);
     const float m = row_max == neg_inf() ? 0.f : row_max;
     row_sum = row_sum * corr + exp2_row(s, r, factor, m - shift);
@@ -496,9 +494,10 @@ __device__ __forceinline__ void wgmma_wait_after_softmax(int it) {
         wgmma_wait<0>();
 }
 
-// O *= corr per row after the wait for P V (corr = 2^(m_old - m_new), 1 where the row max did not move). The
-// branch is uniform per warp (no wgmma in it): a warp whose rows all kept their max skips the multiplies without
-// diverging, where a per-thread branch split the warp; multiplying an unchanged row by 1 is exact.
+// O *= corr per row after the wait for P V (corr = 2^(m_old - m_new), 1 where the row max did not move), the one
+// copy both sm90 forwards call. The branch is uniform per warp (legal: no wgmma in it), so a warp whose rows all
+// kept their max skips the multiplies; multiplying an unchanged row by 1 is exact. (Measured level with a
+// per-thread branch: notes/forward-tuning.md, session 13.)
 template <int NO>
 __device__ __forceinline__ void rescale_o(float (&o)[NO], const float (&corr)[2]) {
     if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
