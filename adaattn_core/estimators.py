@@ -41,8 +41,8 @@ MAX_D = 256
 MAX_ROWS = 32
 #: Largest k of the top-k mass the kernels keep per thread.
 MAX_TOPK = 8
-#: Keys per block of the output kernel (split over keys for parallelism).
-KEYS_PER_BLOCK = 1024
+#: Keys per block of the output kernel (split over keys for parallelism: every probe row of a head shares a block).
+KEYS_PER_BLOCK = 256
 #: Output elements per thread in the output kernel (thread d owns d, d + THREADS, ...); a literal for Numba.
 D_PER_THREAD = MAX_D // THREADS
 
@@ -184,9 +184,11 @@ def _numba_cuda() -> Any:
 
 
 @cache
-def _kernels(bfloat16: bool) -> tuple[Any, Any, Any]:
+def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
     """(scores, row statistics, output) kernels, compiled lazily by Numba; `bfloat16`: k and v arrive as the
-    uint16 bit patterns of bfloat16 (Numba has no bfloat16 type) and are decoded in registers."""
+    uint16 bit patterns of bfloat16 (Numba has no bfloat16 type) and are decoded in registers. `rows`, the probe
+    row count m, is a compile-time constant of the scores and output kernels: their loops over the rows unroll,
+    so the per-row accumulators live in registers (a local array indexed at run time lives in local memory)."""
     _numba_cuda()
     from numba import float32, int64
 
@@ -214,30 +216,31 @@ def _kernels(bfloat16: bool) -> tuple[Any, Any, Any]:
     def scores_kernel(q_rows: Any, limits: Any, k: Any, scale: float, group: int, scores: Any) -> None:
         """scores[b, h, r, j] = scale · q_rows[b, h, r] · k[b, h // group, j] (−inf where j >= limits[r]).
 
-        Launch: grid (ceil(Sk / THREADS), B·Hq), THREADS threads; thread = one key, all m rows of the head,
-        so each key row is read from memory once per head. The m query rows sit in shared memory and are
-        read by all threads at the same address (a broadcast, no bank conflicts).
+        Launch: grid (ceil(Sk / THREADS), B·Hq), THREADS threads; thread = one key, all m = `rows` rows of the
+        head, so each key element is read and decoded once per head. The m query rows sit in shared memory and
+        are read by all threads at the same address (a broadcast, no bank conflicts).
         """
         tid = cuda.threadIdx.x
         j = cuda.blockIdx.x * THREADS + tid
         n_heads = q_rows.shape[1]
         b = cuda.blockIdx.y // n_heads
         h = cuda.blockIdx.y % n_heads
-        m, dim = q_rows.shape[2], q_rows.shape[3]
+        dim = q_rows.shape[3]
         q_sh = cuda.shared.array((MAX_ROWS, MAX_D), float32)
-        for idx in range(tid, m * dim, THREADS):
+        for idx in range(tid, rows * dim, THREADS):
             q_sh[idx // dim, idx % dim] = q_rows[b, h, idx // dim, idx % dim]
         cuda.syncthreads()
         if j >= k.shape[2]:
             return
-        acc = cuda.local.array(MAX_ROWS, float32)
-        for r in range(m):
+        k_row = k[b, h // group, j]  # a view: the address arithmetic once, not per element
+        acc = cuda.local.array(rows, float32)
+        for r in range(rows):
             acc[r] = 0.0
         for d in range(dim):
-            kd = load(k[b, h // group, j, d])
-            for r in range(m):
+            kd = load(k_row[d])
+            for r in range(rows):
                 acc[r] += q_sh[r, d] * kd
-        for r in range(m):
+        for r in range(rows):
             scores[b, h, r, j] = acc[r] * scale if j < limits[r] else -math.inf
 
     @cuda.jit(device=True, inline=True)
@@ -332,47 +335,53 @@ def _kernels(bfloat16: bool) -> tuple[Any, Any, Any]:
 
     @cuda.jit
     def output_kernel(scores: Any, lse: Any, v: Any, group: int, out: Any, col_mass: Any) -> None:
-        """out[b, h, r] += Σ_j p_j v[j] and col_mass[b, h, j] += p_j over one chunk of KEYS_PER_BLOCK keys,
-        p_j = exp(s_rj − lse_r).
+        """out[b, h, r] += Σ_j p_rj v[j] for every probe row r and col_mass[b, h, j] += Σ_r p_rj over one chunk
+        of KEYS_PER_BLOCK keys, p_rj = exp(s_rj − lse_r) (0 for a row with no visible key: lse_r = −inf).
 
-        Launch: grid (ceil(Sk / KEYS_PER_BLOCK), m, B·Hq), THREADS threads: split over keys so that the m·B·Hq
-        rows give enough blocks; partial rows are summed by float32 atomics into the zeroed `out`. Per step
-        of THREADS keys, p goes to shared memory, then thread d accumulates for d ≡ tid (mod THREADS), reading
-        v rows coalesced.
+        Launch: grid (ceil(Sk / KEYS_PER_BLOCK), B·Hq), THREADS threads: split over keys so that the chunks give
+        enough blocks; partial rows are summed by float32 atomics into the zeroed `out`. Per step of THREADS keys,
+        the m = `rows` rows' p go to shared memory (one col_mass atomic per key), then thread d accumulates all m
+        rows for d ≡ tid (mod THREADS): each v element is read (coalesced) and decoded once for all rows.
         """
         tid = cuda.threadIdx.x
-        r = cuda.blockIdx.y
         n_heads = scores.shape[1]
-        b = cuda.blockIdx.z // n_heads
-        h = cuda.blockIdx.z % n_heads
+        b = cuda.blockIdx.y // n_heads
+        h = cuda.blockIdx.y % n_heads
         seq_k, dim = scores.shape[3], v.shape[3]
-        row_lse = lse[b, h, r]
-        if row_lse == -math.inf:
-            return  # the whole block leaves together: no thread waits at a barrier
-        sh_p = cuda.shared.array(THREADS, float32)
-        acc = cuda.local.array(D_PER_THREAD, float32)
+        v_head = v[b, h // group]  # a view: the address arithmetic once, not per element
+        sh_p = cuda.shared.array((MAX_ROWS, THREADS), float32)
+        acc = cuda.local.array((D_PER_THREAD, rows), float32)
         for i in range(D_PER_THREAD):
-            acc[i] = 0.0
+            for r in range(rows):
+                acc[i, r] = 0.0
         first = cuda.blockIdx.x * KEYS_PER_BLOCK
         last = min(first + KEYS_PER_BLOCK, seq_k)
         for j0 in range(first, last, THREADS):
             j = j0 + tid
-            p = float32(0.0)
+            mass = float32(0.0)
+            for r in range(rows):
+                p = float32(0.0)
+                row_lse = lse[b, h, r]
+                if j < last and row_lse > -math.inf:
+                    p = math.exp(scores[b, h, r, j] - row_lse)
+                sh_p[r, tid] = p
+                mass += p
             if j < last:
-                p = math.exp(scores[b, h, r, j] - row_lse)
-                cuda.atomic.add(col_mass, (b, h, j), p)
-            sh_p[tid] = p
+                cuda.atomic.add(col_mass, (b, h, j), mass)
             cuda.syncthreads()
             for i in range(D_PER_THREAD):
                 d = tid + i * THREADS
                 if d < dim:
                     for jj in range(min(THREADS, last - j0)):
-                        acc[i] += sh_p[jj] * load(v[b, h // group, j0 + jj, d])
+                        vd = load(v_head[j0 + jj, d])
+                        for r in range(rows):
+                            acc[i, r] += sh_p[r, jj] * vd
             cuda.syncthreads()
         for i in range(D_PER_THREAD):
             d = tid + i * THREADS
             if d < dim:
-                cuda.atomic.add(out, (b, h, r, d), acc[i])
+                for r in range(rows):
+                    cuda.atomic.add(out, (b, h, r, d), acc[i, r])
 
     return scores_kernel, stats_kernel, output_kernel
 
@@ -394,12 +403,12 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
     out = xp.zeros((B, Hq, m, problem.head_dim), dtype=xp.float32)
     lse, entropy, topk_mass = (xp.empty((B, Hq, m), dtype=xp.float32) for _ in range(3))
     col_mass = xp.zeros((B, Hq, Sk), dtype=xp.float32)
-    scores_kernel, stats_kernel, output_kernel = _kernels(bf16)
+    scores_kernel, stats_kernel, output_kernel = _kernels(bf16, m)
     launches = [
         (scores_kernel, ((Sk + THREADS - 1) // THREADS, B * Hq),
          (q_rows, limits, k_in, np.float32(problem.scale), problem.group_size, scores)),
         (stats_kernel, (m, B * Hq), (scores, topk, lse, entropy, topk_mass)),
-        (output_kernel, ((Sk + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK, m, B * Hq),
+        (output_kernel, ((Sk + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK, B * Hq),
          (scores, lse, v_in, problem.group_size, out, col_mass)),
     ]
     if Sk == 0:  # no key: lse = −inf, entropy = top-k mass = 0 from the statistics kernel alone
