@@ -43,6 +43,9 @@ MAX_ROWS = 32
 MAX_TOPK = 8
 #: Keys per block of the output kernel (split over keys for parallelism: every probe row of a head shares a block).
 KEYS_PER_BLOCK = 256
+#: Head-dim columns of the key tile the scores kernel stages in shared memory per step (its rows padded by one
+#: float: thread t reads row t, so an odd row stride puts a warp's reads in 32 different banks).
+KEY_TILE_D = 16
 #: Output elements per thread in the output kernel (thread d owns d, d + THREADS, ...); a literal for Numba.
 D_PER_THREAD = MAX_D // THREADS
 
@@ -211,37 +214,49 @@ def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
         return float32(-value if b & 0x8000 else value)
 
     load = bf16_to_f32 if bfloat16 else to_f32
+    key_tile_row = KEY_TILE_D + 1  # a shared-memory shape must be a constant, not an expression
 
     @cuda.jit
     def scores_kernel(q_rows: Any, limits: Any, k: Any, scale: float, group: int, scores: Any) -> None:
         """scores[b, h, r, j] = scale · q_rows[b, h, r] · k[b, h // group, j] (−inf where j >= limits[r]).
 
         Launch: grid (ceil(Sk / THREADS), B·Hq), THREADS threads; thread = one key, all m = `rows` rows of the
-        head, so each key element is read and decoded once per head. The m query rows sit in shared memory and
-        are read by all threads at the same address (a broadcast, no bank conflicts).
+        head. The block's THREADS keys go through shared memory KEY_TILE_D columns at a time, loaded by all
+        threads along the rows (neighbouring threads read neighbouring elements: a thread reading its own key row
+        would touch 32 rows per warp load) and decoded once. The m query rows sit in shared memory and are read
+        by all threads at the same address (a broadcast, no bank conflicts).
         """
         tid = cuda.threadIdx.x
-        j = cuda.blockIdx.x * THREADS + tid
+        key0 = cuda.blockIdx.x * THREADS
         n_heads = q_rows.shape[1]
         b = cuda.blockIdx.y // n_heads
         h = cuda.blockIdx.y % n_heads
-        dim = q_rows.shape[3]
-        q_sh = cuda.shared.array((MAX_ROWS, MAX_D), float32)
+        dim, seq_k = q_rows.shape[3], k.shape[2]
+        k_head = k[b, h // group]  # a view: the address arithmetic once, not per element
+        q_sh = cuda.shared.array((rows, MAX_D), float32)
+        k_sh = cuda.shared.array((THREADS, key_tile_row), float32)
         for idx in range(tid, rows * dim, THREADS):
             q_sh[idx // dim, idx % dim] = q_rows[b, h, idx // dim, idx % dim]
-        cuda.syncthreads()
-        if j >= k.shape[2]:
-            return
-        k_row = k[b, h // group, j]  # a view: the address arithmetic once, not per element
         acc = cuda.local.array(rows, float32)
         for r in range(rows):
             acc[r] = 0.0
-        for d in range(dim):
-            kd = load(k_row[d])
+        for d0 in range(0, dim, KEY_TILE_D):
+            cuda.syncthreads()  # q_sh written, or the previous tile read by every thread
+            for idx in range(tid, THREADS * KEY_TILE_D, THREADS):
+                key, dd = idx // KEY_TILE_D, idx % KEY_TILE_D
+                value = float32(0.0)
+                if key0 + key < seq_k and d0 + dd < dim:
+                    value = load(k_head[key0 + key, d0 + dd])
+                k_sh[key, dd] = value
+            cuda.syncthreads()
+            for dd in range(min(KEY_TILE_D, dim - d0)):
+                kd = k_sh[tid, dd]
+                for r in range(rows):
+                    acc[r] += q_sh[r, d0 + dd] * kd
+        j = key0 + tid
+        if j < seq_k:
             for r in range(rows):
-                acc[r] += q_sh[r, d] * kd
-        for r in range(rows):
-            scores[b, h, r, j] = acc[r] * scale if j < limits[r] else -math.inf
+                scores[b, h, r, j] = acc[r] * scale if j < limits[r] else -math.inf
 
     @cuda.jit(device=True, inline=True)
     def rescaled(l_val: float, t_val: float, m_old: float, m_new: float) -> tuple[float, float]:

@@ -106,15 +106,17 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
             return self._allocations[caller]
     kernelapi.FakeCUDAShared.array = _shared_array
     rng = np.random.default_rng({seed})
-    # (dtype, causal, Sq, Sk, Hkv, probe rows): 300 keys span two output-kernel chunks; causal Sq > Sk hides
-    # every key from the first rows (lse -inf): three of the 8 probe rows of (40, 21).
-    cases = [("float32", False, 29, 29, 2, 3), ("bfloat16", True, 19, 45, 1, 3), ("float16", True, 40, 21, 2, 8),
-             ("float64", False, 7, 150, 1, 3), ("bfloat16", True, 60, 300, 2, 8)]
-    for dtype, causal, sq, sk, hkv, m in cases:
+    # (dtype, causal, Sq, Sk, Hkv, D, probe rows): 300 keys span three scores-kernel blocks and two output-kernel
+    # chunks, D = 40 three key tiles of the scores kernel (the last one partial); causal Sq > Sk hides every key
+    # from the first rows (lse -inf): three of the 8 probe rows of (40, 21).
+    cases = [("float32", False, 29, 29, 2, 12, 3), ("bfloat16", True, 19, 45, 1, 12, 3),
+             ("float16", True, 40, 21, 2, 12, 8), ("float64", False, 7, 150, 1, 12, 3),
+             ("bfloat16", True, 60, 300, 2, 40, 8)]
+    for dtype, causal, sq, sk, hkv, dim, m in cases:
         cast = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-        q = rng.standard_normal((1, 2, sq, 12)).astype(cast)
-        k = (rng.standard_normal((1, hkv, sk, 12)) * 2).astype(cast)
-        v = rng.standard_normal((1, hkv, sk, 12)).astype(cast)
+        q = rng.standard_normal((1, 2, sq, dim)).astype(cast)
+        k = (rng.standard_normal((1, hkv, sk, dim)) * 2).astype(cast)
+        v = rng.standard_normal((1, hkv, sk, dim)).astype(cast)
         problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
         rows = estimators.probe_rows(problem, m, seed=1)
         ref = estimators.probe(problem, q, k, v, rows, topk=4, kernel=False)
