@@ -443,6 +443,178 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Per-head reduction of the probe
+
+
+#: Most sink candidates per head the head-statistics kernel keeps (more: the array path).
+MAX_SINK_SLOTS = 16
+
+
+def head_statistics(probe: ProbeResult, log_seen: np.ndarray, rows_seen: int, sink_threshold: float,
+                    sink_share: float, count: int, *, kernel: bool | None = None) -> tuple[Any, Any]:
+    """The probe reduced per query head, on its device (no transfer): ([Hq, 4 + 2c] float64 statistics,
+    [Hq, c] int64 sink table), c = `count`.
+
+    Statistics: (mean over the probe rows and batch of entropy / log_seen[row], mean entropy, mean top-k mass,
+    dominant-sink mass, then the c largest column shares in descending order, then their key indices with −1
+    where the share is below `sink_threshold`: the sinks, a prefix since the shares descend). A key's share is
+    the max over the batch of its column mass divided by `rows_seen` (the probe rows that see some key); the c
+    keys come from c rounds of argmax (ties: the lowest index). Dominant-sink mass: the summed share of those of
+    the c keys holding >= `sink_share`. The sink table is the last c columns as int64.
+
+    `log_seen`: [m] host float64, log of the keys each probe row sees (clipped away from 0). `kernel`: one Numba
+    CUDA launch (default: for CuPy arrays when c <= MAX_SINK_SLOTS; True with NumPy arrays needs the simulator),
+    else ~4·c + 13 array operations. Raises ValueError for c > MAX_SINK_SLOTS with the kernel or c > Sk.
+    """
+    seq_k = probe.col_mass.shape[2]
+    if not 0 <= count <= seq_k:
+        raise ValueError(f"count must be in [0, {seq_k}] (the keys), got {count}")
+    use_kernel = (library_name(probe.col_mass) == "cupy" and count <= MAX_SINK_SLOTS) if kernel is None else kernel
+    if use_kernel and count > MAX_SINK_SLOTS:
+        raise ValueError(f"the head-statistics kernel keeps at most {MAX_SINK_SLOTS} sinks, got count = {count}")
+    if use_kernel:
+        return _head_statistics_cuda(probe, log_seen, rows_seen, sink_threshold, sink_share, count)
+    return _head_statistics_arrays(probe, log_seen, rows_seen, sink_threshold, sink_share, count)
+
+
+def _head_statistics_arrays(probe: ProbeResult, log_seen: np.ndarray, rows_seen: int, sink_threshold: float,
+                            sink_share: float, count: int) -> tuple[Any, Any]:
+    """`head_statistics` with array operations of the probe's library."""
+    xp = namespace(library_name(probe.col_mass))
+    heads, seq_k = probe.col_mass.shape[1], probe.col_mass.shape[2]
+    ratio = (probe.entropy / on_device(xp, log_seen)).mean(axis=(0, 2))
+    share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk], a new array: picked keys are overwritten
+    flat, row_start = share.reshape(-1), on_device(xp, np.arange(heads) * seq_k)
+    top_share, top_key = [], []
+    for _ in range(count):  # c rounds of argmax: no sort of [Hq, Sk]
+        key = share.argmax(axis=-1)
+        at = key + row_start
+        top_share.append(flat[at])
+        top_key.append(key)
+        flat[at] = -1
+    tops = xp.stack(top_share, axis=1) if count else xp.zeros((heads, 0), dtype=share.dtype)
+    keys = xp.stack(top_key, axis=1) if count else xp.zeros((heads, 0), dtype=xp.int64)
+    sink_keys = xp.where(tops >= sink_threshold, keys, -1)
+    dominant = xp.where(tops >= sink_share, tops, 0).sum(axis=1)
+    columns = [ratio, probe.entropy.mean(axis=(0, 2)), probe.topk_mass.mean(axis=(0, 2)), dominant]
+    stats = xp.concatenate([*(c[:, None] for c in columns), tops, sink_keys], axis=1, dtype=xp.float64)
+    return stats, sink_keys
+
+
+@cache
+def _head_statistics_kernel() -> Any:
+    """The head-statistics kernel (`head_statistics`), compiled lazily by Numba."""
+    _numba_cuda()
+    from numba import float32, float64, int64
+
+    @cuda.jit
+    def head_stats_kernel(entropy: Any, topk_mass: Any, col_mass: Any, log_seen: Any, rows_seen: float,
+                          sink_threshold: float, sink_share: float, count: int, stats: Any, sink_keys: Any) -> None:
+        """stats[h] and sink_keys[h] of `head_statistics` for head h = blockIdx.x.
+
+        Launch: grid (Hq,), THREADS threads. The means: each thread sums its (batch, row) pairs, then a tree in
+        shared memory. The shares: per round each thread scans its keys j ≡ tid (mod THREADS) for the largest
+        share not yet picked (ascending j and a strict >, so its first one), then a tree keeps the larger share
+        or, on a tie, the lower key; keys picked in earlier rounds sit in shared memory.
+        """
+        tid = cuda.threadIdx.x
+        h = cuda.blockIdx.x
+        batch, m, seq_k = entropy.shape[0], entropy.shape[2], col_mass.shape[2]
+        sh_a = cuda.shared.array(THREADS, float64)
+        sh_b = cuda.shared.array(THREADS, float64)
+        sh_c = cuda.shared.array(THREADS, float64)
+        sh_key = cuda.shared.array(THREADS, int64)
+        picked = cuda.shared.array(MAX_SINK_SLOTS, int64)
+
+        ratio, ent, top = float64(0.0), float64(0.0), float64(0.0)
+        for idx in range(tid, batch * m, THREADS):
+            b, r = idx // m, idx % m
+            e = float64(entropy[b, h, r])
+            ratio += e / log_seen[r]
+            ent += e
+            top += float64(topk_mass[b, h, r])
+        sh_a[tid], sh_b[tid], sh_c[tid] = ratio, ent, top
+        cuda.syncthreads()
+        stride = THREADS // 2
+        while stride > 0:
+            if tid < stride:
+                sh_a[tid] += sh_a[tid + stride]
+                sh_b[tid] += sh_b[tid + stride]
+                sh_c[tid] += sh_c[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if tid == 0:
+            rows_total = float64(batch * m)
+            stats[h, 0] = sh_a[0] / rows_total
+            stats[h, 1] = sh_b[0] / rows_total
+            stats[h, 2] = sh_c[0] / rows_total
+        cuda.syncthreads()  # sh_a is reused below
+
+        dominant = float64(0.0)
+        for s in range(count):
+            best, best_key = float32(-1.0), int64(-1)
+            for j in range(tid, seq_k, THREADS):
+                taken = False
+                for u in range(s):
+                    if picked[u] == j:
+                        taken = True
+                if not taken:
+                    value = col_mass[0, h, j]
+                    for b in range(1, batch):
+                        value = max(value, col_mass[b, h, j])
+                    value = value / float32(rows_seen)
+                    if value > best:
+                        best, best_key = value, j
+            sh_a[tid], sh_key[tid] = best, best_key
+            cuda.syncthreads()
+            stride = THREADS // 2
+            while stride > 0:
+                if tid < stride:
+                    other, other_key = sh_a[tid + stride], sh_key[tid + stride]
+                    if other > sh_a[tid] or (other == sh_a[tid] and 0 <= other_key < sh_key[tid]):
+                        sh_a[tid], sh_key[tid] = other, other_key
+                cuda.syncthreads()
+                stride //= 2
+            if tid == 0:
+                share, key = sh_a[0], sh_key[0]
+                picked[s] = key
+                if share >= sink_share:
+                    dominant += share
+                stats[h, 4 + s] = share
+                sink = key if share >= sink_threshold else -1
+                stats[h, 4 + count + s] = float64(sink)
+                sink_keys[h, s] = sink
+            cuda.syncthreads()
+        if tid == 0:
+            stats[h, 3] = dominant
+
+    return head_stats_kernel
+
+
+def _head_statistics_cuda(probe: ProbeResult, log_seen: np.ndarray, rows_seen: int, sink_threshold: float,
+                          sink_share: float, count: int) -> tuple[Any, Any]:
+    """`head_statistics` as one Numba CUDA launch on CuPy arrays (or NumPy arrays under the simulator)."""
+    kernel = _head_statistics_kernel()
+    library = library_name(probe.col_mass)
+    xp = namespace(library)
+    heads = probe.col_mass.shape[1]
+    stats = xp.empty((heads, 4 + 2 * count), dtype=xp.float64)
+    sink_keys = xp.empty((heads, count), dtype=xp.int64)
+    args = (probe.entropy, probe.topk_mass, probe.col_mass, on_device(xp, log_seen, np.float64),
+            float(rows_seen), float(sink_threshold), float(sink_share), count, stats, sink_keys)
+    if library == "cupy":
+        import cupy
+
+        ptr = cupy.cuda.get_current_stream().ptr
+        stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+        kernel[heads, THREADS, stream](*(cuda.as_cuda_array(a, sync=False) if library_name(a) == "cupy" else a
+                                         for a in args))
+    else:
+        kernel[heads, THREADS](*args)
+    return stats, sink_keys
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Pooled block map and its spectrum
 
 

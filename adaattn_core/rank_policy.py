@@ -5,10 +5,11 @@ For each call (`RankPolicy.plan`):
 1. Too short to pay: when the low-rank path would compute more than `max_cost` · Sk scores per query
    (see `lowrank.Geometry.keys_per_query`), every head is dense and no estimator runs.
 2. Probe (`estimators.probe`, Numba CUDA on CuPy: three launches over all heads): m = `probe_rows` exact
-   query rows per head → entropy, top-k mass, column mass. Reduced per head on the device (`_head_stats`:
-   entropy ratio, top-k mass, the `max_sinks` largest column shares by repeated argmax) into a statistics
-   array and a device sink table. Sinks (attended exactly by the low-rank path): among those keys, the ones
-   whose share of the probe rows' mass is >= min(`sink_share`, `sink_ratio` · a uniform row's share).
+   query rows per head → entropy, top-k mass, column mass. Reduced per head on the device
+   (`estimators.head_statistics`, one more Numba launch on CuPy: entropy ratio, top-k mass, the `max_sinks`
+   largest column shares by repeated argmax) into a statistics array and a device sink table. Sinks (attended
+   exactly by the low-rank path): among those keys, the ones whose share of the probe rows' mass is
+   >= min(`sink_share`, `sink_ratio` · a uniform row's share).
 3. Pooled-map spectrum (only with `spectral`, off by default): `estimators.pooled_map` with blocks of at
    least `block` tokens (at most MAP_BLOCKS a side) and `estimators.spectrum` → stable rank and the rank
    holding 95% of the energy, which seeds the starting rank. Host linear algebra after a synchronisation
@@ -25,9 +26,10 @@ For each call (`RankPolicy.plan`):
 
 Host synchronisations (device-to-host transfers, `to_host64`; recorded as ``transfers`` in the report): one per
 plan, plus one per retry at a larger rank; `spectral` adds one (the pooled map) and moves the first try after
-the statistics' transfer. Launches: the probe's three Numba kernels, then batched array operations over all
-heads (no per-head loop): the statistics' ~4·max_sinks + 13, `lowrank.prepare` and `lowrank.guard_rows`
-once per try, each with all its heads stacked on one axis. Where the fused low-rank kernel takes the call
+the statistics' transfer. Launches: the probe's three Numba kernels and the statistics' one (~4·max_sinks + 13
+array operations instead beyond `estimators.MAX_SINK_SLOTS` sinks), then batched array operations over all heads
+(no per-head loop): `lowrank.prepare` and `lowrank.guard_rows` once per try, each with all its heads stacked on
+one axis. Where the fused low-rank kernel takes the call
 (CuPy bf16/fp16, D 64 or 128), `guard_rows` is that kernel's whole forward of the tried heads (one launch; the
 forward then copies the passing heads' rows from it), else `lowrank.approximate_rows` on the probe rows only.
 The speculative try costs a peaked batch its `prepare` and guard rows (work a diffuse batch needs anyway) in
@@ -206,7 +208,7 @@ class RankPolicy(Policy):
         rows = estimators.probe_rows(problem, self.probe_rows, self.seed)
         probe = estimators.probe(problem, q, k, v, rows)
         limits = problem.keys_seen(rows)
-        stats, sink_keys = self._head_stats(problem, xp, limits, probe)
+        stats, sink_keys = self._head_stats(problem, limits, probe)
         start = lowrank.balanced_rank(problem.seqlen_q, problem.seqlen_k)
         spectral: dict[str, np.ndarray] = {}
         transfers = 1
@@ -302,36 +304,15 @@ class RankPolicy(Policy):
         seen = np.clip(limits, 1, None)
         return min(self.sink_share, self.sink_ratio * float(np.mean(1.0 / seen)))
 
-    def _head_stats(self, problem: AttentionProblem, xp: Any, limits: np.ndarray, probe: estimators.ProbeResult
+    def _head_stats(self, problem: AttentionProblem, limits: np.ndarray, probe: estimators.ProbeResult
                     ) -> tuple[Any, Any]:
         """Per query head, on the probe's device (no transfer): ([Hq, 4 + 2c] float64 statistics, [Hq, c] int64
-        sink table). Statistics: (mean normalised entropy H / log(keys seen), mean entropy, mean top-k mass,
-        dominant-sink mass, then the c = min(max_sinks, Sk) largest column shares in descending order (max over
-        the batch of the share of the probe rows' mass a key holds), then their key indices with −1 where the
-        share is below `_sink_threshold`: the sinks, a prefix since the shares descend). Dominant-sink mass: the
-        summed share of those of the c keys holding >= sink_share. The sink table is the last c columns as int64
-        (`lowrank.prepare` takes it as it is). `limits`: the probe rows' `AttentionProblem.keys_seen`."""
+        sink table) of `estimators.head_statistics` with c = min(max_sinks, Sk) candidate sinks, the share
+        threshold `_sink_threshold` and `sink_share`. `limits`: the probe rows' `AttentionProblem.keys_seen`."""
         seen = np.clip(limits, 1, None)
-        log_seen = on_device(xp, np.maximum(np.log(seen), 1e-12))
-        ratio = (probe.entropy / log_seen).mean(axis=(0, 2))
-        rows_seen = max(1, int((limits > 0).sum()))
-        share = probe.col_mass.max(axis=0) / rows_seen  # [Hq, Sk], a new array: picked keys are overwritten
-        flat, row_start = share.reshape(-1), on_device(xp, np.arange(problem.heads_q) * problem.seqlen_k)
-        top_share, top_key = [], []
-        for _ in range(min(self.max_sinks, problem.seqlen_k)):  # c rounds of argmax: no sort of [Hq, Sk]
-            key = share.argmax(axis=-1)
-            at = key + row_start
-            top_share.append(flat[at])
-            top_key.append(key)
-            flat[at] = -1
-        count = len(top_key)
-        tops = xp.stack(top_share, axis=1) if count else xp.zeros((problem.heads_q, 0), dtype=share.dtype)
-        keys = xp.stack(top_key, axis=1) if count else xp.zeros((problem.heads_q, 0), dtype=xp.int64)
-        sink_keys = xp.where(tops >= self._sink_threshold(limits), keys, -1)
-        dominant = xp.where(tops >= self.sink_share, tops, 0).sum(axis=1)
-        columns = [ratio, probe.entropy.mean(axis=(0, 2)), probe.topk_mass.mean(axis=(0, 2)), dominant]
-        stats = xp.concatenate([*(c[:, None] for c in columns), tops, sink_keys], axis=1, dtype=xp.float64)
-        return stats, sink_keys
+        return estimators.head_statistics(probe, np.maximum(np.log(seen), 1e-12), max(1, int((limits > 0).sum())),
+                                          self._sink_threshold(limits), self.sink_share,
+                                          min(self.max_sinks, problem.seqlen_k))
 
     def _record(self, report: Report | None, entries: list[dict[str, Any]], transfers: int) -> None:
         if report is not None:

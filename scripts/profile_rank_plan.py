@@ -61,7 +61,7 @@ def stage_times(policy: RankPolicy, problem: AttentionProblem, q: Any, k: Any, v
     for _ in range(calls + 3):  # the first three warm up
         rows = estimators.probe_rows(problem, policy.probe_rows, policy.seed)
         probe = timed("probe (3 Numba kernels)", estimators.probe, problem, q, k, v, rows)
-        stats, sinks = timed("head statistics", policy._head_stats, problem, cupy, problem.keys_seen(rows), probe)
+        stats, sinks = timed("head statistics", policy._head_stats, problem, problem.keys_seen(rows), probe)
         prepared = timed("prepare (keys, landmarks)", lowrank.prepare, problem, k, v, heads, rank, sinks)
         errors = timed("guard rows and errors", policy._guard_errors, problem, q, rows, probe, prepared)
         timed("transfer", transfer, stats, errors)

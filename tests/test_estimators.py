@@ -106,17 +106,17 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
             return self._allocations[caller]
     kernelapi.FakeCUDAShared.array = _shared_array
     rng = np.random.default_rng({seed})
-    # (dtype, causal, Sq, Sk, Hkv, D, probe rows): 300 keys span three scores-kernel blocks and two output-kernel
-    # chunks, D = 40 three key tiles of the scores kernel (the last one partial); causal Sq > Sk hides every key
-    # from the first rows (lse -inf): three of the 8 probe rows of (40, 21).
-    cases = [("float32", False, 29, 29, 2, 12, 3), ("bfloat16", True, 19, 45, 1, 12, 3),
-             ("float16", True, 40, 21, 2, 12, 8), ("float64", False, 7, 150, 1, 12, 3),
-             ("bfloat16", True, 60, 300, 2, 40, 8)]
-    for dtype, causal, sq, sk, hkv, dim, m in cases:
+    # (dtype, causal, B, Sq, Sk, Hkv, D, probe rows): 300 keys span three scores-kernel blocks and two
+    # output-kernel chunks, D = 40 three key tiles of the scores kernel (the last one partial); causal Sq > Sk
+    # hides every key from the first rows (lse -inf): three of the 8 probe rows of (40, 21).
+    cases = [("float32", False, 1, 29, 29, 2, 12, 3), ("bfloat16", True, 1, 19, 45, 1, 12, 3),
+             ("float16", True, 1, 40, 21, 2, 12, 8), ("float64", False, 1, 7, 150, 1, 12, 3),
+             ("bfloat16", True, 2, 60, 300, 2, 40, 8)]
+    for dtype, causal, batch, sq, sk, hkv, dim, m in cases:
         cast = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-        q = rng.standard_normal((1, 2, sq, dim)).astype(cast)
-        k = (rng.standard_normal((1, hkv, sk, dim)) * 2).astype(cast)
-        v = rng.standard_normal((1, hkv, sk, dim)).astype(cast)
+        q = rng.standard_normal((batch, 2, sq, dim)).astype(cast)
+        k = (rng.standard_normal((batch, hkv, sk, dim)) * 2).astype(cast)
+        v = rng.standard_normal((batch, hkv, sk, dim)).astype(cast)
         problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
         rows = estimators.probe_rows(problem, m, seed=1)
         ref = estimators.probe(problem, q, k, v, rows, topk=4, kernel=False)
@@ -126,6 +126,15 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
             assert np.array_equal(np.isfinite(a), np.isfinite(b)), (dtype, name)
             err = np.abs(np.where(np.isfinite(a), a - b, 0)).max()
             assert err < 1e-4, (dtype, causal, name, err)
+        # The per-head reduction: the kernel against the array path on the same probe (threshold 0.05: some
+        # keys of these short rows are sinks, so the sink table is not all -1).
+        limits = problem.keys_seen(rows)
+        reduce = (np.maximum(np.log(np.clip(limits, 1, None)), 1e-12), max(1, int((limits > 0).sum())), 0.05, 0.2,
+                  min(4, sk))
+        want = estimators.head_statistics(got, *reduce, kernel=False)
+        have = estimators.head_statistics(got, *reduce, kernel=True)
+        assert np.allclose(have[0], want[0], rtol=1e-5, atol=1e-6), (dtype, causal, have[0], want[0])
+        assert np.array_equal(have[1], want[1]) and (want[1] >= 0).any(), (dtype, causal, have[1], want[1])
     print("simulator ok")
 """)
 
