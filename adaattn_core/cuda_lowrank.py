@@ -1,9 +1,11 @@
-"""Launcher of the fused low-rank forward (cuda_src/lowrank_fwd.cu) for CuPy arrays.
+"""Launchers of the low-rank path's CUDA kernels for CuPy arrays.
 
-It computes what `lowrank._all_rows` computes — each query against its near block, its segment's fine landmarks,
-the coarse landmarks and the sinks, merged in one softmax — from the same prepared keys (`lowrank.prepare`), in
-one launch per rank group: 16-bit operands (the fp32 landmark means rounded to the input dtype) on mma.sync
-tensor cores with fp32 accumulation, instead of float32 batched matmuls over per-part score buffers.
+`forward` (cuda_src/lowrank_fwd.cu) computes what `lowrank._all_rows` computes — each query against its near
+block, its segment's fine landmarks, the coarse landmarks and the sinks, merged in one softmax — from the same
+prepared keys (`lowrank.prepare`), in one launch per rank group: 16-bit operands (the fp32 landmark means rounded
+to the input dtype) on mma.sync tensor cores with fp32 accumulation, instead of float32 batched matmuls over
+per-part score buffers. `keys` (cuda_src/lowrank_landmarks.cu) builds those prepared keys, what `lowrank._keys`
+builds with ~40 array operations, in two launches.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from ._arrays import on_device
 from .cuda_common import common_unsupported_reason, readable, shared_memory_optin, shared_memory_reason, writable
-from .launch_config import LOWRANK_BLOCK, LOWRANK_HEAD_DIMS, check_grid, lowrank_launch
+from .launch_config import LOWRANK_BLOCK, LOWRANK_HEAD_DIMS, check_grid, landmark_launches, lowrank_launch
 from .loader import get_kernel
 from .problem import LOG2E, AttentionProblem
 
@@ -78,3 +80,49 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
     if target is not out:
         index = list(heads)
         out[:, index] = target[:, index]
+
+
+#: CUDA's limit on grid.y and grid.z, the landmark kernels' head and batch axes.
+MAX_GRID_YZ = 65535
+
+
+def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: Any, sinks: Any
+         ) -> dict[str, Any] | None:
+    """`lowrank._Keys`' fields (float32 CuPy arrays; sink_pos int64) for query `heads` on the grid `geo`
+    (`lowrank.Geometry`), or None when the grid does not fit one launch (more than MAX_GRID_YZ heads or batch
+    entries): the same values as `lowrank._keys` up to the order of the fp32 sums in the block and segment means.
+
+    k, v: the [B, Hkv, Sk, D] inputs (any strides: read through each head's key/value head, no gather); `sinks`:
+    [len(heads), ns] int64 key indices on the device, −1 for none. Requires Sk >= 1.
+    """
+    import cupy
+
+    n, batch, dim = len(heads), problem.batch, problem.head_dim
+    if n > MAX_GRID_YZ or batch > MAX_GRID_YZ:
+        return None
+    padded, blocks, segments = geo.padded, geo.blocks, geo.segments
+    sinks = cupy.ascontiguousarray(sinks, dtype=cupy.int64)
+    ns = int(sinks.shape[1])
+    sink_pos = cupy.where(sinks >= 0, sinks + geo.k_offset, -1) if geo.k_offset else sinks
+    k_in, k_strides = readable(k)
+    v_in, v_strides = readable(v)
+    kv_heads = on_device(cupy, [h // problem.group_size for h in heads], np.int32)
+    f32 = cupy.float32
+    out = {name: cupy.empty((batch, n, rows, dim), dtype=f32) for name, rows in
+           (("kp", padded), ("vp", padded), ("kf", blocks), ("vf", blocks), ("kc", segments), ("vc", segments),
+            ("ks", ns), ("vs", ns))}
+    out.update(key_bias=cupy.empty((n, padded), dtype=f32), log_nf=cupy.empty((n, blocks), dtype=f32),
+               log_nc=cupy.empty((n, segments), dtype=f32), sink_pos=sink_pos)
+    count_f = cupy.empty((n, blocks), dtype=f32)
+    block_launch, segment_launch = landmark_launches(problem.dtype)
+    i32, i64 = np.int32, np.int64
+    inputs = (k_in, *map(i64, k_strides[:3]), v_in, *map(i64, v_strides[:3]), kv_heads)
+    get_kernel(block_launch.source, block_launch.name)(
+        (blocks, n, batch), (block_launch.threads,),
+        (*inputs, cupy.ascontiguousarray(sink_pos), i32(ns), i32(problem.seqlen_k), i32(geo.k_offset), i32(padded),
+         i32(dim), out["kp"], out["vp"], out["key_bias"], out["kf"], out["vf"], count_f, out["log_nf"]))
+    get_kernel(segment_launch.source, segment_launch.name)(
+        (segments, n, batch), (segment_launch.threads,),
+        (*inputs, sinks, i32(ns), i32(geo.fine), i32(dim), out["kf"], out["vf"], count_f, out["kc"], out["vc"],
+         out["log_nc"], out["ks"], out["vs"]))
+    return out

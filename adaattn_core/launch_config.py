@@ -490,7 +490,16 @@ def lowrank_launch(dtype: str, head_dim: int, causal: bool) -> KernelLaunch:
                         LOWRANK_BLOCK, SM80_ARCHS)
 
 
+def landmark_launches(dtype: str) -> tuple[KernelLaunch, KernelLaunch]:
+    """The low-rank keys and landmarks (cuda_src/lowrank_landmarks.cu), any head dim: the per-block kernel (grid:
+    padded / 64 × heads × B) and the per-segment kernel after it (grid: segments × heads × B), 128 threads, static
+    shared memory only."""
+    return tuple(KernelLaunch("lowrank_landmarks.cu", f"{name}<{CUDA_TYPES[dtype]}>", 128, 0, LOWRANK_BLOCK,
+                              SM80_ARCHS) for name in ("lowrank_block_landmarks", "lowrank_segment_landmarks"))
+
+
 def all_lowrank_kernels() -> list[KernelLaunch]:
-    """Every low-rank forward instantiation."""
-    return [lowrank_launch(dtype, head_dim, causal) for dtype in CUDA_TYPES for head_dim in LOWRANK_HEAD_DIMS
-            for causal in (False, True)]
+    """Every low-rank forward and landmark instantiation."""
+    forwards = [lowrank_launch(dtype, head_dim, causal) for dtype in CUDA_TYPES for head_dim in LOWRANK_HEAD_DIMS
+                for causal in (False, True)]
+    return forwards + [launch for dtype in CUDA_TYPES for launch in landmark_launches(dtype)]

@@ -411,12 +411,18 @@ def prepare(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], ran
     """Pad the keys/values of query `heads` (their key/value heads) onto the grid of `rank` and pool their
     landmarks. `sinks`, the key indices attended exactly: {query head: indices}, or already a table of the
     inputs' array library, [len(heads), ns] int64 with −1 for none (the rank policy's, built on the device:
-    no host value needed). Cost O(Sk·D) per head."""
+    no host value needed). Cost O(Sk·D) per head: where the fused kernel takes the problem (`fused_kernel`), two
+    launches of cuda_src/lowrank_landmarks.cu (`cuda_lowrank.keys`), else `_keys`' array operations."""
     xp = namespace(problem.library)
     geo = geometry(problem.seqlen_q, problem.seqlen_k, rank)
     table = on_device(xp, sink_table(heads, sinks)) if sinks is None or isinstance(sinks, dict) else sinks
-    keys = _keys(xp, compute_dtype(problem.dtype), geo, _select(problem, k, heads, True),
-                 _select(problem, v, heads, True), table)
+    fused = fused_kernel(problem) if problem.seqlen_k else None
+    fields = fused.keys(problem, k, v, heads, geo, table) if fused is not None else None
+    if fields is not None:
+        keys = _Keys(**fields)
+    else:
+        keys = _keys(xp, compute_dtype(problem.dtype), geo, _select(problem, k, heads, True),
+                     _select(problem, v, heads, True), table)
     return Prepared(tuple(int(h) for h in heads), rank, geo, keys)
 
 

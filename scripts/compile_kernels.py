@@ -45,6 +45,8 @@ from adaattn_core.launch_config import (
 from adaattn_core.loader import _tagged_source, compile_options, kernel_source_dir
 
 NO_LOCAL_MEMORY_DIMS = (64, 128)
+#: The head_dim of a kernel whose head dim is a run-time argument (no template parameter): checked like those above.
+ANY_HEAD_DIM = 0
 FORWARD_PARAMS = (
     "const {t}* __restrict__, const {t}* __restrict__, const {t}* __restrict__, {t}* __restrict__, "
     "float* __restrict__, " + "long long, " * 12 + "const int* __restrict__, int, int, int, int, int, float"
@@ -79,6 +81,12 @@ PARAMS = {
     "lowrank_fwd": "const {t}* __restrict__, " + "long long, " * 3 + "const float* __restrict__, " * 11
     + "const long long* __restrict__, const int* __restrict__, {t}* __restrict__, " + "long long, " * 3
     + "float* __restrict__, " + "int, " * 8 + "float",
+    "lowrank_block_landmarks": ("const {t}* __restrict__, " + "long long, " * 3) * 2
+    + "const int* __restrict__, const long long* __restrict__, " + "int, " * 5 + "float* __restrict__, " * 6
+    + "float* __restrict__",
+    "lowrank_segment_landmarks": ("const {t}* __restrict__, " + "long long, " * 3) * 2
+    + "const int* __restrict__, const long long* __restrict__, int, int, int, " + "const float* __restrict__, " * 3
+    + "float* __restrict__, " * 4 + "float* __restrict__",
 }
 
 
@@ -91,7 +99,7 @@ def instantiation_unit(source: str, kernels: list[KernelLaunch]) -> str:
     lines = [f'#include "{source}"']
     for kernel in kernels:
         function, args = kernel.name.split("<", 1)
-        cuda_type = args.split(",")[0]
+        cuda_type = args.rstrip(">").split(",")[0].strip()  # the element type: the first template argument
         lines.append(f"template __global__ void {kernel.name}({PARAMS[function].format(t=cuda_type)});")
     return "\n".join(lines) + "\n"
 
@@ -152,9 +160,10 @@ def parse_ptxas(log: str, arch: str) -> list[dict]:
     for line in log.splitlines():
         if "Compiling entry function" in line:
             mangled = line.split("'")[1]
+            head_dim = re.search(r"I(?:6__half|13__nv_bfloat16)Li(\d+)E", mangled)
             current = {"arch": f"sm_{arch}", "function": _demangled_function(mangled),
                        "dtype": "float16" if "I6__half" in mangled else "bfloat16",
-                       "head_dim": int(re.search(r"I(?:6__half|13__nv_bfloat16)Li(\d+)E", mangled).group(1)),
+                       "head_dim": int(head_dim.group(1)) if head_dim else ANY_HEAD_DIM,
                        "causal": re.findall(r"Lb([01])E", mangled)[:1] == ["1"], "kernel": mangled}
         elif current is not None and "bytes stack frame" in line:
             stack, spill_st, spill_ld = (int(n) for n in re.findall(r"(\d+) bytes", line))
@@ -289,7 +298,7 @@ def main() -> int:
               f"{row['registers']:>5}"
               f"{row['stack']:>6}{row['spill_stores']:>9}{row['spill_loads']:>9}{row.get('gmma', ''):>7}")
         local = row["stack"] + row["spill_stores"] + row["spill_loads"]
-        if row["head_dim"] in NO_LOCAL_MEMORY_DIMS and local:
+        if row["head_dim"] in (*NO_LOCAL_MEMORY_DIMS, ANY_HEAD_DIM) and local:
             failures.append(f"{row['kernel']} ({row['arch']}) uses local memory: {local} bytes")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -3,6 +3,8 @@ end to end on bfloat16 inputs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import make_qkv, rel_l2, to_host64
@@ -204,3 +206,26 @@ def test_guard_runs_the_fused_forward_and_the_forward_copies_it(cp, rng, causal)
     assert rel_l2(got[:, low], fresh[:, low]) <= 1e-3
     for h in low:
         assert report.measured["error"][h] < TOLERANCE, (h, report.measured["error"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("seq_q,seq_k,rank,sinks", [(1000, 1000, 4, {0: [3, 500]}), (127, 1000, 3, {2: [999]}),
+                                                     (1000, 127, 2, {}), (4096, 4096, 8, {0: [0], 3: [17, 2000]})])
+def test_landmark_kernels_match_the_array_path(cp, rng, monkeypatch, dtype, seq_q, seq_k, rank, sinks):
+    """cuda_src/lowrank_landmarks.cu (lowrank.prepare where the fused kernel takes the problem) against
+    lowrank._keys' array operations (ADAATTN_LOWRANK_KERNEL=reference) on the same inputs: GQA, strided k and v,
+    grids padded for Sq > Sk and Sq < Sk, sinks (a mid-sequence one excluded from its block's landmark)."""
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=64, dtype=dtype,
+                       contiguous=False, offset=8, xp=cp)
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    heads = [0, 2, 3]
+    monkeypatch.setenv("ADAATTN_LOWRANK_KERNEL", "reference")
+    want = lowrank.prepare(problem, k, v, heads, rank, sinks).keys
+    monkeypatch.setenv("ADAATTN_LOWRANK_KERNEL", "auto")
+    got = lowrank.prepare(problem, k, v, heads, rank, sinks).keys
+    for field in dataclasses.fields(got):
+        a, b = to_host64(getattr(got, field.name)), to_host64(getattr(want, field.name))
+        assert a.shape == b.shape, (field.name, a.shape, b.shape)
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=field.name)
+        finite = np.isfinite(b)
+        np.testing.assert_allclose(a[finite], b[finite], rtol=1e-5, atol=1e-6, err_msg=field.name)
