@@ -89,8 +89,9 @@ MAX_GRID_YZ = 65535
 def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: Any, sinks: Any
          ) -> dict[str, Any] | None:
     """`lowrank._Keys`' fields (float32 CuPy arrays; sink_pos int64) for query `heads` on the grid `geo`
-    (`lowrank.Geometry`), or None when the grid does not fit one launch (more than MAX_GRID_YZ heads or batch
-    entries): the same values as `lowrank._keys` up to the order of the fp32 sums in the block and segment means.
+    (`lowrank.Geometry`), or None when there is nothing to launch (no head or batch entry) or the grid does not fit
+    one launch (more than MAX_GRID_YZ heads or batch entries): the same values as `lowrank._keys` up to the order
+    of the fp32 sums in the block and segment means.
 
     k, v: the [B, Hkv, Sk, D] inputs (any strides: read through each head's key/value head, no gather); `sinks`:
     [len(heads), ns] int64 key indices on the device, −1 for none. Requires Sk >= 1.
@@ -98,7 +99,7 @@ def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: A
     import cupy
 
     n, batch, dim = len(heads), problem.batch, problem.head_dim
-    if n > MAX_GRID_YZ or batch > MAX_GRID_YZ:
+    if not 0 < n <= MAX_GRID_YZ or not 0 < batch <= MAX_GRID_YZ:
         return None
     padded, blocks, segments = geo.padded, geo.blocks, geo.segments
     sinks = cupy.ascontiguousarray(sinks, dtype=cupy.int64)

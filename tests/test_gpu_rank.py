@@ -218,6 +218,9 @@ def test_landmark_kernels_match_the_array_path(cp, rng, monkeypatch, dtype, seq_
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=64, dtype=dtype,
                        contiguous=False, offset=8, xp=cp)
     problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    from adaattn_core import cuda_lowrank
+
+    assert cuda_lowrank.unsupported_reason(problem) is None  # else both calls below take the array path
     heads = [0, 2, 3]
     monkeypatch.setenv("ADAATTN_LOWRANK_KERNEL", "reference")
     want = lowrank.prepare(problem, k, v, heads, rank, sinks).keys
@@ -229,3 +232,27 @@ def test_landmark_kernels_match_the_array_path(cp, rng, monkeypatch, dtype, seq_
         np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=field.name)
         finite = np.isfinite(b)
         np.testing.assert_allclose(a[finite], b[finite], rtol=1e-5, atol=1e-6, err_msg=field.name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_statistics_kernel_matches_the_array_path(cp, rng, causal):
+    """estimators.head_statistics' Numba kernel against its array path on one GPU probe: GQA, batch 2, a sink key
+    (every query leans along u, key 5 is 40 u: a logit near 7 against ~2000 keys near 0, about a quarter of each
+    row's mass), Sq > Sk (causal rows with no key)."""
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=3000, seq_k=2000, dim=128)
+    u = rng.standard_normal(128).astype(np.float32)
+    u /= np.linalg.norm(u)
+    q += 2 * u
+    k[:, :, 5] = 40 * u
+    q, k, v = (cp.asarray(x).astype("bfloat16") for x in (q, k, v))
+    problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(problem, 8)
+    probe = estimators.probe(problem, q, k, v, rows)
+    limits = problem.keys_seen(rows)
+    log_seen = np.maximum(np.log(np.clip(limits, 1, None)), 1e-12)
+    args = (log_seen, max(1, int((limits > 0).sum())), 0.05, 0.2, 4)
+    got = estimators.head_statistics(probe, *args, kernel=True)
+    want = estimators.head_statistics(probe, *args, kernel=False)
+    np.testing.assert_allclose(to_host64(got[0]), to_host64(want[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(to_host64(got[1]), to_host64(want[1]))
+    assert (to_host64(want[1])[:, 0] == 5).any()  # the planted sink is found
