@@ -24,6 +24,7 @@ stable rank = ‖A‖_F² / σ₁²; energy rank = the fewest singular values ho
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -36,6 +37,12 @@ from .reference import masked_softmax
 
 #: Threads per probe block; a power of two (tree reductions in shared memory).
 THREADS = 128
+#: Threads per block of the two kernels that reduce a whole row or head in one block (the row statistics, the head
+#: statistics); a power of two. Few blocks (m·B·Hq, Hq) each stream up to Sk keys, so they need many threads in
+#: flight: at 128 the statistics kernel was latency-bound, 0.38 ms for 8 rows × 16 heads × 32k keys (not 1024: the
+#: head-statistics kernel takes 86 registers, 64 at most fit 1024 threads). Under the simulator, where every thread
+#: is a Python thread, THREADS.
+REDUCE_THREADS = THREADS if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 512
 #: Largest head dim and probe row count the kernels hold in shared memory (32 KiB of query rows).
 MAX_D = 256
 MAX_ROWS = 32
@@ -270,9 +277,9 @@ def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
     def stats_kernel(scores: Any, topk: int, lse: Any, entropy: Any, topk_mass: Any) -> None:
         """lse, entropy and top-k mass of probe row r = blockIdx.x of head (b, h) = divmod(blockIdx.y, Hq).
 
-        Launch: grid (m, B·Hq), THREADS threads. Each thread streams its keys j ≡ tid (mod THREADS) of the
-        row's scores (m·Sk floats per head: cheap) with a running max (m, l, t) and a sorted top-k list; the
-        states merge pairwise in shared memory, the top-k lists in thread 0.
+        Launch: grid (m, B·Hq), REDUCE_THREADS threads. Each thread streams its keys j ≡ tid (mod
+        REDUCE_THREADS) of the row's scores with a running max (m, l, t) and a descending top-k list; states and
+        lists merge pairwise in a shared-memory tree.
         """
         tid = cuda.threadIdx.x
         r = cuda.blockIdx.x
@@ -280,16 +287,16 @@ def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
         b = cuda.blockIdx.y // n_heads
         h = cuda.blockIdx.y % n_heads
         seq_k = scores.shape[3]
-        sh_m = cuda.shared.array(THREADS, float32)
-        sh_l = cuda.shared.array(THREADS, float32)
-        sh_t = cuda.shared.array(THREADS, float32)
-        sh_top = cuda.shared.array((THREADS, MAX_TOPK), float32)
+        sh_m = cuda.shared.array(REDUCE_THREADS, float32)
+        sh_l = cuda.shared.array(REDUCE_THREADS, float32)
+        sh_t = cuda.shared.array(REDUCE_THREADS, float32)
+        sh_top = cuda.shared.array((REDUCE_THREADS, MAX_TOPK), float32)
 
         run_m, run_l, run_t = float32(-math.inf), float32(0.0), float32(0.0)
         top = cuda.local.array(MAX_TOPK, float32)
         for i in range(topk):
             top[i] = -math.inf
-        for j in range(tid, seq_k, THREADS):
+        for j in range(tid, seq_k, REDUCE_THREADS):
             s = scores[b, h, r, j]
             if s == -math.inf:
                 continue
@@ -310,8 +317,9 @@ def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
             sh_top[tid, i] = top[i]
         cuda.syncthreads()
 
-        # Tree merge of the (m, l, t) states: log2(THREADS) steps.
-        stride = THREADS // 2
+        # Tree merge, log2(REDUCE_THREADS) steps: the (m, l, t) states, and the two descending top-k lists
+        # into their top k (a + c = i < topk picks so far, so neither index leaves its list).
+        stride = REDUCE_THREADS // 2
         while stride > 0:
             if tid < stride:
                 m_a, m_b = sh_m[tid], sh_m[tid + stride]
@@ -320,26 +328,26 @@ def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
                     l_a, t_a = rescaled(sh_l[tid], sh_t[tid], m_a, m_new)
                     l_b, t_b = rescaled(sh_l[tid + stride], sh_t[tid + stride], m_b, m_new)
                     sh_m[tid], sh_l[tid], sh_t[tid] = m_new, l_a + l_b, t_a + t_b
+                a, c = 0, 0
+                for i in range(topk):
+                    x, y = sh_top[tid, a], sh_top[tid + stride, c]
+                    if x >= y:
+                        top[i] = x
+                        a += 1
+                    else:
+                        top[i] = y
+                        c += 1
+                for i in range(topk):
+                    sh_top[tid, i] = top[i]
             cuda.syncthreads()
             stride //= 2
         row_m, row_l, row_t = sh_m[0], sh_l[0], sh_t[0]
 
-        if tid == 0:  # merge the per-thread top-k lists (THREADS · topk candidates, serial: tiny)
-            for i in range(topk):
-                top[i] = -math.inf
-            for u in range(THREADS):
-                for w in range(topk):
-                    s = sh_top[u, w]
-                    if s > top[topk - 1]:
-                        i = topk - 1
-                        while i > 0 and top[i - 1] < s:
-                            top[i] = top[i - 1]
-                            i -= 1
-                        top[i] = s
+        if tid == 0:
             mass = float32(0.0)
             for i in range(topk):
-                if top[i] > -math.inf:
-                    mass += math.exp(top[i] - row_m) / row_l
+                if sh_top[0, i] > -math.inf:
+                    mass += math.exp(sh_top[0, i] - row_m) / row_l
             topk_mass[b, h, r] = mass
             if row_l > 0.0:
                 lse[b, h, r] = row_m + math.log(row_l)
@@ -419,27 +427,29 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
     lse, entropy, topk_mass = (xp.empty((B, Hq, m), dtype=xp.float32) for _ in range(3))
     col_mass = xp.zeros((B, Hq, Sk), dtype=xp.float32)
     scores_kernel, stats_kernel, output_kernel = _kernels(bf16, m)
-    launches = [
-        (scores_kernel, ((Sk + THREADS - 1) // THREADS, B * Hq),
-         (q_rows, limits, k_in, np.float32(problem.scale), problem.group_size, scores)),
-        (stats_kernel, (m, B * Hq), (scores, topk, lse, entropy, topk_mass)),
-        (output_kernel, ((Sk + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK, B * Hq),
-         (scores, lse, v_in, problem.group_size, out, col_mass)),
-    ]
-    if Sk == 0:  # no key: lse = −inf, entropy = top-k mass = 0 from the statistics kernel alone
-        launches = launches[1:2]
-    if problem.library == "cupy":
+    if Sk > 0:
+        _launch(scores_kernel, ((Sk + THREADS - 1) // THREADS, B * Hq), THREADS,
+                q_rows, limits, k_in, np.float32(problem.scale), problem.group_size, scores)
+    # With no key: lse = −inf, entropy = top-k mass = 0 from the statistics kernel alone.
+    _launch(stats_kernel, (m, B * Hq), REDUCE_THREADS, scores, topk, lse, entropy, topk_mass)
+    if Sk > 0:
+        _launch(output_kernel, ((Sk + KEYS_PER_BLOCK - 1) // KEYS_PER_BLOCK, B * Hq), THREADS,
+                scores, lse, v_in, problem.group_size, out, col_mass)
+    return ProbeResult(out, lse, entropy, topk_mass, col_mass)
+
+
+def _launch(kernel: Any, grid: tuple[int, ...] | int, block: int, *args: Any) -> None:
+    """Launch a Numba kernel on CuPy arrays (on CuPy's current stream, handed over through
+    __cuda_array_interface__ without synchronising: sync=False) or on NumPy arrays (the simulator)."""
+    if any(library_name(a) == "cupy" for a in args):
         import cupy
 
         ptr = cupy.cuda.get_current_stream().ptr
         stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-        for kernel, grid, args in launches:
-            kernel[grid, THREADS, stream](*(cuda.as_cuda_array(a, sync=False) if library_name(a) == "cupy" else a
-                                            for a in args))
+        kernel[grid, block, stream](*(cuda.as_cuda_array(a, sync=False) if library_name(a) == "cupy" else a
+                                      for a in args))
     else:
-        for kernel, grid, args in launches:
-            kernel[grid, THREADS](*args)
-    return ProbeResult(out, lse, entropy, topk_mass, col_mass)
+        kernel[grid, block](*args)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -512,22 +522,22 @@ def _head_statistics_kernel() -> Any:
                           sink_threshold: float, sink_share: float, count: int, stats: Any, sink_keys: Any) -> None:
         """stats[h] and sink_keys[h] of `head_statistics` for head h = blockIdx.x.
 
-        Launch: grid (Hq,), THREADS threads. The means: each thread sums its (batch, row) pairs, then a tree in
-        shared memory. The shares: per round each thread scans its keys j ≡ tid (mod THREADS) for the largest
+        Launch: grid (Hq,), REDUCE_THREADS threads. The means: each thread sums its (batch, row) pairs, then a tree in
+        shared memory. The shares: per round each thread scans its keys j ≡ tid (mod REDUCE_THREADS) for the largest
         share not yet picked (ascending j and a strict >, so its first one), then a tree keeps the larger share
         or, on a tie, the lower key; keys picked in earlier rounds sit in shared memory.
         """
         tid = cuda.threadIdx.x
         h = cuda.blockIdx.x
         batch, m, seq_k = entropy.shape[0], entropy.shape[2], col_mass.shape[2]
-        sh_a = cuda.shared.array(THREADS, float64)
-        sh_b = cuda.shared.array(THREADS, float64)
-        sh_c = cuda.shared.array(THREADS, float64)
-        sh_key = cuda.shared.array(THREADS, int64)
+        sh_a = cuda.shared.array(REDUCE_THREADS, float64)
+        sh_b = cuda.shared.array(REDUCE_THREADS, float64)
+        sh_c = cuda.shared.array(REDUCE_THREADS, float64)
+        sh_key = cuda.shared.array(REDUCE_THREADS, int64)
         picked = cuda.shared.array(MAX_SINK_SLOTS, int64)
 
         ratio, ent, top = float64(0.0), float64(0.0), float64(0.0)
-        for idx in range(tid, batch * m, THREADS):
+        for idx in range(tid, batch * m, REDUCE_THREADS):
             b, r = idx // m, idx % m
             e = float64(entropy[b, h, r])
             ratio += e / log_seen[r]
@@ -535,7 +545,7 @@ def _head_statistics_kernel() -> Any:
             top += float64(topk_mass[b, h, r])
         sh_a[tid], sh_b[tid], sh_c[tid] = ratio, ent, top
         cuda.syncthreads()
-        stride = THREADS // 2
+        stride = REDUCE_THREADS // 2
         while stride > 0:
             if tid < stride:
                 sh_a[tid] += sh_a[tid + stride]
@@ -553,7 +563,7 @@ def _head_statistics_kernel() -> Any:
         dominant = float64(0.0)
         for s in range(count):
             best, best_key = float32(-1.0), int64(-1)
-            for j in range(tid, seq_k, THREADS):
+            for j in range(tid, seq_k, REDUCE_THREADS):
                 taken = False
                 for u in range(s):
                     if picked[u] == j:
@@ -567,7 +577,7 @@ def _head_statistics_kernel() -> Any:
                         best, best_key = value, j
             sh_a[tid], sh_key[tid] = best, best_key
             cuda.syncthreads()
-            stride = THREADS // 2
+            stride = REDUCE_THREADS // 2
             while stride > 0:
                 if tid < stride:
                     other, other_key = sh_a[tid + stride], sh_key[tid + stride]
@@ -602,15 +612,7 @@ def _head_statistics_cuda(probe: ProbeResult, log_seen: np.ndarray, rows_seen: i
     sink_keys = xp.empty((heads, count), dtype=xp.int64)
     args = (probe.entropy, probe.topk_mass, probe.col_mass, on_device(xp, log_seen, np.float64),
             float(rows_seen), float(sink_threshold), float(sink_share), count, stats, sink_keys)
-    if library == "cupy":
-        import cupy
-
-        ptr = cupy.cuda.get_current_stream().ptr
-        stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-        kernel[heads, THREADS, stream](*(cuda.as_cuda_array(a, sync=False) if library_name(a) == "cupy" else a
-                                         for a in args))
-    else:
-        kernel[heads, THREADS](*args)
+    _launch(kernel, heads, REDUCE_THREADS, *args)
     return stats, sink_keys
 
 
