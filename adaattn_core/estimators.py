@@ -439,17 +439,34 @@ def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndar
 
 
 def _launch(kernel: Any, grid: tuple[int, ...] | int, block: int, *args: Any) -> None:
-    """Launch a Numba kernel on CuPy arrays (on CuPy's current stream, handed over through
-    __cuda_array_interface__ without synchronising: sync=False) or on NumPy arrays (the simulator)."""
+    """Launch a Numba kernel on CuPy arrays, on CuPy's current stream, or on NumPy arrays (the simulator).
+
+    A CuPy array reaches Numba as its __cuda_array_interface__ without the "stream" entry: the kernel runs on
+    that very stream, so there is nothing to synchronise, and with the entry Numba would block the host on the
+    stream at every launch. Numba reads the interface itself; `cuda.as_cuda_array(a, sync=False)` instead
+    costs ~40 µs of host time per array (benchmarks/results/logs/2026-12-04-H200-numba-launch-overhead.txt).
+    """
     if any(library_name(a) == "cupy" for a in args):
         import cupy
 
         ptr = cupy.cuda.get_current_stream().ptr
         stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-        kernel[grid, block, stream](*(cuda.as_cuda_array(a, sync=False) if library_name(a) == "cupy" else a
-                                      for a in args))
+        kernel[grid, block, stream](*(_SameStream(a) if library_name(a) == "cupy" else a for a in args))
     else:
         kernel[grid, block](*args)
+
+
+class _SameStream:
+    """A CuPy array's __cuda_array_interface__ with "stream" dropped (CAI v3: no synchronisation needed), for a
+    consumer that works on the producer's stream. Holds the array: the interface alone does not keep it alive."""
+
+    __slots__ = ("__cuda_array_interface__", "array")
+
+    def __init__(self, array: Any) -> None:
+        interface = dict(array.__cuda_array_interface__)
+        interface.pop("stream", None)
+        self.__cuda_array_interface__ = interface
+        self.array = array
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Host cost of one Numba CUDA launch on CuPy arrays, by how the arrays are handed over (the probe's and the
+head statistics' launches, `estimators._launch`), against a CuPy RawKernel launch of the same empty kernel.
+
+    python scripts/numba_launch_overhead.py [--launches 2000]
+
+Ways, each a kernel with six float32 arrays and two scalars, grid 1, 32 threads, on CuPy's current stream:
+  as_cuda_array   cuda.as_cuda_array(a, sync=False) per array (what `_launch` did until 2026-12-04)
+  prewrapped      the same wrappers made once, outside the loop: the dispatch alone
+  cupy            the CuPy arrays themselves (Numba reads __cuda_array_interface__ and may synchronise)
+  cupy-nosync     the same with numba.cuda's CUDA_ARRAY_INTERFACE_SYNC off
+  same-stream     the interface without its "stream" entry (`estimators._SameStream`: what `_launch` does)
+  rawkernel       cupy.RawKernel, for scale
+Prints the median host microseconds per launch over 5 repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import cupy
+import numpy as np
+
+from adaattn_core.estimators import _numba_cuda, _SameStream
+
+cuda = _numba_cuda()  # with the project's NumPy >= 2.5 shim
+from numba import config  # noqa: E402 (after the shim)
+
+
+@cuda.jit
+def empty_kernel(a, b, c, d, e, f, x, n):  # noqa: ANN001 (Numba types the arguments)
+    if cuda.threadIdx.x == 0 and n < 0:
+        a[0] = b[0] + c[0] + d[0] + e[0] + f[0] + x
+
+
+RAW = cupy.RawKernel(r"""
+extern "C" __global__ void empty_kernel(float* a, const float* b, const float* c, const float* d, const float* e,
+                                        const float* f, float x, long long n) {
+    if (threadIdx.x == 0 && n < 0) a[0] = b[0] + c[0] + d[0] + e[0] + f[0] + x;
+}""", "empty_kernel")
+
+
+def per_launch_us(launch, launches: int) -> float:
+    samples = []
+    for _ in range(5):
+        cupy.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(launches):
+            launch()
+        cupy.cuda.Device().synchronize()
+        samples.append((time.perf_counter() - start) / launches * 1e6)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--launches", type=int, default=2000)
+    args = parser.parse_args()
+    arrays = [cupy.random.standard_normal(4096, dtype=cupy.float32) for _ in range(6)]
+    stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr) if cupy.cuda.get_current_stream().ptr \
+        else cuda.default_stream()
+    x, n = np.float32(1.0), 7
+
+    def as_cuda_array() -> None:
+        empty_kernel[1, 32, stream](*(cuda.as_cuda_array(a, sync=False) for a in arrays), x, n)
+
+    wrapped = [cuda.as_cuda_array(a, sync=False) for a in arrays]
+
+    def prewrapped() -> None:
+        empty_kernel[1, 32, stream](*wrapped, x, n)
+
+    def direct() -> None:
+        empty_kernel[1, 32, stream](*arrays, x, n)
+
+    def same_stream() -> None:
+        empty_kernel[1, 32, stream](*(_SameStream(a) for a in arrays), x, n)
+
+    def raw() -> None:
+        RAW((1,), (32,), (*arrays, x, np.int64(n)))
+
+    for launch in (as_cuda_array, prewrapped, direct, same_stream, raw):  # compile and warm up
+        launch()
+    results = {"as_cuda_array": per_launch_us(as_cuda_array, args.launches),
+               "prewrapped": per_launch_us(prewrapped, args.launches),
+               "cupy": per_launch_us(direct, args.launches),
+               "same-stream": per_launch_us(same_stream, args.launches)}
+    config.CUDA_ARRAY_INTERFACE_SYNC = False
+    results["cupy-nosync"] = per_launch_us(direct, args.launches)
+    results["rawkernel"] = per_launch_us(raw, args.launches)
+    from importlib.metadata import version
+
+    print(f"numba-cuda {version('numba-cuda')}, CuPy {cupy.__version__}, "
+          f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
+    for name, us in results.items():
+        print(f"{name:>14}: {us:7.1f} us per launch")
+
+
+if __name__ == "__main__":
+    main()
