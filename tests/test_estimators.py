@@ -140,6 +140,26 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_same_stream_hands_over_the_interface_without_its_stream(rng):
+    # What the Numba launches get instead of a CuPy array: the producer's interface minus "stream" (no sync),
+    # the producer's own dictionary untouched, and the array kept alive beside it.
+    class Producer:
+        def __init__(self) -> None:
+            self.interface = {"shape": tuple(int(n) for n in rng.integers(1, 50, size=3)), "typestr": "<f4",
+                              "data": (int(rng.integers(1, 1 << 40)), False), "strides": None, "version": 3,
+                              "stream": int(rng.integers(3, 1 << 40))}
+
+        @property
+        def __cuda_array_interface__(self) -> dict:
+            return self.interface
+
+    producer = Producer()
+    handed = estimators._SameStream(producer)
+    assert handed.__cuda_array_interface__ == {k: v for k, v in producer.interface.items() if k != "stream"}
+    assert "stream" in producer.interface
+    assert handed.array is producer
+
+
 @pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed")
 def test_probe_kernels_under_cuda_simulator(rng):
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
