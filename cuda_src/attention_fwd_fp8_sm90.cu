@@ -285,12 +285,7 @@ __global__ void __launch_bounds__(384, 1) attention_fwd_fp8_sm90(
         reg_fence(acc_s);
         consumer_release(bars.k_empty(s), lane);
         softmax(n_blocks - 1 - it, corr);
-        wgmma_wait_after_softmax(it);  // P_prev V_prev done: O and the P registers are free again
-        reg_fence(acc_o);
-#pragma unroll
-        for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
-        consumer_release(bars.v_empty(s_prev), lane);
-        rescale_o(acc_o, corr);
+        finish_previous_pv(it, acc_o, p, bars.v_empty(s_prev), lane, corr);  // P_prev V_prev done
         pack_p();
     }
 

@@ -506,6 +506,20 @@ __device__ __forceinline__ void rescale_o(float (&o)[NO], const float (&corr)[2]
     }
 }
 
+// The main loop's step after the softmax of iteration `it`, in both sm90 forwards: wait for the previous tile's
+// P V, fence O and the P fragments (their registers are free again), hand that tile's V stage back (`v_empty`) and
+// rescale O by the new tile's corr.
+template <int NO, int KN>
+__device__ __forceinline__ void finish_previous_pv(int it, float (&o)[NO], unsigned (&p)[KN][4], unsigned v_empty,
+                                                   int lane, const float (&corr)[2]) {
+    wgmma_wait_after_softmax(it);
+    reg_fence(o);
+#pragma unroll
+    for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
+    consumer_release(v_empty, lane);
+    rescale_o(o, corr);
+}
+
 // One consumer warpgroup's turn on the tensor cores (WarpRoles: waits for it under ping-pong): the register
 // operands are fenced, `issue` issues and commits the turn's wgmma groups, and the turn passes on.
 template <typename Roles, int NS, int NO, int KN, typename Issue>
