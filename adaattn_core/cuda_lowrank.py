@@ -17,7 +17,14 @@ import numpy as np
 
 from ._arrays import on_device
 from .cuda_common import common_unsupported_reason, readable, shared_memory_optin, shared_memory_reason, writable
-from .launch_config import LOWRANK_BLOCK, LOWRANK_HEAD_DIMS, check_grid, landmark_launches, lowrank_launch
+from .launch_config import (
+    LOWRANK_BLOCK,
+    LOWRANK_HEAD_DIMS,
+    MAX_GRID_YZ,
+    check_grid,
+    landmark_launches,
+    lowrank_launch,
+)
 from .loader import get_kernel
 from .problem import LOG2E, AttentionProblem
 
@@ -82,16 +89,12 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
         out[:, index] = target[:, index]
 
 
-#: CUDA's limit on grid.y and grid.z, the landmark kernels' head and batch axes.
-MAX_GRID_YZ = 65535
-
-
 def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: Any, sinks: Any
          ) -> dict[str, Any] | None:
     """`lowrank._Keys`' fields (float32 CuPy arrays; sink_pos int64) for query `heads` on the grid `geo`
     (`lowrank.Geometry`), or None when there is nothing to launch (no head or batch entry) or the grid does not fit
-    one launch (more than MAX_GRID_YZ heads or batch entries): the same values as `lowrank._keys` up to the order
-    of the fp32 sums in the block and segment means.
+    one launch (more than MAX_GRID_YZ heads or batch entries: the kernels' grid.y and grid.z): the same values as
+    `lowrank._keys` up to the order of the fp32 sums in the block and segment means.
 
     k, v: the [B, Hkv, Sk, D] inputs (any strides: read through each head's key/value head, no gather); `sinks`:
     [len(heads), ns] int64 key indices on the device, −1 for none. Requires Sk >= 1.
@@ -120,7 +123,7 @@ def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: A
     inputs = (k_in, *map(i64, k_strides[:3]), v_in, *map(i64, v_strides[:3]), kv_heads)
     get_kernel(block_launch.source, block_launch.name)(
         (blocks, n, batch), (block_launch.threads,),
-        (*inputs, cupy.ascontiguousarray(sink_pos), i32(ns), i32(problem.seqlen_k), i32(geo.k_offset), i32(padded),
+        (*inputs, sink_pos, i32(ns), i32(problem.seqlen_k), i32(geo.k_offset), i32(padded),
          i32(dim), out["kp"], out["vp"], out["key_bias"], out["kf"], out["vf"], count_f, out["log_nf"]))
     get_kernel(segment_launch.source, segment_launch.name)(
         (segments, n, batch), (segment_launch.threads,),

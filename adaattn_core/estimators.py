@@ -412,8 +412,7 @@ def _kernels(bfloat16: bool, rows: int) -> tuple[Any, Any, Any]:
 def _probe_cuda(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndarray, topk: int) -> ProbeResult:
     """The probe as three Numba CUDA kernels on CuPy arrays (or NumPy arrays under the simulator).
 
-    CuPy arrays are handed to Numba through __cuda_array_interface__ without synchronising (sync=False) and
-    the kernels run on CuPy's current stream. Intermediate: the probe rows' scores, [B, Hq, m, Sk] float32.
+    The kernels run on CuPy's current stream (`_launch`). Intermediate: the probe rows' scores, [B, Hq, m, Sk] float32.
     """
     _numba_cuda()
     xp = namespace(problem.library)
@@ -446,14 +445,19 @@ def _launch(kernel: Any, grid: tuple[int, ...] | int, block: int, *args: Any) ->
     stream at every launch. Numba reads the interface itself; `cuda.as_cuda_array(a, sync=False)` instead
     costs ~40 µs of host time per array (benchmarks/results/logs/2026-12-04-H200-numba-launch-overhead.txt).
     """
-    if any(library_name(a) == "cupy" for a in args):
-        import cupy
-
-        ptr = cupy.cuda.get_current_stream().ptr
-        stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
-        kernel[grid, block, stream](*(_SameStream(a) if library_name(a) == "cupy" else a for a in args))
+    on_cupy = [library_name(a) == "cupy" for a in args]
+    if any(on_cupy):
+        kernel[grid, block, _cupy_stream()](*(_SameStream(a) if gpu else a for a, gpu in zip(args, on_cupy)))
     else:
         kernel[grid, block](*args)
+
+
+def _cupy_stream() -> Any:
+    """CuPy's current stream as a Numba stream (the legacy default stream when CuPy's is the null stream)."""
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 
 
 class _SameStream:
@@ -477,31 +481,35 @@ class _SameStream:
 MAX_SINK_SLOTS = 16
 
 
-def head_statistics(probe: ProbeResult, log_seen: np.ndarray, rows_seen: int, sink_threshold: float,
-                    sink_share: float, count: int, *, kernel: bool | None = None) -> tuple[Any, Any]:
+def head_statistics(probe: ProbeResult, limits: np.ndarray, sink_threshold: float, sink_share: float, count: int,
+                    *, kernel: bool | None = None) -> tuple[Any, Any]:
     """The probe reduced per query head, on its device (no transfer): ([Hq, 4 + 2c] float64 statistics,
     [Hq, c] int64 sink table), c = `count`.
 
-    Statistics: (mean over the probe rows and batch of entropy / log_seen[row], mean entropy, mean top-k mass,
-    dominant-sink mass, then the c largest column shares in descending order, then their key indices with −1
-    where the share is below `sink_threshold`: the sinks, a prefix since the shares descend). A key's share is
-    the max over the batch of its column mass divided by `rows_seen` (the probe rows that see some key); the c
+    Statistics: (mean over the probe rows and batch of the normalised entropy H / log(keys the row sees), mean
+    entropy, mean top-k mass, dominant-sink mass, then the c largest column shares in descending order, then their
+    key indices with −1 where the share is below `sink_threshold`: the sinks, a prefix since the shares descend).
+    A key's share is the max over the batch of its column mass divided by the probe rows that see some key; the c
     keys come from c rounds of argmax (ties: the lowest index). Dominant-sink mass: the summed share of those of
     the c keys holding >= `sink_share`. The sink table is the last c columns as int64.
 
-    `log_seen`: [m] host float64, log of the keys each probe row sees (clipped away from 0). `kernel`: one Numba
+    `limits`: [m] host ints, the keys each probe row sees (`AttentionProblem.keys_seen`). `kernel`: one Numba
     CUDA launch (default: for CuPy arrays when c <= MAX_SINK_SLOTS; True with NumPy arrays needs the simulator),
-    else ~4·c + 13 array operations. Raises ValueError for c > MAX_SINK_SLOTS with the kernel or c > Sk.
+    else ~4·c + 13 array operations. Raises ValueError for c > MAX_SINK_SLOTS with the kernel, c > Sk, or
+    `limits` not of the probe's row count.
     """
-    seq_k = probe.col_mass.shape[2]
+    seq_k, rows = probe.col_mass.shape[2], probe.entropy.shape[2]
+    if len(limits) != rows:
+        raise ValueError(f"limits must have one entry per probe row ({rows}), got {len(limits)}")
     if not 0 <= count <= seq_k:
         raise ValueError(f"count must be in [0, {seq_k}] (the keys), got {count}")
     use_kernel = (library_name(probe.col_mass) == "cupy" and count <= MAX_SINK_SLOTS) if kernel is None else kernel
     if use_kernel and count > MAX_SINK_SLOTS:
         raise ValueError(f"the head-statistics kernel keeps at most {MAX_SINK_SLOTS} sinks, got count = {count}")
-    if use_kernel:
-        return _head_statistics_cuda(probe, log_seen, rows_seen, sink_threshold, sink_share, count)
-    return _head_statistics_arrays(probe, log_seen, rows_seen, sink_threshold, sink_share, count)
+    log_seen = np.maximum(np.log(np.clip(limits, 1, None)), 1e-12)  # a row that sees one key: H = 0 anyway
+    rows_seen = max(1, int((np.asarray(limits) > 0).sum()))
+    backend = _head_statistics_cuda if use_kernel else _head_statistics_arrays
+    return backend(probe, log_seen, rows_seen, sink_threshold, sink_share, count)
 
 
 def _head_statistics_arrays(probe: ProbeResult, log_seen: np.ndarray, rows_seen: int, sink_threshold: float,

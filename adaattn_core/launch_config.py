@@ -151,6 +151,8 @@ class KernelLaunch:
 
 #: CUDA's limit on grid.x, and the int32 range of the kernels' block and tile indices.
 MAX_GRID = 2**31 - 1
+#: CUDA's limit on grid.y and grid.z.
+MAX_GRID_YZ = 65535
 
 
 def check_grid(blocks: int) -> int:

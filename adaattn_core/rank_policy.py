@@ -27,11 +27,12 @@ For each call (`RankPolicy.plan`):
 Host synchronisations (device-to-host transfers, `to_host64`; recorded as ``transfers`` in the report): one per
 plan, plus one per retry at a larger rank; `spectral` adds one (the pooled map) and moves the first try after
 the statistics' transfer. Launches: the probe's three Numba kernels and the statistics' one (~4·max_sinks + 13
-array operations instead beyond `estimators.MAX_SINK_SLOTS` sinks), then batched array operations over all heads
-(no per-head loop): `lowrank.prepare` and `lowrank.guard_rows` once per try, each with all its heads stacked on
-one axis. Where the fused low-rank kernel takes the call
-(CuPy bf16/fp16, D 64 or 128), `guard_rows` is that kernel's whole forward of the tried heads (one launch; the
-forward then copies the passing heads' rows from it), else `lowrank.approximate_rows` on the probe rows only.
+array operations instead beyond `estimators.MAX_SINK_SLOTS` sinks), then `lowrank.prepare` and
+`lowrank.guard_rows` once per try, each over all its heads at once (no per-head loop). Where the fused low-rank
+kernel takes the call (CuPy bf16/fp16, D 64 or 128), `prepare` is two launches (cuda_src/lowrank_landmarks.cu) and
+`guard_rows` that kernel's whole forward of the tried heads (one launch; the forward then copies the passing
+heads' rows from it); elsewhere both are batched array operations (`guard_rows`: `lowrank.approximate_rows` on
+the probe rows only).
 The speculative try costs a peaked batch its `prepare` and guard rows (work a diffuse batch needs anyway) in
 exchange for the second synchronisation.
 
@@ -309,9 +310,7 @@ class RankPolicy(Policy):
         """Per query head, on the probe's device (no transfer): ([Hq, 4 + 2c] float64 statistics, [Hq, c] int64
         sink table) of `estimators.head_statistics` with c = min(max_sinks, Sk) candidate sinks, the share
         threshold `_sink_threshold` and `sink_share`. `limits`: the probe rows' `AttentionProblem.keys_seen`."""
-        seen = np.clip(limits, 1, None)
-        return estimators.head_statistics(probe, np.maximum(np.log(seen), 1e-12), max(1, int((limits > 0).sum())),
-                                          self._sink_threshold(limits), self.sink_share,
+        return estimators.head_statistics(probe, limits, self._sink_threshold(limits), self.sink_share,
                                           min(self.max_sinks, problem.seqlen_k))
 
     def _record(self, report: Report | None, entries: list[dict[str, Any]], transfers: int) -> None:

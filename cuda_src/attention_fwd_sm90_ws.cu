@@ -212,8 +212,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     // O, a multiply per accumulator, is skipped on most tiles once the first few have set m; the result is
     // the same softmax, since O and l share m. corr[r] = 2^(m_old - m_new), 1 when m stayed.
     constexpr float RESCALE_LOG2 = 8.f;
-    // The skip is a per-thread branch: with cp.async loads it measured -1% to +6% at D = 64 and 256 but -2.5% at
-    // D = 128; with TMA loads D = 128 gains too, -2% to +7% (benchmarks/results/tuning/2026-12-03-H200-fwd-d128-*).
+    // The skip (rescale_o's warp-uniform branch; as a per-thread branch it measured -1% to +6% at D = 64 and 256
+    // but -2.5% at D = 128 with cp.async loads, and -2% to +7% at D = 128 with TMA loads:
+    // benchmarks/results/tuning/2026-12-03-H200-fwd-d128-*).
     int m_start = 0;  // the current work tile's first query row
     int row0 = 0;     // the thread's rows row0 and row0 + 8 of the current work tile
     float row_max[2];  // reference max m of scale_log2 * score

@@ -8,7 +8,7 @@ Ways, each a kernel with six float32 arrays and two scalars, grid 1, 32 threads,
   prewrapped      the same wrappers made once, outside the loop: the dispatch alone
   cupy            the CuPy arrays themselves (Numba reads __cuda_array_interface__ and may synchronise)
   cupy-nosync     the same with numba.cuda's CUDA_ARRAY_INTERFACE_SYNC off
-  same-stream     the interface without its "stream" entry (`estimators._SameStream`: what `_launch` does)
+  same-stream     `estimators._launch` itself: the interface without its "stream" entry (`_SameStream`)
   rawkernel       cupy.RawKernel, for scale
 Prints the median host microseconds per launch over 5 repeats.
 """
@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from importlib.metadata import version
 
 import cupy
 import numpy as np
 
-from adaattn_core.estimators import _numba_cuda, _SameStream
+from adaattn_core.estimators import _cupy_stream, _launch, _numba_cuda
 
 cuda = _numba_cuda()  # with the project's NumPy >= 2.5 shim
 from numba import config  # noqa: E402 (after the shim)
@@ -41,7 +43,7 @@ extern "C" __global__ void empty_kernel(float* a, const float* b, const float* c
 }""", "empty_kernel")
 
 
-def per_launch_us(launch, launches: int) -> float:
+def per_launch_us(launch: Callable[[], None], launches: int) -> float:
     samples = []
     for _ in range(5):
         cupy.cuda.Device().synchronize()
@@ -58,8 +60,7 @@ def main() -> None:
     parser.add_argument("--launches", type=int, default=2000)
     args = parser.parse_args()
     arrays = [cupy.random.standard_normal(4096, dtype=cupy.float32) for _ in range(6)]
-    stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr) if cupy.cuda.get_current_stream().ptr \
-        else cuda.default_stream()
+    stream = _cupy_stream()
     x, n = np.float32(1.0), 7
 
     def as_cuda_array() -> None:
@@ -74,7 +75,7 @@ def main() -> None:
         empty_kernel[1, 32, stream](*arrays, x, n)
 
     def same_stream() -> None:
-        empty_kernel[1, 32, stream](*(_SameStream(a) for a in arrays), x, n)
+        _launch(empty_kernel, 1, 32, *arrays, x, n)
 
     def raw() -> None:
         RAW((1,), (32,), (*arrays, x, np.int64(n)))
@@ -88,8 +89,6 @@ def main() -> None:
     config.CUDA_ARRAY_INTERFACE_SYNC = False
     results["cupy-nosync"] = per_launch_us(direct, args.launches)
     results["rawkernel"] = per_launch_us(raw, args.launches)
-    from importlib.metadata import version
-
     print(f"numba-cuda {version('numba-cuda')}, CuPy {cupy.__version__}, "
           f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     for name, us in results.items():

@@ -81,6 +81,21 @@ def test_probe_rejects_bad_arguments(rng):
         estimators.probe(problem, q, k, v, np.arange(10).repeat(4)[: estimators.MAX_ROWS + 1], kernel=True)
 
 
+def test_head_statistics_rejects_bad_arguments(rng):
+    q, k, v = make_qkv(rng, seq_q=40, dim=8)
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(problem, 3)
+    probe = estimators.probe(problem, q, k, v, rows)
+    limits = problem.keys_seen(rows)
+    with pytest.raises(ValueError, match=r"limits must have one entry per probe row \(3\), got 2"):
+        estimators.head_statistics(probe, limits[:2], 0.1, 0.2, 2)
+    with pytest.raises(ValueError, match=r"count must be in \[0, 40\] \(the keys\), got 41"):
+        estimators.head_statistics(probe, limits, 0.1, 0.2, 41)
+    slots = estimators.MAX_SINK_SLOTS
+    with pytest.raises(ValueError, match=f"at most {slots} sinks, got count = {slots + 1}"):
+        estimators.head_statistics(probe, limits, 0.1, 0.2, slots + 1, kernel=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The Numba CUDA kernels under the simulator (a subprocess: the simulator is chosen when numba.cuda first imports,
 # and a GPU run of the suite must keep the real target in the main process).
@@ -131,7 +146,7 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
         limits = problem.keys_seen(rows)
         rows_seen = max(1, int((limits > 0).sum()))
         threshold = 0.5 * float((np.asarray(got.col_mass).max(axis=0) / rows_seen).max())
-        reduce = (np.maximum(np.log(np.clip(limits, 1, None)), 1e-12), rows_seen, threshold, 0.2, min(4, sk))
+        reduce = (limits, threshold, 0.2, min(4, sk))
         want = estimators.head_statistics(got, *reduce, kernel=False)
         have = estimators.head_statistics(got, *reduce, kernel=True)
         assert np.allclose(have[0], want[0], rtol=1e-5, atol=1e-6), (dtype, causal, have[0], want[0])
