@@ -45,16 +45,21 @@ def test_probe_kernels_match_numpy(cp, rng, dtype, causal, seq_q, seq_k, heads_k
         np.testing.assert_allclose(a[finite], b[finite], atol=2e-4, rtol=1e-4, err_msg=name)
 
 
-def test_probe_runs_on_cupys_current_stream(cp, rng):
+def test_probe_runs_on_cupys_current_stream(cp, rng, monkeypatch):
     q, k, v = make_qkv(rng, batch=1, heads_q=2, seq_q=2048, dim=64, dtype="bfloat16", xp=cp)
     problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
     rows = estimators.probe_rows(problem, 8)
     expected = to_host64(estimators.probe(problem, q, k, v, rows).out)
+    # Every launch is handed CuPy's current stream: the legacy default stream would also order the kernels before
+    # the copy below, so the values alone could not tell.
+    handed: list[int] = []
+    external_stream = estimators.cuda.external_stream
+    monkeypatch.setattr(estimators.cuda, "external_stream", lambda ptr: handed.append(ptr) or external_stream(ptr))
     with cp.cuda.Stream(non_blocking=True) as stream:
         got = estimators.probe(problem, q, k, v, rows).out
         stream.synchronize()
-    # Not bit-equal: the output kernel sums its 256-key chunks with float atomics, in any order. A launch on
-    # another stream would leave `got` unfinished after the synchronize, far outside this tolerance.
+    assert handed == [stream.ptr] * 3, (handed, stream.ptr)
+    # Not bit-equal: the output kernel sums its 256-key chunks with float atomics, in any order.
     np.testing.assert_allclose(to_host64(got), expected, rtol=1e-5, atol=1e-7)
 
 
