@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import on_device
-from .cuda_common import common_unsupported_reason, element_strides, readable, tma_maps, writable
+from .cuda_common import common_unsupported_reason, element_strides, readable, sm_count, tma_maps, writable
 from .device import capabilities
 from .launch_config import (
     FP8_BLOCK_M,
@@ -125,7 +125,7 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     key_tile, k_block = fp8_key_tile(d, problem.causal), fp8_k_block(d, problem.causal)
     sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, key_tile)
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
-    splits, rows_per_split = fp8_stats_splits(problem.seqlen_k, b * hkv)
+    splits, rows_per_split = fp8_stats_splits(problem.seqlen_k, b * hkv, sm_count(device))
     partial = cupy.empty((b, hkv, splits, 4, d), dtype=cupy.float32)
     counters = cupy.zeros(b * hkv, dtype=cupy.uint32)
     stats = cupy.empty((4, b, hkv, d), dtype=cupy.float32)  # k mean, v mean, v scale, 1 / v scale

@@ -351,12 +351,12 @@ FP8_V_CHUNK = 32
 FP8_STAGES = 3
 #: Producer warpgroup + two consumer warpgroups.
 FP8_FORWARD_THREADS = 384
-#: Target thread blocks of the K/V statistics kernel: it splits each head's keys into pieces of whole steps of
-#: FP8_STATS_ROWS keys (STATS_ROWS in quantize_fp8.cu, each step's loads issued at once), about this many in all
-#: whatever B * Hkv is. 264 = two blocks (117 registers x 256 threads each) on each of the H200's 132 SMs: one
-#: wave of blocks that loop over several steps made the quantisation 4.9-6.6% faster than 1024 one-step blocks
-#: (benchmarks/results/tuning/2026-12-03-H200-fp8-stats-blocks.txt).
-FP8_STATS_BLOCKS = 264
+#: Target thread blocks per SM of the K/V statistics kernel: it splits each head's keys into pieces of whole steps
+#: of FP8_STATS_ROWS keys (STATS_ROWS in quantize_fp8.cu, each step's loads issued at once), about this many per SM
+#: in all whatever B * Hkv is. Two blocks (117 registers x 256 threads each) fit on an SM: one wave of blocks that
+#: loop over several steps (264 on the H200's 132 SMs) made the quantisation 4.9-6.6% faster than 1024 one-step
+#: blocks (benchmarks/results/tuning/2026-12-03-H200-fp8-stats-blocks.txt).
+FP8_STATS_BLOCKS_PER_SM = 2
 #: Keys per load step of the statistics kernel (STATS_ROWS in quantize_fp8.cu): a split is whole steps.
 FP8_STATS_ROWS = 256
 #: Threads of every quantisation kernel (QUANT_THREADS in quantize_fp8.cu).
@@ -377,11 +377,13 @@ def fp8_k_block(head_dim: int, causal: bool) -> int:
     return max(b for b in range(8, min(tile, FP8_K_BLOCK_MAX) + 1, 8) if tile % b == 0)
 
 
-def fp8_stats_splits(seqlen_k: int, kv_heads: int) -> tuple[int, int]:
-    """(splits, keys per split) of quantize_fp8_stats for `kv_heads` (B · Hkv) heads of `seqlen_k` keys: whole
-    FP8_STATS_ROWS steps per split, as many splits per head as give about FP8_STATS_BLOCKS blocks in all (at
-    least one, at most one per step), none of them empty unless seqlen_k = 0."""
-    splits = max(1, min(-(-FP8_STATS_BLOCKS // kv_heads), -(-seqlen_k // FP8_STATS_ROWS)))
+def fp8_stats_splits(seqlen_k: int, kv_heads: int, sm_count: int) -> tuple[int, int]:
+    """(splits, keys per split) of quantize_fp8_stats for `kv_heads` (B · Hkv) heads of `seqlen_k` keys on a GPU of
+    `sm_count` SMs: whole FP8_STATS_ROWS steps per split, as many splits per head as give about
+    FP8_STATS_BLOCKS_PER_SM blocks per SM in all (at least one, at most one per step), none of them empty unless
+    seqlen_k = 0."""
+    blocks = FP8_STATS_BLOCKS_PER_SM * sm_count
+    splits = max(1, min(-(-blocks // kv_heads), -(-seqlen_k // FP8_STATS_ROWS)))
     per_split = -(-seqlen_k // splits)
     rows = max(FP8_STATS_ROWS, -(-per_split // FP8_STATS_ROWS) * FP8_STATS_ROWS)
     return max(1, -(-seqlen_k // rows)), rows

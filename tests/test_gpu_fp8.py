@@ -183,19 +183,21 @@ def test_every_key_tile_matches_emulation_and_reference(rng, key_tile, heads_q, 
     _check_against_emulation_and_reference(q, k, v, causal)
 
 
-@pytest.mark.parametrize("stats_blocks", [1, 8, None])
+@pytest.mark.parametrize("sms", [1, 4, None])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_quantiser_statistics_against_float64(rng, monkeypatch, stats_blocks, dim):
+def test_quantiser_statistics_against_float64(rng, monkeypatch, sms, dim):
     """The statistics pass against float64: the K mean over every 8th key (through row_bias = q . k_mean), the V
-    mean and the per-channel V scale max|v - mean| / 448. 1000 keys for each of B * Hkv = 4 heads: one split per
-    head of four 256-key steps (the last ragged), two splits of two steps (8 blocks) and the default (here four
-    one-step splits)."""
-    from adaattn_core import cuda_fp8, launch_config
+    mean and the per-channel V scale max|v - mean| / 448. 1000 keys for each of B * Hkv = 4 heads: the SM count
+    the splits are sized for is faked to give one split per head of four 256-key steps (the last ragged), two
+    splits of two steps, and the device's own (four one-step splits on any GPU of 8 SMs or more)."""
+    from adaattn_core import cuda_fp8
     from adaattn_core.precision import K_MEAN_STRIDE
 
-    if stats_blocks is not None:
-        monkeypatch.setattr(launch_config, "FP8_STATS_BLOCKS", stats_blocks)
-    assert launch_config.fp8_stats_splits(1000, 4) == {1: (1, 1024), 8: (2, 512), None: (4, 256)}[stats_blocks]
+    if sms is not None:
+        monkeypatch.setattr(cuda_fp8, "sm_count", lambda device_id: sms)
+    device_sms = sms if sms is not None else cuda_fp8.sm_count(cupy.cuda.runtime.getDevice())
+    expected = {1: (1, 1024), 4: (2, 512), None: (4, 256)}[sms]
+    assert cuda_fp8.fp8_stats_splits(1000, 4, device_sms) == expected
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=77, seq_k=1000, dim=dim, dtype="bfloat16",
                        xp=cupy)
     problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")

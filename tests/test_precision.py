@@ -277,19 +277,20 @@ def test_fp8_k_blocks_fit_the_quantiser_and_the_kernel(monkeypatch, head_dim, ti
 
 def test_fp8_quantiser_launch_geometry():
     """The statistics pass splits every head's keys into whole FP8_STATS_ROWS steps, none empty, covering every key,
-    with about FP8_STATS_BLOCKS blocks in all; the quantiser's grid at the profiled call (D = 128, 4k, B·H = 64)
-    is the 5568 blocks ncu reported (benchmarks/results/logs/2026-12-03-H200-ncu-fp8-5bd1b52.txt), and the shipped
-    264 statistics blocks take four 1024-key splits per head there (256 blocks)."""
+    with about FP8_STATS_BLOCKS_PER_SM blocks per SM in all; the quantiser's grid at the profiled call (D = 128, 4k,
+    B·H = 64) is the 5568 blocks ncu reported (benchmarks/results/logs/2026-12-03-H200-ncu-fp8-5bd1b52.txt), and
+    the H200's 132 SMs take four 1024-key splits per head there (256 blocks)."""
     from adaattn_core import launch_config as lc
 
     assert lc.fp8_quantize_blocks(128, False, 4096, 4096, 64, 64) == 5568
-    assert lc.fp8_stats_splits(4096, 64) == (4, 1024)
-    for heads in (1, 3, 16, 64, 300):
-        for seqlen in (0, 1, 255, 256, 257, 1000, 4096, 16384, 65537):
-            splits, rows = lc.fp8_stats_splits(seqlen, heads)
-            assert rows % lc.FP8_STATS_ROWS == 0 and splits * rows >= seqlen, (seqlen, heads)
-            assert seqlen == 0 or (splits - 1) * rows < seqlen, (seqlen, heads)  # no empty split
-            assert splits <= max(1, -(-lc.FP8_STATS_BLOCKS // heads)), (seqlen, heads)
+    assert lc.fp8_stats_splits(4096, 64, 132) == (4, 1024)
+    for sms in (78, 114, 132):  # a smaller part, the H100 PCIe, the H100 SXM and H200
+        for heads in (1, 3, 16, 64, 300):
+            for seqlen in (0, 1, 255, 256, 257, 1000, 4096, 16384, 65537):
+                splits, rows = lc.fp8_stats_splits(seqlen, heads, sms)
+                assert rows % lc.FP8_STATS_ROWS == 0 and splits * rows >= seqlen, (seqlen, heads, sms)
+                assert seqlen == 0 or (splits - 1) * rows < seqlen, (seqlen, heads, sms)  # no empty split
+                assert splits <= max(1, -(-lc.FP8_STATS_BLOCKS_PER_SM * sms // heads)), (seqlen, heads, sms)
 
 
 @pytest.mark.parametrize("head_dim", [4, 8, 24, 256])
