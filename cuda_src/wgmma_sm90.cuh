@@ -494,13 +494,21 @@ __device__ __forceinline__ void wgmma_wait_after_softmax(int it) {
         wgmma_wait<0>();
 }
 
+// Whether a row of the warp moved its max on this tile (corr != 1): rescale_o's warp-uniform condition. Voted
+// before finish_previous_pv's wait for P V, where ptxas schedules the vote among the softmax's exponentials; voted
+// inside rescale_o, after the wait, its latency sat exposed between the wait and the branch (ncu stall samples,
+// notes/forward-tuning.md, session 14).
+__device__ __forceinline__ bool warp_max_moved(const float (&corr)[2]) {
+    return __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f);
+}
+
 // O *= corr per row after the wait for P V (corr = 2^(m_old - m_new), 1 where the row max did not move), the one
-// copy both sm90 forwards call. The branch is uniform per warp (legal: no wgmma in it), so a warp whose rows all
-// kept their max skips the multiplies; multiplying an unchanged row by 1 is exact. (Measured level with a
-// per-thread branch: notes/forward-tuning.md, session 13.)
+// copy both sm90 forwards call. `moved` (warp_max_moved) is uniform per warp, so the branch is too (legal: no wgmma
+// in it): a warp whose rows all kept their max skips the multiplies; multiplying an unchanged row by 1 is exact.
+// (Measured level with a per-thread branch: notes/forward-tuning.md, session 13.)
 template <int NO>
-__device__ __forceinline__ void rescale_o(float (&o)[NO], const float (&corr)[2]) {
-    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+__device__ __forceinline__ void rescale_o(float (&o)[NO], const float (&corr)[2], bool moved) {
+    if (moved) {
 #pragma unroll
         for (int i = 0; i < NO; ++i) o[i] *= corr[(i & 3) >> 1];  // accumulator layout: rows r, r + 8 per n8 block
     }
@@ -512,12 +520,13 @@ __device__ __forceinline__ void rescale_o(float (&o)[NO], const float (&corr)[2]
 template <int NO, int KN>
 __device__ __forceinline__ void finish_previous_pv(int it, float (&o)[NO], unsigned (&p)[KN][4], unsigned v_empty,
                                                    int lane, const float (&corr)[2]) {
+    const bool moved = warp_max_moved(corr);  // before the wait: see warp_max_moved
     wgmma_wait_after_softmax(it);
     reg_fence(o);
 #pragma unroll
     for (int kn = 0; kn < KN; ++kn) reg_fence(p[kn]);
     consumer_release(v_empty, lane);
-    rescale_o(o, corr);
+    rescale_o(o, corr, moved);
 }
 
 // One consumer warpgroup's turn on the tensor cores (WarpRoles: waits for it under ping-pong): the register
