@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -443,21 +443,39 @@ def _launch(kernel: Any, grid: tuple[int, ...] | int, block: int, *args: Any) ->
     A CuPy array reaches Numba as its __cuda_array_interface__ without the "stream" entry: the kernel runs on
     that very stream, so there is nothing to synchronise, and with the entry Numba would block the host on the
     stream at every launch. Numba reads the interface itself; `cuda.as_cuda_array(a, sync=False)` instead
-    costs ~40 µs of host time per array (benchmarks/results/logs/2026-12-04-H200-numba-launch-overhead.txt).
+    costs ~40 µs of host time per array, and the launch configuration is made once per launch shape and stream
+    (`_configured`) (benchmarks/results/logs/2026-12-04-H200-numba-launch-overhead.txt).
     """
     on_cupy = [library_name(a) == "cupy" for a in args]
     if any(on_cupy):
-        kernel[grid, block, _cupy_stream()](*(_SameStream(a) if gpu else a for a, gpu in zip(args, on_cupy)))
+        import cupy
+
+        launcher = _configured(kernel, grid, block, cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+        launcher(*(_SameStream(a) if gpu else a for a, gpu in zip(args, on_cupy)))
     else:
         kernel[grid, block](*args)
 
 
+@lru_cache(maxsize=256)
+def _configured(kernel: Any, grid: tuple[int, ...] | int, block: int, device: int, stream_ptr: int) -> Any:
+    """`kernel[grid, block, stream]` on CuPy's stream `stream_ptr` of `device`, kept: making the Numba stream
+    and the launch configuration (which also checks the grid and formats Numba's low-occupancy warning) cost
+    ~60 µs of host time at every launch."""
+    return kernel[grid, block, _numba_stream(device, stream_ptr)]
+
+
+@lru_cache(maxsize=64)
+def _numba_stream(device: int, stream_ptr: int) -> Any:
+    """CuPy's stream `stream_ptr` of `device` as a Numba stream (the legacy default stream for the null stream).
+    Numba only wraps the handle (no ownership), so keeping it is safe; `device` keys the null stream."""
+    return cuda.external_stream(stream_ptr) if stream_ptr else cuda.default_stream()
+
+
 def _cupy_stream() -> Any:
-    """CuPy's current stream as a Numba stream (the legacy default stream when CuPy's is the null stream)."""
+    """CuPy's current stream as a Numba stream."""
     import cupy
 
-    ptr = cupy.cuda.get_current_stream().ptr
-    return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+    return _numba_stream(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
 
 
 class _SameStream:

@@ -8,7 +8,13 @@ Ways, each a kernel with six float32 arrays and two scalars, grid 1, 32 threads,
   prewrapped      the same wrappers made once, outside the loop: the dispatch alone
   cupy            the CuPy arrays themselves (Numba reads __cuda_array_interface__ and may synchronise)
   cupy-nosync     the same with numba.cuda's CUDA_ARRAY_INTERFACE_SYNC off
-  same-stream     `estimators._launch` itself: the interface without its "stream" entry (`_SameStream`)
+  same-stream-per-launch  the interface without its "stream" entry (`_SameStream`), the Numba stream and the
+                  launch configuration (`kernel[grid, block, stream]`) made at every launch (`_launch` until
+                  session 15)
+  same-stream     `estimators._launch` itself: the same with the stream and the configuration kept (`_configured`)
+  specialized     a dispatcher specialized once for the argument types (`Dispatcher.specialize`: no type dispatch
+                  per launch) on the prewrapped arrays
+  specialized-same-stream  that dispatcher on `_SameStream` interfaces made per launch
   rawkernel       cupy.RawKernel, for scale
 Prints the median host microseconds per launch over 5 repeats.
 """
@@ -24,7 +30,7 @@ from importlib.metadata import version
 import cupy
 import numpy as np
 
-from adaattn_core.estimators import _cupy_stream, _launch, _numba_cuda
+from adaattn_core.estimators import _cupy_stream, _launch, _numba_cuda, _SameStream
 
 cuda = _numba_cuda()  # with the project's NumPy >= 2.5 shim
 from numba import config  # noqa: E402 (after the shim)
@@ -77,22 +83,34 @@ def main() -> None:
     def same_stream() -> None:
         _launch(empty_kernel, 1, 32, *arrays, x, n)
 
+    def same_stream_per_launch() -> None:
+        empty_kernel[1, 32, cuda.external_stream(cupy.cuda.get_current_stream().ptr)](
+            *(_SameStream(a) for a in arrays), x, n)
+
+    specialized = empty_kernel.specialize(*wrapped, x, n)
+
+    def specialized_prewrapped() -> None:
+        specialized[1, 32, stream](*wrapped, x, n)
+
+    def specialized_same_stream() -> None:
+        specialized[1, 32, stream](*(_SameStream(a) for a in arrays), x, n)
+
     def raw() -> None:
         RAW((1,), (32,), (*arrays, x, np.int64(n)))
 
-    for launch in (as_cuda_array, prewrapped, direct, same_stream, raw):  # compile and warm up
+    ways = {"as_cuda_array": as_cuda_array, "prewrapped": prewrapped, "cupy": direct,
+            "same-stream-per-launch": same_stream_per_launch, "same-stream": same_stream,
+            "specialized": specialized_prewrapped, "specialized-same-stream": specialized_same_stream}
+    for launch in (*ways.values(), raw):  # compile and warm up
         launch()
-    results = {"as_cuda_array": per_launch_us(as_cuda_array, args.launches),
-               "prewrapped": per_launch_us(prewrapped, args.launches),
-               "cupy": per_launch_us(direct, args.launches),
-               "same-stream": per_launch_us(same_stream, args.launches)}
+    results = {name: per_launch_us(launch, args.launches) for name, launch in ways.items()}
     config.CUDA_ARRAY_INTERFACE_SYNC = False
     results["cupy-nosync"] = per_launch_us(direct, args.launches)
     results["rawkernel"] = per_launch_us(raw, args.launches)
     print(f"numba-cuda {version('numba-cuda')}, CuPy {cupy.__version__}, "
           f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
     for name, us in results.items():
-        print(f"{name:>14}: {us:7.1f} us per launch")
+        print(f"{name:>24}: {us:7.1f} us per launch")
 
 
 if __name__ == "__main__":

@@ -53,12 +53,15 @@ def test_probe_runs_on_cupys_current_stream(cp, rng, monkeypatch):
     # Every launch is handed CuPy's current stream: the legacy default stream would also order the kernels before
     # the copy below, so the values alone could not tell.
     handed: list[int] = []
-    external_stream = estimators.cuda.external_stream
-    monkeypatch.setattr(estimators.cuda, "external_stream", lambda ptr: handed.append(ptr) or external_stream(ptr))
+    configured = estimators._configured
+    monkeypatch.setattr(estimators, "_configured",
+                        lambda kernel, grid, block, device, ptr: handed.append(ptr) or configured(kernel, grid, block,
+                                                                                                  device, ptr))
     with cp.cuda.Stream(non_blocking=True) as stream:
         got = estimators.probe(problem, q, k, v, rows).out
         stream.synchronize()
     assert handed == [stream.ptr] * 3, (handed, stream.ptr)
+    assert int(estimators._numba_stream(cp.cuda.Device().id, stream.ptr)) == stream.ptr
     # Not bit-equal: the output kernel sums its 256-key chunks with float atomics, in any order.
     np.testing.assert_allclose(to_host64(got), expected, rtol=1e-5, atol=1e-7)
 
