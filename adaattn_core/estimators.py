@@ -443,39 +443,37 @@ def _launch(kernel: Any, grid: tuple[int, ...] | int, block: int, *args: Any) ->
     A CuPy array reaches Numba as its __cuda_array_interface__ without the "stream" entry: the kernel runs on
     that very stream, so there is nothing to synchronise, and with the entry Numba would block the host on the
     stream at every launch. Numba reads the interface itself; `cuda.as_cuda_array(a, sync=False)` instead
-    costs ~40 µs of host time per array, and the launch configuration is made once per launch shape and stream
-    (`_configured`) (benchmarks/results/logs/2026-12-04-H200-numba-launch-overhead.txt).
+    costs ~40 µs of host time per array. The Numba stream and the launch configuration are kept per launch shape
+    and stream (`_configured`): made at every launch they cost another ~115 µs
+    (benchmarks/results/logs/2026-12-04-H200-numba-launch-overhead-s15.txt).
     """
     on_cupy = [library_name(a) == "cupy" for a in args]
     if any(on_cupy):
-        import cupy
-
-        launcher = _configured(kernel, grid, block, cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
-        launcher(*(_SameStream(a) if gpu else a for a, gpu in zip(args, on_cupy)))
+        _configured(kernel, grid, block, _cupy_stream())(*(_SameStream(a) if gpu else a
+                                                           for a, gpu in zip(args, on_cupy)))
     else:
         kernel[grid, block](*args)
 
 
 @lru_cache(maxsize=256)
-def _configured(kernel: Any, grid: tuple[int, ...] | int, block: int, device: int, stream_ptr: int) -> Any:
-    """`kernel[grid, block, stream]` on CuPy's stream `stream_ptr` of `device`, kept: making the Numba stream
-    and the launch configuration (which also checks the grid and formats Numba's low-occupancy warning) cost
-    ~60 µs of host time at every launch."""
-    return kernel[grid, block, _numba_stream(device, stream_ptr)]
+def _configured(kernel: Any, grid: tuple[int, ...] | int, block: int, stream: Any) -> Any:
+    """`kernel[grid, block, stream]`, kept (`stream`: one of `_cupy_stream`'s kept Numba streams): making it checks
+    the grid and, for grids under 128 blocks, formats Numba's low-occupancy warning at every launch."""
+    return kernel[grid, block, stream]
+
+
+def _cupy_stream() -> Any:
+    """CuPy's current stream as a Numba stream, the same object for the same device and stream."""
+    import cupy
+
+    return _numba_stream(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
 
 
 @lru_cache(maxsize=64)
 def _numba_stream(device: int, stream_ptr: int) -> Any:
-    """CuPy's stream `stream_ptr` of `device` as a Numba stream (the legacy default stream for the null stream).
-    Numba only wraps the handle (no ownership), so keeping it is safe; `device` keys the null stream."""
+    """CuPy's stream `stream_ptr` of `device` as a Numba stream (the legacy default stream for the null stream, which
+    `device` tells apart). Numba only wraps an external stream's handle (no ownership), so keeping it is safe."""
     return cuda.external_stream(stream_ptr) if stream_ptr else cuda.default_stream()
-
-
-def _cupy_stream() -> Any:
-    """CuPy's current stream as a Numba stream."""
-    import cupy
-
-    return _numba_stream(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
 
 
 class _SameStream:
