@@ -160,24 +160,29 @@ def _scales(amax: Any, xp: Any) -> tuple[Any, Any]:
 
 
 def hadamard(dim: int) -> np.ndarray:
-    """The Sylvester Hadamard matrix of order `dim` (a power of two) divided by sqrt(dim): orthogonal."""
+    """The Sylvester Hadamard matrix of order `dim` divided by sqrt(dim): orthogonal. Raises ValueError unless
+    `dim` is a power of two."""
     from scipy.linalg import hadamard as sylvester
 
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"hadamard: dim must be a power of two, got {dim}")
     return (sylvester(dim) / np.sqrt(dim)).astype(np.float32)
 
 
 def quantise(problem: AttentionProblem, q: Any, k: Any, v: Any, rotate: bool = True) -> Quantised:
     """The kernels' quantisation (quantize_fp8.cu) in NumPy/CuPy float32: same scales, same roundings (the
-    K mean and the rotation may differ in their last bits: the kernel sums in another order). `rotate`
-    (head dim a power of two): Q and K multiplied by `hadamard(D)`, as the kernels do by default."""
+    K mean and the rotation may differ in their last bits: the kernel sums in another order). `rotate`: Q and K
+    multiplied by `hadamard(D)`, as the kernels do by default; skipped where D is not a power of two (no kernel
+    runs those head dims, only this emulation)."""
     xp = namespace(problem.library)
     qf, kf, vf = (xp.asarray(x).astype(xp.float32) for x in (q, k, v))
     sampled = kf[:, :, ::K_MEAN_STRIDE]
     mean = sampled.sum(axis=2, keepdims=True) / xp.float32(max(sampled.shape[2], 1))
     kf = kf - mean
     row_bias = (qf @ xp.repeat(mean, problem.group_size, axis=1).swapaxes(-1, -2))[..., 0]
-    if rotate:
-        rotation = xp.asarray(hadamard(problem.head_dim))
+    d = problem.head_dim
+    if rotate and d & (d - 1) == 0:
+        rotation = xp.asarray(hadamard(d))
         qf, kf = qf @ rotation, kf @ rotation
     q_values, q_scale = _block_quantise(qf, FP8_BLOCK_M, xp)
     k_values, k_scale = _block_quantise(kf, fp8_k_block(problem.head_dim, problem.causal), xp)
@@ -392,10 +397,13 @@ class PrecisionPolicy(Policy):
                                  f"got {precision!r}")
         reason = fp8_unsupported_reason(problem, self.emulate or self.preset == "fp8")
         forced = [h for h, p in self.overrides.items() if p == FP8]
-        if reason is not None and (forced or self.preset == "fp8"):
+        if problem.seqlen_k == 0:
+            # No keys: out = 0 and lse = -inf at any precision, which the dense path writes; nothing to quantise
+            # (on the GPU the fp8 kernel does not take Sk = 0, so asking for fp8 here is not an error).
+            reason, forced = "Sk = 0 (no keys to quantise)", []
+        elif reason is not None and (forced or self.preset == "fp8"):
             raise ValueError(f"fp8 requested but unavailable: {reason}")
         chosen = {h: native for h in range(hq)}
-        chosen.update(self.overrides)
         candidates = [h for h in range(hq) if h not in self.overrides]
         guarded = candidates if self.tolerance is not None and reason is None and not problem.is_empty else []
         fp8_heads = sorted(set(forced) | set(guarded))
@@ -403,14 +411,14 @@ class PrecisionPolicy(Policy):
         artifacts: dict[str, Any] = {}
         estimates: dict[int, float | None] = {}
         stats: dict[int, dict[str, float]] = {}
-        if fp8_heads and problem.seqlen_k > 0:
+        if fp8_heads:
             artifacts = self._quantise(problem, q, k, v, fp8_heads)
             estimate_heads = guarded if (self.tolerance != math.inf or report is not None) else []
             if estimate_heads:
                 estimates = self._estimate(problem, q, k, v, artifacts, estimate_heads)
                 stats = head_statistics(problem, q, k, v) if report is not None else {}
         for h in guarded:
-            if problem.seqlen_k == 0 or self.tolerance == math.inf or GUARD_MARGIN * estimates[h] <= self.tolerance:
+            if self.tolerance == math.inf or GUARD_MARGIN * estimates[h] <= self.tolerance:
                 chosen[h] = FP8
         for h in forced:
             chosen[h] = FP8

@@ -224,6 +224,15 @@ def test_head_list_leaves_other_heads_untouched(rng):
     assert _rmse(out[:, [1, 2, 6]], ref[:, [1, 2, 6]]) <= 1.5e-2
 
 
+@pytest.mark.parametrize("policy", ["fp8", PrecisionPolicy("balanced", overrides={0: FP8})])
+def test_no_keys_with_fp8_asked_for(rng, policy):
+    """Sk = 0 with fp8 asked for: out = 0 and lse = -inf from the dense path, not an error (the fp8 kernel does not
+    take Sk = 0, and there is nothing to quantise)."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, heads_kv=1, seq_q=7, seq_k=0, dim=128, dtype="bfloat16", xp=cupy)
+    out, lse = attention(q, k, v, policy=policy, return_lse=True)
+    assert (out == 0).all() and cupy.isneginf(lse).all()
+
+
 def test_strided_bshd_inputs(rng):
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=200, seq_k=260, dim=64, dtype="bfloat16",
                        layout="bshd", contiguous=False, offset=8, xp=cupy)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import make_qkv
 
-from adaattn_core import Report, attention_reference
+from adaattn_core import Report, attention, attention_reference
 from adaattn_core.bench import outlier_normal
 from adaattn_core.cuda_fp8 import key_positions
 from adaattn_core.policy import POLICIES, resolve_policy
@@ -25,6 +25,7 @@ from adaattn_core.precision import (
     attend_fp8,
     e4m3_values,
     emulate_forward,
+    hadamard,
     precision_capabilities,
     quantise,
     round_e4m3,
@@ -119,6 +120,18 @@ def test_emulation_fa3_outlier_test(rng):
     assert rotated < plain  # the Hadamard rotation is what brings it there
 
 
+@pytest.mark.parametrize("dim", [24, 96])
+def test_emulation_runs_head_dims_without_a_rotation(rng, dim):
+    """Head dims that are not a power of two have no Hadamard matrix: the emulation (CPU "fp8" policy) skips the
+    rotation there instead of failing, and stays within fp8's error."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, heads_kv=1, seq_q=65, seq_k=130, dim=dim)
+    ref, _ = attention_reference(q, k, v, causal=True)
+    out = attention(q, k, v, causal=True, policy="fp8")
+    assert _rmse(out, ref) < 2e-2
+    with pytest.raises(ValueError, match="dim must be a power of two, got 96"):
+        hadamard(96)
+
+
 def test_emulate_forward_writes_only_its_heads_and_masks_rows(rng):
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=40, seq_k=17, dim=64)
     problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
@@ -197,6 +210,19 @@ def test_overrides(rng):
         _plan(PrecisionPolicy("balanced", overrides={4: FP8}), q, k, v)
     with pytest.raises(ValueError, match="unavailable"):
         _plan(PrecisionPolicy("balanced", overrides={1: FP8}), q, k, v)  # CPU without emulate
+
+
+@pytest.mark.parametrize("policy", [PrecisionPolicy("fp8"), PrecisionPolicy("speed", emulate=True),
+                                    PrecisionPolicy("balanced", emulate=True, overrides={1: FP8})])
+def test_no_keys_keep_the_input_precision_without_error(rng, policy):
+    """Sk = 0: out = 0 and lse = -inf at any precision, so every head keeps the input precision (nothing to
+    quantise), also where fp8 is forced; the GPU's fp8 kernel does not take Sk = 0, and this must not fail."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, heads_kv=1, seq_q=5, seq_k=0, dim=64, dtype="bfloat16")
+    precisions, report = _plan(policy, q, k, v)
+    assert precisions == ["bfloat16", "bfloat16"]
+    assert report.estimates["precision"]["fp8"].startswith("unavailable: Sk = 0")
+    out, lse = attention(q, k, v, policy=policy, return_lse=True)
+    assert (np.asarray(out, np.float32) == 0).all() and np.isneginf(lse).all()
 
 
 @pytest.mark.parametrize("causal", [False, True])
