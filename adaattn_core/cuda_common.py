@@ -57,17 +57,23 @@ def kernel_ready(x: Any, strides: tuple[int, ...]) -> bool:
 
 def is_broadcast(x: Any, strides: tuple[int, ...]) -> bool:
     """Some dimension of extent > 1 has stride 0 (a `broadcast_to` view): kernels can read it in place through
-    pointers, but a TMA tensor map cannot step by 0, and no kernel may write it."""
+    pointers (not through a TMA tensor map: `steps_forward`), but no kernel may write it."""
     return any(s == 0 and n > 1 for s, n in zip(strides, x.shape))
 
 
+def steps_forward(x: Any, strides: tuple[int, ...]) -> bool:
+    """Every dimension of extent > 1 has a positive stride: what a TMA tensor map can step through (it takes
+    positive strides only, so neither a broadcast view, stride 0, nor a reversed one, stride < 0)."""
+    return all(s > 0 for s, n in zip(strides, x.shape) if n > 1)
+
+
 def readable(x: Any, *, tma: bool = False) -> tuple[Any, tuple[int, ...]]:
-    """`x` and its element strides if the kernels can read it (`tma`: through a TMA tensor map, so not broadcast),
-    else a contiguous copy (one copy)."""
+    """`x` and its element strides if the kernels can read it (`tma`: through a TMA tensor map, so stepping
+    forward in every dimension: `steps_forward`), else a contiguous copy (one copy)."""
     import cupy
 
     strides = element_strides(x)
-    if kernel_ready(x, strides) and not (tma and is_broadcast(x, strides)):
+    if kernel_ready(x, strides) and (not tma or steps_forward(x, strides)):
         return x, strides
     x = cupy.ascontiguousarray(x)
     return x, element_strides(x)

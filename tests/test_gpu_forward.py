@@ -80,6 +80,16 @@ def test_broadcast_strides(cp, rng, dim):
     _check(cp, q, k, v, causal=True, layout="bhsd")
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_reversed_strides(cp, rng, dim):
+    """K and V reversed along the sequence and Q along the heads (negative strides): the mma.sync kernel reads them
+    in place, and a TMA tensor map takes positive strides only, so the wgmma launcher must copy them."""
+    q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=500, seq_k=777, dim=dim, dtype="bfloat16", xp=cp)
+    q, k, v = q[:, ::-1], k[:, :, ::-1], v[:, :, ::-1]
+    assert q.strides[1] < 0 and k.strides[2] < 0
+    _check(cp, q, k, v, causal=True, layout="bhsd")
+
+
 def test_many_heads_and_batches(cp, rng):
     q, k, v = make_qkv(rng, batch=16, heads_q=32, heads_kv=8, seq_q=77, seq_k=140, dim=64,
                        dtype="float16", layout="bshd", xp=cp)

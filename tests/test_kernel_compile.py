@@ -161,3 +161,16 @@ def test_forward_launcher_declines_a_tile_over_the_gpus_shared_memory(monkeypatc
         else:
             assert reason == (f"head dim 256 (attention_fwd.cu) needs {needed} bytes of shared memory per block, "
                               f"this GPU allows {a100}"), reason
+
+
+def test_steps_forward_is_what_a_tma_map_can_read():
+    """Broadcast (stride 0) and reversed (stride < 0) dimensions of extent > 1 cannot go through a TMA tensor map;
+    a dimension of extent 1 is never stepped, whatever its stride."""
+    from adaattn_core.cuda_common import element_strides, steps_forward
+
+    x = np.zeros((2, 3, 16, 8), dtype=np.float16)
+    views = {"contiguous": (x, True), "reversed rows": (x[:, :, ::-1], False), "reversed heads": (x[:, ::-1], False),
+             "broadcast batch": (np.broadcast_to(x[:1], x.shape), False),
+             "reversed extent-1 head": (x[:, :1][:, ::-1], True), "transposed": (x.transpose(0, 2, 1, 3), True)}
+    for name, (view, expected) in views.items():
+        assert steps_forward(view, element_strides(view)) is expected, name
