@@ -41,7 +41,9 @@ def attention(
     Args:
         q: [B, Hq, Sq, D] ("bhsd") or [B, Sq, Hq, D] ("bshd"); NumPy (CPU backend) or CuPy (GPU).
         k, v: [B, Hkv, Sk, D] or [B, Sk, Hkv, D], same library, dtype and device as q; Hq % Hkv == 0.
-            Any strides are accepted; inputs are never copied as a whole.
+            Any strides are accepted; an input the fused kernels cannot read in place (innermost stride ≠ 1,
+            other strides not multiples of 8 elements, base not 16-byte aligned; on the TMA-loading Hopper
+            kernels also a broadcast or reversed dimension) is copied once, as a whole.
         causal: apply the bottom-right causal mask.
         scale: multiplier of q·k, default 1/sqrt(D); must be finite.
         layout: "bhsd" (torch SDPA order) or "bshd" (flash-attn order), for inputs and outputs alike.

@@ -2,7 +2,8 @@
 FlashAttention-2-style, sm_80+) and cuda_src/attention_fwd_sm90_ws.cu (warp-specialised wgmma, Hopper).
 
 Shapes and dtypes were validated once by `problem.describe`; this module only checks what the kernel
-itself needs (head dim in the tile table, unit innermost stride, 16-byte alignment) and launches on
+itself needs (head dim in the tile table, shared memory, strides and alignment the loads can take: else one
+copy, `cuda_common.readable`) and launches on
 CuPy's current stream without synchronising.
 """
 

@@ -155,8 +155,8 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     """fp8 attention for the query heads `heads` into `out` and `lse`; other heads are left untouched.
 
     out[b,h,i] ≈ Σ_j softmax_j(scale·q[b,h,i]·k[b,h//G,j]) v[b,h//G,j] with Q, K (mean-smoothed) and V in
-    e4m3 (per-tile scales for Q/K, per-channel for V), P rounded to e4m3, fp32 accumulation; lse in natural
-    log. Causal is bottom-right aligned; rows that see no key give out = 0 and lse = −inf.
+    e4m3 (scales per tile for Q, per `fp8_k_block` keys for K, per channel for V), P rounded to e4m3, fp32
+    accumulation; lse in natural log. Causal is bottom-right aligned; rows that see no key give out = 0 and lse = −inf.
 
     q, k, v: [B, H, S, D] CuPy views (16-bit, any strides); out: [B, Hq, Sq, D] view in the input dtype;
     lse: [B, Hq, Sq] float32, contiguous. `artifacts["fp8"]`, when it holds `Fp8Tensors` covering `heads` for

@@ -1,6 +1,7 @@
 """Launch configuration of the CUDA kernels, in one place.
 
-The tile tables are read by the launchers (`cuda_forward.py`) and by the CI compile check
+The tile tables are read by the launchers (`cuda_forward.py`, `cuda_backward.py`, `cuda_fp8.py`,
+`cuda_lowrank.py`; `precision.py` for the emulation) and by the CI compile check
 (`scripts/compile_kernels.py`), so the instantiations CI compiles are the ones users run.
 """
 
@@ -88,7 +89,7 @@ class Sm90Tile:
 #: second run alone (…/2026-12-03-H200-fwd-keys176-*.json); without ping-pong -5.6% and -8.1% at 4k and 16k
 #: (…-nopp176-*.json); causal it was not tried. D=128 causal takes 3 K/V stages (225 KB of shared memory) since the
 #: loads moved to TMA: +1-6% over 2 (…/2026-12-03-H200-fwd-d128-*.json). 80 keys at D=256 measured within noise
-#: of 64 (…-v1.json).
+#: of 64 (benchmarks/results/tuning/2026-11-22-H200-fwd-tiles-v1.json).
 FORWARD_TILES_SM90: dict[tuple[int, bool], Sm90Tile] = {
     (64, False): Sm90Tile(128, stages=3, block_m=192),
     (64, True): Sm90Tile(128, stages=3, block_m=192),
@@ -134,7 +135,8 @@ SM90_ARCHS = ("90a",)
 
 @dataclass(frozen=True)
 class KernelLaunch:
-    """One kernel instantiation and its launch shape (grid = ceil(Sq / block_m) · Hq · B blocks). `tma_rows`: for a
+    """One kernel instantiation and its launch shape (`block_m` query rows per work tile; the launcher sizes the
+    grid: ceil(Sq / block_m) · Hq · B blocks for the non-persistent attention kernels). `tma_rows`: for a
     kernel that loads its three inputs through TMA tensor maps (adaattn_core/tma.py), the rows of each one's box;
     None for kernels that take pointers and strides. `persistent`: the kernel loops over its ceil(Sq / block_m) · Hq
     · B work tiles from a grid of at most one block per SM, handed out by a tile counter (`persistent_grid`)."""

@@ -2,7 +2,8 @@
 
 A policy turns an `AttentionProblem` (and, for adaptive policies, the inputs themselves) into a `Plan`:
 per query head a `HeadPlan` naming the path ("dense" or "lowrank" with a rank) and the precision.
-Backends launch one kernel per group of heads that share a `HeadPlan` (see `Plan.groups`).
+Backends launch one kernel per kind of head (`Plan.by_kind`: low-rank heads of every rank together, dense heads
+per precision).
 
 "exact" runs every head dense at the input precision with no estimation, so it adds no work. The adaptive
 policies (precision presets in `precision.py`, "lowrank" in `rank_policy.py`) register themselves in
@@ -73,7 +74,7 @@ class Plan:
                 raise TypeError(f"Plan: heads[{index}] must be a HeadPlan, got {type(head).__name__}")
 
     def groups(self) -> dict[HeadPlan, list[int]]:
-        """Head indices per distinct decision, in head order: one kernel launch per entry."""
+        """Head indices per distinct decision, in head order (what reports list; launches go by `by_kind`)."""
         grouped: dict[HeadPlan, list[int]] = {}
         for index, head in enumerate(self.heads):
             grouped.setdefault(head, []).append(index)
@@ -88,9 +89,6 @@ class Plan:
             kinds.setdefault("lowrank" if head.path == "lowrank" else head.precision, []).append(index)
         return kinds
 
-    @property
-    def is_uniform(self) -> bool:
-        return len(set(self.heads)) <= 1
 
 
 class Policy(ABC):

@@ -15,8 +15,8 @@ fp8 math (the same in `cuda_src/quantize_fp8.cu` + `attention_fwd_fp8_sm90.cu` a
 with e4m3 = round to nearest even, saturating at ±448 (`round_e4m3`). Presets (`PrecisionPolicy`):
 
 - "quality": every head at the input's 16-bit precision (no estimation).
-- "balanced": fp8 for a head when its estimated relative L2 error is ≤ 1e-2.
-- "speed": fp8 wherever supported, unless the estimate exceeds 3e-2.
+- "balanced": fp8 for a head when GUARD_MARGIN (1.3) times its estimated relative L2 error is ≤ 1e-2.
+- "speed": fp8 wherever supported, unless GUARD_MARGIN times the estimate exceeds 3e-2.
 - "fp8": fp8 for every head (no guard; raises where no fp8 path exists).
 
 The estimate: `sample_rows` query rows per head (evenly spaced, plus the last rows, which see the most keys
@@ -41,14 +41,13 @@ import numpy as np
 
 from ._arrays import library_name, namespace, on_device, to_host
 from .launch_config import FP8_BLOCK_M, fp8_k_block, fp8_key_tile
-from .policy import POLICIES, HeadPlan, Plan, Policy, check_number
+from .policy import FP8, POLICIES, HeadPlan, Plan, Policy, check_number
 from .problem import LOG2E, AttentionProblem, check_flag
 from .reference import masked_softmax
 
 if TYPE_CHECKING:
     from .report import Report
 
-FP8 = "float8_e4m3"
 E4M3_MAX = 448.0
 #: The fp8 kernel's lazy-rescale threshold (log2 domain) and the shift that puts P = 2^(x - m + P_SHIFT) at
 #: most at E4M3_MAX (attention_fwd_fp8_sm90.cu).
@@ -280,8 +279,8 @@ def emulate_forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any,
     """NumPy emulation of the fp8 forward (`attend_fp8` online, the kernel's order) for query heads `heads`.
 
     q, k, v: [B, H, S, D] NumPy views (any float dtype); out [B, Hq, Sq, D] view (written in its dtype) and
-    lse [B, Hq, Sq] float32 for the heads in `heads`; other heads untouched. `artifacts["fp8_emulated"]`
-    (a full-row `Quantised` left by the policy) is reused when present.
+    lse [B, Hq, Sq] (float32; float64 for float64 inputs) for the heads in `heads`; other heads untouched.
+    `artifacts["fp8_emulated"]` (a full-row `Quantised` left by the policy) is reused when present.
     """
     if not heads:
         return
@@ -293,33 +292,34 @@ def emulate_forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any,
     lse[:, heads] = result_lse
 
 
-def exact_rows(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: Any, heads: list[int],
-               dtype: str = "float32") -> Any:
-    """Attention of query rows `rows` for heads `heads` in `dtype` from the inputs: [B, n, M, D]."""
+def exact_rows(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: Any, heads: list[int]) -> Any:
+    """Attention of query rows `rows` for heads `heads` in float32 from the inputs: [B, n, M, D]."""
     xp = namespace(problem.library)
     rows = xp.asarray(rows)
     heads_kv = [h // problem.group_size for h in heads]
-    qr = q[:, heads][:, :, rows].astype(dtype)
-    kk, vv = k[:, heads_kv].astype(dtype), v[:, heads_kv].astype(dtype)
+    qr = q[:, heads][:, :, rows].astype(xp.float32)
+    kk, vv = k[:, heads_kv].astype(xp.float32), v[:, heads_kv].astype(xp.float32)
     scores = (qr @ kk.swapaxes(-1, -2)) * problem.scale
     probs, _ = masked_softmax(xp, scores, problem.visible(rows, xp.arange(problem.seqlen_k)), with_lse=False)
     return probs @ vv
 
 
 def sample_rows(problem: AttentionProblem, count: int) -> np.ndarray:
-    """`count` query rows: evenly spaced, plus the last 8 rows (causal: they see the most keys)."""
+    """Query rows for the guard: max(count − 8, 1) evenly spaced rows plus the last 8 (causal: they see the most
+    keys), sorted without repeats (so at most count + 1 rows, fewer for short Sq)."""
     sq = problem.seqlen_q
     spaced = np.linspace(0, sq - 1, max(count - 8, 1)).round().astype(np.int64)
     return np.unique(np.concatenate([spaced, np.arange(max(sq - 8, 0), sq)]))
 
 
 def head_statistics(problem: AttentionProblem, q: Any, k: Any, v: Any) -> dict[int, dict[str, float]]:
-    """Per query head: crest factors max|x|/rms(x) of q, mean-smoothed k and v (per-block scaling keeps a
-    crest below ~100 well inside e4m3's range) and the fraction of entries beyond 6 rms (outliers)."""
+    """Per query head: crest factors max|x|/rms(x) of q and of k and v mean-smoothed over tokens, as they are
+    quantised (per-block scaling keeps a crest below ~100 well inside e4m3's range), and the fraction of entries
+    beyond 6 rms (outliers)."""
     xp = namespace(problem.library)
     stats = {}
     per_tensor = []
-    for x, smooth in ((q, False), (k, True), (v, False)):
+    for x, smooth in ((q, False), (k, True), (v, True)):
         xf = x.astype(xp.float32)
         if smooth:
             xf = xf - xf.mean(axis=2, keepdims=True)
