@@ -371,6 +371,10 @@ class PrecisionPolicy(Policy):
                 raise ValueError(f"PrecisionPolicy: tolerance must be > 0, got {tolerance!r}")
         if overrides is not None and not isinstance(overrides, dict):
             raise TypeError(f"PrecisionPolicy: overrides must be a dict {{query head: precision}}, got {overrides!r}")
+        for head, precision in (overrides or {}).items():
+            check_number("PrecisionPolicy", "overrides key", head, int)
+            if not isinstance(precision, str):
+                raise TypeError(f"PrecisionPolicy: overrides[{head}] must be a precision name, got {precision!r}")
         check_flag("PrecisionPolicy: emulate", emulate)
         self.name = preset
         self.preset = preset
@@ -391,10 +395,10 @@ class PrecisionPolicy(Policy):
         hq, native = problem.heads_q, problem.dtype
         for head, precision in self.overrides.items():
             if not 0 <= head < hq:
-                raise ValueError(f"override head {head} out of range for {hq} query heads")
+                raise ValueError(f"PrecisionPolicy: overrides key must be a query head in [0, {hq}), got {head}")
             if precision not in (FP8, native):
-                raise ValueError(f"override for head {head} must be {FP8!r} or the input dtype {native!r}, "
-                                 f"got {precision!r}")
+                raise ValueError(f"PrecisionPolicy: override for head {head} must be {FP8!r} or the input dtype "
+                                 f"{native!r}, got {precision!r}")
         reason = fp8_unsupported_reason(problem, self.emulate or self.preset == "fp8")
         forced = [h for h, p in self.overrides.items() if p == FP8]
         if problem.seqlen_k == 0:
@@ -402,7 +406,8 @@ class PrecisionPolicy(Policy):
             # (on the GPU the fp8 kernel does not take Sk = 0, so asking for fp8 here is not an error).
             reason, forced = "Sk = 0 (no keys to quantise)", []
         elif reason is not None and (forced or self.preset == "fp8"):
-            raise ValueError(f"fp8 requested but unavailable: {reason}")
+            asked = f"the preset {self.preset!r}" if self.preset == "fp8" else f"overrides for heads {sorted(forced)}"
+            raise ValueError(f"PrecisionPolicy: fp8 requested by {asked} but unavailable: {reason}")
         chosen = {h: native for h in range(hq)}
         candidates = [h for h in range(hq) if h not in self.overrides]
         guarded = candidates if self.tolerance is not None and reason is None and not problem.is_empty else []

@@ -206,10 +206,14 @@ def test_overrides(rng):
     assert report.estimates["precision"]["heads"][3]["overridden"]
     with pytest.raises(ValueError, match="override"):
         _plan(PrecisionPolicy("balanced", overrides={1: "float16"}), q, k, v)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"overrides key must be a query head in \[0, 4\), got 4"):
         _plan(PrecisionPolicy("balanced", overrides={4: FP8}), q, k, v)
-    with pytest.raises(ValueError, match="unavailable"):
+    with pytest.raises(ValueError, match=r"requested by overrides for heads \[1\] but unavailable"):
         _plan(PrecisionPolicy("balanced", overrides={1: FP8}), q, k, v)  # CPU without emulate
+    with pytest.raises(TypeError, match="overrides key must be an int, got '0'"):
+        PrecisionPolicy("balanced", overrides={"0": FP8})
+    with pytest.raises(TypeError, match=r"overrides\[0\] must be a precision name, got 8"):
+        PrecisionPolicy("balanced", overrides={0: 8})
 
 
 @pytest.mark.parametrize("policy", [PrecisionPolicy("fp8"), PrecisionPolicy("speed", emulate=True),
