@@ -2,10 +2,11 @@
 
 `forward` (cuda_src/lowrank_fwd.cu) computes what `lowrank._all_rows` computes — each query against its near
 block, its segment's fine landmarks, the coarse landmarks and the sinks, merged in one softmax — from the same
-prepared keys (`lowrank.prepare`), in one launch per rank group: 16-bit operands (the fp32 landmark means rounded
-to the input dtype) on mma.sync tensor cores with fp32 accumulation, instead of float32 batched matmuls over
-per-part score buffers. `keys` (cuda_src/lowrank_landmarks.cu) builds those prepared keys, what `lowrank._keys`
-builds with ~40 array operations, in two launches.
+prepared keys (`lowrank.prepare`), in one launch per rank group and chunk of heads (`lowrank.CHUNK_ELEMENTS`):
+16-bit operands (the fp32 landmark means rounded to the input dtype) on mma.sync tensor cores with fp32
+accumulation, instead of float32 batched matmuls over per-part score buffers. `keys`
+(cuda_src/lowrank_landmarks.cu) builds those prepared keys, what `lowrank._keys` builds with ~40 array operations,
+in two launches.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import launch_config
 from ._arrays import compute_dtype, library_name, namespace, on_device, to_host64
 from .problem import AttentionProblem
 from .reference import masked_softmax
@@ -77,23 +78,28 @@ class ProbeResult:
 
 
 def probe_rows(problem: AttentionProblem, count: int, seed: int = 0) -> np.ndarray:
-    """`count` distinct query rows (sorted): stratified random rows, plus the last rows when causal.
+    """min(`count`, eligible rows) distinct query rows (sorted, int64): stratified random rows, plus the last rows
+    when causal.
 
     Causal rows late in the sequence see the most keys (and are where a low-rank far-field is largest), so a
-    quarter of the rows (at least one) are the last ones. Raises ValueError for count < 1.
+    quarter of the rows (at least one) are the last ones. Causal with Sq > Sk − 2, the rows that see fewer than two
+    keys are not eligible (when any row sees two): a row's normalised entropy H / log(keys seen) says nothing there,
+    and with Sq ≫ Sk most rows see none, which made uniform heads look peaked. Raises ValueError for count < 1.
     """
     if count < 1:
-        raise ValueError(f"probe row count must be >= 1, got {count}")
+        raise ValueError(f"probe_rows: count must be >= 1, got {count}")
     seq = problem.seqlen_q
-    count = min(count, seq)
+    first = max(0, seq - problem.seqlen_k + 1) if problem.causal else 0  # row i sees i + Sk − Sq + 1 keys
+    first = first if first < seq else 0
+    count = min(count, seq - first)
     tail = max(1, count // 4) if problem.causal else 0
     strata = count - tail
     rng = np.random.default_rng(seed)
-    edges = np.linspace(0, seq - tail, strata + 1)
+    edges = np.linspace(first, seq - tail, strata + 1)
     picked = {int(lo + rng.random() * (hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])}
     picked |= set(range(seq - tail, seq))
     # Strata narrower than one row can collide; top up with the first unused rows.
-    spare = (i for i in range(seq) if i not in picked)
+    spare = (i for i in range(first, seq) if i not in picked)
     while len(picked) < count:
         picked.add(next(spare))
     return np.array(sorted(picked), dtype=np.int64)
@@ -109,20 +115,24 @@ def probe(
         problem: the validated call; q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] views (any strides).
         rows: query-row indices from `probe_rows` (at most MAX_ROWS for the kernels).
         topk: k of the top-k mass, 1 <= k <= MAX_TOPK.
-        kernel: run the Numba CUDA kernels (default: for CuPy inputs; True with NumPy inputs needs the
-            simulator, NUMBA_ENABLE_CUDASIM=1).
+        kernel: run the Numba CUDA kernels (default: for CuPy inputs the kernels take, i.e. D <= MAX_D, at most
+            MAX_ROWS rows and B · Hq <= MAX_GRID_YZ, their grid.y; else CuPy array operations; True with NumPy
+            inputs needs the simulator, NUMBA_ENABLE_CUDASIM=1).
 
-    Raises ValueError for topk or rows out of range, or D > MAX_D with the kernels.
+    Raises ValueError for topk or rows out of range, or kernel=True where the kernels do not take the problem.
     """
     if not 1 <= topk <= MAX_TOPK:
         raise ValueError(f"topk must be in [1, {MAX_TOPK}], got {topk}")
     if len(rows) == 0 or rows.min() < 0 or rows.max() >= problem.seqlen_q:
         got = f"{len(rows)} rows in [{rows.min()}, {rows.max()}]" if len(rows) else "no rows"
         raise ValueError(f"rows must be non-empty indices in [0, {problem.seqlen_q}), got {got}")
-    use_kernel = problem.library == "cupy" if kernel is None else kernel
-    if use_kernel and (problem.head_dim > MAX_D or len(rows) > MAX_ROWS):
-        raise ValueError(f"the probe kernels take D <= {MAX_D} and <= {MAX_ROWS} rows, got D = "
-                         f"{problem.head_dim} and {len(rows)} rows")
+    fits = (problem.head_dim <= MAX_D and len(rows) <= MAX_ROWS
+            and problem.batch * problem.heads_q <= launch_config.MAX_GRID_YZ)
+    use_kernel = problem.library == "cupy" and fits if kernel is None else kernel
+    if use_kernel and not fits:
+        raise ValueError(f"the probe kernels take D <= {MAX_D}, <= {MAX_ROWS} rows and B * Hq <= "
+                         f"{launch_config.MAX_GRID_YZ}, got D = {problem.head_dim}, {len(rows)} rows and B * Hq = "
+                         f"{problem.batch * problem.heads_q}")
     if use_kernel:
         return _probe_cuda(problem, q, k, v, rows, topk)
     return _probe_numpy(problem, q, k, v, rows, topk)
@@ -133,7 +143,8 @@ def probe(
 
 
 def _probe_numpy(problem: AttentionProblem, q: Any, k: Any, v: Any, rows: np.ndarray, topk: int) -> ProbeResult:
-    """The probe with array operations (NumPy, or CuPy for float32/float64); one head group at a time."""
+    """The probe with array operations of the inputs' library (NumPy, or CuPy where the kernels are not taken);
+    one query head at a time."""
     xp = namespace(problem.library)
     ctype = compute_dtype(problem.dtype).type
     B, Hq, G, Sk = problem.batch, problem.heads_q, problem.group_size, problem.seqlen_k
@@ -768,9 +779,12 @@ class Spectrum:
 
 def spectrum(a: np.ndarray, *, energy: float = 0.95, max_rank: int = 32, seed: int = 0, power_iters: int = 30,
              samples: int = 64) -> Spectrum:
-    """Spectral estimates of maps `a` [N, r, c] (see `Spectrum`). Raises ValueError for energy outside (0, 1]."""
+    """Spectral estimates of maps `a` [N, r, c] (see `Spectrum`). Raises ValueError for energy outside (0, 1] or
+    max_rank < 1 (checked before any work)."""
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     rng = np.random.default_rng(seed)
     values = randomized_singular_values(a, max_rank, rng)
     # Both are lower bounds of σ₁; power iteration alone stalls when σ₂ ≈ σ₁ (common in causal maps), where

@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -103,7 +103,7 @@ def balanced_rank(seq_q: int, seq_k: int, block: int = BLOCK) -> int:
     When L is a multiple of w, r is the divisor of nb = L / w closest to sqrt(nb) (by ratio) if one lies
     within a factor 2 of it: then the grid needs no padding (Lp = L) and the forward reads q, k, v in place
     (32k: r = 32, t = 16, cost w + t + nc = 112 against 110 for r = 23, whose grid pads to 33856).
-    Doubling r keeps that property (the guard's retries). Otherwise round(sqrt(L / w)).
+    The guard's retries double r, which keeps Lp = L only while 2r divides nb. Otherwise round(sqrt(L / w)).
     """
     length = max(seq_q, seq_k, 1)
     root = (length / block) ** 0.5
@@ -219,7 +219,7 @@ def _allowed(xp: Any, causal: bool, query_unit: Any, key_unit: Any) -> Any:
     return xp.where(ok, 0.0, -xp.inf)
 
 
-@cache
+@lru_cache(maxsize=64)
 def _grid_biases(geo: Geometry, causal: bool, ctype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The forward's position masks of a grid, host arrays built once per (grid, causal, dtype) and handed to
     `on_device` (cached there: no launch per call): (near [w, w]: key j <= query i within a block,

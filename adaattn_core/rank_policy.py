@@ -152,6 +152,7 @@ class RankPolicy(Policy):
             "retry_margin": (self.retry_margin >= 1, ">= 1"),
             "max_sinks": (self.max_sinks >= 0, ">= 0"),
             "max_cost": (0 < self.max_cost <= 1, "in (0, 1]"),
+            "seed": (self.seed >= 0, ">= 0"),
         }
         for field, (ok, expected) in checks.items():
             if not ok:

@@ -66,11 +66,27 @@ def test_probe_rows_include_the_last_rows_when_causal():
     plain = describe(q, q, q, causal=False, scale=None, layout="bhsd")
     assert len(estimators.probe_rows(plain, 16)) == 16
     assert len(estimators.probe_rows(describe(q[:, :, :5], q, q, causal=True, scale=None, layout="bhsd"), 16)) == 5
-    with pytest.raises(ValueError, match="probe row count"):
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
         estimators.probe_rows(plain, 0)
 
 
-def test_probe_rejects_bad_arguments(rng):
+@pytest.mark.parametrize("seq_q,seq_k", [(1000, 100), (1000, 999), (64, 1000)])
+def test_causal_probe_rows_see_two_keys_and_uniform_heads_look_uniform(rng, seq_q, seq_k):
+    """Causal with Sq > Sk, most rows see no key: probe rows come from those that see two keys or more, so that a
+    uniform head's normalised entropy is ~1 (it averaged in 0 for every hidden row, and such heads went dense as
+    'peaked') and the sink threshold is not inflated by rows that see one key."""
+    q, k, v = make_qkv(rng, batch=1, heads_q=2, heads_kv=1, seq_q=seq_q, seq_k=seq_k, dim=16)
+    q, k = 1e-3 * q, 1e-3 * k  # scores ~0: every row uniform over the keys it sees
+    problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+    rows = estimators.probe_rows(problem, 16, seed=4)
+    limits = problem.keys_seen(rows)
+    assert len(rows) == 16 and (limits >= 2).all(), (rows, limits)
+    probe = estimators.probe(problem, q, k, v, rows)
+    stats, _ = estimators.head_statistics(probe, limits, 0.5, 0.2, 1)
+    assert (np.asarray(stats)[:, 0] > 0.99).all(), stats[:, 0]
+
+
+def test_probe_rejects_bad_arguments(rng, monkeypatch):
     q, k, v = make_qkv(rng, seq_q=10, dim=8)
     problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
     with pytest.raises(ValueError, match="topk"):
@@ -79,6 +95,11 @@ def test_probe_rejects_bad_arguments(rng):
         estimators.probe(problem, q, k, v, np.array([10]))
     with pytest.raises(ValueError, match="probe kernels"):
         estimators.probe(problem, q, k, v, np.arange(10).repeat(4)[: estimators.MAX_ROWS + 1], kernel=True)
+    # More (batch, head) pairs than the kernels' grid.y takes: an error when the kernels are forced (the default
+    # takes array operations then).
+    monkeypatch.setattr(estimators.launch_config, "MAX_GRID_YZ", problem.batch * problem.heads_q - 1)
+    with pytest.raises(ValueError, match=rf"B \* Hq = {problem.batch * problem.heads_q}"):
+        estimators.probe(problem, q, k, v, np.arange(3), kernel=True)
 
 
 def test_head_statistics_rejects_bad_arguments(rng):
@@ -123,7 +144,7 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng({seed})
     # (dtype, causal, B, Sq, Sk, Hkv, D, probe rows): 300 keys span three scores-kernel blocks and two
     # output-kernel chunks, D = 40 three key tiles of the scores kernel (the last one partial); causal Sq > Sk
-    # hides every key from the first rows (lse -inf): three of the 8 probe rows of (40, 21).
+    # hides every key from the first rows (lse -inf): rows 0 and 1, added to the probe rows, in (40, 21).
     cases = [("float32", False, 1, 29, 29, 2, 12, 3), ("bfloat16", True, 1, 19, 45, 1, 12, 3),
              ("float16", True, 1, 40, 21, 2, 12, 8), ("float64", False, 1, 7, 150, 1, 12, 3),
              ("bfloat16", True, 2, 60, 300, 2, 40, 8)]
@@ -133,7 +154,7 @@ SIMULATOR_SCRIPT = textwrap.dedent("""
         k = (rng.standard_normal((batch, hkv, sk, dim)) * 2).astype(cast)
         v = rng.standard_normal((batch, hkv, sk, dim)).astype(cast)
         problem = describe(q, k, v, causal=causal, scale=None, layout="bhsd")
-        rows = estimators.probe_rows(problem, m, seed=1)
+        rows = np.unique(np.r_[0, 1, estimators.probe_rows(problem, m - 2, seed=1)])
         ref = estimators.probe(problem, q, k, v, rows, topk=4, kernel=False)
         got = estimators.probe(problem, q, k, v, rows, topk=4, kernel=True)
         for name in ("out", "lse", "entropy", "topk_mass", "col_mass"):
@@ -259,3 +280,5 @@ def test_power_iteration_never_overestimates_and_converges(rng):
     assert np.all(sigma >= 0.9 * top)
     with pytest.raises(ValueError, match="energy"):
         estimators.spectrum(a, energy=1.5)
+    with pytest.raises(ValueError, match="max_rank must be >= 1, got 0"):
+        estimators.spectrum(a, max_rank=0)

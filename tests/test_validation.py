@@ -355,6 +355,7 @@ def test_scale_must_fit_the_compute_precision(qkv):
     (lambda: aa.PrecisionPolicy(sample_rows=0), ValueError, r"PrecisionPolicy: sample_rows must be >= 1, got 0"),
     (lambda: aa.PrecisionPolicy("fast"), ValueError, r"PrecisionPolicy: preset must be one of \[.*\], got 'fast'"),
     (lambda: aa.RankPolicy(then="balanced"), TypeError, r"RankPolicy: then must be a Policy or None, got 'balanced'"),
+    (lambda: aa.RankPolicy(seed=-1), ValueError, r"RankPolicy: seed must be >= 0, got -1"),
     (lambda: aa.PrecisionPolicy(tolerance=-1), ValueError, r"PrecisionPolicy: tolerance must be > 0, got -1"),
     (lambda: aa.PrecisionPolicy(sample_rows="4"), TypeError, r"PrecisionPolicy: sample_rows must be an int, got '4'"),
     (lambda: aa.PrecisionPolicy(overrides=[0]), TypeError,
