@@ -82,9 +82,10 @@ def probe_rows(problem: AttentionProblem, count: int, seed: int = 0) -> np.ndarr
     when causal.
 
     Causal rows late in the sequence see the most keys (and are where a low-rank far-field is largest), so a
-    quarter of the rows (at least one) are the last ones. Causal with Sq > Sk − 2, the rows that see fewer than two
-    keys are not eligible (when any row sees two): a row's normalised entropy H / log(keys seen) says nothing there,
-    and with Sq ≫ Sk most rows see none, which made uniform heads look peaked. Raises ValueError for count < 1.
+    quarter of the rows (at least one) are the last ones. Causal with Sq >= Sk, the first Sq − Sk + 1 rows see
+    fewer than two keys (`AttentionProblem.keys_seen`) and are not eligible when any row sees two: a row's
+    normalised entropy H / log(keys seen) says nothing there, and with Sq ≫ Sk most rows see none, which made
+    uniform heads look peaked. Raises ValueError for count < 1.
     """
     if count < 1:
         raise ValueError(f"probe_rows: count must be >= 1, got {count}")
@@ -128,7 +129,7 @@ def probe(
         raise ValueError(f"rows must be non-empty indices in [0, {problem.seqlen_q}), got {got}")
     fits = (problem.head_dim <= MAX_D and len(rows) <= MAX_ROWS
             and problem.batch * problem.heads_q <= launch_config.MAX_GRID_YZ)
-    use_kernel = problem.library == "cupy" and fits if kernel is None else kernel
+    use_kernel = (problem.library == "cupy" and fits) if kernel is None else kernel
     if use_kernel and not fits:
         raise ValueError(f"the probe kernels take D <= {MAX_D}, <= {MAX_ROWS} rows and B * Hq <= "
                          f"{launch_config.MAX_GRID_YZ}, got D = {problem.head_dim}, {len(rows)} rows and B * Hq = "
@@ -477,7 +478,7 @@ def _cupy_stream() -> Any:
     """CuPy's current stream as a Numba stream, the same object for the same device and stream."""
     import cupy
 
-    return _numba_stream(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    return _numba_stream(cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
 
 
 @lru_cache(maxsize=64)

@@ -90,7 +90,6 @@ class Plan:
         return kinds
 
 
-
 class Policy(ABC):
     """Decides a `Plan` for one call. Subclasses set `name` and implement `plan`."""
 

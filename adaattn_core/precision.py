@@ -399,15 +399,17 @@ class PrecisionPolicy(Policy):
             if precision not in (FP8, native):
                 raise ValueError(f"PrecisionPolicy: override for head {head} must be {FP8!r} or the input dtype "
                                  f"{native!r}, got {precision!r}")
-        reason = fp8_unsupported_reason(problem, self.emulate or self.preset == "fp8")
-        forced = [h for h, p in self.overrides.items() if p == FP8]
         if problem.seqlen_k == 0:
             # No keys: out = 0 and lse = -inf at any precision, which the dense path writes; nothing to quantise
             # (on the GPU the fp8 kernel does not take Sk = 0, so asking for fp8 here is not an error).
             reason, forced = "Sk = 0 (no keys to quantise)", []
-        elif reason is not None and (forced or self.preset == "fp8"):
-            asked = f"the preset {self.preset!r}" if self.preset == "fp8" else f"overrides for heads {sorted(forced)}"
-            raise ValueError(f"PrecisionPolicy: fp8 requested by {asked} but unavailable: {reason}")
+        else:
+            reason = fp8_unsupported_reason(problem, self.emulate or self.preset == "fp8")
+            forced = [h for h, p in self.overrides.items() if p == FP8]
+            if reason is not None and (forced or self.preset == "fp8"):
+                asked = (f"the preset {self.preset!r}" if self.preset == "fp8"
+                         else f"overrides for heads {sorted(forced)}")
+                raise ValueError(f"PrecisionPolicy: fp8 requested by {asked} but unavailable: {reason}")
         chosen = {h: native for h in range(hq)}
         candidates = [h for h in range(hq) if h not in self.overrides]
         guarded = candidates if self.tolerance is not None and reason is None and not problem.is_empty else []

@@ -195,9 +195,9 @@ def test_quantiser_statistics_against_float64(rng, monkeypatch, sms, dim):
 
     if sms is not None:
         monkeypatch.setattr(cuda_fp8, "sm_count", lambda device_id: sms)
-    device_sms = sms if sms is not None else cuda_fp8.sm_count(cupy.cuda.runtime.getDevice())
-    expected = {1: (1, 1024), 4: (2, 512), None: (4, 256)}[sms]
-    assert cuda_fp8.fp8_stats_splits(1000, 4, device_sms) == expected
+    # Record the splits the quantiser itself launches with: the faked SM count must reach its grid.
+    launched, splits_of = [], cuda_fp8.fp8_stats_splits
+    monkeypatch.setattr(cuda_fp8, "fp8_stats_splits", lambda *args: launched.append(splits_of(*args)) or launched[-1])
     q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=77, seq_k=1000, dim=dim, dtype="bfloat16",
                        xp=cupy)
     problem = describe(q, k, v, causal=False, scale=None, layout="bhsd")
@@ -205,6 +205,7 @@ def test_quantiser_statistics_against_float64(rng, monkeypatch, sms, dim):
     if reason is not None:
         pytest.skip(reason)
     tensors = cuda_fp8.quantize(problem, q, k, v, list(range(4)))
+    assert launched == [{1: (1, 1024), 4: (2, 512), None: (4, 256)}[sms]], launched
     qh, kh, vh = (to_host64(x) for x in (q, k, v))
     k_mean = np.repeat(kh[:, :, ::K_MEAN_STRIDE].mean(axis=2), 2, axis=1)  # per query head [B, Hq, D]
     v_mean = vh.mean(axis=2)
