@@ -31,6 +31,7 @@ from .launch_config import (
     FORWARD_HEAD_DIMS,
     SM90_MIN_SEQLEN_K,
     KernelLaunch,
+    causal_section_heads,
     check_grid,
     forward_launch,
     persistent_grid,
@@ -94,14 +95,19 @@ def _select(problem: AttentionProblem, device_id: int) -> KernelLaunch:
 
 
 @lru_cache(maxsize=512)
-def _launch(problem: AttentionProblem, device_id: int, num_heads: int) -> tuple[Any, int, KernelLaunch]:
-    """(kernel, grid, launch shape) for `num_heads` query heads of a problem, built once."""
+def _launch(problem: AttentionProblem, device_id: int,
+            num_heads: int) -> tuple[Any, int, KernelLaunch, tuple[Any, ...]]:
+    """(kernel, grid, launch shape, the persistent kernel's scheduling arguments) for `num_heads` query heads of a
+    problem, built once."""
     launch = _select(problem, device_id)
     kernel = get_kernel(launch.source, launch.name)
     kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
-    tiles = -(-problem.seqlen_q // launch.block_m) * num_heads * problem.batch
-    grid = persistent_grid(tiles, sm_count(device_id)) if launch.persistent else check_grid(tiles)
-    return kernel, grid, launch
+    pairs = num_heads * problem.batch
+    tiles = -(-problem.seqlen_q // launch.block_m) * pairs
+    if not launch.persistent:
+        return kernel, check_grid(tiles), launch, ()
+    section = causal_section_heads(problem.seqlen_k, problem.head_dim, problem.group_size, pairs)
+    return kernel, persistent_grid(tiles, sm_count(device_id)), launch, (np.int32(problem.batch), np.int32(section))
 
 
 def _tensor_args(launch: KernelLaunch, inputs: Sequence[tuple[Any, tuple[int, ...]]], out: Any, lse: Any,
@@ -132,7 +138,7 @@ def forward(
     num_heads = problem.heads_q if heads is None else len(heads)
     device_id = cupy.cuda.runtime.getDevice()
     head_index = None if heads is None else on_device(cupy, heads, np.int32)
-    kernel, grid, launch = _launch(problem, device_id, num_heads)
+    kernel, grid, launch, schedule = _launch(problem, device_id, num_heads)
     inputs = [readable(x, tma=launch.tma_rows is not None) for x in (q, k, v)]
     target, out_strides = writable(out)
     kernel(
@@ -140,7 +146,7 @@ def forward(
         (launch.threads,),
         (
             *_tensor_args(launch, inputs, target, lse, out_strides),
-            head_index, np.int32(num_heads), *((np.int32(problem.batch),) if launch.persistent else ()),
+            head_index, np.int32(num_heads), *schedule,
             np.int32(problem.heads_q), np.int32(problem.group_size),
             np.int32(problem.seqlen_q), np.int32(problem.seqlen_k),
             np.float32(problem.scale * LOG2E),

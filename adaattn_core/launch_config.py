@@ -174,6 +174,22 @@ def persistent_grid(work_tiles: int, sm_count: int) -> int:
     return min(work_tiles, sm_count)
 
 
+#: Bytes of K/V the causal wgmma forward's scheduler keeps in flight: it hands out work tiles longest first across
+#: a section of (batch, head) pairs whose K and V fit in this much of L2 (both Hopper parts have 50 MB; the
+#: figure FlashAttention-3 uses), rather than one pair at a time, where the SMs that drew a pair's long tiles
+#: last ran on alone at the end of the launch (a list-scheduling model of the paper sweep puts that tail at
+#: 3.5-4.8% at S = 1k-16k; 0.1-1.2% with sections of this size). 0 restores one pair per section.
+CAUSAL_SECTION_BYTES = 32 << 20
+
+
+def causal_section_heads(seqlen_k: int, head_dim: int, group_size: int, pairs: int) -> int:
+    """(batch, head) pairs per section of the causal wgmma forward's work order (see CAUSAL_SECTION_BYTES): as many
+    query heads as have their K and V (16-bit, shared by `group_size` query heads) within the budget, at least
+    one and at most `pairs`."""
+    kv_bytes_per_head = 2 * seqlen_k * head_dim * 2 / group_size
+    return max(1, min(pairs, int(CAUSAL_SECTION_BYTES // max(kv_bytes_per_head, 1))))
+
+
 def forward_launch(dtype: str, head_dim: int, causal: bool, use_sm90: bool, pingpong: bool = True,
                    seqlen_q: int = 0) -> KernelLaunch:
     """The forward kernel for a problem: the warp-specialised wgmma kernel when `use_sm90` (Hopper) and tiled for

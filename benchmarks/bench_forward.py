@@ -22,7 +22,7 @@ from typing import Any
 
 from _common import PAPER_SIZES, environment, headline, paper_grid, prefix, run_grid, save, sweep_parser
 
-from adaattn_core import bench, cuda_forward
+from adaattn_core import bench, cuda_forward, launch_config
 from adaattn_core.bench import format_number
 from adaattn_core.launch_config import (
     FORWARD_TILES,
@@ -85,6 +85,9 @@ def main() -> None:
                         type=tile_type(Sm90Tile, "D[c|n]:BN[,STAGES[,BM]]", 1, 3),
                         help="tuning only: override the sm_90a forward tiles of head dim D, causal (c) or "
                              "non-causal (n) only with a suffix (repeatable)")
+    parser.add_argument("--causal-section-bytes", type=bench.count_type(0), default=None, metavar="BYTES",
+                        help="tuning only: the causal wgmma forward's L2 budget per section of heads "
+                             "(launch_config.CAUSAL_SECTION_BYTES; 0: one head per section)")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
                         help="force one forward kernel (sets ADAATTN_FORWARD_KERNEL)")
     args = parser.parse_args()
@@ -96,9 +99,12 @@ def main() -> None:
             SHORT_TILES_SM90.pop(key, None)
     for keys, tile in args.tile:
         FORWARD_TILES.update(dict.fromkeys(keys, tile))
+    if args.causal_section_bytes is not None:
+        launch_config.CAUSAL_SECTION_BYTES = args.causal_section_bytes
 
     results = {"env": environment(timing=bench.TIMING), "setup": f"{PAPER_SIZES}, bf16, [B,H,S,D]", "rows": [],
-               "kernel": cuda_forward.kernel_choice(), "tiles": _tiles(FORWARD_TILES, args.dims),
+               "kernel": cuda_forward.kernel_choice(), "causal_section_bytes": launch_config.CAUSAL_SECTION_BYTES,
+               "tiles": _tiles(FORWARD_TILES, args.dims),
                "tiles_sm90": _tiles(FORWARD_TILES_SM90, args.dims),
                "short_tiles_sm90": _tiles(SHORT_TILES_SM90, args.dims)}
     print(headline(results["env"]))

@@ -14,9 +14,12 @@
 //
 // Launch (persistent).
 //   grid.x  = min(work tiles, SMs): each block loops over work tiles (one m-block of BLOCK_M query rows of one
-//             head) that a dynamic scheduler hands out in order: tile t is m-block t % num_m_blocks of head
-//             t / num_m_blocks (batch-major), CAUSAL visiting m-blocks in reverse so the longest rows go
-//             first and the last tiles handed out are the shortest.
+//             (batch, head) pair, pairs batch-major) that a dynamic scheduler hands out in order. Non-causal:
+//             tile t is m-block t % num_m_blocks of pair t / num_m_blocks. CAUSAL: longest first, in sections
+//             of `section_heads` pairs (whose K/V fit in L2 together, causal_section_heads in
+//             launch_config.py): a section hands out the last m-block of each of its pairs, then the one
+//             before, and so on, so every SM's last tiles are short ones and the SMs finish together (one
+//             pair per section, m-blocks in reverse per pair, left SMs idle behind long tiles at the end).
 //   block.x = 128 + 2 * BLOCK_M: warpgroup 0 is the producer, warpgroup 1 + c the consumer of query rows
 //             [64 c, 64 c + 64) (BLOCK_M = 128: two consumers; 192: three).
 //   tile_counter = int32[2], zero before the first launch: the next tile to hand out, and the blocks that have
@@ -80,7 +83,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
     const __grid_constant__ adaattn::TmaMap q_map, const __grid_constant__ adaattn::TmaMap k_map,
     const __grid_constant__ adaattn::TmaMap v_map, T* __restrict__ out, float* __restrict__ lse,
     long long o_stride_b, long long o_stride_h, long long o_stride_s,
-    const int* __restrict__ head_index, int num_heads_launch, int batch,
+    const int* __restrict__ head_index, int num_heads_launch, int batch, int section_heads,
     int num_heads_q, int group_size, int seqlen_q, int seqlen_k, float scale_log2, int* __restrict__ tile_counter) {
     using namespace adaattn;
     constexpr int CONSUMERS = BLOCK_M / 64;  // consumer warpgroups, 64 query rows each
@@ -113,8 +116,14 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1) attention_fwd_sm9
         int b, h, m_start, n_blocks;
     };
     auto work_tile = [&](int tile) {
-        const int bh = tile / num_m_blocks;
-        const int m_block = CAUSAL ? num_m_blocks - 1 - tile % num_m_blocks : tile % num_m_blocks;
+        int bh = tile / num_m_blocks, m_block = tile % num_m_blocks;
+        if (CAUSAL) {  // longest first within a section of section_heads pairs (the last one may be short)
+            const int first = tile / (section_heads * num_m_blocks) * section_heads;
+            const int pairs = min(section_heads, num_heads_launch * batch - first);
+            const int rank = tile - first * num_m_blocks;  // within the section
+            bh = first + rank % pairs;
+            m_block = num_m_blocks - 1 - rank / pairs;
+        }
         WorkTile w;
         w.b = bh / num_heads_launch;
         w.h = head_index ? head_index[bh % num_heads_launch] : bh % num_heads_launch;

@@ -58,7 +58,7 @@ PARAMS = {
     "attention_fwd": FORWARD_PARAMS,
     "attention_fwd_sm90_ws": "const __grid_constant__ adaattn::TmaMap, " * 3
     + "{t}* __restrict__, float* __restrict__, " + "long long, " * 3
-    + "const int* __restrict__, int, int, int, int, int, int, float, int* __restrict__",
+    + "const int* __restrict__, int, int, int, int, int, int, int, float, int* __restrict__",
     "attention_bwd_preprocess": "const {t}* __restrict__, const {t}* __restrict__, const float* __restrict__, "
     + "float* __restrict__, " * 3 + "long long, " * 9 + "int, int, int, int",
     "attention_bwd_dkdv": _IN4 + _STATS + "{t}* __restrict__, {t}* __restrict__, float* __restrict__, "

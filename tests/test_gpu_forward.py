@@ -281,3 +281,39 @@ def test_persistent_schedule(cp, rng):
     for stream in streams:
         assert (stream.ptr, 0) in cuda_common._counters[device][1], "the launches took no counter of their stream"
         assert to_host64(cuda_common.tile_counter(device, stream.ptr)).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("section", [1, 3, "all"])
+def test_causal_sections(cp, rng, monkeypatch, section):
+    """The causal wgmma kernel hands out tiles longest first within sections of (batch, head) pairs sized by
+    CAUSAL_SECTION_BYTES: one pair per section, sections that leave a short last one (3 of 2 · 8 pairs) and one
+    section of every pair must each compute every tile once, also for a subset of heads."""
+    from adaattn_core import cuda_forward, launch_config
+    from adaattn_core.problem import describe
+
+    seq_q, seq_k, dim, heads = int(rng.integers(700, 1300)), int(rng.integers(900, 1300)), 64, [0, 2, 3, 5, 6, 7]
+    q, k, v = make_qkv(rng, batch=2, heads_q=8, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=dim, dtype="bfloat16",
+                       xp=cp)
+    per_head = 4 * seq_k * dim // 4  # K and V, 16-bit, shared by a group of 4 query heads
+    budget = {1: 0, 3: 3 * per_head, "all": 1 << 40}[section]
+    monkeypatch.setattr(launch_config, "CAUSAL_SECTION_BYTES", budget)
+    cuda_forward._launch.cache_clear()
+    try:
+        problem = describe(q, k, v, causal=True, scale=None, layout="bhsd")
+        _, _, launch, schedule = cuda_forward._launch(problem, cp.cuda.Device().id, 8)
+        if not launch.persistent:
+            pytest.skip("the forward kernel forced here is not persistent")
+        assert int(schedule[1]) == (16 if section == "all" else section)
+        ref, _ = aa.attention_reference(q, k, v, causal=True)
+        naive = naive_same_dtype(q, k, v, causal=True, layout="bhsd")
+        out = cp.full(q.shape, cp.nan, dtype=q.dtype)
+        lse = cp.full(q.shape[:-1], cp.nan, dtype=cp.float32)
+        cuda_forward.forward(problem, q, k, v, out, lse)
+        assert np.isfinite(to_host64(out)).all(), "a tile was not written"
+        assert_close_to_naive(out, ref, naive, what=f"sections of {section}")
+        part = cp.full(q.shape, cp.nan, dtype=q.dtype)
+        cuda_forward.forward(problem, q, k, v, part, lse, heads)
+        assert max_abs(part[:, heads], out[:, heads]) == 0.0
+        assert bool(cp.isnan(part[:, [1, 4]].astype(cp.float32)).all())
+    finally:
+        cuda_forward._launch.cache_clear()

@@ -396,3 +396,17 @@ def test_grid_limits_name_the_count_and_the_limit(rng):
     assert persistent_grid(MAX_GRID - sms, sms) == sms
     with pytest.raises(ValueError, match=f"{MAX_GRID - sms + 1} query tiles, expected at most {MAX_GRID - sms}"):
         persistent_grid(MAX_GRID - sms + 1, sms)
+
+
+def test_causal_section_heads(rng):
+    """The causal scheduler's sections hold the heads whose K/V fit the L2 budget: at least one, at most all."""
+    from adaattn_core.launch_config import CAUSAL_SECTION_BYTES, causal_section_heads
+
+    dim, group = int(rng.choice([64, 128, 256])), int(rng.choice([1, 4]))
+    seqlen_k = int(rng.integers(1, 1 << 16))
+    per_head = 4 * seqlen_k * dim / group  # K and V, 16-bit, shared by the group
+    fits = int(CAUSAL_SECTION_BYTES // per_head)
+    assert causal_section_heads(seqlen_k, dim, group, 1 << 20) == max(1, fits)
+    assert causal_section_heads(seqlen_k, dim, group, 1) == 1
+    assert causal_section_heads(CAUSAL_SECTION_BYTES, dim, 1, 1 << 20) == 1  # one head's K/V over the budget
+    assert causal_section_heads(0, dim, group, 7) == 7  # no keys: every tile is empty, one section
