@@ -7,9 +7,13 @@ array type's module so that `import adaattn_core` never imports CuPy, torch or j
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -59,6 +63,29 @@ def dtype_name(dtype: Any) -> str:
 def compute_dtype(dtype_name: str) -> np.dtype:
     """Accumulation dtype: float64 stays float64, everything narrower is computed in float32."""
     return np.dtype(np.float64) if dtype_name == "float64" else np.dtype(np.float32)
+
+
+def device_of(x: Any) -> AbstractContextManager[Any]:
+    """A context in which CuPy's current device is `x`'s GPU (and its current stream that device's): every
+    allocation, kernel and cached plan of the core goes to the current device. A no-op for anything else."""
+    if library_name(x) == "cupy":
+        return x.device  # cupy.cuda.Device: entering it makes it current, leaving restores the previous one
+    return contextlib.nullcontext()
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def on_inputs_device(function: _Function) -> _Function:
+    """Runs `function` on its first argument's GPU (`device_of`), so that inputs on a GPU other than CuPy's current
+    one are computed where they are, and outputs are allocated there."""
+
+    @functools.wraps(function)
+    def on_device(first: Any, *args: Any, **kwargs: Any) -> Any:
+        with device_of(first):
+            return function(first, *args, **kwargs)
+
+    return on_device  # type: ignore[return-value]
 
 
 def lse_dtype(dtype_name: str) -> np.dtype:

@@ -6,13 +6,14 @@ import time
 from typing import Any
 
 from . import backends
-from ._arrays import lse_dtype, namespace
+from ._arrays import lse_dtype, namespace, on_inputs_device
 from .policy import Policy, check_plan, resolve_policy
 from .problem import check_flag, check_outputs, describe, describe_backward, to_bhsd
 from .reference import head_errors
 from .report import Report
 
 
+@on_inputs_device
 def attention(
     q: Any,
     k: Any,
@@ -37,6 +38,10 @@ def attention(
     where G = Hq / Hkv (grouped-query / multi-query attention when Hkv < Hq) and, with ``causal=True``,
     key j is visible to query i only if j <= i + (Sk − Sq) (bottom-right alignment, as flash-attn >= 2.1).
     Rows that see no key (causal with Sq > Sk, or Sk = 0) give out = 0 and lse = −inf.
+
+    CuPy inputs are computed on their own GPU, which is CuPy's current device for the duration of the call (so
+    the work runs on that device's current stream and the outputs are allocated there), whichever device was
+    current before.
 
     Args:
         q: [B, Hq, Sq, D] ("bhsd") or [B, Sq, Hq, D] ("bshd"); NumPy (CPU backend) or CuPy (GPU).
@@ -108,6 +113,7 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+@on_inputs_device
 def attention_backward(
     dout: Any,
     q: Any,

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 from functools import cache, lru_cache
 from typing import Any
 
-from .device import capabilities
+from .device import current_compute_capability
 from .launch_config import CUDA_TYPES, MIN_COMPUTE_CAPABILITY
 from .problem import AttentionProblem
 from .tma import tile_map
 
 
 def common_unsupported_reason(problem: AttentionProblem) -> str | None:
-    """Why no fused kernel can take `problem` (device, dtype, empty key set), or None."""
-    cc = capabilities().compute_capability
+    """Why no fused kernel can take `problem` on the current device (device, dtype, empty key set), or None."""
+    cc = current_compute_capability()
     if cc is None or cc < MIN_COMPUTE_CAPABILITY:
         return f"compute capability {cc} (fused kernels need sm_80 or newer: mma.sync bf16, cp.async)"
     if problem.dtype not in CUDA_TYPES:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ._arrays import on_device
 from .cuda_common import common_unsupported_reason, element_strides, readable, sm_count, tma_maps, writable
-from .device import capabilities
+from .device import current_compute_capability
 from .launch_config import (
     FP8_BLOCK_M,
     FP8_HEAD_DIMS,
@@ -81,7 +81,7 @@ def unsupported_reason(problem: AttentionProblem) -> str | None:
     reason = common_unsupported_reason(problem)
     if reason is not None:
         return reason
-    cc = capabilities().compute_capability
+    cc = current_compute_capability()
     if cc != (9, 0):
         return f"compute capability {cc} (the fp8 kernel uses wgmma e4m3: sm_90a only)"
     if problem.head_dim not in FP8_HEAD_DIMS:

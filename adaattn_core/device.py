@@ -1,13 +1,15 @@
 """What this machine can run: GPU presence, compute capability, and which backends/precisions work.
 
-Nothing here raises when CuPy or a GPU is missing; each capability says why it is unavailable.
+Nothing here raises when CuPy or a GPU is missing; each capability says why it is unavailable. GPU facts are per
+device: `capabilities()` describes CuPy's current device, `compute_capability(device_id)` any device (the API makes
+the inputs' device current for the duration of a call).
 """
 
 from __future__ import annotations
 
 import platform
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from .launch_config import MIN_COMPUTE_CAPABILITY
@@ -31,6 +33,7 @@ class Capabilities:
         return asdict(self)
 
 
+@cache
 def _cupy_device() -> tuple[Any, str | None]:
     """(cupy module or None, reason it is unusable or None)."""
     try:
@@ -45,19 +48,43 @@ def _cupy_device() -> tuple[Any, str | None]:
     return cupy, None
 
 
-@lru_cache(maxsize=1)
+@cache
+def compute_capability(device_id: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device `device_id`, queried once per device: the fused kernels' checks ask on every
+    call."""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return int(props["major"]), int(props["minor"])
+
+
+def current_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of CuPy's current device (the inputs' device during an API call); None without CuPy or a
+    GPU."""
+    cupy, _ = _cupy_device()
+    return None if cupy is None else compute_capability(cupy.cuda.runtime.getDevice())
+
+
 def capabilities() -> Capabilities:
-    """What this process can run: the platform, the GPU and its compute capability (None without CuPy or a GPU),
-    each backend and precision with "available (…)" or the reason it is not. Probed once per process (cached);
-    never raises: a missing CuPy or GPU is a reason, not an error. `adaattn info` prints it."""
+    """What this process can run on CuPy's current device: the platform, the GPU and its compute capability (None
+    without CuPy or a GPU), each backend and precision with "available (…)" or the reason it is not. Probed once
+    per process and device (cached); never raises: a missing CuPy or GPU is a reason, not an error. `adaattn info`
+    prints it."""
+    cupy, _ = _cupy_device()
+    return _capabilities(None if cupy is None else cupy.cuda.runtime.getDevice())
+
+
+@cache
+def _capabilities(device_id: int | None) -> Capabilities:
+    """`capabilities()` for one device (None: no usable CuPy or GPU)."""
     import numpy
 
     cupy, reason = _cupy_device()
     gpu = cc = None
-    if cupy is not None:
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    if device_id is not None:
+        props = cupy.cuda.runtime.getDeviceProperties(device_id)
         gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-        cc = (int(props["major"]), int(props["minor"]))
+        cc = compute_capability(device_id)
 
     backends = {"cpu": "available (blocked NumPy)"}
     backends["cupy-blocked"] = "available (cuBLAS)" if cupy is not None else f"unavailable: {reason}"

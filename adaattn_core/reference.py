@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._arrays import library_name, namespace
+from ._arrays import library_name, namespace, on_inputs_device
 from .problem import check_output, describe, to_bhsd, visible
 
 
@@ -37,6 +37,7 @@ def masked_softmax(xp: Any, scores: Any, mask: Any = None, *, with_lse: bool = T
     return weights / safe, lse
 
 
+@on_inputs_device
 def attention_reference(
     q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
 ) -> tuple[Any, Any]:
@@ -62,6 +63,7 @@ def attention_reference(
     return to_bhsd(out, layout), lse
 
 
+@on_inputs_device
 def attention_backward_reference(
     dout: Any, q: Any, k: Any, v: Any, *, causal: bool = False, scale: float | None = None, layout: str = "bhsd"
 ) -> tuple[Any, Any, Any]:

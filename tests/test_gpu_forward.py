@@ -317,3 +317,33 @@ def test_causal_sections(cp, rng, monkeypatch, section):
         assert bool(cp.isnan(part[:, [1, 4]].astype(cp.float32)).all())
     finally:
         cuda_forward._launch.cache_clear()
+
+
+def test_inputs_on_another_gpu(cp, rng):
+    """CuPy inputs on a GPU that is not the current one are computed on their own GPU: outputs land there, the
+    current device is restored, an `out` on another GPU is refused naming both, and the kernel checks use that
+    GPU's compute capability. Needs two GPUs."""
+    from adaattn_core.device import capabilities, compute_capability
+
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    with cp.cuda.Device(1):
+        q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=300, seq_k=500, dim=64, dtype="bfloat16", xp=cp)
+        ref, _ = aa.attention_reference(q, k, v, causal=True)
+        naive = naive_same_dtype(q, k, v, causal=True, layout="bhsd")
+        device1 = capabilities()
+    with cp.cuda.Device(0):
+        report = aa.Report()
+        out, lse = aa.attention(q, k, v, causal=True, return_lse=True, report=report)
+        assert cp.cuda.runtime.getDevice() == 0, "the call left another device current"
+        assert out.device.id == 1 and lse.device.id == 1
+        assert report.backend == "cuda"
+        dq, dk, dv = aa.attention_backward(cp.ones_like(out), q, k, v, out, lse, causal=True)
+        assert {x.device.id for x in (dq, dk, dv)} == {1}
+        wrong = cp.empty(q.shape, dtype=q.dtype)  # on GPU 0
+        with pytest.raises(ValueError, match="out is on GPU 0 but the inputs are on GPU 1"):
+            aa.attention(q, k, v, causal=True, out=wrong)
+    with cp.cuda.Device(1):
+        assert_close_to_naive(out, ref, naive, what="inputs on GPU 1")
+        assert bool(cp.isfinite(dq.astype(cp.float32)).all())
+    assert device1.compute_capability == compute_capability(1)

@@ -410,3 +410,16 @@ def test_causal_section_heads(rng):
     assert causal_section_heads(seqlen_k, dim, group, 1) == 1
     assert causal_section_heads(CAUSAL_SECTION_BYTES, dim, 1, 1 << 20) == 1  # one head's K/V over the budget
     assert causal_section_heads(0, dim, group, 7) == 7  # no keys: every tile is empty, one section
+
+
+def test_entry_points_keep_their_signatures():
+    """`attention` and `attention_backward` run on their inputs' device through a wrapper that keeps the
+    documented signature and docstring (help(), IDEs and the adapters' keyword checks read them)."""
+    import inspect
+
+    for function, first in ((aa.attention, "q"), (aa.attention_backward, "dout"), (aa.attention_reference, "q"),
+                            (aa.attention_backward_reference, "dout")):
+        parameters = inspect.signature(function).parameters
+        assert next(iter(parameters)) == first and "causal" in parameters
+        assert parameters["causal"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert function.__doc__ and function.__doc__ == function.__wrapped__.__doc__
