@@ -79,7 +79,7 @@ def attention(
             D = 0, unknown layout or policy, non-finite scale (or one past float32's range for inputs that
             compute in float32), inputs on different GPUs, an `out` / `lse_out` of the wrong shape, read-only or
             sharing memory with the inputs (or a non-contiguous `lse_out`), or a policy whose plan does not
-            cover every query head with a known path.
+            cover every query head with a known path (dense heads at the input dtype or fp8).
     """
     started = time.perf_counter()
     problem = describe(q, k, v, causal=causal, scale=scale, layout=layout)

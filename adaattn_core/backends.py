@@ -61,16 +61,12 @@ def forward(
 ) -> str:
     """Compute the forward pass into `out`/`lse` ([B,H,S,D] views) and return the dense backend's name.
 
-    One launch per kind of head in `plan`: dense heads at the input precision through the fused kernel
-    (or the blocked algorithm), fp8 heads through `cuda_fp8` (CPU: the emulation in `precision`),
-    low-rank heads through `lowrank` with their ranks. A uniform dense plan launches over all heads.
+    One launch per kind of head in `plan` (checked by `policy.check_plan`): dense heads at the input precision
+    through the fused kernel (or the blocked algorithm), fp8 heads through `cuda_fp8` (CPU: the emulation in
+    `precision`), low-rank heads through `lowrank` with their ranks. A uniform dense plan launches over all heads.
     """
     backend = forward_backend(problem)
     kinds = plan.by_kind
-    for kind, indices in kinds.items():
-        if kind not in (problem.dtype, FP8, "lowrank"):
-            raise NotImplementedError(f"head {indices[0]}: precision {kind!r} for {problem.dtype} inputs; "
-                                      f"expected one of {problem.dtype!r}, {FP8!r}, 'lowrank'")
     dense, fp8, lowrank = (kinds.get(kind) for kind in (problem.dtype, FP8, "lowrank"))
     if dense:
         heads = None if len(dense) == problem.heads_q else dense

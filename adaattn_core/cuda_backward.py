@@ -48,12 +48,13 @@ from .launch_config import (
     BACKWARD_ROW_PAD,
     BACKWARD_TILES,
     BACKWARD_TILES_SM90,
-    KernelLaunch,
     backward_launches,
     backward_sm90_launch,
+    ceil_div,
     check_grid,
+    query_tiles,
 )
-from .loader import get_kernel
+from .loader import kernel_for
 from .problem import LOG2E, AttentionProblem
 
 #: $ADAATTN_BACKWARD_KERNEL, read when a launch plan is first built: "auto" and "sm90" use the wgmma dK/dV
@@ -88,10 +89,6 @@ def _preprocess_rows_per_block(head_dim: int) -> int:
     return BACKWARD_ELEMENTWISE_THREADS // threads_per_row
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Kernels and grids of one problem on one device, for one dQ path."""
@@ -102,13 +99,6 @@ class _Plan:
     dq: tuple[Any, int, int, int]  # attention_bwd_dq (deterministic) or attention_bwd_dq_convert
     stats_stride: int
     workspace_floats: int
-
-
-def _kernel(launch: KernelLaunch) -> Any:
-    kernel = get_kernel(launch.source, launch.name)
-    if launch.smem_bytes:
-        kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
-    return kernel
 
 
 def _use_sm90(problem: AttentionProblem, device_id: int, deterministic: bool) -> bool:
@@ -127,7 +117,7 @@ def _plan(problem: AttentionProblem, device_id: int, deterministic: bool) -> _Pl
     launches = backward_launches(problem.dtype, problem.head_dim, problem.causal)
     B, Hq, Hkv, Sq, Sk, D = (problem.batch, problem.heads_q, problem.heads_kv, problem.seqlen_q,
                              problem.seqlen_k, problem.head_dim)
-    stats_stride = _ceil_div(Sq, BACKWARD_ROW_PAD) * BACKWARD_ROW_PAD
+    stats_stride = ceil_div(Sq, BACKWARD_ROW_PAD) * BACKWARD_ROW_PAD
     rows = B * Hq * stats_stride
     if _use_sm90(problem, device_id, deterministic):
         dkdv, block_n = backward_sm90_launch(problem.dtype, D, problem.causal), BACKWARD_TILES_SM90[D].block_n
@@ -135,17 +125,17 @@ def _plan(problem: AttentionProblem, device_id: int, deterministic: bool) -> _Pl
         dkdv, block_n = launches["dkdv" if deterministic else "dkdv_atomic"], BACKWARD_TILES[D].block_n
     if deterministic:
         dq = launches["dq"]
-        dq_grid = _ceil_div(Sq, dq.block_m) * Hq * B
+        dq_grid = query_tiles(Sq, dq.block_m, Hq * B)
     else:
         dq = launches["dq_convert"]
-        dq_grid = _ceil_div(B * Hq * Sq * D // 8, BACKWARD_ELEMENTWISE_THREADS)
-    preprocess_grid = _ceil_div(rows, _preprocess_rows_per_block(D))
-    grids = [check_grid(blocks) for blocks in (preprocess_grid, _ceil_div(Sk, block_n) * Hkv * B, dq_grid)]
+        dq_grid = ceil_div(B * Hq * Sq * D // 8, BACKWARD_ELEMENTWISE_THREADS)
+    preprocess_grid = ceil_div(rows, _preprocess_rows_per_block(D))
+    grids = [check_grid(blocks) for blocks in (preprocess_grid, ceil_div(Sk, block_n) * Hkv * B, dq_grid)]
     return _Plan(
-        preprocess=(_kernel(launches["preprocess"]), grids[0]),
-        dkdv=(_kernel(dkdv), grids[1], dkdv.threads, dkdv.smem_bytes),
+        preprocess=(kernel_for(launches["preprocess"]), grids[0]),
+        dkdv=(kernel_for(dkdv), grids[1], dkdv.threads, dkdv.smem_bytes),
         dkdv_name=dkdv.name,
-        dq=(_kernel(dq), grids[2], dq.threads, dq.smem_bytes),
+        dq=(kernel_for(dq), grids[2], dq.threads, dq.smem_bytes),
         stats_stride=stats_stride,
         workspace_floats=2 * rows + (0 if deterministic else rows * D),
     )

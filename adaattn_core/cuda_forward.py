@@ -35,8 +35,9 @@ from .launch_config import (
     check_grid,
     forward_launch,
     persistent_grid,
+    query_tiles,
 )
-from .loader import get_kernel
+from .loader import kernel_for
 from .problem import LOG2E, AttentionProblem
 
 #: $ADAATTN_FORWARD_KERNEL, read when a launch plan is first built: "auto" uses the warp-specialised wgmma
@@ -100,10 +101,9 @@ def _launch(problem: AttentionProblem, device_id: int,
     """(kernel, grid, launch shape, the persistent kernel's scheduling arguments) for `num_heads` query heads of a
     problem, built once."""
     launch = _select(problem, device_id)
-    kernel = get_kernel(launch.source, launch.name)
-    kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
+    kernel = kernel_for(launch)
     pairs = num_heads * problem.batch
-    tiles = -(-problem.seqlen_q // launch.block_m) * pairs
+    tiles = query_tiles(problem.seqlen_q, launch.block_m, pairs)
     if not launch.persistent:
         return kernel, check_grid(tiles), launch, ()
     section = causal_section_heads(problem.seqlen_k, problem.head_dim, problem.group_size, pairs)

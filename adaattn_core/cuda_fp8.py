@@ -28,14 +28,16 @@ from .launch_config import (
     FP8_HEAD_DIMS,
     FP8_V_CHUNK,
     KernelLaunch,
+    ceil_div,
     check_grid,
     fp8_k_block,
     fp8_key_tile,
     fp8_launches,
     fp8_quantize_blocks,
     fp8_stats_splits,
+    query_tiles,
 )
-from .loader import get_kernel
+from .loader import kernel_for
 from .problem import LOG2E, AttentionProblem
 
 
@@ -96,15 +98,8 @@ def _kernels(problem: AttentionProblem, device_id: int, rotate: bool) -> dict[st
     """Compiled kernels and their launch data for a problem on a device, built once."""
     kernels = {}
     for role, launch in fp8_launches(problem.dtype, problem.head_dim, problem.causal, rotate).items():
-        kernel = get_kernel(launch.source, launch.name)
-        if launch.smem_bytes:
-            kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
-        kernels[role] = (kernel, launch)
+        kernels[role] = (kernel_for(launch), launch)
     return kernels
-
-
-def _ceil_to(n: int, block: int) -> int:
-    return -(-n // block) * block
 
 
 def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int], rotate: bool = True) -> Fp8Tensors:
@@ -123,7 +118,8 @@ def quantize(problem: AttentionProblem, q: Any, k: Any, v: Any, heads: list[int]
     kernels = _kernels(problem, device, rotate)
     b, hq, hkv, d = problem.batch, problem.heads_q, problem.heads_kv, problem.head_dim
     key_tile, k_block = fp8_key_tile(d, problem.causal), fp8_k_block(d, problem.causal)
-    sq_pad, sk_pad = _ceil_to(problem.seqlen_q, FP8_BLOCK_M), _ceil_to(problem.seqlen_k, key_tile)
+    sq_pad = ceil_div(problem.seqlen_q, FP8_BLOCK_M) * FP8_BLOCK_M
+    sk_pad = ceil_div(problem.seqlen_k, key_tile) * key_tile
     (q, qs), (k, ks), (v, vs) = (readable(x) for x in (q, k, v))
     splits, rows_per_split = fp8_stats_splits(problem.seqlen_k, b * hkv, sm_count(device))
     partial = cupy.empty((b, hkv, splits, 4, d), dtype=cupy.float32)
@@ -175,7 +171,7 @@ def forward(problem: AttentionProblem, q: Any, k: Any, v: Any, out: Any, lse: An
     # The forward kernel does not depend on the rotation (Q Kᵀ is unchanged): the rotate=True set serves both.
     kernel, launch = _kernels(problem, device, True)["forward"]
     target, o_strides = writable(out)
-    grid = check_grid(-(-problem.seqlen_q // FP8_BLOCK_M) * len(heads) * problem.batch)
+    grid = check_grid(query_tiles(problem.seqlen_q, FP8_BLOCK_M, len(heads) * problem.batch))
     vt = tensors.vt  # [B, Hkv, chunks, D, 32] as the [B, Hkv, chunks * D, 32] the map's boxes step through
     vt = vt.reshape(*vt.shape[:2], vt.shape[2] * vt.shape[3], vt.shape[4])
     kernel(

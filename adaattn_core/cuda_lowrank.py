@@ -26,7 +26,7 @@ from .launch_config import (
     landmark_launches,
     lowrank_launch,
 )
-from .loader import get_kernel
+from .loader import kernel_for
 from .problem import LOG2E, AttentionProblem
 
 
@@ -66,8 +66,7 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
     if not heads or problem.is_empty:
         return
     launch = lowrank_launch(problem.dtype, problem.head_dim, problem.causal)
-    kernel = get_kernel(launch.source, launch.name)
-    kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
+    kernel = kernel_for(launch)
     q_in, q_strides = readable(q)
     target, o_strides = writable(out)
     fp32 = [cupy.ascontiguousarray(x, dtype=cupy.float32) for x in
@@ -122,11 +121,11 @@ def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: A
     block_launch, segment_launch = landmark_launches(problem.dtype)
     i32, i64 = np.int32, np.int64
     inputs = (k_in, *map(i64, k_strides[:3]), v_in, *map(i64, v_strides[:3]), kv_heads)
-    get_kernel(block_launch.source, block_launch.name)(
+    kernel_for(block_launch)(
         (blocks, n, batch), (block_launch.threads,),
         (*inputs, sink_pos, i32(ns), i32(problem.seqlen_k), i32(geo.k_offset), i32(padded),
          i32(dim), out["kp"], out["vp"], out["key_bias"], out["kf"], out["vf"], count_f, out["log_nf"]))
-    get_kernel(segment_launch.source, segment_launch.name)(
+    kernel_for(segment_launch)(
         (segments, n, batch), (segment_launch.threads,),
         (*inputs, sinks, i32(ns), i32(geo.fine), i32(dim), out["kf"], out["vf"], count_f, out["kc"], out["vc"],
          out["log_nc"], out["ks"], out["vs"]))

@@ -157,6 +157,17 @@ MAX_GRID = 2**31 - 1
 MAX_GRID_YZ = 65535
 
 
+def ceil_div(a: int, b: int) -> int:
+    """⌈a / b⌉ for a >= 0, b >= 1: the launch arithmetic's tile and block counts."""
+    return -(-a // b)
+
+
+def query_tiles(seqlen_q: int, block_m: int, pairs: int) -> int:
+    """Query tiles of a forward kernel that takes `block_m` rows of one of `pairs` (batch, head) pairs per tile:
+    the grid of a non-persistent one, the work tiles of a persistent one."""
+    return ceil_div(seqlen_q, block_m) * pairs
+
+
 def check_grid(blocks: int) -> int:
     """`blocks` if one launch can have that many (grid.x); else ValueError with the count and the limit."""
     if blocks > MAX_GRID:
@@ -405,10 +416,9 @@ def fp8_stats_splits(seqlen_k: int, kv_heads: int, sm_count: int) -> tuple[int, 
     FP8_STATS_BLOCKS_PER_SM blocks per SM in all (at least one, at most one per step), none of them empty unless
     seqlen_k = 0."""
     blocks = FP8_STATS_BLOCKS_PER_SM * sm_count
-    splits = max(1, min(-(-blocks // kv_heads), -(-seqlen_k // FP8_STATS_ROWS)))
-    per_split = -(-seqlen_k // splits)
-    rows = max(FP8_STATS_ROWS, -(-per_split // FP8_STATS_ROWS) * FP8_STATS_ROWS)
-    return max(1, -(-seqlen_k // rows)), rows
+    splits = max(1, min(ceil_div(blocks, kv_heads), ceil_div(seqlen_k, FP8_STATS_ROWS)))
+    rows = max(FP8_STATS_ROWS, ceil_div(ceil_div(seqlen_k, splits), FP8_STATS_ROWS) * FP8_STATS_ROWS)
+    return max(1, ceil_div(seqlen_k, rows)), rows
 
 
 def fp8_quantize_blocks(head_dim: int, causal: bool, seqlen_q: int, seqlen_k: int, q_heads: int,
@@ -416,10 +426,10 @@ def fp8_quantize_blocks(head_dim: int, causal: bool, seqlen_q: int, seqlen_k: in
     """Blocks of quantize_fp8_qkv, the n = nq + nk + nv its kernel counts (quantize_fp8.cu): Q tiles of
     FP8_BLOCK_M rows for `q_heads` (B · listed heads), K blocks of `fp8_k_block` keys and V blocks of
     16 · FP8_QUANT_THREADS / (D / 8) keys for `kv_heads` (B · Hkv), keys padded to the key tile."""
-    keys = -(-seqlen_k // fp8_key_tile(head_dim, causal)) * fp8_key_tile(head_dim, causal)
+    keys = ceil_div(seqlen_k, fp8_key_tile(head_dim, causal)) * fp8_key_tile(head_dim, causal)
     v_keys = 16 * FP8_QUANT_THREADS // (head_dim // 8)
-    return (-(-seqlen_q // FP8_BLOCK_M) * q_heads + keys // fp8_k_block(head_dim, causal) * kv_heads
-            + -(-keys // v_keys) * kv_heads)
+    return (query_tiles(seqlen_q, FP8_BLOCK_M, q_heads) + keys // fp8_k_block(head_dim, causal) * kv_heads
+            + ceil_div(keys, v_keys) * kv_heads)
 
 
 def fp8_launches(dtype: str, head_dim: int, causal: bool, rotate: bool = True) -> dict[str, KernelLaunch]:

@@ -21,6 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .launch_config import KernelLaunch
+
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 _lock = threading.Lock()
 _modules: dict[tuple[str, str, int], Any] = {}
@@ -66,6 +68,15 @@ def arch_option(compute_capability: tuple[int, int]) -> str:
 
 def compile_options(compute_capability: tuple[int, int]) -> tuple[str, ...]:
     return ("-std=c++17", arch_option(compute_capability), f"-I{kernel_source_dir()}")
+
+
+def kernel_for(launch: KernelLaunch) -> Any:
+    """`get_kernel` for a launch of `launch_config`, its dynamic shared memory limit raised to the launch's (a
+    kernel must opt in past 48 KB)."""
+    kernel = get_kernel(launch.source, launch.name)
+    if launch.smem_bytes:
+        kernel.max_dynamic_shared_size_bytes = launch.smem_bytes
+    return kernel
 
 
 def get_kernel(filename: str, name_expression: str) -> Any:

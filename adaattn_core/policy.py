@@ -137,14 +137,19 @@ def check_number(owner: str, name: str, value: Any, kind: type) -> None:
 
 
 def check_plan(plan: Any, problem: AttentionProblem, policy: Policy) -> Plan:
-    """`plan` if it is a `Plan` with one entry per query head (each `HeadPlan` checked its path and rank when it
-    was made); else TypeError/ValueError naming the policy (a short plan would leave heads unwritten)."""
+    """`plan` if it is a `Plan` with one entry per query head whose dense heads run at a precision there is a path
+    for (the input dtype or FP8; each `HeadPlan` checked its path and rank when it was made); else
+    TypeError/ValueError naming the policy, before anything is written (a short plan would leave heads unwritten)."""
     who = f"policy {policy.name or type(policy).__name__!r}"
     if not isinstance(plan, Plan):
         raise TypeError(f"{who}: plan() must return a Plan, got {type(plan).__name__}")
     if len(plan.heads) != problem.heads_q:
         raise ValueError(f"{who}: the plan has {len(plan.heads)} head entries, expected one per query head "
                          f"({problem.heads_q})")
+    for kind, indices in plan.by_kind.items():
+        if kind not in (problem.dtype, FP8, "lowrank"):
+            raise ValueError(f"{who}: head {indices[0]} asks for precision {kind!r} with {problem.dtype} inputs, "
+                             f"expected {problem.dtype!r} or {FP8!r}")
     return plan
 
 

@@ -260,10 +260,13 @@ class _FixedPlan(aa.Policy):
     (None, TypeError, r"policy 'fixed': plan\(\) must return a Plan, got NoneType"),
     (Plan(heads=(HeadPlan(precision="float32"),) * 2), ValueError,
      r"policy 'fixed': the plan has 2 head entries, expected one per query head \(4\)"),
+    (Plan(heads=(HeadPlan(precision="float32"),) * 3 + (HeadPlan(precision="float16"),)), ValueError,
+     r"policy 'fixed': head 3 asks for precision 'float16' with float32 inputs, expected 'float32' or "
+     r"'float8_e4m3'"),
 ])
 def test_custom_policy_plans_are_checked(qkv, plan, error, message):
-    """A custom policy's plan must cover every query head: otherwise heads would go unwritten (out keeps whatever
-    was in it)."""
+    """A custom policy's plan must cover every query head at a precision there is a path for: otherwise heads would
+    go unwritten (out keeps whatever was in it)."""
     out = np.full(qkv[0].shape, 12345.0, np.float32)
     with pytest.raises(error, match=message):
         aa.attention(*qkv, policy=_FixedPlan(plan), out=out)
