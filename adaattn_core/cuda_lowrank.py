@@ -19,7 +19,6 @@ import numpy as np
 from ._arrays import on_device
 from .cuda_common import common_unsupported_reason, readable, shared_memory_optin, shared_memory_reason, writable
 from .launch_config import (
-    LOWRANK_BLOCK,
     LOWRANK_HEAD_DIMS,
     MAX_GRID_YZ,
     check_grid,
@@ -49,18 +48,16 @@ def forward(problem: AttentionProblem, q: Any, out: Any, lse: Any, heads: Sequen
     """The low-rank approximation of query `heads` into `out` ([B, Hq, Sq, D] view, input dtype) and `lse`
     ([B, Hq, Sq] float32, contiguous); other heads untouched.
 
-    `prepared`: `lowrank.Prepared` of exactly these heads (its keys: float32 CuPy arrays, its geometry's block
-    LOWRANK_BLOCK). q: the unscaled [B, Hq, Sq, D] input (any strides; copied once if the kernel cannot read
-    them). Raises ValueError when `prepared` holds other heads or another block, or `lse` is not contiguous
-    float32.
+    `prepared`: `lowrank.Prepared` of exactly these heads (its keys: float32 CuPy arrays on the grid of
+    `lowrank.geometry`, whose block is the kernel's LOWRANK_BLOCK). q: the unscaled [B, Hq, Sq, D] input (any
+    strides; copied once if the kernel cannot read them). Raises ValueError when `prepared` holds other heads, or
+    `lse` is not contiguous float32.
     """
     import cupy
 
     geo, keys = prepared.geometry, prepared.keys
     if tuple(heads) != tuple(prepared.heads):
         raise ValueError(f"prepared keys hold heads {list(prepared.heads)}, expected {list(heads)}")
-    if geo.block != LOWRANK_BLOCK:
-        raise ValueError(f"geometry block must be {LOWRANK_BLOCK} (the kernel's), got {geo.block}")
     if lse.dtype != cupy.float32 or not lse.flags.c_contiguous:
         raise ValueError(f"lse must be a contiguous float32 array, got {lse.dtype} with strides {lse.strides}")
     if not heads or problem.is_empty:
@@ -107,7 +104,7 @@ def keys(problem: AttentionProblem, k: Any, v: Any, heads: Sequence[int], geo: A
     padded, blocks, segments = geo.padded, geo.blocks, geo.segments
     sinks = cupy.ascontiguousarray(sinks, dtype=cupy.int64)
     ns = int(sinks.shape[1])
-    sink_pos = cupy.where(sinks >= 0, sinks + geo.k_offset, -1) if geo.k_offset else sinks
+    sink_pos = geo.sink_positions(cupy, sinks)
     k_in, k_strides = readable(k)
     v_in, v_strides = readable(v)
     kv_heads = on_device(cupy, [h // problem.group_size for h in heads], np.int32)

@@ -81,23 +81,30 @@ class Geometry:
         """Whether some grid position holds no key (Lp > Sk): those positions are masked."""
         return self.padded != self.length - self.k_offset
 
+    def sink_positions(self, xp: Any, sinks: Any) -> Any:
+        """Grid positions of sink keys ([n, ns] key indices, −1 for padding, which stays −1): the keys sit
+        k_offset positions into the grid."""
+        return xp.where(sinks >= 0, sinks + self.k_offset, -1) if self.k_offset else sinks
+
     def keys_per_query(self, sinks: int = 0) -> int:
         """Scores computed per query position: w + t + nc + sinks (the cost relative to dense's Sk)."""
         return self.block + self.fine + self.segments + sinks
 
 
-def geometry(seq_q: int, seq_k: int, rank: int, block: int = BLOCK) -> Geometry:
-    """The position grid for `rank` coarse segments (see the module docstring). Raises ValueError for rank < 1."""
+def geometry(seq_q: int, seq_k: int, rank: int) -> Geometry:
+    """The position grid for `rank` coarse segments of BLOCK-position blocks (see the module docstring). Raises
+    ValueError for rank < 1."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     length = max(seq_q, seq_k, 1)
+    block = BLOCK
     segment = block * -(-length // (rank * block))
     padded = segment * -(-length // segment)
     return Geometry(length, padded, block, segment, length - seq_q, length - seq_k)
 
 
 @cache  # a Python loop over divisors, asked twice per plan with the same lengths
-def balanced_rank(seq_q: int, seq_k: int, block: int = BLOCK) -> int:
+def balanced_rank(seq_q: int, seq_k: int) -> int:
     """The rank r ≈ sqrt(L / w) that balances fine and coarse landmarks (t ≈ nc), minimising the cost.
 
     When L is a multiple of w, r is the divisor of nb = L / w closest to sqrt(nb) (by ratio) if one lies
@@ -106,9 +113,9 @@ def balanced_rank(seq_q: int, seq_k: int, block: int = BLOCK) -> int:
     The guard's retries double r, which keeps Lp = L only while 2r divides nb. Otherwise round(sqrt(L / w)).
     """
     length = max(seq_q, seq_k, 1)
-    root = (length / block) ** 0.5
-    if length % block == 0:
-        blocks = length // block
+    root = (length / BLOCK) ** 0.5
+    if length % BLOCK == 0:
+        blocks = length // BLOCK
         divisors = [d for d in range(1, blocks + 1) if blocks % d == 0 and root / 2 <= d <= 2 * root]
         if divisors:
             return max(divisors, key=lambda d: (-abs(math.log(d / root)), d))
@@ -192,7 +199,7 @@ def _keys(xp: Any, ctype: Any, geo: Geometry, k: Any, v: Any, sinks: Any) -> _Ke
         vp[:, :, geo.k_offset: geo.k_offset + Sk] = v
     else:  # one conversion pass each, no zero fill
         kp, vp = (xp.ascontiguousarray(x, dtype=ctype) for x in (k, v))
-    sink_pos = xp.where(sinks >= 0, sinks + geo.k_offset, -1) if geo.k_offset else sinks
+    sink_pos = geo.sink_positions(xp, sinks)
     positions = xp.arange(Lp)
     real = (positions >= geo.k_offset) & (positions < geo.k_offset + Sk) if padded else xp.ones(Lp, dtype=bool)
     if ns:  # a sink is attended exactly: out of its block's landmark and of the near field

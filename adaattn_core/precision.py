@@ -43,7 +43,7 @@ from ._arrays import library_name, namespace, on_device, to_host
 from .launch_config import FP8_BLOCK_M, fp8_k_block, fp8_key_tile
 from .policy import FP8, POLICIES, HeadPlan, Plan, Policy, check_number
 from .problem import LOG2E, AttentionProblem, check_flag
-from .reference import masked_softmax
+from .reference import masked_softmax, rel_l2_per_head
 
 if TYPE_CHECKING:
     from .report import Report
@@ -454,7 +454,6 @@ class PrecisionPolicy(Policy):
                   heads: list[int]) -> dict[int, float]:
         """Relative L2 error of the fp8 emulation (of the same quantised tensors) vs float32 on the sampled
         rows, per head."""
-        xp = namespace(problem.library)
         rows = sample_rows(problem, self.sample_rows)
         if "fp8" in artifacts:
             quant = decode(problem, artifacts["fp8"], rows)
@@ -470,9 +469,7 @@ class PrecisionPolicy(Policy):
             approx, _ = attend_fp8(problem, quant, group, online=False)
             approx = round_to_dtype(approx, problem.dtype)
             exact = exact_rows(problem, q, k, v, quant.rows, group)  # quant.rows: already on the device
-            diff = to_host(xp.sqrt(((approx - exact) ** 2).sum(axis=(0, 2, 3))))
-            norm = to_host(xp.sqrt((exact**2).sum(axis=(0, 2, 3))))
-            errors.update({h: float(d / n if n > 0 else d) for h, d, n in zip(group, diff, norm)})
+            errors.update(zip(group, map(float, to_host(rel_l2_per_head(approx, exact)))))
         return errors
 
 

@@ -61,25 +61,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import estimators, lowrank
-from ._arrays import compute_dtype, library_name, namespace, on_device, to_host64
+from ._arrays import compute_dtype, namespace, on_device, to_host64
 from .policy import POLICIES, HeadPlan, Plan, Policy, check_number, resolve_policy
 from .precision import PrecisionPolicy
 from .problem import AttentionProblem, check_flag
+from .reference import rel_l2_per_head
 
 if TYPE_CHECKING:
     from .report import Report
 
 #: Largest pooled map side (blocks) the policy estimates the spectrum on.
 MAP_BLOCKS = 32
-
-
-def _rel_l2_per_head(approx: Any, exact: Any) -> Any:
-    """‖approx − exact‖ / ‖exact‖ per head over (batch, rows, D), on the inputs' device; inputs [B, n, m, D];
-    ‖approx − exact‖ where ‖exact‖ = 0 (so 0/0 gives 0)."""
-    xp = namespace(library_name(approx))
-    diff = ((approx - exact) ** 2).sum(axis=(0, 2, 3))
-    norm = (exact**2).sum(axis=(0, 2, 3))
-    return xp.sqrt(diff / xp.where(norm > 0, norm, 1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -292,12 +284,12 @@ class RankPolicy(Policy):
                       prepared: lowrank.Prepared) -> Any:
         """[n] relative L2 error per prepared head of the approximation on the probe rows (`lowrank.guard_rows`:
         with the fused kernel, the whole forward of those heads, kept on `prepared` for the forward) against
-        their exact outputs (`_rel_l2_per_head`), on the device: no transfer."""
+        their exact outputs (`rel_l2_per_head`), on the device: no transfer."""
         xp = namespace(problem.library)
         approx = lowrank.guard_rows(problem, q, rows, prepared)
         exact = probe.out if prepared.heads == tuple(range(problem.heads_q)) else \
             probe.out[:, on_device(xp, prepared.heads, np.int64)]
-        return _rel_l2_per_head(approx, exact.astype(approx.dtype, copy=False))
+        return rel_l2_per_head(approx, exact.astype(approx.dtype, copy=False))
 
     def _sink_threshold(self, limits: np.ndarray) -> float:
         """Column share from which a key is a sink: min(sink_share, sink_ratio · u), u = mean over the probe

@@ -91,6 +91,15 @@ def attention_backward_reference(
     return to_bhsd(dq, layout), to_bhsd(dk, layout), to_bhsd(dv, layout)
 
 
+def rel_l2_per_head(approx: Any, exact: Any) -> Any:
+    """‖approx − exact‖ / ‖exact‖ per head over (batch, rows, D), on the inputs' device; inputs [B, n, m, D];
+    ‖approx − exact‖ where ‖exact‖ = 0 (so 0/0 gives 0). The guards' measure, on their probe rows."""
+    xp = namespace(library_name(approx))
+    diff = ((approx - exact) ** 2).sum(axis=(0, 2, 3))
+    norm = (exact**2).sum(axis=(0, 2, 3))
+    return xp.sqrt(diff / xp.where(norm > 0, norm, 1))
+
+
 def head_errors(
     q: Any, k: Any, v: Any, out: Any, *, causal: bool, scale: float, rows: Any | None = None,
     chunk_elements: int = 1 << 24,
