@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -77,15 +78,18 @@ _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
 def on_inputs_device(function: _Function) -> _Function:
-    """Runs `function` on its first argument's GPU (`device_of`), so that inputs on a GPU other than CuPy's current
-    one are computed where they are, and outputs are allocated there."""
+    """Runs `function` on the GPU of its argument `q` (`device_of`), passed by position or by name, so that inputs
+    on a GPU other than CuPy's current one are computed where they are and outputs are allocated there. The other
+    inputs are then checked against q's GPU (an error names the one that is elsewhere)."""
+    position = list(inspect.signature(function).parameters).index("q")
 
     @functools.wraps(function)
-    def on_device(first: Any, *args: Any, **kwargs: Any) -> Any:
-        with device_of(first):
-            return function(first, *args, **kwargs)
+    def run_on_inputs_device(*args: Any, **kwargs: Any) -> Any:
+        q = args[position] if len(args) > position else kwargs.get("q")
+        with device_of(q):
+            return function(*args, **kwargs)
 
-    return on_device  # type: ignore[return-value]
+    return run_on_inputs_device  # type: ignore[return-value]
 
 
 def lse_dtype(dtype_name: str) -> np.dtype:

@@ -143,6 +143,8 @@ def attention_backward(
             a separate pass instead of with fp32 atomics; ~1.4× the tensor work). CPU results are always
             reproducible.
 
+    CuPy inputs are computed on q's GPU, CuPy's current device for the duration of the call, as in `attention`.
+
     Memory: no S×S buffer. The fused GPU backward allocates one float32 workspace of
     2·B·Hq·Sq' (+ B·Hq·Sq'·D unless deterministic) elements, Sq' = Sq rounded up to 128.
 

@@ -67,6 +67,7 @@ def forward(
     """
     backend = forward_backend(problem)
     kinds = plan.by_kind
+    assert set(kinds) <= {problem.dtype, FP8, "lowrank"}, "an unchecked plan (policy.check_plan refuses it)"
     dense, fp8, lowrank = (kinds.get(kind) for kind in (problem.dtype, FP8, "lowrank"))
     if dense:
         heads = None if len(dense) == problem.heads_q else dense

@@ -1,8 +1,9 @@
 """What this machine can run: GPU presence, compute capability, and which backends/precisions work.
 
-Nothing here raises when CuPy or a GPU is missing; each capability says why it is unavailable. GPU facts are per
-device: `capabilities()` describes CuPy's current device, `compute_capability(device_id)` any device (the API makes
-the inputs' device current for the duration of a call).
+`capabilities()` and `current_compute_capability()` never raise when CuPy or a GPU is missing: a capability says
+why it is unavailable. GPU facts are per device: `capabilities()` describes CuPy's current device,
+`compute_capability(device_id)` any device (which must exist); the API makes the inputs' device current for the
+duration of a call.
 """
 
 from __future__ import annotations

@@ -163,8 +163,9 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def query_tiles(seqlen_q: int, block_m: int, pairs: int) -> int:
-    """Query tiles of a forward kernel that takes `block_m` rows of one of `pairs` (batch, head) pairs per tile:
-    the grid of a non-persistent one, the work tiles of a persistent one."""
+    """Query tiles of `block_m` rows of one of `pairs` (batch, head) pairs each: the grid of a kernel that takes
+    one per block (the mma.sync forward, the fp8 forward, the deterministic dQ), the work tiles of a persistent one,
+    the Q blocks of the fp8 quantiser."""
     return ceil_div(seqlen_q, block_m) * pairs
 
 
@@ -193,7 +194,8 @@ def persistent_grid(work_tiles: int, sm_count: int) -> int:
 #: level at D = 128 and 256 (one or two pairs per section there); at 1k -0.0% / -1.3% (D = 64 / 128). 32 MB
 #: (FlashAttention-3's figure) did as well at D = 64 and 128 but 0.7-2.5 points worse at D = 256, 64 MB and one
 #: section of every pair worse still (H200, 50 MB of L2; benchmarks/results/tuning/
-#: 2026-12-04-H200-fwd-causal-sections.txt). 0: one pair per section.
+#: 2026-12-04-H200-fwd-causal-sections.txt). 0: one pair per section. Read when a launch plan is built
+#: (cuda_forward._launch caches it per problem).
 CAUSAL_SECTION_BYTES = 16 << 20
 
 

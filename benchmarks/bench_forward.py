@@ -87,7 +87,7 @@ def main() -> None:
                              "non-causal (n) only with a suffix (repeatable)")
     parser.add_argument("--causal-section-bytes", type=bench.count_type(0), default=None, metavar="BYTES",
                         help="tuning only: the causal wgmma forward's L2 budget per section of heads "
-                             "(launch_config.CAUSAL_SECTION_BYTES; 0: one head per section)")
+                             "(launch_config.CAUSAL_SECTION_BYTES; 0: one (batch, head) pair per section)")
     parser.add_argument("--kernel", choices=cuda_forward.KERNEL_CHOICES, default=None,
                         help="force one forward kernel (sets ADAATTN_FORWARD_KERNEL)")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ from adaattn_core.precision import FP8
 
 #: CAUSAL_SECTION_BYTES for "sm90-sections": 3 pairs per section at D = 64, Sk = 170 (4 · 170 · 64 / 2 bytes a head).
 SMALL_SECTION_BYTES = 70_000
+DEFAULT_SECTION_BYTES = launch_config.CAUSAL_SECTION_BYTES
 # batch, Sq, Sk
 SHAPES = [(1, 1, 1), (1, 17, 33), (1, 129, 65), (1, 65, 129), (1, 200, 200), (1, 384, 400), (40, 200, 170)]
 
@@ -29,8 +30,8 @@ for choice in sys.argv[1:] or ("sm80", "sm90", "fp8"):
     fp8 = choice == "fp8"
     if not fp8:
         os.environ["ADAATTN_FORWARD_KERNEL"] = choice.removesuffix("-sections")
-        if choice.endswith("-sections"):
-            launch_config.CAUSAL_SECTION_BYTES = SMALL_SECTION_BYTES
+        sections = choice.endswith("-sections")
+        launch_config.CAUSAL_SECTION_BYTES = SMALL_SECTION_BYTES if sections else DEFAULT_SECTION_BYTES
         cuda_forward._launch.cache_clear()
     cases = FP8_KEY_TILES if fp8 else FORWARD_TILES
     for dtype in CUDA_TYPES:

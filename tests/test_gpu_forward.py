@@ -286,12 +286,12 @@ def test_persistent_schedule(cp, rng):
 @pytest.mark.parametrize("section", [1, 3, "all"])
 def test_causal_sections(cp, rng, monkeypatch, section):
     """The causal wgmma kernel hands out tiles longest first within sections of (batch, head) pairs sized by
-    CAUSAL_SECTION_BYTES: one pair per section, sections that leave a short last one (3 of 2 · 8 pairs) and one
-    section of every pair must each compute every tile once, also for a subset of heads."""
+    CAUSAL_SECTION_BYTES: one pair per section, sections that leave a short last one (3 of 2 · 8 pairs, and of the
+    2 · 5 pairs of a subset of heads) and one section of every pair must each compute every tile once."""
     from adaattn_core import cuda_forward, launch_config
     from adaattn_core.problem import describe
 
-    seq_q, seq_k, dim, heads = int(rng.integers(700, 1300)), int(rng.integers(900, 1300)), 64, [0, 2, 3, 5, 6, 7]
+    seq_q, seq_k, dim, heads = int(rng.integers(700, 1300)), int(rng.integers(900, 1300)), 64, [0, 2, 3, 5, 7]
     q, k, v = make_qkv(rng, batch=2, heads_q=8, heads_kv=2, seq_q=seq_q, seq_k=seq_k, dim=dim, dtype="bfloat16",
                        xp=cp)
     per_head = 4 * seq_k * dim // 4  # K and V, 16-bit, shared by a group of 4 query heads
@@ -314,16 +314,16 @@ def test_causal_sections(cp, rng, monkeypatch, section):
         part = cp.full(q.shape, cp.nan, dtype=q.dtype)
         cuda_forward.forward(problem, q, k, v, part, lse, heads)
         assert max_abs(part[:, heads], out[:, heads]) == 0.0
-        assert bool(cp.isnan(part[:, [1, 4]].astype(cp.float32)).all())
+        assert bool(cp.isnan(part[:, [1, 4, 6]].astype(cp.float32)).all())
     finally:
         cuda_forward._launch.cache_clear()
 
 
-def test_inputs_on_another_gpu(cp, rng):
+def test_inputs_on_another_gpu(cp, rng, monkeypatch):
     """CuPy inputs on a GPU that is not the current one are computed on their own GPU: outputs land there, the
-    current device is restored, an `out` on another GPU is refused naming both, and the kernel checks use that
-    GPU's compute capability. Needs two GPUs."""
-    from adaattn_core.device import capabilities, compute_capability
+    current device is restored, an `out` or `dout` on another GPU is refused naming both, and the kernel checks
+    ask for that GPU's compute capability. Needs two GPUs."""
+    from adaattn_core import device
 
     if cp.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs two GPUs")
@@ -331,19 +331,24 @@ def test_inputs_on_another_gpu(cp, rng):
         q, k, v = make_qkv(rng, batch=2, heads_q=4, heads_kv=2, seq_q=300, seq_k=500, dim=64, dtype="bfloat16", xp=cp)
         ref, _ = aa.attention_reference(q, k, v, causal=True)
         naive = naive_same_dtype(q, k, v, causal=True, layout="bhsd")
-        device1 = capabilities()
+        dout = cp.ones(q.shape, dtype=q.dtype)  # *_like would allocate on the current device, not the prototype's
+    asked = []
+    ask = device.compute_capability
+    monkeypatch.setattr(device, "compute_capability", lambda device_id: asked.append(device_id) or ask(device_id))
     with cp.cuda.Device(0):
+        wrong = cp.empty(q.shape, dtype=q.dtype)  # on GPU 0
         report = aa.Report()
         out, lse = aa.attention(q, k, v, causal=True, return_lse=True, report=report)
         assert cp.cuda.runtime.getDevice() == 0, "the call left another device current"
         assert out.device.id == 1 and lse.device.id == 1
         assert report.backend == "cuda"
-        dq, dk, dv = aa.attention_backward(cp.ones_like(out), q, k, v, out, lse, causal=True)
+        assert asked and set(asked) == {1}, f"compute capability asked of devices {sorted(set(asked))}"
+        dq, dk, dv = aa.attention_backward(dout, q, k, v, out, lse, causal=True)
         assert {x.device.id for x in (dq, dk, dv)} == {1}
-        wrong = cp.empty(q.shape, dtype=q.dtype)  # on GPU 0
         with pytest.raises(ValueError, match="out is on GPU 0 but the inputs are on GPU 1"):
             aa.attention(q, k, v, causal=True, out=wrong)
+        with pytest.raises(ValueError, match="dout is on GPU 0 but the inputs are on GPU 1"):
+            aa.attention_backward(wrong, q, k, v, out, lse, causal=True)
     with cp.cuda.Device(1):
         assert_close_to_naive(out, ref, naive, what="inputs on GPU 1")
         assert bool(cp.isfinite(dq.astype(cp.float32)).all())
-    assert device1.compute_capability == compute_capability(1)

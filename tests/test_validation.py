@@ -413,11 +413,16 @@ def test_causal_section_heads(rng):
     assert causal_section_heads(seqlen_k, dim, group, 1) == 1
     assert causal_section_heads(CAUSAL_SECTION_BYTES, dim, 1, 1 << 20) == 1  # one head's K/V over the budget
     assert causal_section_heads(0, dim, group, 7) == 7  # no keys: every tile is empty, one section
+    if CAUSAL_SECTION_BYTES == 16 << 20:  # the shipped budget, by hand: K and V of a head are 4 * Sk * D bytes
+        assert causal_section_heads(4096, 64, 1, 128) == 16  # 1 MiB a head
+        assert causal_section_heads(4096, 64, 4, 128) == 64  # shared by 4 query heads
+        assert causal_section_heads(16384, 128, 1, 16) == 2  # 8 MiB a head
+        assert causal_section_heads(16384, 256, 1, 8) == 1  # 16 MiB a head
 
 
-def test_entry_points_keep_their_signatures():
-    """`attention` and `attention_backward` run on their inputs' device through a wrapper that keeps the
-    documented signature and docstring (help(), IDEs and the adapters' keyword checks read them)."""
+def test_entry_points_keep_their_signatures(qkv):
+    """The entry points run on q's device through a wrapper that keeps their documented signature (help() and IDEs
+    read it) and their calling conventions: every input by position or by name."""
     import inspect
 
     for function, first in ((aa.attention, "q"), (aa.attention_backward, "dout"), (aa.attention_reference, "q"),
@@ -425,4 +430,13 @@ def test_entry_points_keep_their_signatures():
         parameters = inspect.signature(function).parameters
         assert next(iter(parameters)) == first and "causal" in parameters
         assert parameters["causal"].kind is inspect.Parameter.KEYWORD_ONLY
-        assert function.__doc__ and function.__doc__ == function.__wrapped__.__doc__
+    q, k, v = qkv
+    out, lse = aa.attention(q, k, v, causal=True, return_lse=True)
+    assert np.array_equal(aa.attention(q=q, k=k, v=v, causal=True), out)
+    assert np.array_equal(aa.attention(q, v=v, k=k, causal=True), out)
+    assert np.array_equal(aa.attention_reference(q=q, k=k, v=v, causal=True)[0], aa.attention_reference(q, k, v,
+                                                                                                       causal=True)[0])
+    dout = np.ones_like(out)
+    grads = aa.attention_backward(dout, q, k, v, out, lse, causal=True)
+    by_name = aa.attention_backward(dout=dout, q=q, k=k, v=v, out=out, lse=lse, causal=True)
+    assert all(np.array_equal(a, b) for a, b in zip(grads, by_name))
