@@ -43,6 +43,7 @@ from .cuda_common import (
     shared_memory_reason,
     writable,
 )
+from .device import compute_capability
 from .launch_config import (
     BACKWARD_ELEMENTWISE_THREADS,
     BACKWARD_ROW_PAD,
@@ -102,13 +103,11 @@ class _Plan:
 
 
 def _use_sm90(problem: AttentionProblem, device_id: int, deterministic: bool) -> bool:
-    import cupy
-
     choice = os.environ.get("ADAATTN_BACKWARD_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"ADAATTN_BACKWARD_KERNEL must be one of {KERNEL_CHOICES}, got {choice!r}")
     return (choice != "sm80" and not deterministic and problem.head_dim in BACKWARD_TILES_SM90
-            and cupy.cuda.Device(device_id).compute_capability == "90")
+            and compute_capability(device_id) == (9, 0))
 
 
 @lru_cache(maxsize=512)

@@ -27,6 +27,7 @@ from .cuda_common import (
     tma_maps,
     writable,
 )
+from .device import compute_capability
 from .launch_config import (
     FORWARD_HEAD_DIMS,
     SM90_MIN_SEQLEN_K,
@@ -81,10 +82,8 @@ def kernel_choice() -> str:
 
 
 def _use_sm90(problem: AttentionProblem, device_id: int) -> bool:
-    import cupy
-
     choice = kernel_choice()
-    if choice == "sm80" or cupy.cuda.Device(device_id).compute_capability != "90":
+    if choice == "sm80" or compute_capability(device_id) != (9, 0):
         return False
     return choice != "auto" or problem.seqlen_k >= SM90_MIN_SEQLEN_K
 

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .device import compute_capability
 from .launch_config import KernelLaunch
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
@@ -90,10 +91,9 @@ def get_kernel(filename: str, name_expression: str) -> Any:
         with _lock:
             module = _modules.get(key)
             if module is None:
-                cc = device.compute_capability  # "90", "100", ...
                 module = cupy.RawModule(
                     code=_tagged_source(filename),
-                    options=compile_options((int(cc[:-1]), int(cc[-1]))),
+                    options=compile_options(compute_capability(device.id)),
                     name_expressions=[name_expression],
                 )
                 module.compile()

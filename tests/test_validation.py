@@ -401,23 +401,22 @@ def test_grid_limits_name_the_count_and_the_limit(rng):
         persistent_grid(MAX_GRID - sms + 1, sms)
 
 
-def test_causal_section_heads(rng):
-    """The causal scheduler's sections hold the heads whose K/V fit the L2 budget: at least one, at most all."""
-    from adaattn_core.launch_config import CAUSAL_SECTION_BYTES, causal_section_heads
+def test_causal_section_heads(rng, monkeypatch):
+    """The causal scheduler's sections hold the heads whose K and V (4 · Sk · D bytes, shared by a GQA group) fit
+    the L2 budget: at least one, at most all."""
+    from adaattn_core import launch_config
+    from adaattn_core.launch_config import causal_section_heads
 
-    dim, group = int(rng.choice([64, 128, 256])), int(rng.choice([1, 4]))
-    seqlen_k = int(rng.integers(1, 1 << 16))
-    per_head = 4 * seqlen_k * dim / group  # K and V, 16-bit, shared by the group
-    fits = int(CAUSAL_SECTION_BYTES // per_head)
-    assert causal_section_heads(seqlen_k, dim, group, 1 << 20) == max(1, fits)
-    assert causal_section_heads(seqlen_k, dim, group, 1) == 1
-    assert causal_section_heads(CAUSAL_SECTION_BYTES, dim, 1, 1 << 20) == 1  # one head's K/V over the budget
-    assert causal_section_heads(0, dim, group, 7) == 7  # no keys: every tile is empty, one section
-    if CAUSAL_SECTION_BYTES == 16 << 20:  # the shipped budget, by hand: K and V of a head are 4 * Sk * D bytes
-        assert causal_section_heads(4096, 64, 1, 128) == 16  # 1 MiB a head
-        assert causal_section_heads(4096, 64, 4, 128) == 64  # shared by 4 query heads
-        assert causal_section_heads(16384, 128, 1, 16) == 2  # 8 MiB a head
-        assert causal_section_heads(16384, 256, 1, 8) == 1  # 16 MiB a head
+    monkeypatch.setattr(launch_config, "CAUSAL_SECTION_BYTES", 16 << 20)
+    assert causal_section_heads(4096, 64, 1, 128) == 16  # 1 MiB a head
+    assert causal_section_heads(4096, 64, 4, 128) == 64  # shared by 4 query heads
+    assert causal_section_heads(16384, 128, 1, 16) == 2  # 8 MiB a head
+    assert causal_section_heads(16384, 256, 1, 8) == 1  # 16 MiB a head
+    assert causal_section_heads(32768, 256, 1, 8) == 1  # 32 MiB: over the budget, still one
+    assert causal_section_heads(1024, 64, 1, 5) == 5  # 64 fit, 5 pairs
+    assert causal_section_heads(0, 64, 1, 7) == 7  # no keys: every tile is empty, one section
+    monkeypatch.setattr(launch_config, "CAUSAL_SECTION_BYTES", 0)  # 0: the old order, one pair per section
+    assert causal_section_heads(int(rng.integers(1, 1 << 16)), 128, 1, 64) == 1
 
 
 def test_entry_points_keep_their_signatures(qkv):
