@@ -188,14 +188,13 @@ def persistent_grid(work_tiles: int, sm_count: int) -> int:
 
 #: Bytes of K/V the causal wgmma forward's scheduler keeps in flight: it hands out work tiles longest first across
 #: a section of (batch, head) pairs whose K and V fit in this much of L2, rather than one pair at a time, where
-#: the SMs that drew a pair's long tiles last ran on alone at the end of the launch (a list-scheduling model of
-#: the paper sweep puts that tail at 3.5-4.8% of the launch). Over one pair per section, causal, S = 2k-8k:
-#: +3.3% to +3.7% at D = 64, +3.9% to +5.0% at D = 128, +7.5% to +8.8% at D = 256; at 16k +2.6% at D = 64 and
-#: level at D = 128 and 256 (one or two pairs per section there); at 1k -0.0% / -1.3% (D = 64 / 128). 32 MB
-#: (FlashAttention-3's figure) did as well at D = 64 and 128 but 0.7-2.5 points worse at D = 256, 64 MB and one
-#: section of every pair worse still (H200, 50 MB of L2; benchmarks/results/tuning/
-#: 2026-12-04-H200-fwd-causal-sections.txt). 0: one pair per section. Read when a launch plan is built
-#: (cuda_forward._launch caches it per problem).
+#: the SMs that drew a pair's long tiles last ran on alone at the end of the launch (scripts/causal_schedule_model.py
+#: puts that tail at 3.5-4.8% of the launch at D = 64, up to 7% at 128 and 15% at 256). Over one pair per section,
+#: causal, S = 2k-8k: +3.3% to +3.7% at D = 64, +3.9% to +5.0% at D = 128, +7.5% to +8.8% at D = 256; at 16k
+#: +2.6% at D = 64 and level at D = 128 and 256 (one or two pairs per section there); at 1k -0.0% / -1.3%
+#: (D = 64 / 128). 32 MB did as well at D = 64 and 128 but 0.7-2.5 points worse at D = 256, 64 MB and one section
+#: of every pair worse still (H200, 60 MiB of L2; benchmarks/results/tuning/2026-12-04-H200-fwd-causal-sections.txt).
+#: 0: one pair per section. Read when a launch plan is built (cuda_forward._launch caches it per problem).
 CAUSAL_SECTION_BYTES = 16 << 20
 
 
